@@ -1,0 +1,76 @@
+"""Argument checks and numerical constants shared by the functional core.
+
+Checks run at trace time (on static shapes and Python options), so they cost nothing under
+`jax.jit`. Every failure is a `ValueError` that names the offending argument.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import jax
+import jax.numpy as jnp
+
+# Log-ratios are clipped to ±LOG_RATIO_CLAMP before `exp` (exp(20) ≈ 4.9e8 stays finite in bf16
+# and float32, and its square in a k2/k3 term stays below float32's max). Same constant as verl's
+# `low_var_kl`.
+LOG_RATIO_CLAMP = 20.0
+
+
+def check_same_shape(**arrays) -> None:
+  """Raises `ValueError` unless all named arrays have the same shape; the message names both."""
+  items = [(name, jnp.shape(x)) for name, x in arrays.items() if x is not None]
+  if not items:
+    return
+  ref_name, ref_shape = items[0]
+  for name, shape in items[1:]:
+    if shape != ref_shape:
+      raise ValueError(
+          f"`{name}` has shape {shape} but `{ref_name}` has shape {ref_shape}; they must match."
+      )
+
+
+def check_ndim(name: str, x, ndims: int | Iterable[int]) -> None:
+  """Raises `ValueError` unless `x.ndim` is one of `ndims`."""
+  allowed = (ndims,) if isinstance(ndims, int) else tuple(ndims)
+  if jnp.ndim(x) not in allowed:
+    want = " or ".join(str(n) for n in allowed)
+    raise ValueError(f"`{name}` must have rank {want}; got shape {jnp.shape(x)}.")
+
+
+def check_choice(name: str, value: str, choices: Iterable[str] | Mapping[str, object]) -> None:
+  """Raises `ValueError` listing the valid choices unless `value` is one of them."""
+  valid = list(choices)
+  if value not in valid:
+    raise ValueError(f"Unknown {name} {value!r}; valid choices: {', '.join(map(repr, valid))}.")
+
+
+def check_positive(name: str, value: float) -> None:
+  if not value > 0:
+    raise ValueError(f"`{name}` must be > 0; got {value!r}.")
+
+
+def check_group_size(batch: int, group_size: int, *, name: str = "scores") -> int:
+  """Validates contiguous groups of `group_size` rows and returns the number of groups."""
+  if not isinstance(group_size, int) or group_size < 2:
+    raise ValueError(f"`group_size` must be an int >= 2 for group estimators; got {group_size!r}.")
+  if batch % group_size != 0:
+    raise ValueError(
+        f"The batch size of `{name}` ({batch}) is not divisible by `group_size` ({group_size})."
+    )
+  return batch // group_size
+
+
+def compute_dtype(*arrays) -> jnp.dtype:
+  """The dtype for reductions: the inputs' result type promoted to at least float32."""
+  return jnp.promote_types(jnp.result_type(*arrays), jnp.float32)
+
+
+def as_float_mask(mask, dtype) -> jax.Array:
+  """A bool or numeric mask as a float array of `dtype` (weights are kept as given)."""
+  return jnp.asarray(mask).astype(dtype)
+
+
+def clamped_exp(log_ratio) -> jax.Array:
+  """exp(clip(log_ratio, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)); finite for any finite input."""
+  return jnp.exp(jnp.clip(log_ratio, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
