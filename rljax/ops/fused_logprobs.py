@@ -1,0 +1,203 @@
+"""Token log-probs (and entropy) straight from hidden states, without `[B, T, V]` logits.
+
+`logprobs_from_hidden(hidden, unembedding, tokens)` equals
+`token_logprobs(hidden @ unembedding.T, tokens)` but scans over chunks of the time axis: each
+step forms the `[B, c, V]` logits of one chunk, reduces them to `[B, c]` statistics and drops
+them. A `jax.custom_vjp` keeps the backward pass chunked too: it saves only the inputs and the
+`[B, T]` logsumexp (and entropy), recomputes each chunk's logits, and accumulates the `[V, D]`
+gradient of the unembedding across chunks in at least float32. Peak memory is O(B·c·V + V·D + B·T·D)
+instead of O(B·T·V), which is what makes vocabularies of 100k+ affordable (see
+`benchmarks/logprob_memory.py`). Chunking is along T only, so a data sharding of B is untouched.
+
+The gradient formulas, with z = logits / temperature, p = softmax(z), log p = z - lse and
+H = -Σ p log p:
+  d log p_y / d z_j = 1[j = y] - p_j
+  d H / d z_j       = -p_j (log p_j + H)
+and d/d logits = (d/d z) / temperature; then d/d hidden = g_logits @ W, d/d W = g_logitsᵀ hidden.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from rljax.ops._checks import check_ndim, check_positive, compute_dtype
+from rljax.ops.logprobs import check_tokens, clip_tokens
+
+DEFAULT_CHUNK_SIZE = 64
+
+
+def _chunk_logits(h_chunk, unembedding, temperature: float, out_dtype) -> jax.Array:
+  """[B, c, D] x [V, D] -> [B, c, V] logits / temperature, accumulated in `out_dtype`."""
+  operand_dtype = jnp.result_type(h_chunk, unembedding)
+  z = jax.lax.dot_general(
+      h_chunk.astype(operand_dtype),
+      unembedding.astype(operand_dtype),
+      (((2,), (1,)), ((), ())),
+      preferred_element_type=out_dtype,
+  )
+  return z if temperature == 1.0 else z / temperature
+
+
+def _chunk_stats(z, idx, with_entropy: bool):
+  """Per-position (log p of the token, lse, entropy or None) from chunk logits z [B, c, V]."""
+  lse = jax.nn.logsumexp(z, axis=-1)
+  logp_all = z - lse[..., None]
+  logp = jnp.take_along_axis(logp_all, idx[..., None], axis=-1)[..., 0]
+  entropy = -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1) if with_entropy else None
+  return logp, lse, entropy
+
+
+def _slice_chunk(x, i, chunk: int) -> jax.Array:
+  return jax.lax.dynamic_slice_in_dim(x, i * chunk, chunk, axis=1)
+
+
+def _fused_forward(hidden, unembedding, tokens, temperature, chunk, with_entropy):
+  """Scans the T-chunks; returns [B, T] (logp, lse, entropy or None)."""
+  dtype = compute_dtype(hidden, unembedding)
+  idx = clip_tokens(tokens, unembedding.shape[0])
+  num_chunks = hidden.shape[1] // chunk
+
+  def step(_, i):
+    z = _chunk_logits(_slice_chunk(hidden, i, chunk), unembedding, temperature, dtype)
+    logp, lse, entropy = _chunk_stats(z, _slice_chunk(idx, i, chunk), with_entropy)
+    return None, (logp, lse) if entropy is None else (logp, lse, entropy)
+
+  _, outs = jax.lax.scan(step, None, jnp.arange(num_chunks))
+  # [n, B, c] -> [B, n * c]
+  outs = [jnp.swapaxes(o, 0, 1).reshape(hidden.shape[:2]) for o in outs]
+  return outs[0], outs[1], (outs[2] if with_entropy else None)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _fused(hidden, unembedding, tokens, temperature, chunk, with_entropy):
+  logp, _, entropy = _fused_forward(hidden, unembedding, tokens, temperature, chunk, with_entropy)
+  return (logp, entropy) if with_entropy else (logp,)
+
+
+def _fused_fwd(hidden, unembedding, tokens, temperature, chunk, with_entropy):
+  logp, lse, entropy = _fused_forward(hidden, unembedding, tokens, temperature, chunk, with_entropy)
+  outputs = (logp, entropy) if with_entropy else (logp,)
+  return outputs, (hidden, unembedding, tokens, lse, entropy)
+
+
+def _fused_bwd(temperature, chunk, with_entropy, residuals, cotangents):
+  hidden, unembedding, tokens, lse, entropy = residuals
+  dtype = compute_dtype(hidden, unembedding)
+  operand_dtype = jnp.result_type(hidden, unembedding)
+  vocab = unembedding.shape[0]
+  idx = clip_tokens(tokens, vocab)
+  g_logp = cotangents[0].astype(dtype)
+  g_ent = cotangents[1].astype(dtype) if with_entropy else None
+  num_chunks = hidden.shape[1] // chunk
+
+  def step(carry, i):
+    grad_h, grad_w = carry
+    h_c = _slice_chunk(hidden, i, chunk)
+    z = _chunk_logits(h_c, unembedding, temperature, dtype)
+    logp_all = z - _slice_chunk(lse, i, chunk)[..., None]
+    p = jnp.exp(logp_all)
+    onehot = jnp.arange(vocab) == _slice_chunk(idx, i, chunk)[..., None]
+    g_z = _slice_chunk(g_logp, i, chunk)[..., None] * (onehot.astype(dtype) - p)
+    if with_entropy:
+      h_ent = _slice_chunk(entropy, i, chunk)[..., None]
+      g_z = g_z - _slice_chunk(g_ent, i, chunk)[..., None] * p * (logp_all + h_ent)
+    g_logits = (g_z if temperature == 1.0 else g_z / temperature).astype(operand_dtype)
+    g_h = jnp.einsum("bcv,vd->bcd", g_logits, unembedding.astype(operand_dtype),
+                     preferred_element_type=dtype)
+    grad_w = grad_w + jnp.einsum("bcv,bcd->vd", g_logits, h_c.astype(operand_dtype),
+                                 preferred_element_type=dtype)
+    grad_h = jax.lax.dynamic_update_slice_in_dim(
+        grad_h, g_h.astype(hidden.dtype), i * chunk, axis=1
+    )
+    return (grad_h, grad_w), None
+
+  init = (jnp.zeros_like(hidden), jnp.zeros(unembedding.shape, dtype))
+  (grad_h, grad_w), _ = jax.lax.scan(step, init, jnp.arange(num_chunks))
+  return grad_h, grad_w.astype(unembedding.dtype), None
+
+
+_fused.defvjp(_fused_fwd, _fused_bwd)
+
+
+def _check_inputs(hidden, unembedding, tokens, temperature, chunk_size) -> None:
+  check_ndim("hidden", hidden, 3)
+  check_ndim("unembedding", unembedding, 2)
+  if jnp.shape(hidden)[-1] != jnp.shape(unembedding)[-1]:
+    raise ValueError(
+        f"`hidden` has shape {jnp.shape(hidden)} and `unembedding` has shape "
+        f"{jnp.shape(unembedding)}; the "
+        "last dims (the model width D) must match (`unembedding` is [V, D])."
+    )
+  check_tokens(tokens, jnp.shape(hidden)[:2], against="hidden.shape[:2]")
+  check_positive("temperature", temperature)
+  if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
+    raise ValueError(f"`chunk_size` must be an int >= 1; got {chunk_size!r}.")
+
+
+def logprobs_from_hidden(
+    hidden,
+    unembedding,
+    tokens,
+    *,
+    temperature: float = 1.0,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    return_entropy: bool = False,
+):
+  """Token log-probs (and optionally entropy) of `softmax(hidden @ unembedding.T / temperature)`.
+
+    z[b, t] = hidden[b, t] @ unembedding.T / temperature           (never stored for all t)
+    logp[b, t] = z[b, t, tokens[b, t]] - logsumexp_v z[b, t, v]
+    entropy[b, t] = -Σ_v p log p,  p = softmax(z[b, t])
+
+  Equal to `token_logprobs(hidden @ unembedding.T, tokens, temperature=...)` (and
+  `entropy_from_logits`) up to float rounding, but computed by a `lax.scan` over chunks of
+  `chunk_size` positions along T with a custom VJP, so neither the forward nor the backward pass
+  materialises the [B, T, V] logits: the extra memory is one to three float32
+  [B, chunk_size, V] buffers plus the [V, D] gradient accumulator (compiled temp memory of
+  value_and_grad at B=8, T=1024, D=1024, V=131072: about 1/10 of the naive computation, see
+  `benchmarks/logprob_memory.py`). T is padded internally to a multiple of the chunk size (the
+  padded positions cost compute, not correctness). Only T is chunked, so a sharding of B (data
+  parallelism) passes through unchanged; the [V, D] gradient is all-reduced once.
+
+  Numerics: the matmul operands stay in `result_type(hidden, unembedding)` (bf16 stays bf16 on
+  the MXU / tensor cores) with accumulation, logsumexp and entropy in
+  `promote_types(that, float32)`; float64 stays float64. The unembedding gradient is accumulated
+  across chunks in that dtype; gradients are returned in the input dtypes. `tokens` gets no
+  gradient; `temperature` is a static Python float. Max-shifted logsumexp keeps logits of ±1e4
+  finite, with finite gradients.
+
+  Args:
+    hidden: [B, T, D] final hidden states (after the final norm); position t produced
+      `tokens[b, t]` (already shifted, see `shift_for_next_token`).
+    unembedding: [V, D], the layout of an embedding table (tied weights) or a Hugging Face
+      `lm_head.weight`.
+    tokens: [B, T] integer ids; ids outside [0, V) are clipped into range (mask them).
+    temperature: > 0, default 1.0; logits are divided by it (verl / TRL convention).
+    chunk_size: positions per scan step, default 64: per chunk the logits take
+      B·chunk_size·V floats (B per device), and each matmul has B·chunk_size rows. Lower it for
+      large per-device batches or vocabularies; raise it when the per-device batch is small
+      (matmuls of a few hundred rows or more use accelerators well). Clamped to T.
+    return_entropy: also return the [B, T] entropy (differentiable, same pass).
+
+  Returns:
+    [B, T] log-probs in the compute dtype, or `(logprobs, entropy)` when `return_entropy`.
+
+  Example:
+    >>> hidden = model.hidden_states(input_ids)[:, :-1]          # [B, T-1, D]
+    >>> logp, ent = logprobs_from_hidden(hidden, params["embed"], input_ids[:, 1:],
+    ...                                  temperature=1.0, chunk_size=256, return_entropy=True)
+  """
+  _check_inputs(hidden, unembedding, tokens, temperature, chunk_size)
+  hidden, unembedding, tokens = jnp.asarray(hidden), jnp.asarray(unembedding), jnp.asarray(tokens)
+  length = hidden.shape[1]
+  chunk = max(1, min(chunk_size, length))
+  padded = -(-length // chunk) * chunk
+  if padded != length:
+    hidden = jnp.pad(hidden, ((0, 0), (0, padded - length), (0, 0)))
+    tokens = jnp.pad(tokens, ((0, 0), (0, padded - length)))
+  outputs = _fused(hidden, unembedding, tokens, float(temperature), chunk, bool(return_entropy))
+  outputs = tuple(o[:, :length] for o in outputs)
+  return outputs if return_entropy else outputs[0]
