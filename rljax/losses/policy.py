@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from rljax.ops._checks import (
     LOG_RATIO_CLAMP,
     check_ndim,
+    check_nonnegative,
     check_positive,
     check_same_shape,
     clamped_exp,
@@ -383,8 +384,7 @@ def ppo_ptx_loss(rl_loss_and_metrics, ptx_logp, ptx_mask, *, ptx_coef: float, ag
   """
   rl_loss, metrics = rl_loss_and_metrics
   _check_token_inputs(ptx_logp=ptx_logp, ptx_mask=ptx_mask)
-  if ptx_coef < 0:
-    raise ValueError(f"`ptx_coef` must be >= 0; got {ptx_coef!r}.")
+  check_nonnegative("ptx_coef", ptx_coef)
   nll = aggregate(-ptx_logp, ptx_mask, agg)
   metrics = dict(metrics, ptx_nll=jax.lax.stop_gradient(nll), rl_loss=jax.lax.stop_gradient(rl_loss))
   return rl_loss + ptx_coef * nll, metrics

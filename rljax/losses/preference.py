@@ -17,13 +17,8 @@ import jax
 import jax.numpy as jnp
 
 from rljax.losses.dpo import Metrics, check_sequence_inputs, preference_metrics
-from rljax.ops._checks import check_positive, compute_dtype
+from rljax.ops._checks import check_nonnegative, check_positive, compute_dtype
 from rljax.ops.masking import safe_divide
-
-
-def _check_nonnegative(name: str, value: float) -> None:
-  if not value >= 0:
-    raise ValueError(f"`{name}` must be >= 0; got {value!r}.")
 
 
 def _cast(dtype, *arrays) -> tuple[jax.Array, ...]:
@@ -102,8 +97,8 @@ def kto_loss(
     >>> loss, m = kto_loss(logp, ref_logp, labels, kl_logp, ref_kl_logp, beta=0.1)
   """
   check_positive("beta", beta)
-  _check_nonnegative("desirable_weight", desirable_weight)
-  _check_nonnegative("undesirable_weight", undesirable_weight)
+  check_nonnegative("desirable_weight", desirable_weight)
+  check_nonnegative("undesirable_weight", undesirable_weight)
   check_sequence_inputs(policy_logps=policy_logps, ref_logps=ref_logps, desirable=desirable)
   check_sequence_inputs(policy_kl_logps=policy_kl_logps, ref_kl_logps=ref_kl_logps)
   dtype = compute_dtype(policy_logps, ref_logps, policy_kl_logps, ref_kl_logps)
@@ -227,7 +222,7 @@ def cpo_loss(
     >>> loss, m = cpo_loss(logp_c, logp_r, nll, beta=0.1, alpha=1.0)
   """
   check_positive("beta", beta)
-  _check_nonnegative("alpha", alpha)
+  check_nonnegative("alpha", alpha)
   check_sequence_inputs(chosen_logps=chosen_logps, rejected_logps=rejected_logps)
   dtype = compute_dtype(chosen_logps, rejected_logps, chosen_nll)
   c, r = _cast(dtype, chosen_logps, rejected_logps)

@@ -50,6 +50,11 @@ def check_positive(name: str, value: float) -> None:
     raise ValueError(f"`{name}` must be > 0; got {value!r}.")
 
 
+def check_nonnegative(name: str, value: float) -> None:
+  if not value >= 0:
+    raise ValueError(f"`{name}` must be >= 0; got {value!r}.")
+
+
 def check_group_size(batch: int, group_size: int, *, name: str = "scores") -> int:
   """Validates contiguous groups of `group_size` rows and returns the number of groups."""
   if not isinstance(group_size, int) or group_size < 2:

@@ -16,18 +16,19 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from rljax.ops._checks import check_group_size, check_ndim, check_same_shape, compute_dtype
+from rljax.ops._checks import (
+    check_group_size,
+    check_ndim,
+    check_nonnegative,
+    check_same_shape,
+    compute_dtype,
+)
 from rljax.ops.masking import masked_mean, masked_var, masked_whiten
 from rljax.ops.returns import discounted_returns
 
 
 def _constant(x, dtype) -> jax.Array:
   return jax.lax.stop_gradient(jnp.asarray(x).astype(dtype))
-
-
-def _check_eps(eps: float) -> None:
-  if not eps >= 0:
-    raise ValueError(f"`eps` must be >= 0; got {eps!r}.")
 
 
 def _check_rows(name: str, x, batch: int, mask_name: str = "mask") -> None:
@@ -74,7 +75,7 @@ def grpo_advantages(scores, *, group_size: int, normalize_std: bool = True, eps:
   Example:
     >>> grpo_advantages(jnp.array([1., 0., 0., 0.]), group_size=2)  # ≈ [0.707, -0.707, 0, 0]
   """
-  _check_eps(eps)
+  check_nonnegative("eps", eps)
   s = _grouped_scores(scores, group_size)
   adv = s - jnp.mean(s, axis=1, keepdims=True)
   if normalize_std:
@@ -134,7 +135,7 @@ def grpo_process_advantages(step_rewards, step_mask, mask, *, group_size: int, e
   """
   check_ndim("step_rewards", step_rewards, 2)
   check_same_shape(step_rewards=step_rewards, step_mask=step_mask, mask=mask)
-  _check_eps(eps)
+  check_nonnegative("eps", eps)
   batch, length = jnp.shape(step_rewards)
   num_groups = check_group_size(batch, group_size, name="step_rewards")
   dtype = compute_dtype(step_rewards)

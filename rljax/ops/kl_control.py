@@ -20,7 +20,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from rljax.ops._checks import check_positive
+from rljax.ops._checks import check_nonnegative, check_positive
 
 # Bounds of the proportional error in the adaptive rule (Ziegler et al. 2019, TRL, verl).
 ADAPTIVE_ERROR_CLIP = 0.2
@@ -40,11 +40,6 @@ class KLController(NamedTuple):
 
   init: Callable[[], KLControllerState]
   update: Callable[..., KLControllerState]
-
-
-def _check_non_negative(name: str, value: float) -> None:
-  if not value >= 0:
-    raise ValueError(f"`{name}` must be >= 0; got {value!r}.")
 
 
 def _initial_state(coef: float) -> Callable[[], KLControllerState]:
@@ -68,7 +63,7 @@ def fixed_kl_controller(coef: float) -> KLController:
     >>> ctrl = fixed_kl_controller(0.05)
     >>> state = ctrl.update(ctrl.init(), 0.3, 256)   # state.coef == 0.05
   """
-  _check_non_negative("coef", coef)
+  check_nonnegative("coef", coef)
 
   def update(state: KLControllerState, observed_kl=None, n_steps=None) -> KLControllerState:
     del observed_kl, n_steps
@@ -104,7 +99,7 @@ def adaptive_kl_controller(init_coef: float, *, target: float, horizon: float) -
     >>> ctrl = adaptive_kl_controller(0.2, target=6.0, horizon=10_000)
     >>> state = jax.jit(ctrl.update)(ctrl.init(), 9.0, 256)  # 0.2 · (1 + 0.2·256/10000)
   """
-  _check_non_negative("init_coef", init_coef)
+  check_nonnegative("init_coef", init_coef)
   check_positive("target", target)
   check_positive("horizon", horizon)
 
@@ -140,7 +135,7 @@ def ppo_kl_controller(init_beta: float, *, target: float) -> KLController:
     >>> ctrl = ppo_kl_controller(1.0, target=0.01)
     >>> state = ctrl.update(ctrl.init(), 0.001, None)   # β = 0.5
   """
-  _check_non_negative("init_beta", init_beta)
+  check_nonnegative("init_beta", init_beta)
   check_positive("target", target)
   low, high = target / PPO_KL_TOLERANCE, target * PPO_KL_TOLERANCE
 
