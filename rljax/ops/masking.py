@@ -53,7 +53,15 @@ def masked_sum(x, mask, axis=None) -> jax.Array:
 
 
 def masked_mean(x, mask, axis=None) -> jax.Array:
-  """Σ mask·x / Σ mask over `axis`; 0 where the mask sums to 0.
+  """Σ mask·x / Σ mask over `axis`; 0 where the mask sums to 0 (with a zero gradient).
+
+  Args:
+    x: array of any shape.
+    mask: same shape as `x`; bool or weights.
+    axis: axis or axes to reduce; None reduces everything.
+
+  Returns:
+    The masked mean, in `promote_types(x.dtype, float32)`.
 
   Example:
     >>> masked_mean(jnp.array([[1., 2., 3.]]), jnp.array([[1, 1, 0]]))  # 1.5
@@ -73,6 +81,9 @@ def masked_var(x, mask, *, unbiased: bool = True, axis=None) -> jax.Array:
     mask: same shape as `x`.
     unbiased: divide by n − 1 (True) or n (False).
     axis: axis or axes to reduce; None reduces everything.
+
+  Returns:
+    The variance over `axis`, in `promote_types(x.dtype, float32)`.
 
   Example:
     >>> masked_var(jnp.array([1., 2., 3., 100.]), jnp.array([1, 1, 1, 0]))  # 1.0
@@ -100,6 +111,9 @@ def masked_whiten(x, mask, *, shift_mean: bool = True, eps: float = 1e-8) -> jax
     mask: same shape as `x`.
     shift_mean: keep the result zero-mean (True) or add the mean back (False).
     eps: added to the variance before the square root (1e-8, as TRL and verl).
+
+  Returns:
+    The whitened array, shape of `x`, in `promote_types(x.dtype, float32)`; 0 where masked.
 
   Example:
     >>> masked_whiten(advantages, mask)  # zero mean, unit variance over the valid tokens

@@ -161,3 +161,10 @@ def test_token_mean_is_shift_equivariant(seed, c):
   L, m = _data(seed % 1000, np.float32)
   for mode in ("token-mean", "seq-mean-token-mean"):
     np.testing.assert_allclose(aggregate(L + c, m, mode), aggregate(L, m, mode) + c, atol=1e-4)
+
+
+@pytest.mark.parametrize("fn", [masked_sum, masked_mean, masked_var, masked_whiten])
+def test_masked_reductions_gradient_and_jit(x64, fn):
+  x, m = _data(6)
+  check_grads(lambda v: jnp.sum(jnp.sin(fn(v, m))), (x,), order=1, modes=["rev"])
+  np.testing.assert_allclose(jax.jit(fn)(x, m), fn(x, m), rtol=1e-12, atol=1e-12)

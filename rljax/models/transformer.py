@@ -1,0 +1,375 @@
+"""A Flax NNX decoder-only causal LM (Llama / Mistral / Qwen2 / Qwen3 / SmolLM families).
+
+Embedding → N decoder layers (RMSNorm, RoPE, grouped-query attention with optional q/k/v bias and
+optional q/k RMSNorm, SwiGLU MLP) → final RMSNorm → unembedding (tied or untied).
+
+The N layers' parameters are stacked along a leading `layers` axis and applied with
+`jax.lax.scan`, so the lowered program (and compile time) does not grow with depth; with
+`config.remat` the layer body is wrapped in `jax.checkpoint`.
+
+Every parameter carries logical axis names (`out_sharding` metadata, see `rljax.parallel.rules`).
+Constructed with no mesh, parameters are plain single-device arrays. Constructed under
+`jax.set_mesh(mesh)` *and* logical axis rules (`rljax.parallel.logical_axis_rules(rules)`), Flax
+creates them already sharded.
+
+The numerics follow transformers' PyTorch implementation (RMSNorm in float32 then cast back,
+rotate-half RoPE, softmax in float32, scaling head_dim ** -0.5); logits are float32.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from flax.core import spmd as core_spmd
+
+from rljax.models.config import ModelConfig
+
+Array = jax.Array
+
+# Logical axis names of every parameter (leading "layers" for stacked layer parameters).
+EMBED_AXES = ("vocab", "embed")
+LM_HEAD_AXES = ("vocab", "embed")
+FINAL_NORM_AXES = ("norm",)
+LAYER_AXES: dict[str, tuple[str, ...]] = {
+  "attn_norm": ("layers", "norm"),
+  "q_proj": ("layers", "embed", "heads", "head_dim"),
+  "k_proj": ("layers", "embed", "kv_heads", "head_dim"),
+  "v_proj": ("layers", "embed", "kv_heads", "head_dim"),
+  "o_proj": ("layers", "heads", "head_dim", "embed"),
+  "q_bias": ("layers", "heads", "head_dim"),
+  "k_bias": ("layers", "kv_heads", "head_dim"),
+  "v_bias": ("layers", "kv_heads", "head_dim"),
+  "o_bias": ("layers", "norm"),
+  "q_norm": ("layers", "head_dim"),
+  "k_norm": ("layers", "head_dim"),
+  "mlp_norm": ("layers", "norm"),
+  "gate_proj": ("layers", "embed", "mlp"),
+  "up_proj": ("layers", "embed", "mlp"),
+  "down_proj": ("layers", "mlp", "embed"),
+  "gate_bias": ("layers", "mlp"),
+  "up_bias": ("layers", "mlp"),
+  "down_bias": ("layers", "norm"),
+}
+
+_INIT_STD = 0.02  # transformers' default `initializer_range`.
+
+
+def _eager_sharding() -> bool:
+  """Shard at creation only when a mesh is set and logical axis rules are installed."""
+  return jax.sharding.get_abstract_mesh().empty is False and bool(
+    core_spmd.get_logical_axis_rules()
+  )
+
+
+def _param(value: Array, axes: tuple[str, ...]) -> nnx.Param:
+  return nnx.Param(value, out_sharding=axes, eager_sharding=_eager_sharding())
+
+
+def _layer_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
+  """Shapes (without the leading layers axis) of the per-layer parameters this config uses."""
+  d, h, kv, hd, f = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size
+  shapes = {
+    "attn_norm": (d,),
+    "q_proj": (d, h, hd),
+    "k_proj": (d, kv, hd),
+    "v_proj": (d, kv, hd),
+    "o_proj": (h, hd, d),
+    "mlp_norm": (d,),
+    "gate_proj": (d, f),
+    "up_proj": (d, f),
+    "down_proj": (f, d),
+  }
+  if c.attention_bias:
+    shapes.update(q_bias=(h, hd), k_bias=(kv, hd), v_bias=(kv, hd))
+  if c.attention_out_bias:
+    shapes.update(o_bias=(d,))
+  if c.qk_norm:
+    shapes.update(q_norm=(hd,), k_norm=(hd,))
+  if c.mlp_bias:
+    shapes.update(gate_bias=(f,), up_bias=(f,), down_bias=(d,))
+  return shapes
+
+
+def _init_value(name: str, shape: tuple[int, ...], key: Array, dtype: Any) -> Array:
+  if name.endswith("norm"):
+    return jnp.ones(shape, dtype)
+  if name.endswith("bias"):
+    return jnp.zeros(shape, dtype)
+  return (_INIT_STD * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Pure building blocks (reusable by a KV-cache decoder).
+# ----------------------------------------------------------------------------------------------
+
+
+def rms_norm(x: Array, weight: Array, eps: float) -> Array:
+  """weight * (x / sqrt(mean(x², -1) + eps)), normalised in float32 then cast back (as HF)."""
+  x32 = x.astype(jnp.float32)
+  normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+  return weight.astype(x.dtype) * normed.astype(x.dtype)
+
+
+def rope_inv_freq(config: ModelConfig) -> np.ndarray:
+  """RoPE inverse frequencies [head_dim // 2], with "llama3" / "linear" scaling (as transformers)."""
+  dim = config.head_dim
+  inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
+  scaling = config.rope_scaling or {}
+  rope_type = scaling.get("rope_type", "default")
+  if rope_type == "linear":
+    inv_freq = inv_freq / float(scaling["factor"])
+  elif rope_type == "llama3":
+    factor = float(scaling["factor"])
+    low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+    old_len = float(scaling["original_max_position_embeddings"])
+    low_wavelen, high_wavelen = old_len / low, old_len / high
+    wavelen = 2 * np.pi / inv_freq
+    scaled = np.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    inv_freq = np.where(is_medium, smoothed, scaled)
+  return inv_freq.astype(np.float32)
+
+
+def rope_cos_sin(positions: Array, config: ModelConfig) -> tuple[Array, Array]:
+  """cos, sin of shape [B, T, head_dim] for integer `positions` [B, T] (float32)."""
+  inv_freq = jnp.asarray(rope_inv_freq(config))
+  freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+  emb = jnp.concatenate([freqs, freqs], axis=-1)
+  return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
+  """Rotate-half RoPE on x [B, T, heads, head_dim] with cos/sin [B, T, head_dim]."""
+  half = x.shape[-1] // 2
+  rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+  cos, sin = cos[:, :, None, :].astype(x.dtype), sin[:, :, None, :].astype(x.dtype)
+  return x * cos + rotated * sin
+
+
+def positions_from_mask(attention_mask: Array) -> Array:
+  """Position ids for (left-)padded rows: cumsum(mask) - 1, clipped at 0. [B, T] int32."""
+  mask = attention_mask.astype(jnp.int32)
+  return jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
+
+
+def causal_attention_mask(
+  key_mask: Array,
+  q_positions: Array,
+  k_positions: Array,
+  *,
+  q_index: Array | None = None,
+  k_index: Array | None = None,
+  sliding_window: int | None = None,
+) -> Array:
+  """Boolean [B, T, S] mask: key s visible to query t (causal, valid key, inside the window).
+
+  Causality is by slot index (`q_index`/`k_index`, default 0..T-1 / 0..S-1, shared by all rows),
+  so left padding works; the window is measured in positions.
+  """
+  t, s = q_positions.shape[-1], k_positions.shape[-1]
+  q_index = jnp.arange(t) if q_index is None else q_index
+  k_index = jnp.arange(s) if k_index is None else k_index
+  mask = (q_index[..., :, None] >= k_index[..., None, :]) & key_mask.astype(bool)[:, None, :]
+  if sliding_window is not None:
+    distance = q_positions[:, :, None] - k_positions[:, None, :]
+    mask = mask & (distance < sliding_window)
+  return mask
+
+
+def attend(q: Array, k: Array, v: Array, mask: Array) -> Array:
+  """Grouped-query softmax attention.
+
+  Args:
+    q: [B, T, H, Dh] queries (RoPE applied).
+    k, v: [B, S, KV, Dh] keys / values (H a multiple of KV); S may exceed T (a KV cache).
+    mask: [B, T, S] boolean, True where the key is visible.
+
+  Returns:
+    [B, T, H, Dh]. Scores and softmax in float32; a query with no visible key gets a uniform
+    (finite) average instead of NaN.
+  """
+  b, t, h, dh = q.shape
+  kv = k.shape[2]
+  q = q.reshape(b, t, kv, h // kv, dh)
+  scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+  scores = scores * (dh**-0.5)
+  scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+  return out.reshape(b, t, h, dh)
+
+
+def project_qkv(
+  p: dict[str, Array], x: Array, cos: Array, sin: Array, config: ModelConfig
+) -> tuple[Array, Array, Array]:
+  """Normed input x [B, T, D] → q [B, T, H, Dh], k, v [B, T, KV, Dh] (biases, q/k norm, RoPE)."""
+  q = jnp.einsum("btd,dhk->bthk", x, p["q_proj"].astype(x.dtype))
+  k = jnp.einsum("btd,dhk->bthk", x, p["k_proj"].astype(x.dtype))
+  v = jnp.einsum("btd,dhk->bthk", x, p["v_proj"].astype(x.dtype))
+  if config.attention_bias:
+    q = q + p["q_bias"].astype(x.dtype)
+    k = k + p["k_bias"].astype(x.dtype)
+    v = v + p["v_bias"].astype(x.dtype)
+  if config.qk_norm:
+    q = rms_norm(q, p["q_norm"], config.rms_norm_eps)
+    k = rms_norm(k, p["k_norm"], config.rms_norm_eps)
+  return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+
+def attention_output(p: dict[str, Array], attn: Array, config: ModelConfig) -> Array:
+  """[B, T, H, Dh] → [B, T, D] through o_proj (and its bias)."""
+  out = jnp.einsum("bthk,hkd->btd", attn, p["o_proj"].astype(attn.dtype))
+  if config.attention_out_bias:
+    out = out + p["o_bias"].astype(out.dtype)
+  return out
+
+
+def swiglu_mlp(p: dict[str, Array], x: Array, config: ModelConfig) -> Array:
+  """down(silu(gate(x)) * up(x)) on [B, T, D]."""
+  gate = x @ p["gate_proj"].astype(x.dtype)
+  up = x @ p["up_proj"].astype(x.dtype)
+  if config.mlp_bias:
+    gate, up = gate + p["gate_bias"].astype(x.dtype), up + p["up_bias"].astype(x.dtype)
+  out = (jax.nn.silu(gate) * up) @ p["down_proj"].astype(x.dtype)
+  if config.mlp_bias:
+    out = out + p["down_bias"].astype(x.dtype)
+  return out
+
+
+def decoder_layer(
+  p: dict[str, Array], x: Array, cos: Array, sin: Array, mask: Array, config: ModelConfig
+) -> Array:
+  """One pre-norm decoder layer on x [B, T, D] with this layer's (unstacked) parameters `p`."""
+  h = rms_norm(x, p["attn_norm"], config.rms_norm_eps)
+  q, k, v = project_qkv(p, h, cos, sin, config)
+  x = x + attention_output(p, attend(q, k, v, mask), config)
+  h = rms_norm(x, p["mlp_norm"], config.rms_norm_eps)
+  return x + swiglu_mlp(p, h, config)
+
+
+def scan_layers(
+  stacked: dict[str, Array], x: Array, cos: Array, sin: Array, mask: Array, config: ModelConfig
+) -> Array:
+  """Applies all layers with `jax.lax.scan` over the stacked parameters (remat if configured)."""
+
+  def body(carry: Array, p: dict[str, Array]) -> tuple[Array, None]:
+    return decoder_layer(p, carry, cos, sin, mask, config), None
+
+  if config.remat:
+    body = jax.checkpoint(body, prevent_cse=False)
+  x, _ = jax.lax.scan(body, x, stacked)
+  return x
+
+
+# ----------------------------------------------------------------------------------------------
+# Modules.
+# ----------------------------------------------------------------------------------------------
+
+
+class DecoderLayers(nnx.Module):
+  """The N decoder layers' parameters, each stacked along a leading `layers` axis."""
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    self.config = config
+    shapes = _layer_shapes(config)
+    self.names = tuple(sorted(shapes))
+    for name in self.names:
+      shape = (config.num_layers, *shapes[name])
+      value = _init_value(name, shape, rngs.params(), config.param_dtype)
+      setattr(self, name, _param(value, LAYER_AXES[name]))
+
+  def stacked(self) -> dict[str, Array]:
+    """{name: [L, ...] array} of all layer parameters."""
+    return {name: getattr(self, name)[...] for name in self.names}
+
+  def __call__(self, x: Array, cos: Array, sin: Array, mask: Array) -> Array:
+    return scan_layers(self.stacked(), x, cos, sin, mask, self.config)
+
+
+class Transformer(nnx.Module):
+  """Decoder-only causal LM.
+
+  Example:
+    >>> config = ModelConfig(vocab_size=128, hidden_size=64, intermediate_size=128,
+    ...                      num_layers=2, num_heads=4, num_kv_heads=2)
+    >>> model = Transformer(config, rngs=nnx.Rngs(0))
+    >>> logits = model(input_ids, attention_mask)                    # [B, T, V] float32
+    >>> hidden = model.hidden_states(input_ids, attention_mask)      # [B, T, D]
+    >>> logp = logprobs_from_hidden(hidden, model.unembedding, tokens, chunk_size=...)
+  """
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    self.config = config
+    c = config
+    embed = _init_value("embed", (c.vocab_size, c.hidden_size), rngs.params(), c.param_dtype)
+    self.embed = _param(embed, EMBED_AXES)
+    self.layers = DecoderLayers(config, rngs=rngs)
+    self.final_norm = _param(jnp.ones((c.hidden_size,), c.param_dtype), FINAL_NORM_AXES)
+    if not c.tie_word_embeddings:
+      head = _init_value("lm_head", (c.vocab_size, c.hidden_size), rngs.params(), c.param_dtype)
+      self.lm_head = _param(head, LM_HEAD_AXES)
+
+  @property
+  def unembedding(self) -> Array:
+    """[V, D] unembedding: the embedding table if tied, else lm_head (HF `lm_head.weight` layout)."""
+    if self.config.tie_word_embeddings:
+      return self.embed[...]
+    return self.lm_head[...]
+
+  def hidden_states(
+    self,
+    input_ids: Array,
+    attention_mask: Array | None = None,
+    positions: Array | None = None,
+  ) -> Array:
+    """Final (normed) hidden states [B, T, D] in `config.dtype`.
+
+    Args:
+      input_ids: [B, T] int token ids.
+      attention_mask: [B, T] (bool or 0/1), 1 marks a real token; default all ones. Padding
+        may be on the left (prompts) or right; masked keys are never attended to.
+      positions: [B, T] int position ids; default cumsum(attention_mask) - 1 clipped at 0
+        (so a left-padded row gets the same positions as its unpadded version).
+    """
+    c = self.config
+    if input_ids.ndim != 2:
+      raise ValueError(f"input_ids must be [B, T], got shape {input_ids.shape}")
+    if attention_mask is None:
+      attention_mask = jnp.ones(input_ids.shape, jnp.int32)
+    if attention_mask.shape != input_ids.shape:
+      raise ValueError(
+        f"attention_mask shape {attention_mask.shape} != input_ids shape {input_ids.shape}"
+      )
+    if positions is None:
+      positions = positions_from_mask(attention_mask)
+    x = jnp.take(self.embed[...], input_ids, axis=0).astype(c.dtype)
+    cos, sin = rope_cos_sin(positions, c)
+    mask = causal_attention_mask(
+      attention_mask, positions, positions, sliding_window=c.sliding_window
+    )
+    x = self.layers(x, cos, sin, mask)
+    return rms_norm(x, self.final_norm[...], c.rms_norm_eps)
+
+  def logits_from_hidden(self, hidden: Array) -> Array:
+    """[B, T, D] hidden states → [B, T, V] float32 logits."""
+    return jnp.einsum(
+      "btd,vd->btv",
+      hidden.astype(jnp.float32),
+      self.unembedding.astype(jnp.float32),
+      preferred_element_type=jnp.float32,
+    )
+
+  def __call__(
+    self,
+    input_ids: Array,
+    attention_mask: Array | None = None,
+    positions: Array | None = None,
+  ) -> Array:
+    """Logits [B, T, V] (float32); see `hidden_states` for the arguments."""
+    return self.logits_from_hidden(self.hidden_states(input_ids, attention_mask, positions))

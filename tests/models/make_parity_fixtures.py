@@ -1,0 +1,132 @@
+"""Regenerates the golden parity fixtures under tests/models/fixtures/<family>/ (needs torch).
+
+For each family a tiny random transformers model (fixed seed, fp32, eager attention) is built,
+its weights are re-drawn at a scale that makes the logits O(1) (transformers' 0.02 init makes
+every model look alike), and the script saves:
+
+  config.json, model.safetensors   the Hugging Face directory (save_pretrained)
+  inputs.npz                       input_ids [B, T], attention_mask [B, T] (row 1 left-padded),
+                                   position_ids [B, T] (cumsum(mask) - 1 clipped at 0),
+                                   logits [B, T, V] float32 from transformers' PyTorch forward
+
+Run (torch is an optional extra, pinned to the CPU build):
+  /work/venv/bin/pip install torch==2.13.0
+  python tests/models/make_parity_fixtures.py
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
+SEED = 0
+BATCH, LENGTH, PAD_LEFT = 3, 8, 3
+
+_COMMON = dict(
+  vocab_size=64,
+  hidden_size=16,
+  intermediate_size=32,
+  num_hidden_layers=2,
+  num_attention_heads=4,
+  num_key_value_heads=2,
+  head_dim=8,
+  max_position_embeddings=64,
+  rms_norm_eps=1e-6,
+)
+_LLAMA3_ROPE = {
+  "rope_type": "llama3",
+  "rope_theta": 10000.0,
+  "factor": 4.0,
+  "low_freq_factor": 1.0,
+  "high_freq_factor": 4.0,
+  "original_max_position_embeddings": 8,
+}
+
+
+def family_configs():
+  """{family: transformers config} of the tiny models (imported lazily: transformers is heavy)."""
+  import transformers as tf
+
+  return {
+    "llama": tf.LlamaConfig(**_COMMON, rope_parameters=dict(_LLAMA3_ROPE)),
+    "smollm": tf.LlamaConfig(**_COMMON, tie_word_embeddings=True),
+    "mistral": tf.MistralConfig(**_COMMON, sliding_window=4),
+    "qwen2": tf.Qwen2Config(**_COMMON),
+    "qwen3": tf.Qwen3Config(**_COMMON),
+  }
+
+
+def make_inputs(vocab_size: int) -> dict[str, np.ndarray]:
+  rng = np.random.default_rng(SEED)
+  ids = rng.integers(1, vocab_size, size=(BATCH, LENGTH)).astype(np.int64)
+  mask = np.ones((BATCH, LENGTH), np.int64)
+  # Row 1: row 0's first LENGTH - PAD_LEFT tokens, left-padded with token 0.
+  ids[1, :PAD_LEFT] = 0
+  ids[1, PAD_LEFT:] = ids[0, : LENGTH - PAD_LEFT]
+  mask[1, :PAD_LEFT] = 0
+  positions = np.maximum(np.cumsum(mask, axis=-1) - 1, 0)
+  return {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
+
+
+def randomize_(model, torch) -> None:
+  """Weights ~ N(0, 0.3²); norm weights ~ 1 + N(0, 0.1²); biases ~ N(0, 0.1²)."""
+  gen = torch.Generator().manual_seed(SEED)
+  with torch.no_grad():
+    for name, p in sorted(model.named_parameters()):
+      noise = torch.randn(p.shape, generator=gen, dtype=torch.float32)
+      if "norm" in name:
+        p.copy_(1.0 + 0.1 * noise)
+      elif name.endswith("bias"):
+        p.copy_(0.1 * noise)
+      else:
+        p.copy_(0.3 * noise)
+
+
+def make_family(family: str, config) -> None:
+  import torch
+  import transformers as tf
+
+  torch.manual_seed(SEED)
+  config._attn_implementation = "eager"
+  model = tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+  randomize_(model, torch)
+  inputs = make_inputs(config.vocab_size)
+  with torch.no_grad():
+    out = model(
+      input_ids=torch.from_numpy(inputs["input_ids"]),
+      attention_mask=torch.from_numpy(inputs["attention_mask"]),
+      position_ids=torch.from_numpy(inputs["position_ids"]),
+      use_cache=False,
+    )
+  out_dir = os.path.join(FIXTURES, family)
+  os.makedirs(out_dir, exist_ok=True)
+  model.save_pretrained(out_dir, safe_serialization=True)
+  gen_config = os.path.join(out_dir, "generation_config.json")
+  if os.path.exists(gen_config):
+    os.remove(gen_config)
+  np.savez(
+    os.path.join(out_dir, "inputs.npz"),
+    input_ids=inputs["input_ids"].astype(np.int32),
+    attention_mask=inputs["attention_mask"].astype(np.int32),
+    position_ids=inputs["position_ids"].astype(np.int32),
+    logits=out.logits.float().numpy(),
+  )
+  print(f"{family}: wrote {out_dir}")
+
+
+def main() -> int:
+  try:
+    import torch  # noqa: F401
+  except ImportError:
+    print("torch is not installed: pip install torch==2.13.0 (CPU build)", file=sys.stderr)
+    return 1
+  for family, config in family_configs().items():
+    make_family(family, config)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
