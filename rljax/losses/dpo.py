@@ -22,10 +22,9 @@ import jax.numpy as jnp
 
 from rljax.ops._checks import (
     LOG_RATIO_CLAMP,
+    check_arrays,
     check_choice,
-    check_ndim,
     check_positive,
-    check_same_shape,
     compute_dtype,
 )
 
@@ -75,10 +74,7 @@ def preference_metrics(chosen_rewards, rejected_rewards) -> Metrics:
 
 def check_sequence_inputs(**arrays) -> None:
   """Each named array (None skipped) must be `[B]`, and all must have the same shape."""
-  for name, x in arrays.items():
-    if x is not None:
-      check_ndim(name, x, 1)
-  check_same_shape(**arrays)
+  check_arrays(1, **arrays)
 
 
 class _PairTerms(NamedTuple):

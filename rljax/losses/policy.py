@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from rljax.ops._checks import (
     LOG_RATIO_CLAMP,
+    check_arrays,
     check_ndim,
     check_nonnegative,
     check_positive,
@@ -45,13 +46,6 @@ def _token_advantages(advantages, logp) -> jax.Array:
     a = jnp.broadcast_to(a[:, None], logp.shape)
   check_same_shape(logp=logp, advantages=a)
   return a.astype(compute_dtype(logp, a))
-
-
-def _check_token_inputs(**arrays) -> None:
-  for name, x in arrays.items():
-    if x is not None:
-      check_ndim(name, x, 2)
-  check_same_shape(**arrays)
 
 
 def _log_ratio(logp, old_logp) -> jax.Array:
@@ -102,7 +96,7 @@ def policy_gradient_loss(logp, advantages, mask, *, agg: str = "token-mean"):
   Example:
     >>> loss, metrics = policy_gradient_loss(logp, returns - baseline, mask)
   """
-  _check_token_inputs(logp=logp, mask=mask)
+  check_arrays(2, logp=logp, mask=mask)
   adv = _token_advantages(advantages, logp)
   loss = aggregate(-adv * logp.astype(adv.dtype), mask, agg)
   return loss, {
@@ -157,7 +151,7 @@ def ppo_clip_loss(
     >>> (loss, metrics), grads = jax.value_and_grad(
     ...     lambda p: ppo_clip_loss(logp_fn(p), old_logp, adv, mask), has_aux=True)(params)
   """
-  _check_token_inputs(logp=logp, old_logp=old_logp, mask=mask)
+  check_arrays(2, logp=logp, old_logp=old_logp, mask=mask)
   low, high = _clip_bounds(clip_eps, clip_eps_high)
   adv = _token_advantages(advantages, logp)
   log_ratio = _log_ratio(logp, old_logp)
@@ -198,7 +192,7 @@ def ppo_penalty_loss(
     >>> loss, m = ppo_penalty_loss(logp, old_logp, adv, mask, beta=kl_state.coef)
     >>> kl_state = ppo_kl_controller(1.0, target=0.01).update(kl_state, m["kl"], 1)
   """
-  _check_token_inputs(logp=logp, old_logp=old_logp, mask=mask)
+  check_arrays(2, logp=logp, old_logp=old_logp, mask=mask)
   adv = _token_advantages(advantages, logp)
   log_ratio = _log_ratio(logp, old_logp)
   ratio = clamped_exp(log_ratio)
@@ -253,7 +247,7 @@ def grpo_loss(
     >>> adv = grpo_advantages(scores, group_size=8)
     >>> loss, metrics = grpo_loss(logp, old_logp, ref_logp, adv, mask)
   """
-  _check_token_inputs(logp=logp, old_logp=old_logp, ref_logp=ref_logp, mask=mask)
+  check_arrays(2, logp=logp, old_logp=old_logp, ref_logp=ref_logp, mask=mask)
   if ref_logp is None and beta != 0:
     raise ValueError("`ref_logp` is required when `beta` != 0.")
   low, high = _clip_bounds(clip_eps, clip_eps_high)
@@ -304,7 +298,7 @@ def gspo_loss(
   Example:
     >>> loss, metrics = gspo_loss(logp, old_logp, grpo_advantages(scores, group_size=8), mask)
   """
-  _check_token_inputs(logp=logp, old_logp=old_logp, mask=mask)
+  check_arrays(2, logp=logp, old_logp=old_logp, mask=mask)
   low, high = _clip_bounds(clip_eps, clip_eps_high)
   adv = _token_advantages(advantages, logp)
   log_ratio = _log_ratio(logp, old_logp)
@@ -350,7 +344,7 @@ def cispo_loss(
   Example:
     >>> loss, metrics = cispo_loss(logp, old_logp, adv, mask)
   """
-  _check_token_inputs(logp=logp, old_logp=old_logp, mask=mask)
+  check_arrays(2, logp=logp, old_logp=old_logp, mask=mask)
   low, high = _clip_bounds(clip_eps, clip_eps_high)
   adv = _token_advantages(advantages, logp)
   log_ratio = _log_ratio(logp, old_logp)
@@ -383,7 +377,7 @@ def ppo_ptx_loss(rl_loss_and_metrics, ptx_logp, ptx_mask, *, ptx_coef: float, ag
     ...                              ptx_coef=0.5)
   """
   rl_loss, metrics = rl_loss_and_metrics
-  _check_token_inputs(ptx_logp=ptx_logp, ptx_mask=ptx_mask)
+  check_arrays(2, ptx_logp=ptx_logp, ptx_mask=ptx_mask)
   check_nonnegative("ptx_coef", ptx_coef)
   nll = aggregate(-ptx_logp, ptx_mask, agg)
   metrics = dict(metrics, ptx_nll=jax.lax.stop_gradient(nll), rl_loss=jax.lax.stop_gradient(rl_loss))

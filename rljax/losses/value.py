@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from rljax.ops._checks import check_ndim, check_positive, check_same_shape, compute_dtype
+from rljax.ops._checks import check_arrays, check_positive, compute_dtype
 from rljax.ops.masking import aggregate, masked_mean
 
 
@@ -36,9 +36,7 @@ def value_loss(values, old_values, returns, mask, *, clip_eps: float | None = No
     >>> advantages, returns = gae(rewards, old_values, mask, gamma=1.0, lam=0.95)
     >>> loss, metrics = value_loss(values, old_values, returns, mask, clip_eps=0.2)
   """
-  for name, x in (("values", values), ("old_values", old_values), ("returns", returns)):
-    check_ndim(name, x, 2)
-  check_same_shape(values=values, old_values=old_values, returns=returns, mask=mask)
+  check_arrays(2, values=values, old_values=old_values, returns=returns, mask=mask)
   dtype = compute_dtype(values, returns)
   v = values.astype(dtype)
   target = jax.lax.stop_gradient(returns).astype(dtype)

@@ -38,6 +38,14 @@ def check_ndim(name: str, x, ndims: int | Iterable[int]) -> None:
     raise ValueError(f"`{name}` must have rank {want}; got shape {jnp.shape(x)}.")
 
 
+def check_arrays(ndim: int, **arrays) -> None:
+  """Each named array (None skipped) must have rank `ndim`, and all must have the same shape."""
+  for name, x in arrays.items():
+    if x is not None:
+      check_ndim(name, x, ndim)
+  check_same_shape(**arrays)
+
+
 def check_choice(name: str, value: str, choices: Iterable[str] | Mapping[str, object]) -> None:
   """Raises `ValueError` listing the valid choices unless `value` is one of them."""
   valid = list(choices)
