@@ -28,7 +28,7 @@ from rljax.ops._checks import (
     compute_dtype,
 )
 from rljax.ops.kl import kl_penalty
-from rljax.ops.masking import aggregate, masked_mean, safe_divide
+from rljax.ops.masking import aggregate, masked_mean
 
 Metrics = dict[str, jax.Array]
 
@@ -309,9 +309,7 @@ def gspo_loss(
   loss_mat, clipped = clipped_surrogate(ratio, adv, low, high)
   metrics = _ratio_metrics(log_ratio, ratio, clipped, mask)
   rows = jnp.sum(jnp.asarray(mask, adv.dtype), axis=-1) != 0
-  metrics["seq_ratio_mean"] = jax.lax.stop_gradient(
-      safe_divide(jnp.sum(jnp.where(rows, clamped_exp(seq_log_ratio), 0)), jnp.sum(rows))
-  )
+  metrics["seq_ratio_mean"] = jax.lax.stop_gradient(masked_mean(clamped_exp(seq_log_ratio), rows))
   return aggregate(loss_mat, mask, agg), metrics
 
 

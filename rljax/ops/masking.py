@@ -28,6 +28,11 @@ def safe_divide(numerator, denominator) -> jax.Array:
   return jnp.where(nonzero, numerator / jnp.where(nonzero, denominator, 1), 0)
 
 
+def _weighted_sum(x, m, axis=None, keepdims=False) -> jax.Array:
+  """Σ m·x, where masked entries of x are never read (a NaN or inf under mask 0 stays out)."""
+  return jnp.sum(jnp.where(m != 0, x * m, 0), axis=axis, keepdims=keepdims)
+
+
 def _prepare(x, mask):
   check_same_shape(x=x, mask=mask)
   dtype = compute_dtype(x)
@@ -49,7 +54,7 @@ def masked_sum(x, mask, axis=None) -> jax.Array:
     >>> masked_sum(jnp.array([[1., 2., 3.]]), jnp.array([[1, 1, 0]]))  # 3.0
   """
   x, m = _prepare(x, mask)
-  return jnp.sum(jnp.where(m != 0, x * m, 0), axis=axis)
+  return _weighted_sum(x, m, axis)
 
 
 def masked_mean(x, mask, axis=None) -> jax.Array:
@@ -67,7 +72,7 @@ def masked_mean(x, mask, axis=None) -> jax.Array:
     >>> masked_mean(jnp.array([[1., 2., 3.]]), jnp.array([[1, 1, 0]]))  # 1.5
   """
   x, m = _prepare(x, mask)
-  return safe_divide(jnp.sum(jnp.where(m != 0, x * m, 0), axis=axis), jnp.sum(m, axis=axis))
+  return safe_divide(_weighted_sum(x, m, axis), jnp.sum(m, axis=axis))
 
 
 def masked_var(x, mask, *, unbiased: bool = True, axis=None) -> jax.Array:
@@ -89,13 +94,10 @@ def masked_var(x, mask, *, unbiased: bool = True, axis=None) -> jax.Array:
     >>> masked_var(jnp.array([1., 2., 3., 100.]), jnp.array([1, 1, 1, 0]))  # 1.0
   """
   x, m = _prepare(x, mask)
-  mean = safe_divide(
-      jnp.sum(jnp.where(m != 0, x * m, 0), axis=axis, keepdims=True),
-      jnp.sum(m, axis=axis, keepdims=True),
-  )
+  mean = safe_divide(_weighted_sum(x, m, axis, True), jnp.sum(m, axis=axis, keepdims=True))
   n = jnp.sum(m, axis=axis)
   denom = jnp.maximum(n - 1, 0) if unbiased else n
-  return safe_divide(jnp.sum(jnp.where(m != 0, m * jnp.square(x - mean), 0), axis=axis), denom)
+  return safe_divide(_weighted_sum(jnp.square(x - mean), m, axis), denom)
 
 
 def masked_whiten(x, mask, *, shift_mean: bool = True, eps: float = 1e-8) -> jax.Array:
@@ -162,7 +164,7 @@ def aggregate(loss_mat, mask, mode: str, *, horizon: int | None = None, normaliz
   check_choice("aggregation mode `mode`", mode, AGG_MODES)
   check_ndim("loss_mat", loss_mat, 2)
   loss, m = _prepare(loss_mat, mask)
-  token_sums = jnp.sum(jnp.where(m != 0, loss * m, 0), axis=-1)  # [B]
+  token_sums = _weighted_sum(loss, m, axis=-1)  # [B]
   token_counts = jnp.sum(m, axis=-1)  # [B]
   if mode == "token-sum":
     if normalizer is not None:
