@@ -9,8 +9,9 @@ The N layers' parameters are stacked along a leading `layers` axis and applied w
 
 Every parameter carries logical axis names (`out_sharding` metadata, see `rljax.parallel.rules`).
 Constructed with no mesh, parameters are plain single-device arrays. Constructed under
-`jax.set_mesh(mesh)` *and* logical axis rules (`rljax.parallel.logical_axis_rules(rules)`), Flax
-creates them already sharded.
+`jax.set_mesh(mesh)` *and* logical axis rules (`rljax.parallel.logical_axis_rules(rules)`), they
+are created already sharded (placed by `rljax.parallel.rules.logical_to_mesh_spec`; Flax's own
+eager sharding is switched off so that construction with no mesh never fails).
 
 The numerics follow transformers' PyTorch implementation (RMSNorm in float32 then cast back,
 rotate-half RoPE, softmax in float32, scaling head_dim ** -0.5); logits are float32.
@@ -25,8 +26,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from flax.core import spmd as core_spmd
+from jax.sharding import NamedSharding
 
 from rljax.models.config import ModelConfig
+from rljax.parallel.rules import logical_to_mesh_spec
 
 Array = jax.Array
 
@@ -58,15 +61,30 @@ LAYER_AXES: dict[str, tuple[str, ...]] = {
 _INIT_STD = 0.02  # transformers' default `initializer_range`.
 
 
-def _eager_sharding() -> bool:
-  """Shard at creation only when a mesh is set and logical axis rules are installed."""
-  return jax.sharding.get_abstract_mesh().empty is False and bool(
-    core_spmd.get_logical_axis_rules()
-  )
+def _place(value: Array, axes: tuple[str, ...]) -> Array:
+  """Shards `value` by its logical `axes` when a mesh is set and logical axis rules are installed.
+
+  With no mesh (or no rules) the value is returned as is. Concrete values are `device_put`
+  (no compilation per parameter); traced ones (`nnx.eval_shape`, `jax.jit` init) get a
+  sharding constraint. Mesh axes named by the rules but absent from the mesh are dropped.
+  """
+  rules = tuple(core_spmd.get_logical_axis_rules())
+  abstract_mesh = jax.sharding.get_abstract_mesh()
+  if abstract_mesh.empty or not rules:
+    return value
+  spec = logical_to_mesh_spec(axes, rules, abstract_mesh)
+  try:
+    concrete_mesh = jax.sharding.get_mesh()  # raises under a JAX transformation
+  except ValueError:
+    concrete_mesh = None
+  if concrete_mesh is None or concrete_mesh.empty or isinstance(value, jax.core.Tracer):
+    return jax.lax.with_sharding_constraint(value, NamedSharding(abstract_mesh, spec))
+  return jax.device_put(value, NamedSharding(concrete_mesh, spec))
 
 
 def _param(value: Array, axes: tuple[str, ...]) -> nnx.Param:
-  return nnx.Param(value, out_sharding=axes, eager_sharding=_eager_sharding())
+  """An `nnx.Param` carrying its logical axis names (`out_sharding` metadata), placed by `_place`."""
+  return nnx.Param(_place(value, axes), out_sharding=axes, eager_sharding=False)
 
 
 def _layer_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -94,12 +112,29 @@ def _layer_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
   return shapes
 
 
-def _init_value(name: str, shape: tuple[int, ...], key: Array, dtype: Any) -> Array:
-  if name.endswith("norm"):
-    return jnp.ones(shape, dtype)
-  if name.endswith("bias"):
-    return jnp.zeros(shape, dtype)
-  return (_INIT_STD * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+def _init_values(shapes: dict[str, tuple[int, ...]], key: Array, dtype: Any) -> dict[str, Array]:
+  """Initial values: matrices ~ N(0, 0.02²) (HF `initializer_range`), norms 1, biases 0.
+
+  All normal draws come from ONE `jax.random.normal` call sliced on the host, so eager
+  construction compiles one program instead of one per parameter shape; under a trace
+  (`nnx.eval_shape`, `jax.jit`) the slicing is traced instead.
+  """
+  matrices = [n for n in sorted(shapes) if not n.endswith(("norm", "bias"))]
+  sizes = [int(np.prod(shapes[n])) for n in matrices]
+  flat = _INIT_STD * jax.random.normal(key, (max(sum(sizes), 1),), jnp.float32)
+  xp = jnp if isinstance(flat, jax.core.Tracer) else np
+  flat = flat if xp is jnp else np.asarray(flat)
+  out: dict[str, Array] = {}
+  offset = 0
+  for name, size in zip(matrices, sizes):
+    out[name] = jnp.asarray(xp.reshape(flat[offset : offset + size], shapes[name]), dtype)
+    offset += size
+  for name in shapes:
+    if name.endswith("norm"):
+      out[name] = jnp.asarray(np.ones(shapes[name]), dtype)
+    elif name.endswith("bias"):
+      out[name] = jnp.asarray(np.zeros(shapes[name]), dtype)
+  return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -277,12 +312,11 @@ class DecoderLayers(nnx.Module):
 
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
     self.config = config
-    shapes = _layer_shapes(config)
+    shapes = {n: (config.num_layers, *s) for n, s in _layer_shapes(config).items()}
     self.names = tuple(sorted(shapes))
+    values = _init_values(shapes, rngs.params(), config.param_dtype)
     for name in self.names:
-      shape = (config.num_layers, *shapes[name])
-      value = _init_value(name, shape, rngs.params(), config.param_dtype)
-      setattr(self, name, _param(value, LAYER_AXES[name]))
+      setattr(self, name, _param(values[name], LAYER_AXES[name]))
 
   def stacked(self) -> dict[str, Array]:
     """{name: [L, ...] array} of all layer parameters."""
@@ -307,13 +341,15 @@ class Transformer(nnx.Module):
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
     self.config = config
     c = config
-    embed = _init_value("embed", (c.vocab_size, c.hidden_size), rngs.params(), c.param_dtype)
-    self.embed = _param(embed, EMBED_AXES)
-    self.layers = DecoderLayers(config, rngs=rngs)
-    self.final_norm = _param(jnp.ones((c.hidden_size,), c.param_dtype), FINAL_NORM_AXES)
+    shapes = {"embed": (c.vocab_size, c.hidden_size), "final_norm": (c.hidden_size,)}
     if not c.tie_word_embeddings:
-      head = _init_value("lm_head", (c.vocab_size, c.hidden_size), rngs.params(), c.param_dtype)
-      self.lm_head = _param(head, LM_HEAD_AXES)
+      shapes["lm_head"] = (c.vocab_size, c.hidden_size)
+    values = _init_values(shapes, rngs.params(), c.param_dtype)
+    self.embed = _param(values["embed"], EMBED_AXES)
+    self.layers = DecoderLayers(config, rngs=rngs)
+    self.final_norm = _param(values["final_norm"], FINAL_NORM_AXES)
+    if not c.tie_word_embeddings:
+      self.lm_head = _param(values["lm_head"], LM_HEAD_AXES)
 
   @property
   def unembedding(self) -> Array:

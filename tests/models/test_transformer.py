@@ -1,0 +1,183 @@
+"""The NNX causal LM: scanned layers, padding, positions, remat, dtypes and sharded construction."""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from rljax.models.config import ModelConfig
+from rljax.models.transformer import Transformer, positions_from_mask
+from rljax.parallel.rules import MESH_AXES, logical_axis_rules
+
+CONFIG = ModelConfig(
+  vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+  num_kv_heads=2, head_dim=16, attention_bias=True, qk_norm=True,
+  rope_scaling={"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 8},
+)
+
+
+@pytest.fixture(scope="module")
+def model():
+  return Transformer(CONFIG, rngs=nnx.Rngs(0))
+
+
+@nnx.jit
+def _forward(m, ids, mask=None, positions=None):
+  return m(ids, mask, positions)
+
+
+def _ids(shape, seed=0):
+  return jax.random.randint(jax.random.key(seed), shape, 1, CONFIG.vocab_size)
+
+
+def _hlo_op_stats(num_layers: int) -> tuple[int, int, list[str]]:
+  config = CONFIG.replace(num_layers=num_layers)
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0))))
+  forward = jax.jit(lambda s, ids, m: nnx.merge(graphdef, s)(ids, m))
+  ids = jax.ShapeDtypeStruct((2, 8), jnp.int32)
+  text = forward.lower(state, ids, ids).as_text()
+  ops = re.findall(r"=\s*\"?(stablehlo\.[a-z_]+|func\.call|call)", text)
+  return text.count("stablehlo.while"), len(ops), sorted(ops)
+
+
+def test_hlo_structure_does_not_grow_with_depth():
+  whiles_2, count_2, ops_2 = _hlo_op_stats(2)
+  whiles_8, count_8, ops_8 = _hlo_op_stats(8)
+  assert whiles_2 == whiles_8 == 1
+  assert count_2 == count_8 and ops_2 == ops_8
+  assert count_2 > 50  # the regex really found the program's ops
+
+
+def test_logits_shape_dtype_and_hidden_unembedding_split(model):
+  ids = _ids((2, 6))
+  logits = model(ids)
+  assert logits.shape == (2, 6, CONFIG.vocab_size) and logits.dtype == jnp.float32
+  hidden = model.hidden_states(ids)
+  assert hidden.shape == (2, 6, CONFIG.hidden_size)
+  assert model.unembedding.shape == (CONFIG.vocab_size, CONFIG.hidden_size)
+  np.testing.assert_allclose(model.logits_from_hidden(hidden), logits, rtol=1e-6, atol=1e-6)
+  np.testing.assert_array_equal(model.unembedding, model.lm_head[...])
+
+
+def test_tied_unembedding_is_the_embedding_table():
+  tied = Transformer(CONFIG.replace(tie_word_embeddings=True), rngs=nnx.Rngs(1))
+  assert not hasattr(tied, "lm_head")
+  np.testing.assert_array_equal(tied.unembedding, tied.embed[...])
+
+
+def test_left_padding_matches_unpadded_row(model):
+  ids = np.asarray(_ids((1, 5)))
+  pad = 3
+  padded = np.concatenate([np.zeros((1, pad), ids.dtype), ids], axis=1)
+  mask = np.concatenate([np.zeros((1, pad), np.int32), np.ones((1, 5), np.int32)], axis=1)
+  with jax.default_matmul_precision("highest"):
+    ref = _forward(model, ids)
+    out = _forward(model, padded, mask)
+  np.testing.assert_allclose(out[:, pad:], ref, atol=1e-5, rtol=1e-5)
+  assert np.isfinite(np.asarray(out)).all()  # padded query rows are finite too
+  # Changing the pad tokens changes nothing at valid positions.
+  with jax.default_matmul_precision("highest"):
+    out2 = _forward(model, np.where(mask == 1, padded, 7), mask)
+  np.testing.assert_allclose(out2[:, pad:], out[:, pad:], atol=1e-6)
+
+
+def test_positions_default_and_explicit(model):
+  mask = jnp.array([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+  np.testing.assert_array_equal(positions_from_mask(mask), [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4]])
+  ids = _ids((2, 5))
+  np.testing.assert_array_equal(_forward(model, ids, mask), _forward(model, ids, mask, positions_from_mask(mask)))
+  shifted = _forward(model, ids, None, jnp.arange(5)[None].repeat(2, 0) + 3)
+  assert not np.allclose(shifted, _forward(model, ids))  # RoPE sees the positions
+
+
+def test_causal(model):
+  ids = np.asarray(_ids((1, 6)))
+  changed = ids.copy()
+  changed[0, 4] = (ids[0, 4] + 1) % CONFIG.vocab_size
+  a, b = _forward(model, ids), _forward(model, changed)
+  np.testing.assert_array_equal(a[:, :4], b[:, :4])
+  assert not np.allclose(a[:, 4:], b[:, 4:])
+
+
+def test_jit_matches_eager(model):
+  ids, mask = _ids((2, 6)), jnp.array([[0, 1, 1, 1, 1, 1]] * 2)
+  graphdef, state = nnx.split(model)
+  jitted = jax.jit(lambda s: nnx.merge(graphdef, s)(ids, mask))(state)
+  np.testing.assert_allclose(jitted, model(ids, mask), atol=1e-5, rtol=1e-5)
+
+
+def test_remat_same_values_and_gradients():
+  plain = Transformer(CONFIG, rngs=nnx.Rngs(3))
+  remat = Transformer(CONFIG.replace(remat=True), rngs=nnx.Rngs(3))
+  ids = _ids((2, 6))
+
+  def loss(m):
+    return jnp.mean(jax.nn.log_softmax(m(ids))[..., 0])
+
+  grad_fn = nnx.jit(nnx.value_and_grad(loss))
+  l1, g1 = grad_fn(plain)
+  l2, g2 = grad_fn(remat)
+  np.testing.assert_allclose(l1, l2, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(g1))
+
+
+def test_bfloat16_compute_is_finite_and_close(model):
+  bf16 = Transformer(CONFIG.replace(dtype=jnp.bfloat16), rngs=nnx.Rngs(0))
+  ids = _ids((2, 6))
+  out = _forward(bf16, ids)
+  assert out.dtype == jnp.float32 and np.isfinite(np.asarray(out)).all()
+  assert bf16.hidden_states(ids).dtype == jnp.bfloat16
+  np.testing.assert_allclose(out, _forward(model, ids), atol=5e-2)
+
+
+def test_bad_inputs(model):
+  with pytest.raises(ValueError, match="input_ids"):
+    model(jnp.zeros((6,), jnp.int32))
+  with pytest.raises(ValueError, match="attention_mask"):
+    model(jnp.zeros((2, 6), jnp.int32), jnp.ones((2, 5), jnp.int32))
+
+
+def test_constructs_without_mesh_on_one_device(model):
+  assert len(model.layers.q_proj[...].sharding.device_set) == 1
+
+
+def _mesh(shape):
+  return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
+
+
+@pytest.mark.parametrize(
+  "rules, shape, q_spec, embed_spec, q_shard",
+  [
+    ("data", (8, 1, 1), (None, None, None, None), (None, None), (2, 64, 4, 16)),
+    ("fsdp", (1, 8, 1), (None, "fsdp", None, None), (None, "fsdp"), (2, 8, 4, 16)),
+    ("fsdp_tp", (1, 4, 2), (None, "fsdp", "tensor", None), ("tensor", "fsdp"), (2, 16, 2, 16)),
+  ],
+)
+def test_constructs_sharded_under_mesh_and_rules(model, rules, shape, q_spec, embed_spec, q_shard):
+  mesh = _mesh(shape)
+  with jax.set_mesh(mesh), logical_axis_rules(rules):
+    sharded = Transformer(CONFIG, rngs=nnx.Rngs(0))
+  q = sharded.layers.q_proj[...]
+  assert tuple(q.sharding.spec) == q_spec
+  assert tuple(sharded.embed[...].sharding.spec) == embed_spec
+  assert len(q.sharding.device_set) == 8
+  assert {s.data.shape for s in q.addressable_shards} == {q_shard}
+  if rules == "data":
+    assert q.sharding.is_fully_replicated
+  else:
+    assert not q.sharding.is_fully_replicated
+  # Same initial values as the unsharded model, and the same forward pass under the mesh.
+  np.testing.assert_array_equal(q, model.layers.q_proj[...])
+  graphdef, state = nnx.split(sharded)
+  ids = _ids((8, 4))
+  with jax.set_mesh(mesh):
+    out = jax.jit(lambda s: nnx.merge(graphdef, s)(ids))(state)
+  np.testing.assert_allclose(out, _forward(model, ids), atol=1e-4, rtol=1e-4)
