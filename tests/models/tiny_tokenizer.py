@@ -1,0 +1,34 @@
+"""A tiny word-level tokenizer for tests: built with `tokenizers`, no downloads.
+
+Wrapped in `transformers.PreTrainedTokenizerFast` with bos/eos/pad/unk tokens and a chat template,
+so it saves and reloads like a real Hugging Face tokenizer (`AutoTokenizer.from_pretrained`).
+"""
+
+from __future__ import annotations
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+SPECIAL = ["<pad>", "<s>", "</s>", "<unk>"]
+WORDS = ["hello", "world", "what", "is", "2", "3", "5", "+", "?", "the", "answer", "user",
+         "assistant", "system", ":"]
+CHAT_TEMPLATE = (
+  "{{ bos_token }}{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} {{ eos_token }} "
+  "{% endfor %}{% if add_generation_prompt %}assistant : {% endif %}"
+)
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+  """A 19-token word-level tokenizer: ids 0..3 are <pad> <s> </s> <unk>, then `WORDS`."""
+  vocab = {token: i for i, token in enumerate(SPECIAL + WORDS)}
+  backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+  backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+  backend.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+  return PreTrainedTokenizerFast(
+    tokenizer_object=backend,
+    bos_token="<s>",
+    eos_token="</s>",
+    pad_token="<pad>",
+    unk_token="<unk>",
+    chat_template=CHAT_TEMPLATE,
+  )
