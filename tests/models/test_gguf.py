@@ -1,0 +1,375 @@
+"""GGUF import: tiny GGUF files written here with `gguf.GGUFWriter` (as llama.cpp writes them)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+gguf = pytest.importorskip("gguf")
+
+from safetensors.numpy import load_file  # noqa: E402
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers  # noqa: E402
+from transformers import AutoConfig, AutoTokenizer  # noqa: E402
+
+from rljax import cli  # noqa: E402
+from rljax.models import convert  # noqa: E402
+from rljax.models.config import ModelConfig  # noqa: E402
+from rljax.models.gguf import (  # noqa: E402
+  convert_gguf,
+  hf_tensor_name,
+  permute_qk,
+  unpermute_qk,
+)
+from rljax.models.gguf_tokenizer import hf_tokenizer_from_gguf  # noqa: E402
+from rljax.models.hf_weights import load_hf_state_dict  # noqa: E402
+from rljax.models.transformer import Transformer  # noqa: E402
+
+Q = gguf.GGMLQuantizationType
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+MERGES = ["Ġ t", "h e", "Ġt he", "i s", "Ġ a", "1 2"]
+ALPHABET = sorted(pre_tokenizers.ByteLevel.alphabet())  # independent of the code under test
+TOKENS = SPECIALS + ALPHABET + [m.replace(" ", "") for m in MERGES] + ["<think>"]
+TYPES = [3, 3, 3] + [1] * (len(TOKENS) - 4) + [4]
+TEMPLATE = (
+  "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+  "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+D, H, KV, DH, F, L = 32, 4, 2, 8, 64, 2
+V = len(TOKENS)
+
+
+def reference_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+  """llama.cpp's permutation by hand: row i + half of each head goes next to row i, at 2i + 1."""
+  head_dim = w.shape[0] // n_head
+  half = head_dim // 2
+  out = np.empty_like(w)
+  for h in range(n_head):
+    for i in range(half):
+      out[h * head_dim + 2 * i] = w[h * head_dim + i]
+      out[h * head_dim + 2 * i + 1] = w[h * head_dim + half + i]
+  return out
+
+
+def random_hf_tensors(arch: str, *, tied: bool, seed: int = 0) -> dict[str, np.ndarray]:
+  """HF-named random weights of a tiny model of `arch` ("llama", "qwen2", "qwen3")."""
+  rng = np.random.default_rng(seed)
+
+  def w(*shape):
+    return (0.5 * rng.standard_normal(shape)).astype(np.float32)
+
+  t = {"model.embed_tokens.weight": w(V, D), "model.norm.weight": 1 + w(D)}
+  if not tied:
+    t["lm_head.weight"] = w(V, D)
+  for i in range(L):
+    p = f"model.layers.{i}."
+    t[p + "input_layernorm.weight"] = 1 + w(D)
+    t[p + "post_attention_layernorm.weight"] = 1 + w(D)
+    t[p + "self_attn.q_proj.weight"] = w(H * DH, D)
+    t[p + "self_attn.k_proj.weight"] = w(KV * DH, D)
+    t[p + "self_attn.v_proj.weight"] = w(KV * DH, D)
+    t[p + "self_attn.o_proj.weight"] = w(D, H * DH)
+    t[p + "mlp.gate_proj.weight"] = w(F, D)
+    t[p + "mlp.up_proj.weight"] = w(F, D)
+    t[p + "mlp.down_proj.weight"] = w(D, F)
+    if arch == "qwen2":
+      t[p + "self_attn.q_proj.bias"] = w(H * DH)
+      t[p + "self_attn.k_proj.bias"] = w(KV * DH)
+      t[p + "self_attn.v_proj.bias"] = w(KV * DH)
+    if arch == "qwen3":
+      t[p + "self_attn.q_norm.weight"] = 1 + w(DH)
+      t[p + "self_attn.k_norm.weight"] = 1 + w(DH)
+  return t
+
+
+# HF name → GGUF name, written out by hand (the converter's table is the thing under test).
+HF_TO_GGUF = {
+  "model.embed_tokens.weight": "token_embd.weight",
+  "model.norm.weight": "output_norm.weight",
+  "lm_head.weight": "output.weight",
+  "input_layernorm.weight": "attn_norm.weight",
+  "post_attention_layernorm.weight": "ffn_norm.weight",
+  "self_attn.q_proj.weight": "attn_q.weight",
+  "self_attn.k_proj.weight": "attn_k.weight",
+  "self_attn.v_proj.weight": "attn_v.weight",
+  "self_attn.o_proj.weight": "attn_output.weight",
+  "self_attn.q_proj.bias": "attn_q.bias",
+  "self_attn.k_proj.bias": "attn_k.bias",
+  "self_attn.v_proj.bias": "attn_v.bias",
+  "self_attn.q_norm.weight": "attn_q_norm.weight",
+  "self_attn.k_norm.weight": "attn_k_norm.weight",
+  "mlp.gate_proj.weight": "ffn_gate.weight",
+  "mlp.up_proj.weight": "ffn_up.weight",
+  "mlp.down_proj.weight": "ffn_down.weight",
+}
+
+
+def gguf_name(hf: str) -> str:
+  if hf in HF_TO_GGUF:
+    return HF_TO_GGUF[hf]
+  _, _, layer, rest = hf.split(".", 3)
+  return f"blk.{layer}.{HF_TO_GGUF[rest]}"
+
+
+def write_gguf(path, tensors, *, arch="llama", qtype=Q.F32, pre="gpt2", drop=(), extra=None):
+  """Writes `tensors` (HF names) as llama.cpp would: GGUF names, Q/K permuted for llama."""
+  writer = gguf.GGUFWriter(str(path), arch)
+  writer.add_context_length(128)
+  writer.add_embedding_length(D)
+  writer.add_block_count(L)
+  writer.add_feed_forward_length(F)
+  writer.add_head_count(H)
+  writer.add_head_count_kv(KV)
+  writer.add_rope_dimension_count(DH)
+  writer.add_rope_freq_base(5000.0)
+  writer.add_layer_norm_rms_eps(1e-5)
+  writer.add_vocab_size(V)
+  writer.add_tokenizer_model("gpt2")
+  writer.add_tokenizer_pre(pre)
+  writer.add_token_list(TOKENS)
+  writer.add_token_merges(MERGES)
+  writer.add_token_types(TYPES)
+  writer.add_bos_token_id(1)
+  writer.add_eos_token_id(2)
+  writer.add_unk_token_id(0)
+  writer.add_pad_token_id(0)
+  writer.add_add_bos_token(True)
+  writer.add_chat_template(TEMPLATE)
+  items = dict(tensors, **(extra or {}))
+  for hf, value in items.items():
+    name = hf if hf.startswith("blk.") else gguf_name(hf)
+    if name in drop:
+      continue
+    if arch == "llama" and (".attn_q." in name or ".attn_k." in name):
+      value = reference_permute(value, H if ".attn_q." in name else KV)
+    if qtype != Q.F32 and value.ndim == 2:
+      writer.add_tensor(name, gguf.quants.quantize(value, qtype), raw_dtype=qtype)
+    else:
+      writer.add_tensor(name, value)
+  writer.write_header_to_file()
+  writer.write_kv_data_to_file()
+  writer.write_tensors_to_file()
+  writer.close()
+  return str(path)
+
+
+def rljax_logits(out_dir: str, tensors: dict[str, np.ndarray], ids: np.ndarray) -> np.ndarray:
+  model = Transformer(ModelConfig.from_hf(out_dir), rngs=nnx.Rngs(0))
+  load_hf_state_dict(model, tensors)
+  with jax.default_matmul_precision("highest"):
+    return np.asarray(model(jnp.asarray(ids)))
+
+
+IDS = np.array([[1, 5, 40, 77, 200, 3, 2]], np.int32)
+
+
+# ------------------------------------------------------------------------------------------------
+# Q/K permutation.
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n_head,shape", [(4, (32, 6)), (2, (16, 6)), (3, (18,)), (1, (4, 2))])
+def test_permute_matches_llama_cpp_and_unpermute_inverts_it(n_head, shape):
+  w = np.random.default_rng(1).standard_normal(shape)
+  np.testing.assert_array_equal(permute_qk(w, n_head), reference_permute(w, n_head))
+  np.testing.assert_array_equal(unpermute_qk(permute_qk(w, n_head), n_head), w)
+  np.testing.assert_array_equal(permute_qk(unpermute_qk(w, n_head), n_head), w)
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1))
+def test_unpermute_is_inverse_property(seed):
+  w = np.random.default_rng(seed).standard_normal((24, 5))
+  np.testing.assert_array_equal(unpermute_qk(permute_qk(w, 3), 3), w)
+  assert not np.array_equal(permute_qk(w, 3), w)  # the permutation really moves rows
+
+
+def test_permute_rejects_bad_rows():
+  with pytest.raises(ValueError, match="n_head"):
+    unpermute_qk(np.zeros((10, 2)), 3)
+
+
+def test_tensor_names():
+  assert hf_tensor_name("token_embd.weight") == "model.embed_tokens.weight"
+  assert hf_tensor_name("blk.7.ffn_down.weight") == "model.layers.7.mlp.down_proj.weight"
+  assert hf_tensor_name("blk.0.attn_output.weight") == "model.layers.0.self_attn.o_proj.weight"
+  with pytest.raises(ValueError, match="blk.0.weird.weight"):
+    hf_tensor_name("blk.0.weird.weight")
+
+
+# ------------------------------------------------------------------------------------------------
+# Weights and config round trip.
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch,tied", [("llama", False), ("qwen2", True), ("qwen3", True)])
+def test_f32_round_trip_is_exact_and_runs(tmp_path, arch, tied):
+  tensors = random_hf_tensors(arch, tied=tied)
+  path = write_gguf(tmp_path / "m.gguf", tensors, arch=arch)
+  out = convert_gguf(path, tmp_path / "hf")
+  loaded = load_file(os.path.join(out, "model.safetensors"))
+  assert sorted(loaded) == sorted(tensors)
+  for name, value in tensors.items():
+    np.testing.assert_array_equal(loaded[name], value, err_msg=name)
+  with open(os.path.join(out, "config.json")) as f:
+    config = json.load(f)
+  assert config["model_type"] == arch
+  assert config["architectures"] == [{"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3"}[arch]
+                                     + "ForCausalLM"]
+  expected = dict(vocab_size=V, hidden_size=D, intermediate_size=F, num_hidden_layers=L,
+                  num_attention_heads=H, num_key_value_heads=KV, head_dim=DH,
+                  max_position_embeddings=128, rope_theta=5000.0, tie_word_embeddings=tied,
+                  bos_token_id=1, eos_token_id=2, pad_token_id=0)
+  assert {k: config[k] for k in expected} == expected
+  assert config["rms_norm_eps"] == pytest.approx(1e-5)
+  hf_config = AutoConfig.from_pretrained(out)
+  assert hf_config.model_type == arch and hf_config.num_key_value_heads == KV
+  logits = rljax_logits(out, loaded, IDS)
+  np.testing.assert_allclose(logits, rljax_logits(out, tensors, IDS), rtol=0, atol=1e-6)
+  assert np.all(np.isfinite(logits)) and logits.shape == (1, IDS.shape[1], V)
+
+
+def test_q8_0_round_trip_within_quantisation_error(tmp_path):
+  tensors = random_hf_tensors("llama", tied=True, seed=3)
+  path = write_gguf(tmp_path / "m.gguf", tensors, qtype=Q.Q8_0)
+  loaded = load_file(os.path.join(convert_gguf(path, tmp_path / "hf"), "model.safetensors"))
+  for name, value in tensors.items():
+    if value.ndim == 1:
+      np.testing.assert_array_equal(loaded[name], value, err_msg=name)
+      continue
+    # Q8_0: blocks of 32 along rows, scale d = max|x| / 127 stored in fp16 (relative error
+    # <= 2**-11, times up to 127 steps), so the error is <= d / 2 + 127 * d * 2**-11 < 0.57 d.
+    blocks = np.abs(value).reshape(value.shape[0], -1, 32).max(-1, keepdims=True)
+    bound = np.broadcast_to(blocks / 127 * 0.57 + 1e-7, (*blocks.shape[:2], 32))
+    err = np.abs(loaded[name] - value).reshape(bound.shape)
+    assert np.all(err <= bound), name
+    assert np.max(err) > 0, name  # really quantised
+
+
+def test_bfloat16_output_and_cli(tmp_path):
+  tensors = random_hf_tensors("llama", tied=True)
+  path = write_gguf(tmp_path / "m.gguf", tensors)
+  assert cli.main(["convert", path, str(tmp_path / "bf16"), "--dtype", "bfloat16"]) == 0
+  assert convert.main([path, str(tmp_path / "f32")]) == 0
+  bf16 = load_file(str(tmp_path / "bf16" / "model.safetensors"))
+  f32 = load_file(str(tmp_path / "f32" / "model.safetensors"))
+  for name, value in tensors.items():
+    assert bf16[name].dtype.name == "bfloat16" and f32[name].dtype == np.float32
+    np.testing.assert_array_equal(f32[name], value)
+    np.testing.assert_allclose(bf16[name].astype(np.float32), value, rtol=2**-8, atol=0)
+  with open(tmp_path / "bf16" / "config.json") as f:
+    assert json.load(f)["dtype"] == "bfloat16"
+  with pytest.raises(SystemExit):
+    cli.main(["convert", path, str(tmp_path / "x"), "--dtype", "float16"])
+
+
+# ------------------------------------------------------------------------------------------------
+# Tokenizer.
+# ------------------------------------------------------------------------------------------------
+
+
+def reference_tokenizer() -> Tokenizer:
+  """Byte-level BPE built directly from the same vocab/merges (GPT-2's layout)."""
+  vocab = {t: i for i, t in enumerate(TOKENS)}
+  tok = Tokenizer(models.BPE(vocab, [tuple(m.split()) for m in MERGES]))
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIALS])
+  tok.add_tokens([AddedToken("<think>", normalized=False)])
+  return tok
+
+
+TEXTS = [
+  "is the thing a test",
+  "<|im_start|>user\nis the<|im_end|>\n",
+  "héllo wörld ✓ 12 345  tabs\tand\nnewlines",
+  "<think>is</think> the",
+]
+
+
+def test_tokenizer_matches_reference_bpe(tmp_path):
+  path = write_gguf(tmp_path / "m.gguf", random_hf_tensors("llama", tied=True))
+  tok = AutoTokenizer.from_pretrained(convert_gguf(path, tmp_path / "hf"))
+  ref = reference_tokenizer()
+  for text in TEXTS:
+    ids = tok(text)["input_ids"]
+    assert ids == [1] + ref.encode(text).ids, text  # add_bos_token=True in the file
+    assert tok.decode(ids[1:]) == text
+  assert tok.convert_ids_to_tokens(tok("is the")["input_ids"]) == ["<|im_start|>", "is", "Ġthe"]
+  assert (tok.bos_token, tok.eos_token, tok.unk_token, tok.pad_token) == (
+    "<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|endoftext|>")
+  assert tok.decode(tok("<|im_end|> a")["input_ids"], skip_special_tokens=True) == " a"
+  text = tok.apply_chat_template(
+    [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+  )
+  assert text == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+
+
+def _metadata(pre: str, **extra) -> dict:
+  return {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": pre,
+          "tokenizer.ggml.tokens": TOKENS, "tokenizer.ggml.merges": MERGES,
+          "tokenizer.ggml.token_type": TYPES, **extra}
+
+
+def test_smollm_pre_tokenizer_splits_digits():
+  gpt2 = hf_tokenizer_from_gguf(_metadata("gpt2"))
+  smollm = hf_tokenizer_from_gguf(_metadata("smollm"))
+  assert gpt2.convert_ids_to_tokens(gpt2("12")["input_ids"]) == ["12"]
+  assert smollm.convert_ids_to_tokens(smollm("12")["input_ids"]) == ["1", "2"]
+  assert smollm.convert_ids_to_tokens(smollm("is the")["input_ids"]) == ["is", "Ġthe"]
+
+
+def test_unknown_pre_tokenizer_warns():
+  with pytest.warns(UserWarning, match="mystery"):
+    hf_tokenizer_from_gguf(_metadata("mystery"))
+
+
+# ------------------------------------------------------------------------------------------------
+# Errors.
+# ------------------------------------------------------------------------------------------------
+
+
+def test_unknown_architecture(tmp_path):
+  path = write_gguf(tmp_path / "m.gguf", random_hf_tensors("llama", tied=True), arch="mamba")
+  with pytest.raises(ValueError, match="mamba"):
+    convert_gguf(path, tmp_path / "hf")
+
+
+def test_missing_tensor(tmp_path):
+  tensors = random_hf_tensors("llama", tied=True)
+  path = write_gguf(tmp_path / "m.gguf", tensors, drop=("blk.1.ffn_up.weight",))
+  with pytest.raises(ValueError, match=r"blk\.1\.ffn_up\.weight"):
+    convert_gguf(path, tmp_path / "hf")
+
+
+def test_unknown_tensor(tmp_path):
+  tensors = random_hf_tensors("llama", tied=True)
+  extra = {"blk.0.mystery.weight": np.ones(4, np.float32)}
+  path = write_gguf(tmp_path / "m.gguf", tensors, extra=extra)
+  with pytest.raises(ValueError, match=r"blk\.0\.mystery\.weight"):
+    convert_gguf(path, tmp_path / "hf")
+
+
+def test_wrong_shape(tmp_path):
+  tensors = random_hf_tensors("llama", tied=True)
+  tensors["model.layers.0.mlp.gate_proj.weight"] = np.zeros((F + 32, D), np.float32)
+  path = write_gguf(tmp_path / "m.gguf", tensors)
+  with pytest.raises(ValueError, match=r"blk\.0\.ffn_gate\.weight.*shape"):
+    convert_gguf(path, tmp_path / "hf")
+
+
+def test_bad_dtype_unsupported_tokenizer_and_missing_file(tmp_path):
+  path = write_gguf(tmp_path / "m.gguf", random_hf_tensors("llama", tied=True))
+  with pytest.raises(ValueError, match="dtype"):
+    convert_gguf(path, tmp_path / "hf", dtype="float16")
+  with pytest.raises(ValueError, match="'llama'"):
+    hf_tokenizer_from_gguf(_metadata("gpt2", **{"tokenizer.ggml.model": "llama"}))
+  with pytest.raises(FileNotFoundError, match="nope.gguf"):
+    convert_gguf(tmp_path / "nope.gguf", tmp_path / "hf")
