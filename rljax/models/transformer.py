@@ -409,3 +409,15 @@ class Transformer(nnx.Module):
   ) -> Array:
     """Logits [B, T, V] (float32); see `hidden_states` for the arguments."""
     return self.logits_from_hidden(self.hidden_states(input_ids, attention_mask, positions))
+
+  def init_cache(self, batch_size: int, max_length: int):
+    """An empty `KVCache` for `batch_size` rows and `max_length` slots (see rljax.models.kv_cache)."""
+    from rljax.models.kv_cache import init_kv_cache  # kv_cache builds on this module
+
+    return init_kv_cache(self.config, batch_size, max_length)
+
+  def forward_with_cache(self, input_ids, cache, index, attention_mask=None, positions=None):
+    """(logits [B, T, V] of new tokens at slots index.., updated cache); see `forward_with_cache`."""
+    from rljax.models.kv_cache import forward_with_cache
+
+    return forward_with_cache(self, input_ids, cache, index, attention_mask, positions)

@@ -1,0 +1,293 @@
+"""`generate`: jitted prefill + `lax.while_loop` decode over a static-shape KV cache.
+
+One compiled program per (model structure, input shapes, options): the hyper-parameters are
+static, the parameters, prompts, masks and key are traced, and the jitted function is defined
+once at module level, so calling `generate` again with the same shapes and options never
+recompiles.
+"""
+
+from __future__ import annotations
+
+import functools
+import numbers
+from typing import Any, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from rljax.models.kv_cache import KVCache, hidden_states_with_cache, init_kv_cache
+from rljax.models.transformer import Transformer
+from rljax.rollout.sampling import check_sampling_options, sample_next_token
+
+Array = jax.Array
+
+
+class Rollout(NamedTuple):
+  """Sampled completions (a pytree). B = num_prompts * num_samples, P prompt length, N new tokens.
+
+  Attributes:
+    tokens: [B, P+N] int32: the (left-padded) prompt, then the completion; after a row's stop
+      token (and after an early exit of the loop) the completion is `pad_id`.
+    prompt_mask: [B, P] bool, the prompt mask repeated like the rows.
+    completion_mask: [B, N] bool, `t < lengths` (built from lengths, never from the token ids, so
+      pad_id may equal the EOS id; the stop token itself is inside the mask).
+    logprobs: [B, N] float32, log_softmax(logits / temperature) of each sampled token without
+      top-k/top-p truncation (temperature 1 when greedy); 0 outside `completion_mask`.
+    lengths: [B] int32, completion lengths including the stop token, in [1, N].
+    finished: [B] bool, True when the row emitted a stop token; False = truncated at N.
+  """
+
+  tokens: Array
+  prompt_mask: Array
+  completion_mask: Array
+  logprobs: Array
+  lengths: Array
+  finished: Array
+
+  @property
+  def attention_mask(self) -> Array:
+    """[B, P+N] bool: the prompt mask then the completion mask (input mask for a trainer)."""
+    return jnp.concatenate([self.prompt_mask, self.completion_mask], axis=1)
+
+
+class _Options(NamedTuple):
+  """Static (hashable) hyper-parameters of one compiled program."""
+
+  max_new_tokens: int
+  temperature: float
+  top_k: int | None
+  top_p: float | None
+  stop_tokens: tuple[int, ...]
+  pad_id: int
+  num_samples: int
+
+
+class _StaticGraph:
+  """A GraphDef usable as a static jit argument (GraphDefs holding dicts are not hashable)."""
+
+  def __init__(self, graphdef: Any):
+    self.graphdef = graphdef
+    try:
+      self._hash = hash(graphdef)
+    except TypeError:
+      self._hash = hash(repr(graphdef))
+
+  def __hash__(self) -> int:
+    return self._hash
+
+  def __eq__(self, other: object) -> bool:
+    return isinstance(other, _StaticGraph) and self.graphdef == other.graphdef
+
+
+class _DecodeState(NamedTuple):
+  step: Array  # index of the next completion token to sample
+  cache: KVCache
+  tokens: Array  # [B, N]
+  logprobs: Array  # [B, N]
+  lengths: Array  # [B]
+  finished: Array  # [B]
+
+
+def _is_stop(tokens: Array, stop_tokens: tuple[int, ...]) -> Array:
+  if not stop_tokens:
+    return jnp.zeros(tokens.shape, bool)
+  return jnp.isin(tokens, jnp.asarray(stop_tokens, jnp.int32))
+
+
+def _sample(logits: Array, key: Array, step: Array | int, o: _Options) -> tuple[Array, Array]:
+  return sample_next_token(
+    logits, jax.random.fold_in(key, step), temperature=o.temperature, top_k=o.top_k, top_p=o.top_p
+  )
+
+
+def _decode_step(model: Transformer, key: Array, prompt_len: int, o: _Options):
+  """The while-loop body: feed the previous token through the cache, sample the next one."""
+
+  def body(s: _DecodeState) -> _DecodeState:
+    previous = jax.lax.dynamic_index_in_dim(s.tokens, s.step - 1, axis=1)  # [B, 1]
+    hidden, cache = hidden_states_with_cache(model, previous, s.cache, prompt_len + s.step - 1)
+    logits = model.logits_from_hidden(hidden)[:, 0]
+    token, logp = _sample(logits, key, s.step, o)
+    done = s.finished
+    token = jnp.where(done, o.pad_id, token)
+    logp = jnp.where(done, 0.0, logp)
+    return _DecodeState(
+      step=s.step + 1,
+      cache=cache,
+      tokens=jax.lax.dynamic_update_index_in_dim(s.tokens, token, s.step, axis=1),
+      logprobs=jax.lax.dynamic_update_index_in_dim(s.logprobs, logp, s.step, axis=1),
+      lengths=s.lengths + (~done).astype(jnp.int32),
+      finished=done | _is_stop(token, o.stop_tokens),
+    )
+
+  return body
+
+
+def _generate_traced(
+  model: Transformer, prompt_tokens: Array, prompt_mask: Array, key: Array, o: _Options
+) -> Rollout:
+  if not isinstance(model, Transformer):
+    raise ValueError(f"`model` must be a rljax Transformer; got {type(model).__name__}.")
+  b, p = prompt_tokens.shape
+  n, steps = o.num_samples, o.max_new_tokens
+  # Prefill once per prompt, then repeat the cache for the samples (rows i*n .. i*n+n-1).
+  cache = init_kv_cache(model.config, b, p + steps)
+  hidden, cache = hidden_states_with_cache(model, prompt_tokens, cache, 0, prompt_mask)
+  logits = jnp.repeat(model.logits_from_hidden(hidden[:, -1:])[:, 0], n, axis=0)
+  cache = cache.repeat(n)
+  token, logp = _sample(logits, key, 0, o)
+  rows = b * n
+  state = _DecodeState(
+    step=jnp.asarray(1, jnp.int32),
+    cache=cache,
+    tokens=jnp.full((rows, steps), o.pad_id, jnp.int32).at[:, 0].set(token),
+    logprobs=jnp.zeros((rows, steps), logp.dtype).at[:, 0].set(logp),
+    lengths=jnp.ones((rows,), jnp.int32),
+    finished=_is_stop(token, o.stop_tokens),
+  )
+  state = jax.lax.while_loop(
+    lambda s: (s.step < steps) & ~jnp.all(s.finished), _decode_step(model, key, p, o), state
+  )
+  prompt_tokens = jnp.repeat(prompt_tokens, n, axis=0)
+  completion_mask = jnp.arange(steps)[None, :] < state.lengths[:, None]
+  return Rollout(
+    tokens=jnp.concatenate([prompt_tokens, state.tokens], axis=1),
+    prompt_mask=jnp.repeat(prompt_mask, n, axis=0),
+    completion_mask=completion_mask,
+    logprobs=jnp.where(completion_mask, state.logprobs, 0.0),
+    lengths=state.lengths,
+    finished=state.finished,
+  )
+
+
+@functools.partial(jax.jit, static_argnums=(0, 5))
+def _generate_jit(
+  graph: _StaticGraph, state: Any, prompt_tokens: Array, prompt_mask: Array, key: Array, o: _Options
+) -> Rollout:
+  return _generate_traced(nnx.merge(graph.graphdef, state), prompt_tokens, prompt_mask, key, o)
+
+
+def _split_model(model: Any) -> tuple[Any, Any]:
+  if isinstance(model, nnx.Module):
+    return nnx.split(model)
+  if isinstance(model, (tuple, list)) and len(model) == 2 and isinstance(model[0], nnx.GraphDef):
+    return model[0], model[1]
+  raise ValueError(
+    f"`model` must be an NNX module or a (graphdef, state) pair; got {type(model).__name__}."
+  )
+
+
+def _stop_tuple(stop_tokens: int | Sequence[int]) -> tuple[int, ...]:
+  values = (stop_tokens,) if isinstance(stop_tokens, numbers.Integral) else tuple(stop_tokens)
+  valid = (isinstance(t, numbers.Integral) and not isinstance(t, bool) and t >= 0 for t in values)
+  if not all(valid):
+    raise ValueError(
+      f"`stop_tokens` must be an int or a sequence of ints >= 0; got {stop_tokens!r}."
+    )
+  return tuple(int(t) for t in values)
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+  if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    raise ValueError(f"`{name}` must be an int >= {minimum}; got {value!r}.")
+
+
+def _check_prompts(prompt_tokens: Any, prompt_mask: Any) -> tuple[Array, Array]:
+  tokens, mask = jnp.asarray(prompt_tokens), jnp.asarray(prompt_mask)
+  if tokens.ndim != 2 or tokens.shape[1] < 1:
+    raise ValueError(f"`prompt_tokens` must be [B, P] with P >= 1; got shape {tokens.shape}.")
+  if not jnp.issubdtype(tokens.dtype, jnp.integer):
+    raise ValueError(f"`prompt_tokens` must be an integer array; got dtype {tokens.dtype}.")
+  if mask.shape != tokens.shape:
+    raise ValueError(
+      f"`prompt_mask` has shape {mask.shape} but `prompt_tokens` has shape {tokens.shape}."
+    )
+  return tokens.astype(jnp.int32), mask.astype(bool)
+
+
+def _check_key(key: Any) -> None:
+  typed = isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+  raw = jnp.shape(key) == (2,) and jnp.result_type(key) == jnp.uint32
+  if not (typed and key.ndim == 0) and not raw:
+    raise ValueError(
+      "`key` must be one PRNG key (jax.random.key(seed) or jax.random.PRNGKey(seed)); got "
+      f"shape {jnp.shape(key)} dtype {jnp.result_type(key)}."
+    )
+
+
+def generate(
+  model: Any,
+  prompt_tokens: Array,
+  prompt_mask: Array,
+  key: Array,
+  *,
+  max_new_tokens: int,
+  temperature: float = 1.0,
+  top_k: int | None = None,
+  top_p: float | None = None,
+  stop_tokens: int | Sequence[int],
+  pad_id: int,
+  num_samples: int = 1,
+) -> Rollout:
+  """Samples `num_samples` completions of each left-padded prompt with a KV cache.
+
+  Prefill runs the prompts once (positions from `prompt_mask`, padded slots never attended to),
+  the cache (P + max_new_tokens slots) is repeated `num_samples` times, then a
+  `lax.while_loop` decodes one token per step for all rows. Step t draws
+    token ~ softmax(logits / temperature) restricted by top_k / top_p   (argmax if temperature 0)
+  with key `fold_in(key, t)`, and records logp = log_softmax(logits / temperature)[token]
+  (untruncated; temperature 1 when greedy), which equals
+  `token_logprobs(model(rollout.tokens, rollout.attention_mask)[:, P-1:-1], completion,
+  temperature=T)` — the log-probs a trainer recomputes (verl / TRL convention). A row that emits
+  one of `stop_tokens` is finished: it then emits `pad_id` with log-prob 0; the loop exits as
+  soon as every row is finished.
+
+  Args:
+    model: a `rljax.models.transformer.Transformer`, or its `(graphdef, state)` pair from
+      `nnx.split` (e.g. with re-sharded parameters).
+    prompt_tokens: [B0, P] int token ids, left-padded to a common length P.
+    prompt_mask: [B0, P] bool/0-1, 1 marks a real prompt token. Every row needs at least one
+      (an all-padding row gives finite but meaningless samples).
+    key: a PRNG key; the result is a deterministic function of it.
+    max_new_tokens: N >= 1 (static).
+    temperature: >= 0 (static), default 1.0; 0 is greedy decoding.
+    top_k: None or an int >= 1 (static): sample among the k most likely tokens.
+    top_p: None or a float in (0, 1] (static): sample from the smallest set of most likely
+      tokens (after top-k) whose probability reaches top_p; the top token is always kept.
+    stop_tokens: an id or a sequence of ids (e.g. EOS and end-of-turn); may be empty.
+    pad_id: the id written after a row's stop token; it may equal a stop token (masks come from
+      lengths).
+    num_samples: completions per prompt (static), default 1; those of prompt i are the
+      contiguous rows i * num_samples + j.
+
+  Returns:
+    A `Rollout` with B = B0 * num_samples rows (see its fields).
+
+  Raises:
+    ValueError: a bad argument (named in the message): shapes, dtypes, option ranges, model.
+
+  Example:
+    >>> out = generate(model, prompts, prompt_mask, jax.random.key(0), max_new_tokens=64,
+    ...                temperature=0.7, top_p=0.95, stop_tokens=[eos_id], pad_id=eos_id,
+    ...                num_samples=4)
+    >>> logits = model(out.tokens, out.attention_mask)[:, P - 1 : -1]
+    >>> logp = token_logprobs(logits, out.tokens[:, P:], temperature=0.7)  # == out.logprobs
+  """
+  graphdef, state = _split_model(model)
+  tokens, mask = _check_prompts(prompt_tokens, prompt_mask)
+  _check_key(key)
+  _check_int("max_new_tokens", max_new_tokens, 1)
+  _check_int("num_samples", num_samples, 1)
+  _check_int("pad_id", pad_id, 0)
+  check_sampling_options(temperature=temperature, top_k=top_k, top_p=top_p)
+  options = _Options(
+    max_new_tokens=max_new_tokens,
+    temperature=float(temperature),
+    top_k=top_k,
+    top_p=None if top_p is None else float(top_p),
+    stop_tokens=_stop_tuple(stop_tokens),
+    pad_id=pad_id,
+    num_samples=num_samples,
+  )
+  return _generate_jit(_StaticGraph(graphdef), state, tokens, mask, key, options)

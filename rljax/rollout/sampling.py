@@ -1,0 +1,104 @@
+"""Choosing the next token from logits: greedy, temperature, top-k and top-p (nucleus) sampling.
+
+The log-prob reported for a sampled token is always the *untruncated* one,
+log_softmax(logits / temperature)[token] (temperature 1 when greedy), computed by
+`rljax.ops.logprobs.token_logprobs` in float32: the quantity a trainer recomputes with
+`token_logprobs(model(tokens), tokens, temperature=T)`, as in verl and TRL. Top-k / top-p only
+restrict which token may be drawn.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from rljax.ops.logprobs import token_logprobs
+
+Array = jax.Array
+
+
+def check_sampling_options(
+  *, temperature: float, top_k: int | None, top_p: float | None
+) -> None:
+  """Raises `ValueError` naming the option unless temperature >= 0, top_k >= 1, 0 < top_p <= 1."""
+  if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
+    temperature >= 0
+  ):
+    raise ValueError(f"`temperature` must be a number >= 0; got {temperature!r}.")
+  if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+    raise ValueError(f"`top_k` must be None or an int >= 1; got {top_k!r}.")
+  if top_p is not None and (
+    isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1
+  ):
+    raise ValueError(f"`top_p` must be None or a number in (0, 1]; got {top_p!r}.")
+
+
+def top_p_keep(sorted_logits: Array, top_p: float) -> Array:
+  """Nucleus of logits sorted in decreasing order: the smallest prefix with cumulative prob >= p.
+
+  Token i (in sorted order) is kept iff the probability mass strictly before it is < top_p, so
+  the most likely token is always kept and the kept set is the smallest whose mass reaches
+  top_p (Holtzman et al. 2020; the convention of transformers' `TopPLogitsWarper`, which
+  applies top-p after top-k on the renormalised top-k distribution, as here).
+
+  Args:
+    sorted_logits: [..., K] logits (already divided by the temperature) in decreasing order.
+    top_p: in (0, 1].
+
+  Returns:
+    [..., K] bool.
+  """
+  probs = jax.nn.softmax(sorted_logits.astype(jnp.float32), axis=-1)
+  mass_before = jnp.cumsum(probs, axis=-1) - probs
+  keep = mass_before < top_p
+  return keep.at[..., 0].set(True)
+
+
+def sample_next_token(
+  logits: Array,
+  key: Array,
+  *,
+  temperature: float = 1.0,
+  top_k: int | None = None,
+  top_p: float | None = None,
+) -> tuple[Array, Array]:
+  """Samples one token per row and returns it with its untruncated log-prob.
+
+    temperature == 0:  token = argmax(logits),  logp = log_softmax(logits)[token]
+    temperature  > 0:  z = logits / temperature
+                       token ~ softmax(z restricted to top-k, then to the top-p nucleus)
+                       logp  = log_softmax(z)[token]          (no truncation)
+
+  Args:
+    logits: [B, V] next-token logits (any float dtype; computed in at least float32).
+    key: a PRNG key (unused when greedy).
+    temperature: >= 0; 0 means greedy. Default 1.0.
+    top_k: None (off) or keep the k most likely tokens (exactly k: ties at the k-th value are
+      broken by index, as `jax.lax.top_k`). A k >= V is off.
+    top_p: None (off) or keep the smallest set of most likely tokens whose probability reaches
+      top_p (see `top_p_keep`); 1.0 is off.
+
+  Returns:
+    (tokens [B] int32, logprobs [B] float32 — float64 for float64 logits).
+
+  Example:
+    >>> tok, logp = sample_next_token(logits[:, -1], key, temperature=0.7, top_p=0.9)
+  """
+  check_sampling_options(temperature=temperature, top_k=top_k, top_p=top_p)
+  vocab = logits.shape[-1]
+  if temperature == 0:
+    tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return tokens, token_logprobs(logits[:, None, :], tokens[:, None])[:, 0]
+  z = logits.astype(jnp.promote_types(logits.dtype, jnp.float32)) / temperature
+  k = vocab if top_k is None else min(top_k, vocab)
+  nucleus = top_p is not None and top_p < 1.0
+  if k < vocab or nucleus:
+    values, indices = jax.lax.top_k(z, k)  # decreasing order
+    if nucleus:
+      values = jnp.where(top_p_keep(values, top_p), values, -jnp.inf)
+    choice = jax.random.categorical(key, values, axis=-1)
+    tokens = jnp.take_along_axis(indices, choice[:, None], axis=-1)[:, 0]
+  else:
+    tokens = jax.random.categorical(key, z, axis=-1)
+  tokens = tokens.astype(jnp.int32)
+  return tokens, token_logprobs(logits[:, None, :], tokens[:, None], temperature=temperature)[:, 0]
