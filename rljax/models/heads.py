@@ -29,37 +29,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import NamedSharding
 
 from rljax.models.config import ModelConfig
-from rljax.models.transformer import Transformer
-from rljax.parallel.rules import current_rules, logical_to_mesh_spec
+from rljax.models.transformer import Transformer, logical_param
 
 Array = jax.Array
 
 HEAD_WEIGHT_AXES = ("embed",)
 HEAD_BIAS_AXES: tuple[str, ...] = ()
-
-
-def _placed_param(value: Array, axes: tuple[str, ...]) -> nnx.Param:
-  """An `nnx.Param` with logical `axes`, sharded when a mesh and logical axis rules are set.
-
-  Same placement as the transformer's parameters: `device_put` of a concrete value on the
-  current mesh, a sharding constraint under a trace, unchanged with no mesh or no rules.
-  """
-  rules = current_rules()
-  abstract_mesh = jax.sharding.get_abstract_mesh()
-  if not abstract_mesh.empty and rules:
-    spec = logical_to_mesh_spec(axes, rules, abstract_mesh)
-    try:
-      mesh = jax.sharding.get_mesh()
-    except ValueError:
-      mesh = None
-    if mesh is None or mesh.empty or isinstance(value, jax.core.Tracer):
-      value = jax.lax.with_sharding_constraint(value, NamedSharding(abstract_mesh, spec))
-    else:
-      value = jax.device_put(value, NamedSharding(mesh, spec))
-  return nnx.Param(value, out_sharding=axes, eager_sharding=False)
 
 
 def _backbone_config(config: ModelConfig) -> ModelConfig:
@@ -102,8 +79,8 @@ class _ScalarHeadModel(nnx.Module):
     if std < 0:
       raise ValueError(f"head_std must be >= 0, got {head_std}")
     weight = std * jax.random.normal(rngs.params(), (config.hidden_size,), jnp.float32)
-    self.head_weight = _placed_param(weight.astype(config.param_dtype), HEAD_WEIGHT_AXES)
-    self.head_bias = _placed_param(jnp.zeros((), config.param_dtype), HEAD_BIAS_AXES)
+    self.head_weight = logical_param(weight.astype(config.param_dtype), HEAD_WEIGHT_AXES)
+    self.head_bias = logical_param(jnp.zeros((), config.param_dtype), HEAD_BIAS_AXES)
 
   @classmethod
   def from_policy(

@@ -25,11 +25,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from flax.core import spmd as core_spmd
-from jax.sharding import NamedSharding
 
 from rljax.models.config import ModelConfig
-from rljax.parallel.rules import logical_to_mesh_spec
+from rljax.parallel.rules import place_by_logical_axes
 
 Array = jax.Array
 
@@ -61,30 +59,10 @@ LAYER_AXES: dict[str, tuple[str, ...]] = {
 _INIT_STD = 0.02  # transformers' default `initializer_range`.
 
 
-def _place(value: Array, axes: tuple[str, ...]) -> Array:
-  """Shards `value` by its logical `axes` when a mesh is set and logical axis rules are installed.
-
-  With no mesh (or no rules) the value is returned as is. Concrete values are `device_put`
-  (no compilation per parameter); traced ones (`nnx.eval_shape`, `jax.jit` init) get a
-  sharding constraint. Mesh axes named by the rules but absent from the mesh are dropped.
-  """
-  rules = tuple(core_spmd.get_logical_axis_rules())
-  abstract_mesh = jax.sharding.get_abstract_mesh()
-  if abstract_mesh.empty or not rules:
-    return value
-  spec = logical_to_mesh_spec(axes, rules, abstract_mesh)
-  try:
-    concrete_mesh = jax.sharding.get_mesh()  # raises under a JAX transformation
-  except ValueError:
-    concrete_mesh = None
-  if concrete_mesh is None or concrete_mesh.empty or isinstance(value, jax.core.Tracer):
-    return jax.lax.with_sharding_constraint(value, NamedSharding(abstract_mesh, spec))
-  return jax.device_put(value, NamedSharding(concrete_mesh, spec))
-
-
-def _param(value: Array, axes: tuple[str, ...]) -> nnx.Param:
-  """An `nnx.Param` carrying its logical axis names (`out_sharding` metadata), placed by `_place`."""
-  return nnx.Param(_place(value, axes), out_sharding=axes, eager_sharding=False)
+def logical_param(value: Array, axes: tuple[str, ...]) -> nnx.Param:
+  """An `nnx.Param` carrying its logical axis names (`out_sharding` metadata), placed on the
+  current mesh by `rljax.parallel.rules.place_by_logical_axes` (unchanged with no mesh/rules)."""
+  return nnx.Param(place_by_logical_axes(value, axes), out_sharding=axes, eager_sharding=False)
 
 
 def _layer_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -316,7 +294,7 @@ class DecoderLayers(nnx.Module):
     self.names = tuple(sorted(shapes))
     values = _init_values(shapes, rngs.params(), config.param_dtype)
     for name in self.names:
-      setattr(self, name, _param(values[name], LAYER_AXES[name]))
+      setattr(self, name, logical_param(values[name], LAYER_AXES[name]))
 
   def stacked(self) -> dict[str, Array]:
     """{name: [L, ...] array} of all layer parameters."""
@@ -345,11 +323,11 @@ class Transformer(nnx.Module):
     if not c.tie_word_embeddings:
       shapes["lm_head"] = (c.vocab_size, c.hidden_size)
     values = _init_values(shapes, rngs.params(), c.param_dtype)
-    self.embed = _param(values["embed"], EMBED_AXES)
+    self.embed = logical_param(values["embed"], EMBED_AXES)
     self.layers = DecoderLayers(config, rngs=rngs)
-    self.final_norm = _param(values["final_norm"], FINAL_NORM_AXES)
+    self.final_norm = logical_param(values["final_norm"], FINAL_NORM_AXES)
     if not c.tie_word_embeddings:
-      self.lm_head = _param(values["lm_head"], LM_HEAD_AXES)
+      self.lm_head = logical_param(values["lm_head"], LM_HEAD_AXES)
 
   @property
   def unembedding(self) -> Array:

@@ -12,6 +12,7 @@ from rljax.parallel.rules import (
   logical_to_mesh_spec,
   mesh_and_rules,
   named_shardings,
+  place_by_logical_axes,
   shard_state,
 )
 
@@ -27,5 +28,6 @@ __all__ = [
   "logical_to_mesh_spec",
   "mesh_and_rules",
   "named_shardings",
+  "place_by_logical_axes",
   "shard_state",
 ]

@@ -132,6 +132,27 @@ def current_rules() -> Rules:
   return tuple(core_spmd.get_logical_axis_rules())
 
 
+def place_by_logical_axes(value, axes: Sequence[str | None]):
+  """Shards `value` by its logical `axes` when a mesh is set and logical axis rules are installed.
+
+  With no mesh (or no rules) the value is returned as is. Concrete values are `device_put`
+  (no compilation per parameter); traced ones (`nnx.eval_shape`, `jax.jit` init) get a
+  sharding constraint. Mesh axes named by the rules but absent from the mesh are dropped.
+  """
+  rules = current_rules()
+  abstract_mesh = jax.sharding.get_abstract_mesh()
+  if abstract_mesh.empty or not rules:
+    return value
+  spec = logical_to_mesh_spec(tuple(axes), rules, abstract_mesh)
+  try:
+    concrete_mesh = jax.sharding.get_mesh()  # raises under a JAX transformation
+  except ValueError:
+    concrete_mesh = None
+  if concrete_mesh is None or concrete_mesh.empty or isinstance(value, jax.core.Tracer):
+    return jax.lax.with_sharding_constraint(value, NamedSharding(abstract_mesh, spec))
+  return jax.device_put(value, NamedSharding(concrete_mesh, spec))
+
+
 def _as_tuple(axes: MeshAxes) -> tuple[str, ...]:
   if axes is None:
     return ()
