@@ -29,6 +29,14 @@ def _dtype_name(dtype: Any) -> str:
   return jnp.dtype(dtype).name
 
 
+def _freeze(value: Any) -> Any:
+  if isinstance(value, dict):
+    return tuple(sorted((k, _freeze(v)) for k, v in value.items()))
+  if isinstance(value, list):
+    return tuple(_freeze(v) for v in value)
+  return value
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """Hyper-parameters of a Llama-family decoder-only causal LM.
@@ -85,6 +93,11 @@ class ModelConfig:
   bos_token_id: int | list[int] | None = None
   eos_token_id: int | list[int] | None = None
   pad_token_id: int | None = None
+
+  def __hash__(self) -> int:
+    """Hashable despite dict / list fields, so a config (and a GraphDef holding it) can be a
+    static `jax.jit` argument."""
+    return hash(tuple(_freeze(getattr(self, f.name)) for f in dataclasses.fields(self)))
 
   def __post_init__(self) -> None:
     if self.num_kv_heads is None:

@@ -63,23 +63,6 @@ class _Options(NamedTuple):
   num_samples: int
 
 
-class _StaticGraph:
-  """A GraphDef usable as a static jit argument (GraphDefs holding dicts are not hashable)."""
-
-  def __init__(self, graphdef: Any):
-    self.graphdef = graphdef
-    try:
-      self._hash = hash(graphdef)
-    except TypeError:
-      self._hash = hash(repr(graphdef))
-
-  def __hash__(self) -> int:
-    return self._hash
-
-  def __eq__(self, other: object) -> bool:
-    return isinstance(other, _StaticGraph) and self.graphdef == other.graphdef
-
-
 class _DecodeState(NamedTuple):
   step: Array  # index of the next completion token to sample
   cache: KVCache
@@ -163,9 +146,9 @@ def _generate_traced(
 
 @functools.partial(jax.jit, static_argnums=(0, 5))
 def _generate_jit(
-  graph: _StaticGraph, state: Any, prompt_tokens: Array, prompt_mask: Array, key: Array, o: _Options
+  graphdef: Any, state: Any, prompt_tokens: Array, prompt_mask: Array, key: Array, o: _Options
 ) -> Rollout:
-  return _generate_traced(nnx.merge(graph.graphdef, state), prompt_tokens, prompt_mask, key, o)
+  return _generate_traced(nnx.merge(graphdef, state), prompt_tokens, prompt_mask, key, o)
 
 
 def _split_model(model: Any) -> tuple[Any, Any]:
@@ -290,4 +273,4 @@ def generate(
     pad_id=pad_id,
     num_samples=num_samples,
   )
-  return _generate_jit(_StaticGraph(graphdef), state, tokens, mask, key, options)
+  return _generate_jit(graphdef, state, tokens, mask, key, options)
