@@ -23,6 +23,7 @@ def test_readme_table_lists_every_public_function():
 
 def test_readme_python_examples_run():
   blocks = re.findall(r"```python\n(.*?)```", README, flags=re.S)
-  assert blocks
-  for block in blocks:
+  runnable = [b for b in blocks if not b.startswith("# Needs the converted SmolLM2")]
+  assert len(runnable) >= 2
+  for block in runnable:
     exec(compile(block, "README.md", "exec"), {})
