@@ -292,7 +292,11 @@ def save_pretrained(
   bit for bit, so load → save → load is exact.
 
   Sharded parameters are gathered to host memory tensor by tensor (`np.asarray` of a fully
-  addressable array); multi-host (not fully addressable) parameters are refused for now.
+  addressable array). Parameters sharded across processes (multi-host) are gathered with
+  `jax.experimental.multihost_utils.process_allgather`, one tensor at a time, on every process
+  (a collective: every process must call `save_pretrained`); process 0 alone writes the files
+  (on a path it can reach, e.g. a shared file system), and all processes wait for it before
+  returning. Each host needs host memory for the whole model.
 
   Args:
     model: an `rljax.models.transformer.Transformer`.
@@ -301,27 +305,66 @@ def save_pretrained(
     max_shard_size: bytes per safetensors file, an int or a string ("5GB", "500MiB").
 
   Returns:
-    The names of the weight files written.
+    The names of the weight files written (the same list on every process).
   """
   max_bytes = parse_size(max_shard_size)
-  for var_path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-    value = var.get_value()
+  multihost = _spans_processes(model)
+  if multihost:
+    model = _gathered_on_every_process(model)
+  files = _write_pretrained(
+    model, tokenizer, path, max_bytes, write=not multihost or jax.process_index() == 0
+  )
+  if multihost:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices("rljax.models.io.save_pretrained")
+  return files
+
+
+def _spans_processes(model: Transformer) -> bool:
+  """True when some parameter has shards on devices of other processes."""
+  return any(
+    isinstance(var.get_value(), jax.Array) and not var.get_value().is_fully_addressable
+    for _, var in nnx.to_flat_state(nnx.state(model, nnx.Param))
+  )
+
+
+def _gathered_on_every_process(model: Transformer) -> Transformer:
+  """A copy of `model` whose parameters are full host (numpy) arrays, gathered tensor by tensor."""
+  from jax.experimental import multihost_utils
+
+  def gather(value: Any) -> Any:
     if isinstance(value, jax.Array) and not value.is_fully_addressable:
-      raise ValueError(
-        f"parameter {'.'.join(map(str, var_path))} is not fully addressable (multi-host); "
-        "save_pretrained gathers on one host only"
-      )
+      return np.asarray(multihost_utils.process_allgather(value, tiled=True))
+    return value
+
+  graphdef, state = nnx.split(model)
+  return nnx.merge(graphdef, jax.tree.map(gather, state))  # new variables: `model` is untouched
+
+
+def _weight_file_names(num_shards: int) -> list[str]:
+  if num_shards == 1:
+    return [SINGLE_FILE]
+  return [f"model-{i + 1:05d}-of-{num_shards:05d}.safetensors" for i in range(num_shards)]
+
+
+def _write_pretrained(
+  model: Transformer, tokenizer: Any | None, path: str | os.PathLike, max_bytes: int, *, write: bool
+) -> list[str]:
+  """Writes config.json, the safetensors file(s) (+ index) and the tokenizer into `path`.
+
+  With `write=False` only the file names are computed (the other processes of a multi-host save).
+  """
+  tensors = to_hf_state_dict(model)
+  shards = _plan_shards(tensors, max_bytes)
+  files = _weight_file_names(len(shards))
+  if not write:
+    return files
   path = os.fspath(path)
   os.makedirs(path, exist_ok=True)
   with open(os.path.join(path, CONFIG_FILE), "w", encoding="utf-8") as f:
     json.dump(model.config.to_hf_dict(), f, indent=2)
-  tensors = to_hf_state_dict(model)
-  shards = _plan_shards(tensors, max_bytes)
   _remove_old_weights(path)
-  if len(shards) == 1:
-    files = [SINGLE_FILE]
-  else:
-    files = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
   for file, names in zip(files, shards):
     save_file({n: tensors[n] for n in names}, os.path.join(path, file), metadata={"format": "pt"})
   if len(shards) > 1:

@@ -1,4 +1,11 @@
-"""Device meshes and logical-axis sharding rules (see `rljax.parallel.rules`)."""
+"""Device meshes, logical-axis sharding rules and multi-host start-up.
+
+See `rljax.parallel.mesh` (MeshConfig, make_mesh, use_mesh, constrain), `rljax.parallel.rules`
+(logical axis names and rule sets) and `rljax.parallel.distributed` (initialize).
+"""
+
+from rljax.parallel.distributed import initialize, is_initialized, launcher_detected, shutdown
+from rljax.parallel.mesh import MeshConfig, constrain, make_mesh, use_mesh
 
 from rljax.parallel.rules import (
   DATA_PARALLEL_RULES,
@@ -17,6 +24,14 @@ from rljax.parallel.rules import (
 )
 
 __all__ = [
+  "MeshConfig",
+  "constrain",
+  "initialize",
+  "is_initialized",
+  "launcher_detected",
+  "make_mesh",
+  "shutdown",
+  "use_mesh",
   "DATA_PARALLEL_RULES",
   "FSDP_RULES",
   "FSDP_TP_RULES",
