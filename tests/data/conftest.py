@@ -1,0 +1,17 @@
+"""The tiny word-level tokenizer of tests/models (ids: 0 <pad>, 1 <s>, 2 </s>, 3 <unk>, 4.. words)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tiny_tokenizer import tiny_tokenizer  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tok():
+  return tiny_tokenizer()
