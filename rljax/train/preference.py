@@ -1,0 +1,403 @@
+"""Preference objectives beyond pairwise DPO (KTO, ORPO, SimPO, CPO) and reference log-probs.
+
+Objectives follow `loss_fn(model, batch, *, normalizer) -> (loss, metrics)` of
+`rljax.train.step.make_train_step`, composing a policy forward pass with `rljax.losses.preference`:
+
+  kto_objective    + example_count   unpaired desirable / undesirable completions
+  orpo_objective   + pair_count      reference-free, odds ratio of average log-probs + NLL
+  simpo_objective  + pair_count      reference-free, average log-probs with a target margin
+  cpo_objective    + pair_count      reference-free, summed log-probs + NLL
+
+(`rljax.train.objectives.dpo_objective` covers DPO and its pairwise variants.) With a normalizer N
+(the global number of pairs / examples) each returns its rows' sum divided by N, so microbatch
+losses and gradients sum exactly to the full-batch ones — except KTO's reference point z, a
+batch statistic (stop-gradient) that each microbatch estimates from its own KL rows, as TRL does
+under gradient accumulation.
+
+Reference log-probs are data. `reference_logps(ref_graphdef, ref_params, batch)` computes them
+once per batch with one jitted forward pass of the frozen reference (the caller adds them to the
+batch, `add_reference_logps`), or `precompute_reference_logps(ref_model, batches)` once for a
+dataset; DPO and KTO read them from the batch and never differentiate them.
+
+Batch keys ([B, T] token ids of prompt + response; `loss_mask` is 1 on the response tokens,
+which are scored from position 1 on, as in `sft_loss`):
+
+  pairs     "chosen_input_ids", "chosen_attention_mask", "chosen_loss_mask",
+            "rejected_input_ids", "rejected_attention_mask", "rejected_loss_mask"
+            (+ "ref_chosen", "ref_rejected" [B] for DPO)
+  KTO       "input_ids", "attention_mask", "loss_mask", "label" [B] bool (True: desirable),
+            "ref_logps" [B]; optionally the KL rows "kl_input_ids", "kl_attention_mask",
+            "kl_loss_mask" (each prompt with a mismatched completion, TRL's KL dataset) and
+            "ref_kl_logps" [B]. Without KL rows the reference point z is 0.
+
+NLL convention (ORPO, CPO): the chosen NLL is each chosen response's token-mean NLL averaged
+over pairs ("seq-mean-token-mean"), which splits exactly over microbatches of pairs. TRL uses
+the token-mean over all chosen tokens of the batch; the two agree when the chosen responses have
+equal lengths.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from rljax.losses.preference import cpo_loss, kto_loss, orpo_loss, simpo_loss
+from rljax.ops._checks import check_ndim, check_same_shape
+from rljax.ops.logprobs import sequence_logprobs
+from rljax.train.objectives import next_token_logprobs, pair_count
+from rljax.train.reward_modeling import check_batch_keys, graphdef_and_states, sum_over_rows
+
+Batch = dict[str, Any]
+Metrics = dict[str, jax.Array]
+Group = tuple[jax.Array, jax.Array, jax.Array]  # (input_ids, attention_mask, loss_mask)
+
+FIELDS = ("input_ids", "attention_mask", "loss_mask")
+CHOSEN_KEYS = tuple(f"chosen_{f}" for f in FIELDS)
+REJECTED_KEYS = tuple(f"rejected_{f}" for f in FIELDS)
+UNPAIRED_KEYS = FIELDS
+KL_KEYS = tuple(f"kl_{f}" for f in FIELDS)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sequence log-probs of groups of rows.
+# ----------------------------------------------------------------------------------------------
+
+
+def _group(batch: Batch, keys: Sequence[str]) -> Group:
+  ids, attention, loss = (jnp.asarray(batch[k]) for k in keys)
+  check_ndim(keys[0], ids, 2)
+  check_same_shape(**{keys[0]: ids, keys[1]: attention, keys[2]: loss})
+  return ids, attention, loss
+
+
+def group_token_logps(
+  model: Any, groups: Sequence[Group], *, chunk_size: int = 64
+) -> list[tuple[jax.Array, jax.Array]]:
+  """(token log-probs [B_i, T-1], loss mask [B_i, T-1]) of each group of rows.
+
+  Groups of equal length T go through one concatenated forward pass (TRL's "concatenated
+  forward"); otherwise one pass each. Log-probs are fused (`logprobs_from_hidden`): no
+  [B, T, V] logits.
+  """
+  lengths = {g[0].shape[1] for g in groups}
+  if len(groups) > 1 and len(lengths) == 1:
+    ids, attention = (jnp.concatenate([g[i] for g in groups]) for i in (0, 1))
+    logp = next_token_logprobs(model, ids, attention, chunk_size=chunk_size)
+    bounds = np.cumsum([g[0].shape[0] for g in groups])[:-1]
+    parts = jnp.split(logp, bounds)
+  else:
+    parts = [next_token_logprobs(model, g[0], g[1], chunk_size=chunk_size) for g in groups]
+  return [(p, g[2][:, 1:]) for p, g in zip(parts, groups)]
+
+
+def pair_sequence_logps(model: Any, batch: Batch, *, chunk_size: int = 64) -> dict[str, jax.Array]:
+  """Policy sequence statistics of a pair batch, [B] each, with gradient.
+
+  Returns {"chosen", "rejected"} (sums of the response-token log-probs), {"chosen_avg",
+  "rejected_avg"} (per-token means; 0 for an empty loss mask) and "chosen_nll" (= −chosen_avg).
+  """
+  check_batch_keys(batch, CHOSEN_KEYS + REJECTED_KEYS, "a preference pair batch")
+  (c, c_mask), (r, r_mask) = group_token_logps(
+    model, [_group(batch, CHOSEN_KEYS), _group(batch, REJECTED_KEYS)], chunk_size=chunk_size
+  )
+  chosen_avg = sequence_logprobs(c, c_mask, average=True)
+  return {
+    "chosen": sequence_logprobs(c, c_mask),
+    "rejected": sequence_logprobs(r, r_mask),
+    "chosen_avg": chosen_avg,
+    "rejected_avg": sequence_logprobs(r, r_mask, average=True),
+    "chosen_nll": -chosen_avg,
+  }
+
+
+# ----------------------------------------------------------------------------------------------
+# Reference log-probs, once per batch or once per dataset.
+# ----------------------------------------------------------------------------------------------
+
+
+def _reference_groups(batch: Batch) -> dict[str, tuple[str, ...]]:
+  """Output name → the keys of its rows, for every group of rows present in the batch."""
+  groups = {}
+  if all(k in batch for k in CHOSEN_KEYS + REJECTED_KEYS):
+    groups["ref_chosen"] = CHOSEN_KEYS
+    groups["ref_rejected"] = REJECTED_KEYS
+  if all(k in batch for k in UNPAIRED_KEYS):
+    groups["ref_logps"] = UNPAIRED_KEYS
+  if all(k in batch for k in KL_KEYS):
+    groups["ref_kl_logps"] = KL_KEYS
+  if not groups:
+    raise ValueError(
+      "reference_logps needs the pair keys "
+      f"{list(CHOSEN_KEYS + REJECTED_KEYS)} and/or the unpaired keys {list(UNPAIRED_KEYS)} "
+      f"(optionally {list(KL_KEYS)}); the batch has {sorted(batch)}."
+    )
+  return groups
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "names", "chunk_size"))
+def _reference_logps(graphdef, states, rows, *, names, chunk_size):
+  """Jitted body of `reference_logps`; `names` is ((output name, row keys), ...)."""
+  model = nnx.merge(graphdef, *states)
+  groups = [_group(rows, keys) for _, keys in names]
+  logps = group_token_logps(model, groups, chunk_size=chunk_size)
+  return {
+    name: jax.lax.stop_gradient(sequence_logprobs(logp, mask))
+    for (name, _), (logp, mask) in zip(names, logps)
+  }
+
+
+def reference_logps(
+  ref_graphdef: nnx.GraphDef, ref_params: Any, batch: Batch, *, chunk_size: int = 64
+) -> dict[str, jax.Array]:
+  """Reference-model sequence log-probs of a preference batch: one jitted forward pass.
+
+    ref[b] = Σ_t loss_mask[b, t+1] · log π_ref(x[b, t+1] | x[b, ≤t])
+
+  the same sums over the same response tokens as the policy side of `dpo_objective` /
+  `kto_objective`, returned without gradient (the reference is frozen). Call it once per batch
+  (before the train step, or inside a custom step) and add the result to the batch.
+
+  Args:
+    ref_graphdef: the reference model's graphdef (hashable; a static jit argument).
+    ref_params: its state: one `nnx.State`, or a tuple of states (e.g. `(params, frozen)`)
+      merged with `nnx.merge(ref_graphdef, *states)`.
+    batch: a pair batch and/or a KTO batch (keys in the module docstring); only the token keys
+      go to the device.
+    chunk_size: positions per chunk of the fused log-prob computation.
+
+  Returns:
+    {"ref_chosen", "ref_rejected"} [B] float32 for a pair batch; {"ref_logps"} for a KTO batch,
+    plus "ref_kl_logps" when it has KL rows.
+
+  Raises:
+    ValueError: the batch holds none of the key groups.
+
+  Example:
+    >>> batch = {**batch, **reference_logps(ref_graphdef, ref_params, batch)}
+    >>> state, metrics = dpo_step(state, batch)
+  """
+  groups = _reference_groups(batch)
+  states = tuple(ref_params) if isinstance(ref_params, (tuple, list)) else (ref_params,)
+  rows = {k: batch[k] for keys in groups.values() for k in keys}
+  return _reference_logps(ref_graphdef, states, rows, names=tuple(groups.items()),
+                          chunk_size=chunk_size)
+
+
+def add_reference_logps(
+  ref_graphdef: nnx.GraphDef, ref_params: Any, batch: Batch, *, chunk_size: int = 64
+) -> Batch:
+  """`{**batch, **reference_logps(ref_graphdef, ref_params, batch)}` (a new dict)."""
+  return {**batch, **reference_logps(ref_graphdef, ref_params, batch, chunk_size=chunk_size)}
+
+
+def precompute_reference_logps(
+  ref_model: Any, batches: Iterable[Batch], *, chunk_size: int = 64
+) -> list[Batch]:
+  """Reference log-probs of a whole dataset, computed once before training (TRL's
+  `precompute_ref_log_probs`), so the reference model can be freed during training.
+
+  Args:
+    ref_model: the reference model: an NNX module or `(graphdef, state, ...)`.
+    batches: an iterable of batches (keys as `reference_logps`).
+    chunk_size: positions per chunk of the fused log-prob computation.
+
+  Returns:
+    A list of new batches, each the input batch plus its reference keys as host numpy float32
+    arrays (one compile per batch shape).
+
+  Example:
+    >>> train_batches = precompute_reference_logps(sft_model, pair_batches)
+  """
+  graphdef, states = graphdef_and_states(ref_model)
+  out = []
+  for batch in batches:
+    refs = reference_logps(graphdef, states, batch, chunk_size=chunk_size)
+    out.append({**batch, **{k: np.asarray(v) for k, v in refs.items()}})
+  return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Objectives.
+# ----------------------------------------------------------------------------------------------
+
+
+def example_count(batch: Batch) -> jax.Array:
+  """Number of (unpaired) examples B of a KTO batch (float32 scalar)."""
+  return jnp.asarray(jnp.shape(batch["input_ids"])[0], jnp.float32)
+
+
+def kto_objective(
+  model: Any,
+  batch: Batch,
+  *,
+  normalizer: jax.Array | None = None,
+  beta: float = 0.1,
+  desirable_weight: float = 1.0,
+  undesirable_weight: float = 1.0,
+  chunk_size: int = 64,
+) -> tuple[jax.Array, Metrics]:
+  """KTO (Ethayarajh et al. 2024) on unpaired labelled completions; see `kto_loss`.
+
+    r_i = π_i − ref_i,   z = stop_gradient(max(mean_j(π^KL_j − ref^KL_j), 0))
+    loss = Σ_i w_i·(desirable_i ? σ(β(z − r_i)) : σ(β(r_i − z))) / N,   N = normalizer or B
+
+  The KL rows' policy log-probs come from a separate forward pass whose output is stopped
+  (TRL computes them under `no_grad`), so their backward pass is never computed.
+
+  Args:
+    model: the policy.
+    batch: the KTO keys of the module docstring ("ref_logps" and, with KL rows,
+      "ref_kl_logps" from `reference_logps`). Without KL rows z = 0.
+    normalizer: the global number of examples (`example_count`); None means B.
+    beta, desirable_weight, undesirable_weight: as `kto_loss` (0.1, 1.0, 1.0: TRL's).
+    chunk_size: positions per chunk of the fused log-prob computation.
+
+  Returns:
+    (loss, kto_loss's metrics ("kl", "rewards_chosen", "rewards_rejected", "reward_margin",
+    "desirable_fraction") plus "reward_accuracy": the fraction of examples on their label's
+    side of the reference point, r_i > z for desirable and r_i < z for undesirable ones).
+
+  Example:
+    >>> batch = add_reference_logps(ref_graphdef, ref_params, kto_batch)
+    >>> step = make_train_step(kto_objective, graphdef, optimizer, count_fn=example_count)
+  """
+  check_batch_keys(batch, UNPAIRED_KEYS + ("label", "ref_logps"), "kto_objective")
+  has_kl = any(k in batch for k in KL_KEYS)
+  if has_kl:
+    check_batch_keys(batch, KL_KEYS + ("ref_kl_logps",), "kto_objective with KL rows")
+  [(logp, mask)] = group_token_logps(model, [_group(batch, UNPAIRED_KEYS)], chunk_size=chunk_size)
+  policy = sequence_logprobs(logp, mask)
+  if has_kl:
+    [(kl_logp, kl_mask)] = group_token_logps(model, [_group(batch, KL_KEYS)],
+                                             chunk_size=chunk_size)
+    policy_kl = jax.lax.stop_gradient(sequence_logprobs(kl_logp, kl_mask))
+    ref_kl = batch["ref_kl_logps"]
+  else:
+    policy_kl = ref_kl = jnp.zeros((1,), policy.dtype)
+  loss, metrics = kto_loss(
+    policy, batch["ref_logps"], batch["label"], policy_kl, ref_kl,
+    beta=beta, desirable_weight=desirable_weight, undesirable_weight=undesirable_weight,
+  )
+  ratio = jax.lax.stop_gradient(policy - jnp.asarray(batch["ref_logps"], policy.dtype))
+  desirable = jnp.asarray(batch["label"]) != 0
+  right_side = jnp.where(desirable, ratio > metrics["kl"], ratio < metrics["kl"])
+  metrics = {**metrics, "reward_accuracy": jnp.mean(right_side.astype(jnp.float32))}
+  return sum_over_rows(loss, policy.shape[0], normalizer), metrics
+
+
+def orpo_objective(
+  model: Any,
+  batch: Batch,
+  *,
+  normalizer: jax.Array | None = None,
+  beta: float = 0.1,
+  chunk_size: int = 64,
+) -> tuple[jax.Array, Metrics]:
+  """ORPO (Hong et al. 2024): chosen NLL + β·odds-ratio term, reference-free; see `orpo_loss`.
+
+    loss = Σ_b [nll_c[b] − β·logσ(log odds(e^{a_c[b]}) − log odds(e^{a_r[b]}))] / N
+
+  with a the per-token mean log-probs of the responses and nll_c = −a_c (the module's NLL
+  convention). N = normalizer (`pair_count`) or B.
+
+  Args:
+    model: the policy.
+    batch: the pair keys (no reference log-probs needed).
+    normalizer: the global number of pairs; None means B.
+    beta: λ of the paper (0.1, TRL's default).
+    chunk_size: positions per chunk of the fused log-prob computation.
+
+  Returns:
+    (loss, orpo_loss's metrics: "nll", "log_odds_ratio", "log_odds_chosen", "rewards_chosen",
+    "rewards_rejected", "reward_margin", "reward_accuracy").
+
+  Example:
+    >>> step = make_train_step(orpo_objective, graphdef, optimizer, count_fn=pair_count)
+  """
+  s = pair_sequence_logps(model, batch, chunk_size=chunk_size)
+  loss, metrics = orpo_loss(s["chosen_avg"], s["rejected_avg"], s["chosen_nll"], beta=beta)
+  return sum_over_rows(loss, s["chosen"].shape[0], normalizer), metrics
+
+
+def simpo_objective(
+  model: Any,
+  batch: Batch,
+  *,
+  normalizer: jax.Array | None = None,
+  beta: float = 2.0,
+  gamma: float = 0.5,
+  chunk_size: int = 64,
+) -> tuple[jax.Array, Metrics]:
+  """SimPO (Meng et al. 2024), reference-free on average log-probs; see `simpo_loss`.
+
+    loss = Σ_b −logσ(β·(a_c[b] − a_r[b]) − γ) / N,   N = normalizer (`pair_count`) or B
+
+  Args:
+    model: the policy.
+    batch: the pair keys.
+    normalizer: the global number of pairs; None means B.
+    beta, gamma: β (2.0) and the target margin γ (0.5), the SimPO paper's defaults.
+    chunk_size: positions per chunk of the fused log-prob computation.
+
+  Returns:
+    (loss, {"rewards_chosen", "rewards_rejected", "reward_margin", "reward_accuracy"} of the
+    rewards β·a).
+
+  Example:
+    >>> step = make_train_step(simpo_objective, graphdef, optimizer, count_fn=pair_count)
+  """
+  s = pair_sequence_logps(model, batch, chunk_size=chunk_size)
+  loss, metrics = simpo_loss(s["chosen_avg"], s["rejected_avg"], beta=beta, gamma=gamma)
+  return sum_over_rows(loss, s["chosen"].shape[0], normalizer), metrics
+
+
+def cpo_objective(
+  model: Any,
+  batch: Batch,
+  *,
+  normalizer: jax.Array | None = None,
+  beta: float = 0.1,
+  alpha: float = 1.0,
+  chunk_size: int = 64,
+) -> tuple[jax.Array, Metrics]:
+  """CPO (Xu et al. 2024), reference-free on summed log-probs plus NLL; see `cpo_loss`.
+
+    loss = Σ_b [−logσ(β·(π_c[b] − π_r[b])) + α·nll_c[b]] / N,   N = normalizer or B
+
+  Args:
+    model: the policy.
+    batch: the pair keys.
+    normalizer: the global number of pairs (`pair_count`); None means B.
+    beta, alpha: β (0.1) and the NLL weight α (1.0), TRL's defaults.
+    chunk_size: positions per chunk of the fused log-prob computation.
+
+  Returns:
+    (loss, cpo_loss's metrics: "nll", "preference_loss" and the reward metrics of β·π).
+
+  Example:
+    >>> step = make_train_step(cpo_objective, graphdef, optimizer, count_fn=pair_count)
+  """
+  s = pair_sequence_logps(model, batch, chunk_size=chunk_size)
+  loss, metrics = cpo_loss(s["chosen"], s["rejected"], s["chosen_nll"], beta=beta, alpha=alpha)
+  return sum_over_rows(loss, s["chosen"].shape[0], normalizer), metrics
+
+
+__all__ = [
+  "add_reference_logps",
+  "cpo_objective",
+  "example_count",
+  "group_token_logps",
+  "kto_objective",
+  "orpo_objective",
+  "pair_count",
+  "pair_sequence_logps",
+  "precompute_reference_logps",
+  "reference_logps",
+  "simpo_objective",
+]
