@@ -40,3 +40,52 @@ __all__ = [
   "trainable_paths",
   "variable_shardings",
 ]
+
+# Reward modelling and the preference family beyond DPO (issue 5).
+from rljax.train.preference import (  # noqa: E402
+  add_reference_logps,
+  cpo_objective,
+  example_count,
+  kto_objective,
+  orpo_objective,
+  precompute_reference_logps,
+  reference_logps,
+  simpo_objective,
+)
+from rljax.train.reward_modeling import (  # noqa: E402
+  listwise_reward_objective,
+  pair_accuracy,
+  ranking_count,
+  reward_pair_objective,
+)
+
+__all__ += [
+  "add_reference_logps",
+  "cpo_objective",
+  "example_count",
+  "kto_objective",
+  "listwise_reward_objective",
+  "orpo_objective",
+  "pair_accuracy",
+  "precompute_reference_logps",
+  "ranking_count",
+  "reference_logps",
+  "reward_pair_objective",
+  "simpo_objective",
+]
+
+# On-policy RL trainers (issue 5).
+from rljax.train.experience import Experience, policy_logprobs, critic_values  # noqa: E402
+from rljax.train.grpo import GRPOConfig, GRPOTrainer  # noqa: E402
+from rljax.train.ppo import PPOConfig, PPOTrainer, split_critic  # noqa: E402
+
+__all__ += [
+  "Experience",
+  "GRPOConfig",
+  "GRPOTrainer",
+  "PPOConfig",
+  "PPOTrainer",
+  "critic_values",
+  "policy_logprobs",
+  "split_critic",
+]
