@@ -21,6 +21,8 @@ REPO = HERE.parents[1]
 sys.path.insert(0, str(HERE))
 import multihost_worker  # noqa: E402
 
+CONFIG = multihost_worker.CONFIG
+
 TIMEOUT_S = 120
 # One layout keeps the test near 20 s on 2 cores; the worker runs the others by hand
 # (`--layouts data_fsdp_tp,fsdp`), and they pass too.
@@ -163,7 +165,8 @@ def _results(procs: list[subprocess.Popen]) -> list[dict]:
 
 @pytest.mark.slow
 def test_two_processes_match_one_process_with_eight_devices(tmp_path):
-  """Losses of 2 processes × 4 devices == 1 process × 8 devices; the exported policy too."""
+  """Losses of 2 processes × 4 devices == 1 process × 8 devices, both trained with the library's
+  `create_train_state` / `make_train_step`; the exported policy too."""
   from rljax.models.io import load_pretrained
   from rljax.models.hf_weights import to_hf_state_dict
 
@@ -177,12 +180,20 @@ def test_two_processes_match_one_process_with_eight_devices(tmp_path):
     assert result["initialized"] is True
     assert (result["process_id"], result["process_count"]) == (pid, 2)
     assert (result["device_count"], result["local_device_count"]) == (8, 4)
-  for layout, (losses, _) in reference.items():
+  for layout, (losses, _, facts) in reference.items():
     assert len(losses) == multihost_worker.NUM_STEPS
     assert len(set(np.round(losses, 6))) > 1  # the model really trains between steps
+    assert facts["step"] == multihost_worker.NUM_STEPS and facts["skipped_steps"] == 0
     for result in results:
       np.testing.assert_allclose(result["losses"][layout], losses, rtol=0, atol=1e-5,
                                  err_msg=layout)
+      got = result["facts"][layout]
+      assert got["step"] == multihost_worker.NUM_STEPS and got["skipped_steps"] == 0
+      # The parameters were created as one array over the devices of both processes (not a
+      # process-local copy), in shards as small as in the 1-process run (really split).
+      assert got["embed_fully_addressable"] is False
+      assert got["embed_shard_shape"] == facts["embed_shard_shape"]
+      assert got["embed_shard_shape"] != [CONFIG.vocab_size, CONFIG.hidden_size]
   # The policy sharded across both processes was gathered and written once, as an HF directory.
   exported, _ = load_pretrained(tmp_path / "hf")
   expected = to_hf_state_dict(reference[LAYOUTS[0]][1])

@@ -1,63 +1,71 @@
-"""Trains a tiny deterministic MLP with checkpoints; used by the SIGKILL fault tests.
+"""Trains a tiny rljax Transformer with the library's step and checkpoints; the SIGKILL fault tests.
 
   python checkpoint_worker.py --dir D --steps N --every K [--sync] [--resume]
       [--kill-at S | --kill-mid-save S] [--out final.npz]
 
-The batch of step s (1-based) is a pure function of the data position s - 1, and the state
-carries the RNG key (split every step for a dropout mask), so a resumed run repeats exactly the
-computation of an uninterrupted one. `--kill-at S` SIGKILLs the process after step S is computed,
-before it could be saved; `--kill-mid-save S` SIGKILLs it right after the (asynchronous) save of
-step S has been started, printing MIDSAVE when orbax still had the write in flight.
+The training is the library's own: `create_train_state` (on a one-device mesh, so every leaf has
+a `NamedSharding`), `make_optimizer`, `make_train_step(sft_loss, ..., count_fn=sft_token_count)`
+and a `Checkpointer(save_every=K, keep=2)` (asynchronous unless --sync) saving the whole
+`TrainState` (parameters, Adam moments, step, RNG key, skipped-step counter) with the data
+position in `data_state`.
+
+The batch of step s (1-based) is a pure function of the data position s - 1 (the tokens) and of
+the state's RNG key and step (a per-step `fold_in(rng, step)` key drops loss tokens), so a resumed
+run repeats exactly the computation of an uninterrupted one only if the checkpoint restored the
+position, the step and the key. `--resume` restores onto an *abstract* target (`jax.eval_shape`
+of the state with the state's shardings): no initial state is built. `--kill-at S` SIGKILLs the
+process after step S is computed, before it could be saved; `--kill-mid-save S` SIGKILLs it right
+after the (asynchronous) save of step S has been started, printing MIDSAVE when orbax still had
+the write in flight. `--out` writes the final parameters as .npz (one array per leaf path).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import signal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
+from flax import nnx
 
+from rljax.models.config import ModelConfig
+from rljax.models.transformer import Transformer
+from rljax.parallel.mesh import MeshConfig, make_mesh
 from rljax.train.checkpoint import Checkpointer
+from rljax.train.objectives import sft_loss, sft_token_count
+from rljax.train.optim import OptimizerConfig, make_optimizer
+from rljax.train.state import create_train_state, state_shardings
+from rljax.train.step import make_train_step
 
-IN, HIDDEN, OUT, BATCH = 8, 16, 4, 8
-OPTIMIZER = optax.adamw(1e-2, weight_decay=0.01)
+CONFIG = ModelConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_layers=1,
+                     num_heads=2, num_kv_heads=1)
+BATCH, SEQ_LEN, PROMPT_LEN = 4, 8, 3
+RULES = "data"
+# Optimisation level 0 halves the CPU compile time; every run (reference or resumed) uses it.
+FAST_COMPILE = {"xla_backend_optimization_level": 0}
+OPTIMIZER = make_optimizer(OptimizerConfig(1e-2, warmup_steps=2, schedule="cosine",
+                                           total_steps=40, weight_decay=0.01))
 
 
-def batch_at(position: int) -> tuple[jax.Array, jax.Array]:
-  key = jax.random.fold_in(jax.random.key(1234), position)
-  kx, ky = jax.random.split(key)
-  return jax.random.normal(kx, (BATCH, IN)), jax.random.normal(ky, (BATCH, OUT))
+def new_model() -> Transformer:
+  return Transformer(CONFIG, rngs=nnx.Rngs(0))
 
 
-def init_state() -> dict:
-  k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
-  params = {
-    "w1": jax.random.normal(k1, (IN, HIDDEN)) * 0.3,
-    "b1": jnp.zeros((HIDDEN,)),
-    "w2": jax.random.normal(k2, (HIDDEN, OUT)) * 0.3,
+@functools.partial(jax.jit, compiler_options=FAST_COMPILE)
+def batch_at(position: jax.Array, rng: jax.Array, step: jax.Array) -> dict[str, jax.Array]:
+  """The SFT batch at data position `position`; `fold_in(rng, step)` drops ~20% of loss tokens."""
+  data_key = jax.random.fold_in(jax.random.key(1234), position)
+  ids = jax.random.randint(data_key, (BATCH, SEQ_LEN), 0, CONFIG.vocab_size, jnp.int32)
+  keep = jax.random.bernoulli(jax.random.fold_in(rng, step), 0.8, (BATCH, SEQ_LEN))
+  response = jnp.arange(SEQ_LEN)[None, :] >= PROMPT_LEN
+  return {
+    "input_ids": ids,
+    "attention_mask": jnp.ones((BATCH, SEQ_LEN), jnp.int32),
+    "loss_mask": (response & keep).astype(jnp.int32),
   }
-  return {"params": params, "opt_state": OPTIMIZER.init(params), "rng": k3,
-          "step": jnp.zeros((), jnp.int32)}
-
-
-def loss_fn(params: dict, x: jax.Array, y: jax.Array, key: jax.Array) -> jax.Array:
-  h = jax.nn.gelu(x @ params["w1"] + params["b1"])
-  keep = jax.random.bernoulli(key, 0.9, h.shape)
-  h = jnp.where(keep, h / 0.9, 0.0)
-  return jnp.mean((h @ params["w2"] - y) ** 2)
-
-
-@jax.jit
-def train_step(state: dict, x: jax.Array, y: jax.Array) -> dict:
-  rng, dropout_key = jax.random.split(state["rng"])
-  grads = jax.grad(loss_fn)(state["params"], x, y, dropout_key)
-  updates, opt_state = OPTIMIZER.update(grads, state["opt_state"], state["params"])
-  params = optax.apply_updates(state["params"], updates)
-  return {"params": params, "opt_state": opt_state, "rng": rng, "step": state["step"] + 1}
 
 
 def main() -> None:
@@ -72,18 +80,33 @@ def main() -> None:
   parser.add_argument("--out", default=None)
   args = parser.parse_args()
 
-  state = init_state()
-  position = 0
+  mesh = make_mesh(MeshConfig())  # every device (one, in the fault tests) on `data`
+
+  def create():
+    return create_train_state(new_model, OPTIMIZER, rng=7, mesh=mesh, rules=RULES)
+
+  graphdef = nnx.split(nnx.eval_shape(new_model), nnx.Param, ...)[0]
+  # The state's structure, shapes and dtypes without computing it (`create_train_state` with a
+  # mesh cannot be traced: `jax.set_mesh` refuses to run under a trace, so evaluate it meshless).
+  abstract = jax.eval_shape(lambda: create_train_state(new_model, OPTIMIZER, rng=7)[1])
+  shardings = state_shardings(graphdef, abstract, mesh, RULES)
+  train_step = make_train_step(functools.partial(sft_loss, chunk_size=8), graphdef, OPTIMIZER,
+                               count_fn=sft_token_count, shardings=shardings,
+                               compiler_options=FAST_COMPILE)
   with Checkpointer(args.dir, save_every=args.every, keep=2, async_save=not args.sync,
-                    metadata={"worker": "mlp"}) as ckpt:
+                    metadata={"worker": "tiny-transformer"}) as ckpt:
     if args.resume and ckpt.latest_step() is not None:
-      state, data_state, meta = ckpt.restore(state)
+      target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                            abstract, shardings)
+      state, data_state, meta = ckpt.restore(target)
       position = data_state["position"]
-      assert int(state["step"]) == position == meta["step"], (state["step"], position, meta)
+      assert int(state.step) == position == meta["step"], (state.step, position, meta)
       print(f"RESUMED {position}", flush=True)
+    else:
+      state, position = create()[1], 0
     for step in range(position + 1, args.steps + 1):
-      x, y = batch_at(step - 1)
-      state = train_step(state, x, y)
+      batch = batch_at(step - 1, state.rng, state.step)
+      state, _ = train_step(state, batch)
       if step == args.kill_at:
         os.kill(os.getpid(), signal.SIGKILL)
       ckpt.save(step, state, data_state={"position": step}, force=step == args.steps)
@@ -91,8 +114,9 @@ def main() -> None:
         if ckpt._manager.is_saving_in_progress():  # noqa: SLF001 -- test instrumentation
           print("MIDSAVE", flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
+    assert int(state.step) == args.steps and int(state.skipped_steps) == 0
   if args.out:
-    leaves = jax.tree_util.tree_flatten_with_path(state["params"])[0]
+    leaves = jax.tree_util.tree_flatten_with_path(state.params)[0]
     np.savez(args.out, **{jax.tree_util.keystr(p): np.asarray(v) for p, v in leaves})
   print("DONE", flush=True)
 

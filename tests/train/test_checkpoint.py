@@ -291,15 +291,22 @@ def test_damaged_metadata_item_falls_back(tmp_path):
 # Fault tests: SIGKILL mid-training, resume, bitwise-identical parameters.
 
 
-def _worker_env() -> dict[str, str]:
+def _worker_env(cache_dir: pathlib.Path) -> dict[str, str]:
+  """One CPU device; XLA optimisation level 0 and a compilation cache shared by the workers (the
+  runs after the first two load their executables instead of compiling them again)."""
   env = dict(os.environ)
-  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+  env["XLA_FLAGS"] = ("--xla_force_host_platform_device_count=1 "
+                      "--xla_backend_optimization_level=0")
   env["JAX_PLATFORMS"] = "cpu"
+  env["JAX_COMPILATION_CACHE_DIR"] = str(cache_dir)
+  env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+  env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
   return env
 
 
-def _spawn(*args) -> subprocess.Popen:
-  return subprocess.Popen([sys.executable, str(WORKER), *map(str, args)], env=_worker_env(),
+def _spawn(tmp_path, *args) -> subprocess.Popen:
+  return subprocess.Popen([sys.executable, str(WORKER), *map(str, args)],
+                          env=_worker_env(tmp_path / "xla_cache"),
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -319,22 +326,26 @@ def _load(path) -> dict[str, np.ndarray]:
 
 
 def test_sigkill_and_resume_gives_bitwise_identical_params(tmp_path):
+  """A tiny Transformer trained by `make_train_step` with a `Checkpointer` (see
+  checkpoint_worker.py), SIGKILLed and resumed, ends with the parameters of an uninterrupted run."""
   steps, every = 20, 4
   common = ("--steps", steps, "--every", every)
-  # Started together (2 cores): the reference run, a sync run killed between checkpoints and
-  # an async run killed right after starting the save of step 12.
-  ref = _spawn("--dir", tmp_path / "ref", *common, "--out", tmp_path / "ref.npz")
-  between = _spawn("--dir", tmp_path / "between", *common, "--sync", "--kill-at", 10)
-  mid = _spawn("--dir", tmp_path / "mid", *common, "--kill-mid-save", 12)
-  runs = {name: _finish(p) for name, p in (("ref", ref), ("between", between), ("mid", mid))}
-  assert runs["ref"][0] == 0 and "DONE" in runs["ref"][1], runs["ref"][1][-3000:]
-  for name in ("between", "mid"):
-    code, log = runs[name]
+  # Started together (2 cores): a sync run killed between checkpoints and an async run killed
+  # right after starting the save of step 12. Then, together, the uninterrupted reference run
+  # and the two resumed runs (which find the first two runs' executables in the cache).
+  between = _spawn(tmp_path, "--dir", tmp_path / "between", *common, "--sync", "--kill-at", 10)
+  mid = _spawn(tmp_path, "--dir", tmp_path / "mid", *common, "--kill-mid-save", 12)
+  killed = {name: _finish(p) for name, p in (("between", between), ("mid", mid))}
+  for name, (code, log) in killed.items():
     assert code == -9 and "DONE" not in log, (name, code, log[-3000:])
 
-  resumes = {name: _spawn("--dir", tmp_path / name, *common, "--resume",
+  ref = _spawn(tmp_path, "--dir", tmp_path / "ref", *common, "--out", tmp_path / "ref.npz")
+  resumes = {name: _spawn(tmp_path, "--dir", tmp_path / name, *common, "--resume",
                           "--out", tmp_path / f"{name}.npz") for name in ("between", "mid")}
+  code, log = _finish(ref)
+  assert code == 0 and "DONE" in log and "RESUMED" not in log, log[-3000:]
   expected = _load(tmp_path / "ref.npz")
+  assert len(expected) > 5  # every parameter of the model (embed, lm_head, norms, layers)
   for name, proc in resumes.items():
     code, log = _finish(proc)
     assert code == 0 and "DONE" in log, (name, log[-3000:])
@@ -342,7 +353,7 @@ def test_sigkill_and_resume_gives_bitwise_identical_params(tmp_path):
     if name == "between":  # sync saves: 4 and 8 committed before the kill at 10
       assert resumed_from == 8
     else:  # the save of 12 was killed in flight unless it had already committed
-      assert resumed_from == (8 if "MIDSAVE" in runs["mid"][1] else 12), log[-2000:]
+      assert resumed_from == (8 if "MIDSAVE" in killed["mid"][1] else 12), log[-2000:]
     got = _load(tmp_path / f"{name}.npz")
     assert got.keys() == expected.keys()
     for key in expected:
