@@ -11,6 +11,7 @@ from rljax.train.optim import (
 )
 from rljax.train.state import (
   TrainState,
+  abstract_train_state,
   create_train_state,
   state_shardings,
   trainable_paths,
@@ -23,6 +24,7 @@ __all__ = [
   "Checkpointer",
   "OptimizerConfig",
   "TrainState",
+  "abstract_train_state",
   "apply_gradients",
   "create_train_state",
   "current_learning_rate",

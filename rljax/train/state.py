@@ -213,6 +213,54 @@ def create_train_state(
   if (mesh is None) != (rules is None):
     raise ValueError("`mesh` and `rules` must be given together (or neither).")
   key = _as_key(rng)
+  graphdef, build, args = _state_builder(model, optimizer, key, trainable, extras, param_dtype)
+  if mesh is None:
+    return graphdef, jax.jit(build)(*args)
+  with mesh_and_rules(mesh, rules):
+    abstract = jax.eval_shape(build, *args)
+    shardings = state_shardings(graphdef, abstract, mesh, rules)
+    state = jax.jit(build, out_shardings=shardings)(*args)
+  return graphdef, state
+
+
+def abstract_train_state(
+  model: nnx.Module | Callable[[], nnx.Module],
+  optimizer: optax.GradientTransformation,
+  *,
+  rng: Any = 0,
+  mesh: Mesh | None = None,
+  rules: Rules | str | None = None,
+  trainable: Any = nnx.Param,
+  extras: dict[str, Any] | None = None,
+  param_dtype: Any | None = None,
+) -> tuple[nnx.GraphDef, TrainState]:
+  """(graphdef, state of `jax.ShapeDtypeStruct`s) that `create_train_state` would build, with the
+  target `.sharding` of every leaf when `mesh` and `rules` are given — nothing is allocated.
+
+  This is the `target` of `Checkpointer.restore` when resuming onto a (possibly different) mesh.
+
+  Example:
+    >>> graphdef, target = abstract_train_state(lambda: Transformer(cfg, rngs=nnx.Rngs(0)),
+    ...                                         optimizer, mesh=mesh, rules="fsdp")
+    >>> state, data_state, meta = checkpointer.restore(target)
+  """
+  if (mesh is None) != (rules is None):
+    raise ValueError("`mesh` and `rules` must be given together (or neither).")
+  graphdef, build, args = _state_builder(
+    model, optimizer, _as_key(rng), trainable, extras, param_dtype
+  )
+  if mesh is None:
+    return graphdef, jax.eval_shape(build, *args)
+  with mesh_and_rules(mesh, rules):
+    abstract = jax.eval_shape(build, *args)
+    shardings = state_shardings(graphdef, abstract, mesh, rules)
+  return graphdef, jax.tree.map(
+    lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), abstract, shardings
+  )
+
+
+def _state_builder(model, optimizer, key, trainable, extras, param_dtype):
+  """(graphdef, build, args) with `build(*args)` the initial state (traceable, unsharded)."""
   is_constructor = not isinstance(model, nnx.Module)
   if is_constructor and not callable(model):
     raise ValueError(f"`model` must be an nnx.Module or a constructor; got {type(model)}.")
@@ -224,19 +272,10 @@ def create_train_state(
       _, params, frozen = split_model(model(), trainable)
       return _initial_state(params, frozen, optimizer, key, extras, param_dtype)
 
-    args = (key, extras)
-  else:
-    graphdef, params, frozen = split_model(model, trainable)
+    return graphdef, build, (key, extras)
+  graphdef, params, frozen = split_model(model, trainable)
 
-    def build(params, frozen, key, extras):
-      return _initial_state(params, frozen, optimizer, key, extras, param_dtype)
+  def build(params, frozen, key, extras):
+    return _initial_state(params, frozen, optimizer, key, extras, param_dtype)
 
-    args = (params, frozen, key, extras)
-
-  if mesh is None:
-    return graphdef, jax.jit(build)(*args)
-  with mesh_and_rules(mesh, rules):
-    abstract = jax.eval_shape(build, *args)
-    shardings = state_shardings(graphdef, abstract, mesh, rules)
-    state = jax.jit(build, out_shardings=shardings)(*args)
-  return graphdef, state
+  return graphdef, build, (params, frozen, key, extras)

@@ -37,7 +37,7 @@ from rljax.parallel.mesh import MeshConfig, make_mesh
 from rljax.train.checkpoint import Checkpointer
 from rljax.train.objectives import sft_loss, sft_token_count
 from rljax.train.optim import OptimizerConfig, make_optimizer
-from rljax.train.state import create_train_state, state_shardings
+from rljax.train.state import abstract_train_state, create_train_state
 from rljax.train.step import make_train_step
 
 CONFIG = ModelConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_layers=1,
@@ -85,19 +85,15 @@ def main() -> None:
   def create():
     return create_train_state(new_model, OPTIMIZER, rng=7, mesh=mesh, rules=RULES)
 
-  graphdef = nnx.split(nnx.eval_shape(new_model), nnx.Param, ...)[0]
-  # The state's structure, shapes and dtypes without computing it (`create_train_state` with a
-  # mesh cannot be traced: `jax.set_mesh` refuses to run under a trace, so evaluate it meshless).
-  abstract = jax.eval_shape(lambda: create_train_state(new_model, OPTIMIZER, rng=7)[1])
-  shardings = state_shardings(graphdef, abstract, mesh, RULES)
+  # The state's structure, shapes, dtypes and target shardings, without computing it.
+  graphdef, target = abstract_train_state(new_model, OPTIMIZER, rng=7, mesh=mesh, rules=RULES)
+  shardings = jax.tree.map(lambda x: x.sharding, target)
   train_step = make_train_step(functools.partial(sft_loss, chunk_size=8), graphdef, OPTIMIZER,
                                count_fn=sft_token_count, shardings=shardings,
                                compiler_options=FAST_COMPILE)
   with Checkpointer(args.dir, save_every=args.every, keep=2, async_save=not args.sync,
                     metadata={"worker": "tiny-transformer"}) as ckpt:
     if args.resume and ckpt.latest_step() is not None:
-      target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                            abstract, shardings)
       state, data_state, meta = ckpt.restore(target)
       position = data_state["position"]
       assert int(state.step) == position == meta["step"], (state.step, position, meta)

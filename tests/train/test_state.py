@@ -14,7 +14,12 @@ from rljax.models.config import ModelConfig
 from rljax.models.transformer import Transformer
 from rljax.parallel.rules import MESH_AXES
 from rljax.train.optim import OptimizerConfig, make_optimizer
-from rljax.train.state import TrainState, create_train_state, state_shardings
+from rljax.train.state import (
+  TrainState,
+  abstract_train_state,
+  create_train_state,
+  state_shardings,
+)
 
 CONFIG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
                      num_heads=4, num_kv_heads=2)
@@ -98,3 +103,16 @@ def test_bad_arguments_raise():
     create_train_state(_build, OPTIMIZER, rng=0, mesh=_mesh((8, 1, 1)))
   with pytest.raises(ValueError, match="model"):
     create_train_state(42, OPTIMIZER, rng=0)
+
+
+def test_abstract_train_state_matches_the_created_state(sharded):
+  """The restore target: same structure, shapes, dtypes and shardings, nothing allocated."""
+  mesh, _, state = sharded
+  _, target = abstract_train_state(_build, OPTIMIZER, rng=1, mesh=mesh, rules="fsdp_tp",
+                                   extras={"data_position": jnp.zeros((), jnp.int32)})
+  real, abstract = jax.tree.leaves(state), jax.tree.leaves(target)
+  assert len(real) == len(abstract)
+  for x, a in zip(real, abstract):
+    assert isinstance(a, jax.ShapeDtypeStruct)
+    assert (x.shape, x.dtype) == (a.shape, a.dtype)
+    assert x.sharding.is_equivalent_to(a.sharding, x.ndim)
