@@ -3,6 +3,9 @@
 Commands:
   convert <file.gguf> <out_dir> [--dtype float32|bfloat16]
       GGUF → Hugging Face directory (`rljax.models.convert`).
+  train <experiment> [--set key=value ...] [--resume] [--out DIR]
+      runs an experiment (a Python file / module defining `config`, or a YAML / JSON file;
+      schema in `rljax.experiment.config`).
 """
 
 from __future__ import annotations
@@ -11,6 +14,29 @@ import argparse
 import sys
 
 from rljax.models import convert
+
+
+def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("experiment", help="experiment: a .py file or module defining `config`, "
+                      "or a .yaml / .json file")
+  parser.add_argument("--set", dest="overrides", action="append", default=[],
+                      metavar="KEY=VALUE", help="override a config field, e.g. --set "
+                      "optimizer.learning_rate=1e-4 (repeatable; values parse as JSON)")
+  parser.add_argument("--resume", action="store_true",
+                      help="continue from the latest checkpoint in the run directory")
+  parser.add_argument("--out", default=None, help="run directory (overrides logging.out_dir)")
+
+
+def _run_train(args: argparse.Namespace) -> int:
+  from rljax.experiment.config import ConfigError
+  from rljax.experiment.runner import run_experiment
+
+  try:
+    run_experiment(args.experiment, args.overrides, resume=args.resume, out_dir=args.out)
+  except ConfigError as e:
+    print(f"rljax train: error: {e}", file=sys.stderr)
+    return 2
+  return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
   )
   convert.add_arguments(convert_parser)
   convert_parser.set_defaults(run=convert.run)
+  train_parser = commands.add_parser("train", help="run an experiment")
+  _add_train_arguments(train_parser)
+  train_parser.set_defaults(run=_run_train)
   return parser
 
 

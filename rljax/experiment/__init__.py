@@ -1,0 +1,1 @@
+"""The thin experiment runner: config, loop, logging, progress, plots, evaluation."""

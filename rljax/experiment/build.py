@@ -1,0 +1,147 @@
+"""Building the pieces of a run from its config: tokenizer, model, datasets, reward function."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import jax.numpy as jnp
+from flax import nnx
+
+from rljax.data.batching import bucket_sizes, collator
+from rljax.data.iterator import BatchIterator
+from rljax.data.jsonl import read_jsonl
+from rljax.data.tokenize import tokenize_dataset
+from rljax.experiment.config import ConfigError, Experiment, ExperimentConfig, resolve_callable
+from rljax.models.heads import RewardModel, ValueModel
+from rljax.models.io import load_pretrained
+from rljax.models.transformer import Transformer
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, None: None}
+
+
+def dtype_of(name: str | None, what: str) -> Any:
+  if name not in DTYPES:
+    raise ConfigError(f"{what} must be one of {list(DTYPES)}; got {name!r}.")
+  return DTYPES[name]
+
+
+def build_tokenizer(config: ExperimentConfig) -> Any:
+  """`config.tokenizer` (path / callable / "module:attr"), else the one saved with the model."""
+  spec = resolve_callable(config.tokenizer, "tokenizer")
+  if callable(spec):
+    return spec()
+  path = spec if spec is not None else config.model.path
+  if path is None:
+    raise ConfigError("no tokenizer: set `tokenizer` (a path or a callable) or `model.path`.")
+  from transformers import AutoTokenizer
+
+  return AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
+def _load_policy(config: ExperimentConfig) -> Transformer:
+  m = config.model
+  if (m.path is None) == (m.config is None):
+    raise ConfigError("give exactly one of `model.path` (a pretrained directory) and "
+                      "`model.config` (a ModelConfig to train from scratch), or a build_model hook.")
+  if m.path is not None:
+    model, _ = load_pretrained(m.path, dtype=dtype_of(m.dtype, "model.dtype"),
+                               param_dtype=dtype_of(m.param_dtype, "model.param_dtype"))
+    return model
+  return Transformer(m.config, rngs=nnx.Rngs(m.init_seed))
+
+
+def build_model(exp: Experiment, tokenizer: Any) -> nnx.Module:
+  """The trained module: the policy, or a `RewardModel` for algorithm "reward_model"."""
+  config = exp.config
+  if exp.build_model is not None:
+    return exp.build_model(config, tokenizer)
+  policy = _load_policy(config)
+  if config.algorithm == "reward_model":
+    return RewardModel.from_policy(policy, rngs=nnx.Rngs(config.model.init_seed + 1))
+  return policy
+
+
+def build_critic(exp: Experiment, policy: Transformer) -> ValueModel:
+  """The PPO critic: the hook, a copy of `model.critic_path`'s backbone, or of the policy's."""
+  config = exp.config
+  if exp.build_critic is not None:
+    return exp.build_critic(config, policy)
+  rngs = nnx.Rngs(config.model.init_seed + 2)
+  if config.model.critic_path is not None:
+    backbone, _ = load_pretrained(config.model.critic_path)
+    return ValueModel.from_policy(backbone, rngs=rngs)
+  return ValueModel.from_policy(policy, rngs=rngs)
+
+
+def build_reward(exp: Experiment, tokenizer: Any) -> Callable:
+  """The grpo / ppo reward: the hook, a callable, "module:attr", or a `rljax.rewards` name."""
+  if exp.build_reward is not None:
+    return exp.build_reward(exp.config, tokenizer)
+  spec = resolve_callable(exp.config.reward, "reward")
+  if isinstance(spec, str):
+    import rljax.rewards
+
+    if not callable(getattr(rljax.rewards, spec, None)):
+      raise ConfigError(f"reward {spec!r} is not a function of rljax.rewards "
+                        f"({', '.join(rljax.rewards.__all__)}) nor a 'module:attr' string.")
+    spec = getattr(rljax.rewards, spec)
+  if not callable(spec):
+    raise ConfigError(f"algorithm {exp.config.algorithm!r} needs `reward` (a callable "
+                      "fn(prompts, completions, **fields)) or a build_reward hook.")
+  return spec
+
+
+def load_rows(spec: Any, what: str) -> list[dict]:
+  """Rows of a dataset spec: a JSONL path, a list of rows, or a callable returning them."""
+  spec = resolve_callable(spec, what)
+  if callable(spec):
+    spec = spec()
+  if isinstance(spec, (str, os.PathLike)):
+    return read_jsonl(spec)
+  if not isinstance(spec, (list, tuple)):
+    raise ConfigError(f"{what} must be a JSONL path, a list of rows or a callable returning "
+                      f"rows; got {type(spec).__name__}.")
+  return list(spec)
+
+
+def pad_id_of(tokenizer: Any) -> int:
+  pad = getattr(tokenizer, "pad_token_id", None)
+  return int(pad if pad is not None else tokenizer.eos_token_id)
+
+
+def _records(config: ExperimentConfig, tokenizer: Any, spec: Any, what: str) -> list[dict]:
+  d = config.data
+  kwargs = {} if d.chat is None else {"chat": d.chat}
+  records, _ = tokenize_dataset(tokenizer, load_rows(spec, what), config.data_kind,
+                                max_length=d.max_length, **kwargs)
+  return records
+
+
+def _collate(config: ExperimentConfig, tokenizer: Any):
+  d = config.data
+  buckets = d.buckets
+  if buckets is None and d.max_length is not None:
+    buckets = bucket_sizes(d.max_length)
+  return collator(config.data_kind, pad_id=pad_id_of(tokenizer), buckets=buckets)
+
+
+def train_iterator(config: ExperimentConfig, tokenizer: Any) -> BatchIterator:
+  """Endless, seeded, resumable batches of the training set."""
+  if config.data.train is None:
+    raise ConfigError("data.train is required.")
+  records = _records(config, tokenizer, config.data.train, "data.train")
+  return BatchIterator(records, config.data.batch_size, seed=config.logging.seed,
+                       shuffle=config.data.shuffle, collate=_collate(config, tokenizer))
+
+
+def eval_batches(config: ExperimentConfig, tokenizer: Any) -> list[Any]:
+  """All batches of the held-out set, in order (the last one may be smaller); [] without one."""
+  if config.data.eval is None:
+    return []
+  records = _records(config, tokenizer, config.data.eval, "data.eval")
+  size = config.data.eval_batch_size or config.data.batch_size
+  it = BatchIterator(records, min(size, len(records)), seed=0, shuffle=False, drop_last=False,
+                     collate=_collate(config, tokenizer), num_epochs=1)
+  return list(it)

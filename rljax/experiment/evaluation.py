@@ -1,0 +1,76 @@
+"""Default evaluations of the runner (an experiment's `evaluate(run, state)` hook replaces them).
+
+  supervised (sft, reward_model, dpo family)   the objective's metrics on the held-out batches,
+      without an update: eval/loss, eval/nll (sft), eval/reward_accuracy (pairs), ...;
+      rows-weighted means over the batches
+  grpo / ppo                                   `trainer.evaluate` on the held-out prompts:
+      eval/accuracy (greedy: mean of reward > 0.5), eval/reward_mean, and eval/pass@k when
+      `config.eval_k` > 1 (k samples at the sampling temperature)
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from rljax.train.preference import add_reference_logps
+
+
+def _rows(batch: Any) -> int:
+  if hasattr(batch, "tokens"):
+    return int(batch.tokens.shape[0])
+  return int(np.shape(next(iter(batch.values())))[0])
+
+
+def _weighted_mean(results: list[tuple[int, dict[str, float]]]) -> dict[str, float]:
+  total = sum(n for n, _ in results)
+  keys = results[0][1].keys() if results else ()
+  return {k: sum(n * r[k] for n, r in results) / total for k in keys}
+
+
+@functools.lru_cache(maxsize=16)
+def _jitted_objective(graphdef: nnx.GraphDef, loss_fn: Any):
+  def evaluate(params, frozen, batch):
+    loss, metrics = loss_fn(nnx.merge(graphdef, params, frozen), batch, normalizer=None)
+    return {"loss": loss, **metrics}
+
+  return jax.jit(evaluate)
+
+
+def evaluate_supervised(run: Any, state: Any) -> dict[str, float]:
+  """The objective's loss and metrics on `run.eval_batches` (no update)."""
+  fn = _jitted_objective(run.graphdef, run.loss_fn)
+  results = []
+  for batch in run.eval_batches:
+    if run.reference is not None:
+      batch = add_reference_logps(run.graphdef, run.reference, batch)
+    metrics = jax.device_get(fn(state.params, state.frozen, batch))
+    results.append((_rows(batch), {k: float(v) for k, v in metrics.items()}))
+  return _weighted_mean(results)
+
+
+def evaluate_generation(run: Any, state: Any) -> dict[str, float]:
+  """Greedy accuracy (and pass@k) of the policy on `run.eval_batches` of prompts."""
+  key = jax.random.key(run.config.logging.seed + 1)
+  results = []
+  for i, prompts in enumerate(run.eval_batches):
+    metrics = run.trainer.evaluate(state, prompts, jax.random.fold_in(key, i), k=1,
+                                   temperature=0.0)
+    metrics.pop("pass@1", None)
+    k = run.config.eval_k
+    if k > 1:
+      sampled = run.trainer.evaluate(state, prompts, jax.random.fold_in(key, 10_000 + i), k=k)
+      metrics[f"pass@{k}"] = sampled[f"pass@{k}"]
+    results.append((_rows(prompts), metrics))
+  return _weighted_mean(results)
+
+
+def default_evaluate(run: Any, state: Any) -> dict[str, float]:
+  """The algorithm's default evaluation (see the module docstring)."""
+  if run.trainer is not None:
+    return evaluate_generation(run, state)
+  return evaluate_supervised(run, state)

@@ -1,0 +1,330 @@
+"""The runner: `run_experiment(experiment, overrides, resume=..., out_dir=...)`.
+
+The loop, for every algorithm:
+
+    state, iterator ← build (or restore the latest checkpoint with --resume)
+    for step in start+1 .. steps:
+        batch ← next(iterator)
+        state, metrics ← STEP[algorithm family](run, state, batch, step)
+        log metrics (JSONL / TensorBoard / progress bar) every log_every steps
+        evaluate every eval_every steps; checkpoint every save_every steps
+    final evaluation, checkpoint, model, plot and summary
+
+with one small step function per family: `supervised_step` (sft, reward_model and the DPO
+family through `make_train_step` with the objective and its count function; DPO / KTO add the
+frozen reference's log-probs to each batch), `grpo_step` (`GRPOTrainer.step`) and `ppo_step`
+(`PPOTrainer.step`). Rollout keys are `fold_in(key(seed), step)`, so a resumed run draws the same
+samples as an uninterrupted one; a checkpoint holds the TrainState (params, optimizer state,
+RNG, PPO critic and KL controller) and, as JSON, the data iterator's position and the run time.
+
+Every logged record also has "compiles": the number of XLA compilations during that step
+(from `jax.monitoring`), 0 once the shapes have settled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from rljax.experiment import build
+from rljax.experiment.config import ConfigError, Experiment, ExperimentConfig, load_experiment
+from rljax.experiment.config import to_jsonable
+from rljax.experiment.evaluation import default_evaluate
+from rljax.experiment.logging import MetricsLogger, read_metrics
+from rljax.experiment.plots import plot_curves
+from rljax.experiment.progress import Progress
+from rljax.models.transformer import Transformer
+from rljax.train.checkpoint import Checkpointer
+from rljax.train.grpo import GRPOTrainer
+from rljax.train.objectives import dpo_objective, pair_count, sft_loss, sft_token_count
+from rljax.train.optim import make_optimizer
+from rljax.train.ppo import PPOTrainer, split_critic
+from rljax.train.preference import (
+  add_reference_logps, cpo_objective, example_count, kto_objective, orpo_objective,
+  simpo_objective,
+)
+from rljax.train.reward_modeling import reward_pair_objective
+from rljax.train.state import create_train_state, state_shardings
+from rljax.train.step import make_train_step
+
+# algorithm → (objective, count function, needs the frozen reference's log-probs)
+OBJECTIVES: dict[str, tuple[Callable, Callable, bool]] = {
+  "sft": (sft_loss, sft_token_count, False),
+  "reward_model": (reward_pair_objective, pair_count, False),
+  "dpo": (dpo_objective, pair_count, True),
+  "kto": (kto_objective, example_count, True),
+  "orpo": (orpo_objective, pair_count, False),
+  "simpo": (simpo_objective, pair_count, False),
+  "cpo": (cpo_objective, pair_count, False),
+}
+SUMMARY_KEYS = ("loss", "nll", "reward_mean", "kl", "reward_accuracy", "grad_norm")
+
+# ----------------------------------------------------------------------------------------------
+# Compilation counter.
+# ----------------------------------------------------------------------------------------------
+
+_COMPILES = [0]
+
+
+def _on_event(event: str, *_: Any, **__: Any) -> None:
+  if event == "/jax/core/compile/backend_compile_duration":
+    _COMPILES[0] += 1
+
+
+jax.monitoring.register_event_duration_secs_listener(_on_event)
+
+
+def compile_count() -> int:
+  """XLA compilations so far in this process (all jitted functions)."""
+  return _COMPILES[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# The run.
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Run:
+  """Everything a step or an evaluation needs (the `run` given to an `evaluate` hook)."""
+
+  config: ExperimentConfig
+  experiment: Experiment
+  tokenizer: Any
+  model: nnx.Module            # the initial module (graph template; its arrays are not updated)
+  graphdef: nnx.GraphDef
+  optimizer: Any
+  train_iter: Any
+  eval_batches: list
+  reference: tuple | None = None   # frozen (params, frozen) of the initial policy
+  loss_fn: Callable | None = None
+  train_step: Callable | None = None
+  trainer: Any = None              # GRPOTrainer / PPOTrainer
+  key: jax.Array | None = None
+  out_dir: str = ""
+
+
+def _copy(tree: Any) -> Any:
+  return jax.tree.map(jnp.copy, tree)  # steps donate the state's buffers
+
+
+def _mesh(config: ExperimentConfig):
+  """A mesh (and rules) on several devices; None on one device (same code, no shardings)."""
+  devices = jax.devices()[: config.num_devices]
+  if len(devices) == 1 or config.algorithm == "ppo":
+    return None, None
+  from rljax.parallel.mesh import make_mesh
+
+  mesh = make_mesh(config.mesh, devices=devices)
+  batch_axes = mesh.shape["data"] * mesh.shape["fsdp"]
+  if config.data.batch_size % batch_axes:
+    raise ConfigError(f"data.batch_size ({config.data.batch_size}) must be divisible by the "
+                      f"data x fsdp mesh size ({batch_axes}); or set num_devices / mesh.")
+  return mesh, config.rules
+
+
+def setup(exp: Experiment, out_dir: str) -> tuple[Run, Any]:
+  """Builds the tokenizer, model, train state, data and trainer of an experiment."""
+  c = exp.config
+  tokenizer = build.build_tokenizer(c)
+  model = build.build_model(exp, tokenizer)
+  optimizer = make_optimizer(c.optimizer)
+  mesh, rules = _mesh(c)
+  graphdef, state = create_train_state(model, optimizer, rng=c.logging.seed, mesh=mesh,
+                                       rules=rules)
+  run = Run(config=c, experiment=exp, tokenizer=tokenizer, model=model, graphdef=graphdef,
+            optimizer=optimizer, train_iter=build.train_iterator(c, tokenizer),
+            eval_batches=build.eval_batches(c, tokenizer), key=jax.random.key(c.logging.seed),
+            out_dir=out_dir)
+  compiler_options = dict(c.compiler_options) or None
+  if c.algorithm in OBJECTIVES:
+    objective, count_fn, needs_reference = OBJECTIVES[c.algorithm]
+    run.loss_fn = functools.partial(objective, **c.objective) if c.objective else objective
+    if needs_reference:
+      run.reference = _copy((state.params, state.frozen))
+    shardings = None if mesh is None else state_shardings(graphdef, state, mesh, rules)
+    run.train_step = make_train_step(
+      run.loss_fn, graphdef, optimizer, count_fn=count_fn, shardings=shardings,
+      num_microbatches=c.num_microbatches,
+      compute_dtype=build.dtype_of(c.compute_dtype, "compute_dtype"),
+      compiler_options=compiler_options)
+    return run, state
+  run.reference = _copy((state.params, state.frozen))
+  reward_fn = build.build_reward(exp, tokenizer)
+  eos, pad_id = tokenizer.eos_token_id, build.pad_id_of(tokenizer)
+  if c.algorithm == "grpo":
+    run.trainer = GRPOTrainer(graphdef, optimizer, c.grpo, reward_fn, tokenizer, stop_tokens=[eos],
+                              pad_id=pad_id, ref_params=run.reference, mesh=mesh, rules=rules,
+                              compiler_options=compiler_options)
+    return run, state
+  critic = build.build_critic(exp, model)
+  critic_graphdef, _, _ = split_critic(critic)
+  critic_optimizer = make_optimizer(c.critic_optimizer or c.optimizer)
+  run.trainer = PPOTrainer(graphdef, critic_graphdef, optimizer, critic_optimizer, c.ppo,
+                           reward_fn, tokenizer, stop_tokens=[eos], pad_id=pad_id,
+                           ref_params=run.reference, compiler_options=compiler_options)
+  return run, state.replace(extras=run.trainer.initial_extras(critic))
+
+
+# ----------------------------------------------------------------------------------------------
+# One step per algorithm family.
+# ----------------------------------------------------------------------------------------------
+
+
+def supervised_step(run: Run, state: Any, batch: Mapping, step: int) -> tuple[Any, dict]:
+  """One optimizer update of the objective (reference log-probs added for DPO / KTO)."""
+  del step
+  if run.reference is not None:
+    batch = add_reference_logps(run.graphdef, run.reference, batch)
+  start = time.perf_counter()
+  state, metrics = run.train_step(state, batch)
+  metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+  tokens = sum(float(np.sum(v)) for k, v in batch.items() if k.endswith("attention_mask"))
+  metrics["tokens_per_second"] = tokens / max(time.perf_counter() - start, 1e-9)
+  return state, metrics
+
+
+def grpo_step(run: Run, state: Any, prompts: Any, step: int) -> tuple[Any, dict]:
+  """One GRPO rollout (G samples per prompt) and its updates."""
+  return run.trainer.step(state, prompts, jax.random.fold_in(run.key, step))
+
+
+def ppo_step(run: Run, state: Any, prompts: Any, step: int) -> tuple[Any, dict]:
+  """One PPO rollout and its epochs of policy / critic updates."""
+  return run.trainer.step(state, prompts, jax.random.fold_in(run.key, step))
+
+
+def step_function(algorithm: str) -> Callable:
+  return {"grpo": grpo_step, "ppo": ppo_step}.get(algorithm, supervised_step)
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop.
+# ----------------------------------------------------------------------------------------------
+
+
+def _evaluate(run: Run, state: Any) -> dict[str, float]:
+  hook = run.experiment.evaluate
+  if hook is None and not run.eval_batches:
+    return {}
+  results = hook(run, state) if hook is not None else default_evaluate(run, state)
+  return {(k if k.startswith("eval/") else f"eval/{k}"): float(v) for k, v in results.items()}
+
+
+def _save_final_model(run: Run, state: Any) -> str | None:
+  model = nnx.merge(run.graphdef, state.params, state.frozen)
+  if not isinstance(model, Transformer):
+    return None
+  from rljax.models.io import save_pretrained
+
+  path = os.path.join(run.out_dir, "model")
+  save_pretrained(model, run.tokenizer, path)
+  return path
+
+
+def summarize(records: list[dict], evals: dict[str, float], seconds: float, steps: int
+              ) -> dict[str, Any]:
+  """{"steps", "seconds", "first": {...}, "last": {...}, "eval": {...}} of the key metrics."""
+  train = [r for r in records if any(k in r for k in SUMMARY_KEYS)]
+  pick = lambda r: {k: r[k] for k in SUMMARY_KEYS if k in r}  # noqa: E731
+  return {"steps": steps, "seconds": round(seconds, 2),
+          "first": pick(train[0]) if train else {}, "last": pick(train[-1]) if train else {},
+          "eval": evals}
+
+
+def _format_summary(summary: dict[str, Any]) -> str:
+  lines = [f"rljax: {summary['steps']} steps in {summary['seconds']:.1f} s"]
+  for key in summary["last"]:
+    lines.append(f"  {key:16s} {summary['first'].get(key, float('nan')):.4g} → "
+                 f"{summary['last'][key]:.4g}")
+  for key, value in summary["eval"].items():
+    lines.append(f"  {key:16s} {value:.4g}")
+  return "\n".join(lines)
+
+
+def run_experiment(target: str | ExperimentConfig | Experiment, overrides: Any = (), *,
+                   resume: bool = False, out_dir: str | None = None) -> dict[str, Any]:
+  """Runs an experiment end to end and returns its summary (also printed and written to
+  `out_dir/summary.json`). See the module docstring for the loop and
+  `rljax.experiment.config` for the experiment format.
+
+  Raises:
+    ConfigError: a bad config, or `out_dir` already holds checkpoints and `resume` is False.
+  """
+  exp = load_experiment(target, overrides)
+  c = exp.config
+  if out_dir is not None:
+    exp.config = c = dataclasses.replace(c, logging=dataclasses.replace(c.logging,
+                                                                        out_dir=out_dir))
+  log = c.logging
+  out_dir = os.path.abspath(log.out_dir)
+  ckpt_dir = os.path.join(out_dir, "checkpoints")
+  has_checkpoints = os.path.isdir(ckpt_dir) and any(
+    n.isdigit() for n in os.listdir(ckpt_dir))
+  if has_checkpoints and not resume:
+    raise ConfigError(f"{out_dir} already holds checkpoints; pass --resume to continue that run "
+                      "or --out for a new directory.")
+  os.makedirs(out_dir, exist_ok=True)
+  with open(os.path.join(out_dir, "config.json"), "w") as f:
+    json.dump(to_jsonable(c), f, indent=1)
+  run, state = setup(exp, out_dir)
+  checkpointer = None
+  if log.save_every > 0 or resume:
+    checkpointer = Checkpointer(ckpt_dir, save_every=max(log.save_every, 1), keep=log.keep,
+                                metadata={"algorithm": c.algorithm})
+  start_step, elapsed = 0, 0.0
+  if resume and checkpointer is not None and checkpointer.latest_step() is not None:
+    state, data_state, _ = checkpointer.restore(state)
+    run.train_iter.load_state_dict(data_state["iterator"])
+    start_step, elapsed = int(data_state["step"]), float(data_state["time"])
+  logger = MetricsLogger(out_dir, resume_step=start_step if resume else None,
+                         tensorboard=log.tensorboard)
+  progress = Progress(c.steps, initial=start_step, enabled=log.progress)
+  step_fn = step_function(c.algorithm)
+  evals: dict[str, float] = {}
+  t0 = time.perf_counter() - elapsed
+  try:
+    for step in range(start_step + 1, c.steps + 1):
+      batch = next(run.train_iter)
+      compiles = compile_count()
+      state, metrics = step_fn(run, state, batch, step)
+      metrics["compiles"] = compile_count() - compiles
+      evaluated = bool(log.eval_every) and (step % log.eval_every == 0 or step == c.steps)
+      if evaluated:
+        evals = _evaluate(run, state)
+        metrics.update(evals)
+      if step % log.log_every == 0 or step == c.steps or evaluated:
+        logger.log(step, metrics, time=time.perf_counter() - t0)
+      progress.update(step, metrics)
+      if checkpointer is not None:
+        checkpointer.save(step, state, force=step == c.steps, data_state={
+          "iterator": run.train_iter.state_dict(), "step": step,
+          "time": time.perf_counter() - t0})
+  finally:
+    progress.close()
+    logger.close()
+    if checkpointer is not None:
+      checkpointer.close()
+  seconds = time.perf_counter() - t0
+  if not evals and not log.eval_every:
+    evals = _evaluate(run, state) if (run.eval_batches or exp.evaluate) else {}
+  if log.save_model:
+    _save_final_model(run, state)
+  records = read_metrics(out_dir)
+  if log.plot:
+    plot_curves(records, os.path.join(out_dir, "curves.png"), title=f"{c.algorithm}: {exp.source}")
+  summary = summarize(records, evals, seconds, c.steps)
+  with open(os.path.join(out_dir, "summary.json"), "w") as f:
+    json.dump(summary, f, indent=1)
+  print(_format_summary(summary))
+  return summary

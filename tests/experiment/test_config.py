@@ -1,0 +1,101 @@
+"""Experiment config: loading, validation errors that list the valid keys, --set overrides."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from rljax.cli import build_parser
+from rljax.experiment.config import (
+  ConfigError, ExperimentConfig, apply_overrides, from_dict, load_experiment, parse_value,
+)
+
+
+def test_parse_value_types():
+  assert parse_value("3") == 3 and isinstance(parse_value("3"), int)
+  assert parse_value("1e-4") == 1e-4
+  assert parse_value("true") is True and parse_value("False") is False
+  assert parse_value("null") is None and parse_value("None") is None
+  assert parse_value("[16, 32]") == [16, 32]
+  assert parse_value('{"beta": 0.2}') == {"beta": 0.2}
+  assert parse_value("runs/x") == "runs/x"
+
+
+def test_overrides_nested_fields_and_types():
+  c = apply_overrides(ExperimentConfig("grpo"), [
+    "steps=7", "grpo.beta=0.0", "grpo.top_k=None", "optimizer.learning_rate=3e-4",
+    "data.buckets=[16,32]", "logging.tensorboard=false", "objective.beta=0.2",
+    'model.config={"vocab_size": 19, "hidden_size": 32, "intermediate_size": 64, '
+    '"num_layers": 2, "num_heads": 4}', "model.config.num_layers=3"])
+  assert c.steps == 7 and c.grpo.beta == 0.0 and c.grpo.top_k is None
+  assert c.optimizer.learning_rate == 3e-4 and c.data.buckets == (16, 32)
+  assert c.logging.tensorboard is False and c.objective == {"beta": 0.2}
+  assert c.model.config.num_layers == 3 and c.model.config.hidden_size == 32
+  # the original is untouched (frozen dataclasses, replaced not mutated)
+  assert ExperimentConfig("grpo").grpo.beta == 0.04
+
+
+@pytest.mark.parametrize("override,where,valid", [
+  ("stesp=3", "at the top level", "steps"),
+  ("grpo.bta=1", "in 'grpo'", "group_size"),
+  ("logging.out=x", "in 'logging'", "out_dir"),
+  ("optimizer.lr=1", "in 'optimizer'", "learning_rate"),
+])
+def test_unknown_key_lists_valid_keys(override, where, valid):
+  with pytest.raises(ConfigError, match=f"unknown key .*{where}.*valid keys: .*{valid}"):
+    apply_overrides(ExperimentConfig("sft"), [override])
+
+
+def test_bad_values_and_forms():
+  with pytest.raises(ConfigError, match="group_size"):
+    apply_overrides(ExperimentConfig("grpo"), ["grpo.group_size=1"])
+  with pytest.raises(ConfigError, match="algorithm must be one of"):
+    apply_overrides(ExperimentConfig("sft"), ["algorithm=rlhf"])
+  with pytest.raises(ConfigError, match="key=value"):
+    apply_overrides(ExperimentConfig("sft"), ["steps"])
+  with pytest.raises(ConfigError, match="model.config' is None"):
+    apply_overrides(ExperimentConfig("sft"), ["model.config.num_layers=2"])
+  with pytest.raises(ConfigError, match="batch_size"):
+    apply_overrides(ExperimentConfig("sft"), ["data.batch_size=0"])
+
+
+def test_from_dict_nested_and_unknown():
+  c = from_dict(ExperimentConfig, {"algorithm": "dpo", "grpo": {"group_size": 4},
+                                   "logging": {"seed": 3}, "data": {"buckets": [8]}})
+  assert c.grpo.group_size == 4 and c.logging.seed == 3 and c.data.buckets == (8,)
+  with pytest.raises(ConfigError, match="unknown key 'sede' in 'logging'.*seed"):
+    from_dict(ExperimentConfig, {"algorithm": "dpo", "logging": {"sede": 3}})
+
+
+def test_json_and_yaml_files(tmp_path):
+  path = tmp_path / "exp.json"
+  path.write_text(json.dumps({"algorithm": "sft", "steps": 3, "optimizer": {"learning_rate": 1}}))
+  exp = load_experiment(str(path), ["steps=5"])
+  assert exp.config.steps == 5 and exp.config.optimizer.learning_rate == 1
+  yaml = pytest.importorskip("yaml")
+  path = tmp_path / "exp.yaml"
+  path.write_text(yaml.safe_dump({"algorithm": "kto", "ppo": {"ppo_epochs": 2}}))
+  assert load_experiment(str(path)).config.ppo.ppo_epochs == 2
+  path.write_text(yaml.safe_dump({"algorithm": "kto", "ppo": {"epochs": 2}}))
+  with pytest.raises(ConfigError, match="ppo_epochs"):
+    load_experiment(str(path))
+
+
+def test_python_experiment_with_hooks(tmp_path):
+  path = tmp_path / "exp.py"
+  path.write_text("from rljax.experiment.config import ExperimentConfig\n"
+                  "config = ExperimentConfig('grpo', steps=2)\n"
+                  "def evaluate(run, state):\n  return {'x': 1.0}\n")
+  exp = load_experiment(str(path), ["steps=4"])
+  assert exp.config.steps == 4 and exp.evaluate is not None and exp.build_model is None
+  (tmp_path / "bad.py").write_text("config = {'algorithm': 'sft'}\n")
+  with pytest.raises(ConfigError, match="must define `config = ExperimentConfig"):
+    load_experiment(str(tmp_path / "bad.py"))
+
+
+def test_cli_parser_has_train_and_convert():
+  args = build_parser().parse_args(["train", "exp.py", "--set", "a=1", "--set", "b.c=x",
+                                    "--resume", "--out", "runs/x"])
+  assert args.overrides == ["a=1", "b.c=x"] and args.resume and args.out == "runs/x"
+  assert build_parser().parse_args(["convert", "m.gguf", "out"]).command == "convert"

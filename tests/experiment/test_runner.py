@@ -1,0 +1,124 @@
+"""The runner end to end on a tiny from-scratch model: SFT writes metrics and the plot, resume
+continues the curve exactly, no recompilation after the first steps, GRPO through the CLI."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tiny_experiment import grpo_config, sft_config  # noqa: E402
+
+from rljax.cli import main  # noqa: E402
+from rljax.experiment.config import ConfigError  # noqa: E402
+from rljax.experiment.logging import read_metrics  # noqa: E402
+from rljax.experiment.runner import run_experiment  # noqa: E402
+
+TIMING = {"time", "tokens_per_second", "compiles"}
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _values(record):
+  return {k: v for k, v in record.items() if k not in TIMING}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+  out = tmp_path_factory.mktemp("sft_full")
+  summary = run_experiment(sft_config(str(out)))
+  return out, summary
+
+
+def test_sft_run_writes_metrics_plot_and_summary(uninterrupted):
+  out, summary = uninterrupted
+  records = read_metrics(str(out))
+  assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+  for r in records:
+    assert {"loss", "nll", "grad_norm", "learning_rate", "time", "tokens_per_second"} <= set(r)
+  assert records[-1]["loss"] < records[0]["loss"]  # SFT at lr 1e-2 on 6 rows learns
+  assert (out / "curves.png").read_bytes()[:8] == PNG_MAGIC
+  saved = json.loads((out / "summary.json").read_text())
+  assert saved["steps"] == 6 and saved["last"]["loss"] == pytest.approx(records[-1]["loss"])
+  assert summary["eval"]["eval/nll"] > 0  # default evaluation at the end (held-out NLL)
+  assert (out / "model" / "config.json").exists()
+
+
+def test_no_recompilation_after_first_steps(uninterrupted):
+  out, _ = uninterrupted
+  records = read_metrics(str(out))
+  assert records[0]["compiles"] >= 1  # the step compiles once ...
+  assert all(r["compiles"] == 0 for r in records[2:])  # ... and never again (steps 3+)
+
+
+def test_resume_continues_the_curve(uninterrupted, tmp_path):
+  full = read_metrics(str(uninterrupted[0]))
+  out = str(tmp_path / "run")
+  run_experiment(sft_config(out, save_every=2), ["steps=4"])
+  assert [r["step"] for r in read_metrics(out)] == [1, 2, 3, 4]
+  with pytest.raises(ConfigError, match="--resume"):
+    run_experiment(sft_config(out, save_every=2))
+  run_experiment(sft_config(out, save_every=2), resume=True)
+  resumed = read_metrics(out)
+  assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]
+  assert resumed[4]["time"] >= resumed[3]["time"]  # wall time continues too
+  for a, b in zip(resumed, full):
+    got, want = _values(a), _values(b)
+    assert got.keys() == want.keys()
+    np.testing.assert_allclose([got[k] for k in sorted(got)], [want[k] for k in sorted(want)],
+                               rtol=1e-5, err_msg=f"step {a['step']}")
+
+
+def test_resume_cuts_lines_logged_after_the_checkpoint(tmp_path):
+  out = str(tmp_path / "run")
+  run_experiment(sft_config(out, save_every=2, plot=False), ["steps=2"])
+  with open(Path(out) / "metrics.jsonl", "a") as f:  # an interrupted run logged step 3
+    f.write(json.dumps({"step": 3, "time": 1.0, "loss": 123.0}) + "\n")
+  run_experiment(sft_config(out, save_every=2, plot=False), ["steps=3"], resume=True)
+  records = read_metrics(out)
+  assert [r["step"] for r in records] == [1, 2, 3] and records[-1]["loss"] != 123.0
+
+
+EXPERIMENT_FILE = """
+import sys
+sys.path.insert(0, {here!r})
+from tiny_experiment import grpo_config
+config = grpo_config({out!r})
+"""
+
+
+def test_grpo_through_the_cli(tmp_path, capsys):
+  out = tmp_path / "grpo"
+  path = tmp_path / "grpo_exp.py"
+  path.write_text(EXPERIMENT_FILE.format(here=str(Path(__file__).resolve().parent), out=str(out)))
+  assert main(["train", str(path), "--set", "grpo.num_iterations=1", "--out", str(out)]) == 0
+  records = read_metrics(str(out))
+  assert [r["step"] for r in records] == [1, 2, 3]
+  for key in ("reward_mean", "reward_std", "response_length", "truncation_rate", "entropy", "kl",
+              "clipfrac", "zero_variance_groups", "grad_norm", "learning_rate",
+              "tokens_per_second"):
+    assert key in records[-1], key
+  assert records[0]["first_ratio_mean"] == pytest.approx(1.0)
+  assert {"eval/accuracy", "eval/pass@2"} <= set(records[1])  # eval_every=2, and at the end
+  assert records[2]["compiles"] == 0
+  assert (out / "curves.png").read_bytes()[:8] == PNG_MAGIC
+  assert "rljax: 3 steps" in capsys.readouterr().out
+  assert main(["train", str(path), "--set", "grpo.group_sz=2"]) == 2
+  assert "valid keys" in capsys.readouterr().err
+
+
+def test_sft_on_a_mesh_of_all_devices(tmp_path):
+  """Same runner, every (emulated) device: data-parallel mesh; the batch must divide."""
+  import jax
+
+  n = jax.device_count()
+  out = str(tmp_path / "mesh")
+  with pytest.raises(ConfigError, match="divisible"):
+    run_experiment(sft_config(out), ["num_devices=null", "data.batch_size=3"] if n > 1 else
+                   ["num_devices=null", "data.batch_size=0"])
+  run_experiment(sft_config(out, plot=False, save_model=False),
+                 ["num_devices=null", f"data.batch_size={n}", "steps=2"])
+  assert [r["step"] for r in read_metrics(out)] == [1, 2]
