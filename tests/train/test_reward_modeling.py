@@ -148,7 +148,7 @@ def test_listwise_objective_matches_numpy_over_all_pairs(parts):
 
 def test_microbatch_losses_with_the_global_normalizer_sum_to_the_full_batch_loss(parts):
   """Σ over microbatches of loss(mb, normalizer=N) == loss(full batch) for every θ, hence the
-  gradients agree too (the gradient-level check through make_grad_fn is in test_preference)."""
+  gradients agree too (the gradient-level check through make_grad_fn is in test_preference_training)."""
   graphdef, params, frozen = parts
   pairs = dict(pair_batch(2, n=32), margin=np.linspace(1.0, 0.0, 32).astype(np.float32))
   lists = ranking_batch(3, n=8)
