@@ -1,0 +1,83 @@
+"""The addition main job: the task's pieces, and a short run where GRPO lifts greedy accuracy by
+at least 30 points over the SFT model (one fixed seed)."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from experiments.addition.pipeline import AdditionConfig, run  # noqa: E402
+from experiments.addition.task import (  # noqa: E402
+  carry_dropped_sum,
+  char_tokenizer,
+  demonstrations,
+  exact_match_reward,
+  has_carry,
+  prompt_rows,
+  prompt_text,
+  sample_problems,
+  written,
+)
+
+
+def test_char_tokenizer_round_trip():
+  tok = char_tokenizer()
+  ids = tok("654+987=")["input_ids"]
+  assert ids[0] == tok.bos_token_id and len(ids) == 9
+  assert tok.convert_ids_to_tokens(ids[1:]) == list("654+987=")
+  response = tok("5421", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+  assert tok.decode(response, skip_special_tokens=True) == "5421"
+  assert len({tok.pad_token_id, tok.bos_token_id, tok.eos_token_id}) == 3
+
+
+def test_carry_dropped_sum_hand_values():
+  assert carry_dropped_sum(456, 789, 3) == 1135  # 6+9→5, 5+8→3, 4+7→11
+  assert carry_dropped_sum(95, 17, 2) == 102
+  assert carry_dropped_sum(123, 456, 3) == 579 and not has_carry(123, 456, 3)
+  assert carry_dropped_sum(5, 789, 3) == 784 and has_carry(5, 789, 3)
+  assert carry_dropped_sum(900, 800, 3) == 1700 and not has_carry(900, 800, 3)  # leading column
+
+
+def test_formats():
+  assert prompt_text(7, 452, 3) == "700+254=" and prompt_text(7, 452, 3, False) == "007+452="
+  assert written(459, 3, True) == "9540" and written(1245, 3, False) == "1245"
+
+
+def test_demonstrations_are_careless_at_the_stated_rate():
+  rng = np.random.default_rng(0)
+  problems = sample_problems(4000, rng, digits=3)
+  assert len(set(problems)) == 4000
+  demos = demonstrations(problems, rng, digits=3, forget_prob=0.6)
+  right = np.array([d["response"] == written(a + b, 3, True) for d, (a, b) in zip(demos, problems)])
+  carry = np.array([has_carry(a, b, 3) for a, b in problems])
+  assert right[~carry].all()  # nothing to forget
+  assert abs(right[carry].mean() - 0.4) < 0.04
+  wrong = [(d, a, b) for d, (a, b), r in zip(demos, problems, right) if not r]
+  assert all(d["response"] == written(carry_dropped_sum(a, b, 3), 3, True) for d, a, b in wrong)
+  with pytest.raises(ValueError, match="forget_prob"):
+    demonstrations(problems, rng, digits=3, forget_prob=1.5)
+
+
+def test_exact_match_reward():
+  rows = prompt_rows([(456, 789), (1, 2)], digits=3)
+  answers = [r["answer"] for r in rows]
+  assert answers == ["5421", "3000"]
+  got = exact_match_reward(None, ["5421", "300"], answer=answers)
+  np.testing.assert_array_equal(got, np.array([1.0, 0.0], np.float32))
+  assert got.dtype == np.float32
+  with pytest.raises(ValueError, match="answer"):
+    exact_match_reward(None, ["1"], answer=["1", "2"])
+
+
+@pytest.mark.slow
+def test_grpo_lifts_greedy_accuracy_by_30_points():
+  result = run(AdditionConfig(seed=0), log=lambda _: None)  # the full default run
+  assert all(math.isfinite(v) for v in result.values())
+  assert 0.2 < result["before"] < 0.6  # SFT imitates the careless demonstrator
+  assert result["after"] - result["before"] >= 0.30
