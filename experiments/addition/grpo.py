@@ -1,10 +1,14 @@
 """The addition main job as a runner experiment: `rljax train experiments/addition/grpo.py`.
 
 The `build_model` hook runs the SFT stage of `pipeline.py` (careless demonstrations) and hands
-the SFT policy to the runner, which then runs GRPO with the exact-match verifier and evaluates
-greedy accuracy on the held-out problems every `logging.eval_every` steps (step 0 included when
-the runner evaluates before training). `python experiments/addition/main.py` is the same
-pipeline as a plain script.
+the SFT policy to the runner, which then runs GRPO with the exact-match verifier. The `evaluate`
+hook reports the runner's default evaluation (greedy accuracy on the held-out problems,
+`eval/accuracy`) every `logging.eval_every` steps and at the end, plus, computed once, the greedy
+accuracy of the SFT policy the run started from (`eval/accuracy_before`, from the runner's frozen
+reference). `python experiments/addition/main.py` is the same pipeline as a plain script.
+
+Measured (seed 0, 2-core CPU shared with other jobs): eval/accuracy_before 0.283 →
+eval/accuracy 0.959 after 60 GRPO steps.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from rljax.experiment.config import (  # noqa: E402
   ExperimentConfig,
   LoggingSection,
 )
+from rljax.experiment.evaluation import default_evaluate  # noqa: E402
 from rljax.train.grpo import GRPOConfig  # noqa: E402
 from rljax.train.optim import OptimizerConfig  # noqa: E402
 
@@ -57,6 +62,19 @@ def build_model(config: ExperimentConfig, tokenizer) -> nnx.Module:
   del config, tokenizer
   graphdef, state = run_sft(TASK, build_data(TASK))
   return nnx.merge(graphdef, state.params, state.frozen)
+
+
+_BEFORE: dict[int, float] = {}  # id(run) → greedy accuracy of the initial (SFT) policy
+
+
+def evaluate(run, state) -> dict[str, float]:
+  """The default evaluation (greedy accuracy on the held-out problems) of `state`, and once per
+  run the same evaluation of the initial policy (`run.reference`) as "accuracy_before"."""
+  if id(run) not in _BEFORE:
+    params, frozen = run.reference
+    _BEFORE[id(run)] = default_evaluate(run, state.replace(params=params,
+                                                           frozen=frozen))["accuracy"]
+  return {**default_evaluate(run, state), "accuracy_before": _BEFORE[id(run)]}
 
 
 config = ExperimentConfig(
