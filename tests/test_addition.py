@@ -81,3 +81,20 @@ def test_grpo_lifts_greedy_accuracy_by_30_points():
   assert all(math.isfinite(v) for v in result.values())
   assert 0.2 < result["before"] < 0.6  # SFT imitates the careless demonstrator
   assert result["after"] - result["before"] >= 0.30
+
+
+def test_ppo_rm_preference_pairs_come_from_mixed_prompts():
+  from experiments.addition.ppo_rm import preference_pairs
+
+  samples = [
+    ("a", ["5421", "5311", "5421", "9999", "5311"], "5421"),  # mixed: two distinct wrong answers
+    ("b", ["3000", "3000"], "3000"),                           # all right: no pair
+    ("c", ["1", "2"], "3000"),                                 # all wrong: no pair
+  ]
+  rows = preference_pairs(samples, max_pairs=5)
+  assert rows == [{"prompt": "a", "chosen": "5421", "rejected": "5311"},
+                  {"prompt": "a", "chosen": "5421", "rejected": "9999"}]
+  assert len(preference_pairs(samples, max_pairs=1)) == 1
+  for r in rows:
+    ok = exact_match_reward(None, [r["chosen"], r["rejected"]], answer=["5421"] * 2)
+    np.testing.assert_array_equal(ok, [1.0, 0.0])
