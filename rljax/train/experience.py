@@ -414,3 +414,14 @@ def rescale_to_normalizer(loss: Array, mask: Array, agg: str, normalizer: Array 
   local = agg_count(mask, agg)
   norm = jnp.asarray(normalizer, jnp.float32)
   return jnp.where(norm > 0, loss * local / jnp.where(norm > 0, norm, 1.0), 0.0)
+
+
+def accuracy_metrics(scored: Any, k: int) -> dict[str, float]:
+  """{"accuracy", "reward_mean", "pass@k"} of k completions per prompt (a row is correct when its
+  raw reward is > 0.5, the convention of 0/1 verifiers)."""
+  correct = (scored.raw_scores > 0.5).reshape(-1, k)
+  return {
+    "accuracy": float(correct.mean()),
+    "reward_mean": float(scored.raw_scores.mean()),
+    f"pass@{k}": float(correct.any(axis=1).mean()),
+  }

@@ -53,6 +53,7 @@ from rljax.ops.kl import kl_penalty
 from rljax.ops.masking import AGG_MODES, aggregate, masked_mean
 from rljax.train.experience import (
   agg_count,
+  accuracy_metrics,
   collect_rollout,
   completion_logprobs,
   count_trace,
@@ -437,10 +438,4 @@ class GRPOTrainer:
     """
     if k > 1 and temperature == 0:
       temperature = self.config.temperature
-    scored = self._rollout(state, prompts, key, k, temperature)
-    correct = (scored.raw_scores > 0.5).reshape(-1, k)
-    return {
-      "accuracy": float(correct.mean()),
-      "reward_mean": float(scored.raw_scores.mean()),
-      f"pass@{k}": float(correct.any(axis=1).mean()),
-    }
+    return accuracy_metrics(self._rollout(state, prompts, key, k, temperature), k)

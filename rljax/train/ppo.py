@@ -41,6 +41,7 @@ from rljax.ops.kl_control import adaptive_kl_controller, fixed_kl_controller, pp
 from rljax.ops.masking import AGG_MODES, aggregate, masked_mean, masked_whiten
 from rljax.ops.returns import gae
 from rljax.train.experience import (
+  accuracy_metrics,
   agg_count,
   collect_rollout,
   completion_logprobs,
@@ -345,6 +346,15 @@ class PPOTrainer:
              entropy=masked_mean(entropy, a["completion_mask"]))
     state = state.replace(extras=dict(state.extras, kl_ctl=kl_state))
     return batch, state, m
+
+  def evaluate(self, state: TrainState, prompts: Any, key: jax.Array, *, k: int = 1,
+               temperature: float = 0.0) -> dict[str, float]:
+    """Accuracy (mean of reward > 0.5) and pass@k of k completions per prompt, as
+    `GRPOTrainer.evaluate`: k = 1 with temperature 0 is greedy accuracy; for k > 1 a temperature
+    of 0 is replaced by the config's sampling temperature."""
+    if k > 1 and temperature == 0:
+      temperature = self.config.temperature
+    return accuracy_metrics(self._rollout(state, prompts, key, k, temperature), k)
 
   def step(self, state: TrainState, prompts: Any, key: jax.Array, *,
            ptx_batch: dict | None = None) -> tuple[TrainState, dict[str, float]]:

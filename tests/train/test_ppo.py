@@ -145,3 +145,8 @@ def test_ppo_learns_to_say_five():
   early, late = np.mean(rewards[:4]), np.mean(rewards[-4:])
   print(f"PPO reward first 4 steps {early:.3f} -> last 4 steps {late:.3f}")
   assert late > early + 0.3, rewards
+  # the runner's evaluation path: greedy reward of the trained policy, and pass@k
+  greedy = trainer.evaluate(state, prompts, jax.random.key(0))
+  assert greedy["reward_mean"] > early and 0 <= greedy["accuracy"] <= 1
+  sampled = trainer.evaluate(state, prompts, jax.random.key(1), k=2)
+  assert sampled["pass@2"] >= sampled["accuracy"]
