@@ -56,7 +56,8 @@ def _copy_backbone(policy: Transformer) -> Transformer:
   source = dict(nnx.to_flat_state(nnx.state(policy, nnx.Param)))
   for path, var in nnx.to_flat_state(state):
     value = source[path].get_value()
-    var.set_value(jax.device_put(value, value.sharding, may_alias=False))
+    sharding = getattr(value, "sharding", None)  # host (numpy) parameters go to the default device
+    var.set_value(jax.device_put(value, sharding, may_alias=False))
   return nnx.merge(graphdef, state)
 
 

@@ -188,3 +188,11 @@ def test_sharded_construction_and_from_sharded_policy():
   shardings = named_shardings(nnx.state(critic), mesh, "fsdp")
   assert shardings["head_weight"].get_value().spec == P("fsdp")
   assert shardings["head_bias"].get_value().spec == P()
+
+
+def test_from_policy_accepts_host_parameters(policy):
+  """A policy whose parameters are numpy arrays (e.g. assembled on the host) is copied too."""
+  graphdef, state = nnx.split(policy)
+  host = nnx.merge(graphdef, jax.tree.map(np.asarray, state))
+  critic = ValueModel.from_policy(host, rngs=nnx.Rngs(1))
+  np.testing.assert_array_equal(critic.backbone.embed[...], np.asarray(policy.embed[...]))
