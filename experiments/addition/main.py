@@ -6,26 +6,13 @@ Run:  python experiments/addition/main.py [--seed 0] [--set sft_steps=1000 ...]
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from experiments.addition.pipeline import AdditionConfig, run  # noqa: E402
-
-
-def parse_overrides(items: list[str]) -> dict:
-  fields = {f.name: f for f in dataclasses.fields(AdditionConfig)}
-  out = {}
-  for item in items:
-    name, _, value = item.partition("=")
-    if name not in fields:
-      raise SystemExit(f"unknown field {name!r}; valid: {', '.join(fields)}")
-    kind = type(getattr(AdditionConfig(), name))
-    out[name] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
-  return out
+from experiments.addition.pipeline import AdditionConfig, parse_overrides, run  # noqa: E402
 
 
 def main() -> None:
@@ -33,7 +20,8 @@ def main() -> None:
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE")
   args = parser.parse_args()
-  config = AdditionConfig(seed=args.seed, **parse_overrides(args.set))
+  (task,) = parse_overrides(args.set, AdditionConfig)
+  config = AdditionConfig(seed=args.seed, **task)
   start = time.perf_counter()
   result = run(config)
   print(f"accuracy before RL {100 * result['before']:.1f}%  →  after RL "

@@ -41,6 +41,22 @@ from rljax.train.state import TrainState, create_train_state
 from rljax.train.step import make_train_step
 
 
+def parse_overrides(items: list[str], *classes: type) -> list[dict[str, Any]]:
+  """`--set FIELD=VALUE` items → one kwargs dict per settings dataclass in `classes` (values are
+  cast to the type of the field's default; an unknown field exits listing the valid ones)."""
+  defaults = [cls() for cls in classes]
+  out: list[dict[str, Any]] = [{} for _ in classes]
+  for item in items:
+    name, _, value = item.partition("=")
+    owner = next((i for i, d in enumerate(defaults) if hasattr(d, name)), None)
+    if owner is None:
+      valid = [f.name for cls in classes for f in dataclasses.fields(cls)]
+      raise SystemExit(f"unknown field {name!r}; valid: {', '.join(valid)}")
+    kind = type(getattr(defaults[owner], name))
+    out[owner][name] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
+  return out
+
+
 @dataclasses.dataclass(frozen=True)
 class AdditionConfig:
   """Every knob of the run (defaults: the README's numbers, < 5 min on a 2-core CPU)."""

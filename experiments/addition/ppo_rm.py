@@ -48,10 +48,11 @@ from experiments.addition.pipeline import (  # noqa: E402
   AdditionData,
   Log,
   build_data,
+  parse_overrides,
   run_sft,
 )
 from experiments.addition.task import exact_match_reward  # noqa: E402
-from rljax.data.batching import collate_prompts, collator  # noqa: E402
+from rljax.data.batching import collator  # noqa: E402
 from rljax.data.iterator import BatchIterator  # noqa: E402
 from rljax.data.tokenize import tokenize_dataset  # noqa: E402
 from rljax.models.heads import RewardModel, ValueModel  # noqa: E402
@@ -244,27 +245,12 @@ def run(config: AdditionConfig, settings: PPORMSettings, *, log: Log = print) ->
   return {"before": before, "after": after, **rm, **times}
 
 
-def _overrides(items: list[str]) -> tuple[dict, dict]:
-  """--set FIELD=VALUE for `AdditionConfig` and `PPORMSettings` fields."""
-  task = {f.name: f.type for f in dataclasses.fields(AdditionConfig)}
-  rl = {f.name: f.type for f in dataclasses.fields(PPORMSettings)}
-  casts = {"int": int, "float": float, "bool": lambda v: v.lower() in ("1", "true", "yes")}
-  out: tuple[dict, dict] = ({}, {})
-  for item in items:
-    name, _, value = item.partition("=")
-    if name not in task and name not in rl:
-      raise SystemExit(f"unknown field {name!r}; valid: {', '.join([*task, *rl])}")
-    kind = task.get(name) or rl[name]
-    out[0 if name in task else 1][name] = casts[kind](value)
-  return out
-
-
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE")
   args = parser.parse_args()
-  task, rl = _overrides(args.set)
+  task, rl = parse_overrides(args.set, AdditionConfig, PPORMSettings)
   r = run(AdditionConfig(seed=args.seed, **task), PPORMSettings(**rl))
   print(f"reward model held-out pair accuracy {100 * r['rm_pair_accuracy']:.1f}%; "
         f"accuracy before PPO {100 * r['before']:.1f}%  →  after PPO {100 * r['after']:.1f}%   "

@@ -22,6 +22,25 @@ def _lengths(completion_lengths: Any, fn_name: str) -> np.ndarray:
   return lengths
 
 
+def _reward_of_lengths(name: str, penalty) -> Any:
+  """A reward function `fn(prompts, completions, *, completion_lengths, **fields)` applying
+  `penalty(lengths [B] float64) -> float32 [B]`."""
+
+  def reward(
+    prompts: Sequence[str] | None,
+    completions: Sequence[str],
+    *,
+    completion_lengths: Any = None,
+    **fields: Any,
+  ) -> np.ndarray:
+    lengths = _lengths(completion_lengths, name)
+    batch_size(prompts, completions, completion_lengths=lengths)
+    return penalty(lengths)
+
+  reward.__name__ = name
+  return reward
+
+
 def soft_overlong_penalty(
   lengths: Any, *, max_length: int, cache: int, factor: float = 1.0
 ) -> np.ndarray:
@@ -81,20 +100,10 @@ def overlong_penalty(max_length: int, cache: int, *, factor: float = 1.0):
     array([ 0. , -0.5], dtype=float32)
   """
   soft_overlong_penalty([], max_length=max_length, cache=cache, factor=factor)  # validates
-
-  def reward(
-    prompts: Sequence[str] | None,
-    completions: Sequence[str],
-    *,
-    completion_lengths: Any = None,
-    **fields: Any,
-  ) -> np.ndarray:
-    lengths = _lengths(completion_lengths, "overlong_penalty")
-    batch_size(prompts, completions, completion_lengths=lengths)
-    return soft_overlong_penalty(lengths, max_length=max_length, cache=cache, factor=factor)
-
-  reward.__name__ = "overlong_penalty"
-  return reward
+  return _reward_of_lengths(
+    "overlong_penalty",
+    lambda lengths: soft_overlong_penalty(lengths, max_length=max_length, cache=cache, factor=factor),
+  )
 
 
 def length_penalty(max_length: int, *, coef: float = 1.0):
@@ -118,17 +127,7 @@ def length_penalty(max_length: int, *, coef: float = 1.0):
     raise ValueError(f"`max_length` must be an int >= 1; got {max_length!r}.")
   if not coef >= 0:
     raise ValueError(f"`coef` must be >= 0; got {coef!r}.")
-
-  def reward(
-    prompts: Sequence[str] | None,
-    completions: Sequence[str],
-    *,
-    completion_lengths: Any = None,
-    **fields: Any,
-  ) -> np.ndarray:
-    lengths = _lengths(completion_lengths, "length_penalty")
-    batch_size(prompts, completions, completion_lengths=lengths)
-    return (-coef * np.minimum(lengths, max_length) / max_length).astype(np.float32)
-
-  reward.__name__ = "length_penalty"
-  return reward
+  return _reward_of_lengths(
+    "length_penalty",
+    lambda lengths: (-coef * np.minimum(lengths, max_length) / max_length).astype(np.float32),
+  )

@@ -12,7 +12,7 @@ from rljax.models.config import ModelConfig
 from rljax.train.grpo import GRPOConfig
 from rljax.train.optim import OptimizerConfig
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for tiny_tokenizer
 from tiny_tokenizer import WORDS, tiny_tokenizer  # noqa: E402
 
 VOCAB = 4 + len(WORDS)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,8 +11,7 @@ from rljax.models.config import ModelConfig
 from rljax.models.heads import RewardModel
 from rljax.rewards.model import reward_model_reward
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models"))
-from tiny_tokenizer import tiny_tokenizer  # noqa: E402
+from tiny_tokenizer import tiny_tokenizer
 
 CONFIG = ModelConfig(vocab_size=32, hidden_size=16, intermediate_size=24, num_layers=1,
                      num_heads=2, num_kv_heads=1, head_dim=8)

@@ -4,8 +4,6 @@ no recompilation, and a short run whose reward rises."""
 from __future__ import annotations
 
 import dataclasses
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -28,19 +26,9 @@ from rljax.train.grpo import GRPOConfig, GRPOTrainer
 from rljax.train.optim import OptimizerConfig, make_optimizer
 from rljax.train.state import create_train_state
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models"))
-from tiny_tokenizer import tiny_tokenizer  # noqa: E402
+from tiny_tokenizer import tiny_tokenizer
 
-try:
-  from rljax.data import PromptBatch
-except ImportError:  # the data package may not export it yet
-  from typing import NamedTuple
-
-  class PromptBatch(NamedTuple):
-    tokens: np.ndarray
-    mask: np.ndarray
-    texts: list
-    fields: dict
+from rljax.data import PromptBatch
 
 TOKENIZER = tiny_tokenizer()
 EOS = TOKENIZER.eos_token_id
