@@ -353,7 +353,8 @@ def cispo_loss(
   return aggregate(loss_mat, mask, agg), _ratio_metrics(log_ratio, ratio, clipped, mask)
 
 
-def ppo_ptx_loss(rl_loss_and_metrics, ptx_logp, ptx_mask, *, ptx_coef: float, agg: str = "token-mean"):
+def ppo_ptx_loss(rl_loss_and_metrics, ptx_logp, ptx_mask, *, ptx_coef: float, agg: str = "token-mean",
+                 normalizer=None):
   """PPO-ptx (InstructGPT, Ouyang et al., 2022, eq. 2): RL loss + γ · pretraining NLL.
 
     L = L_RL + γ · agg(−log π_θ(x_t))   over tokens x of a pretraining (or SFT) batch
@@ -366,9 +367,12 @@ def ppo_ptx_loss(rl_loss_and_metrics, ptx_logp, ptx_mask, *, ptx_coef: float, ag
     ptx_mask: [B', T'] mask of the pretraining tokens.
     ptx_coef: γ ≥ 0 (InstructGPT used γ = 27.8 with its own loss scaling; tune it).
     agg: aggregation of the NLL (default "token-mean").
+    normalizer: the outer denominator of `agg` over the FULL pretraining batch when this call
+      sees one microbatch of it (as `aggregate`); None uses this batch's own.
 
   Returns:
-    (loss, metrics) with `ptx_nll` and `rl_loss` added to the RL metrics.
+    (loss, metrics) with `ptx_nll` (this batch's own `agg` of the NLL) and `rl_loss` added to
+    the RL metrics.
 
   Example:
     >>> loss, metrics = ppo_ptx_loss(ppo_clip_loss(logp, old, adv, mask), ptx_logp, ptx_mask,
@@ -377,6 +381,7 @@ def ppo_ptx_loss(rl_loss_and_metrics, ptx_logp, ptx_mask, *, ptx_coef: float, ag
   rl_loss, metrics = rl_loss_and_metrics
   check_arrays(2, ptx_logp=ptx_logp, ptx_mask=ptx_mask)
   check_nonnegative("ptx_coef", ptx_coef)
-  nll = aggregate(-ptx_logp, ptx_mask, agg)
-  metrics = dict(metrics, ptx_nll=jax.lax.stop_gradient(nll), rl_loss=jax.lax.stop_gradient(rl_loss))
+  nll = aggregate(-ptx_logp, ptx_mask, agg, normalizer=normalizer)
+  own = nll if normalizer is None else aggregate(-ptx_logp, ptx_mask, agg)
+  metrics = dict(metrics, ptx_nll=jax.lax.stop_gradient(own), rl_loss=jax.lax.stop_gradient(rl_loss))
   return rl_loss + ptx_coef * nll, metrics

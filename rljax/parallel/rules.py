@@ -120,6 +120,27 @@ def get_rules(name: str) -> Rules:
   return RULE_SETS[name]
 
 
+def inference_rules(rules: Rules | str) -> Rules:
+  """`rules` with the `fsdp` mesh axis removed from every PARAMETER mapping (activations keep
+  theirs): the layout to sample in.
+
+  Under FSDP every decode step of a `lax.while_loop` would all-gather each weight matrix again;
+  re-sharding the parameters to this layout once per rollout (verl's "hybrid engine" resharding)
+  gathers them once, keeps tensor parallelism, and leaves the batch split over data × fsdp.
+  """
+  if isinstance(rules, str):
+    rules = get_rules(rules)
+  params = set(PARAM_AXES)
+
+  def without_fsdp(name: str, axes: MeshAxes) -> MeshAxes:
+    if name not in params:
+      return axes
+    kept = tuple(a for a in _as_tuple(axes) if a != FSDP)
+    return None if not kept else kept[0] if len(kept) == 1 else kept
+
+  return tuple((name, without_fsdp(name, axes)) for name, axes in rules)
+
+
 def logical_axis_rules(rules: Rules | str) -> contextlib.AbstractContextManager:
   """Context manager installing `rules` as Flax's logical axis rules (accepts a rule-set name)."""
   if isinstance(rules, str):

@@ -2,7 +2,6 @@
 
 Shared by the GRPO and PPO trainers (`rljax.train.grpo`, `rljax.train.ppo`):
 
-  sampler_params(params, frozen)       the trainer's parameters handed to the sampler ONCE per step
   collect_rollout(...)                 `rljax.rollout.generate` + host-side rewards (`Scored`)
   policy_logprobs(...)                 jitted [B, N] completion log-probs (+ entropy) of a policy
   critic_values(...)                   jitted [B, N] values of a `ValueModel` critic
@@ -176,14 +175,6 @@ def critic_values(graphdef, params, frozen, tokens, attention_mask, completion_m
   return _critic_values_jit(graphdef, params, frozen, tokens, attention_mask, completion_mask)
 
 
-def sampler_params(params: Any, frozen: Any) -> Any:
-  """One `nnx.State` holding trainable and frozen variables, for `generate((graphdef, state))`.
-
-  Called once per rollout: the sampler gets the current parameters once, not per decode step.
-  """
-  return nnx.merge_state(params, frozen)
-
-
 # ----------------------------------------------------------------------------------------------
 # Rollout + rewards (host side).
 # ----------------------------------------------------------------------------------------------
@@ -192,6 +183,11 @@ def sampler_params(params: Any, frozen: Any) -> Any:
 class Scored(NamedTuple):
   """A rollout on the host (numpy arrays) with its rewards.
 
+  Outcome rewards give one score per row. Process rewards (a reward function returning
+  `rljax.rewards.StepRewards`) give one reward per step, at the completion token where the step
+  ends; a row's score is then the SUM of its step rewards (used for metrics, accuracy and
+  `reward_mean`).
+
   Attributes:
     rollout: `Rollout` of numpy arrays, B = num_prompts · num_samples rows.
     scores: [B] float32 rewards (overlong penalty included).
@@ -199,6 +195,9 @@ class Scored(NamedTuple):
     prompt_index: [B] int, the prompt each row answers.
     completions: list of B decoded completion texts.
     seconds: wall time of the rollout (sampling only).
+    step_rewards: [B, N] float32 step rewards at step ends, 0 elsewhere (overlong penalty
+      included, see `collect_rollout`); None for outcome rewards.
+    step_mask: [B, N] bool, True at step ends; None for outcome rewards.
   """
 
   rollout: Rollout
@@ -207,6 +206,8 @@ class Scored(NamedTuple):
   prompt_index: np.ndarray
   completions: list
   seconds: float
+  step_rewards: np.ndarray | None = None
+  step_mask: np.ndarray | None = None
 
 
 def repeat_rows(values: Sequence[Any], n: int) -> list:
@@ -236,26 +237,83 @@ def _accepted_kwargs(fn: Callable, kwargs: dict[str, Any]) -> dict[str, Any]:
   return {k: v for k, v in kwargs.items() if k in names}
 
 
+def is_step_rewards(value: Any) -> bool:
+  """True for a process reward (anything with `rewards` and `step_mask` attributes, such as
+  `rljax.rewards.StepRewards`); the trainers do not import `rljax.rewards`."""
+  return hasattr(value, "rewards") and hasattr(value, "step_mask")
+
+
+def _outcome_scores(value: Any, batch: int) -> np.ndarray:
+  if is_step_rewards(value):
+    raise ValueError(
+      "`reward_fn` returned per-step rewards (StepRewards) where one reward per completion is "
+      "expected; train on step rewards with GRPOConfig(advantage=\"process\")."
+    )
+  scores = np.asarray(value, np.float32).reshape(-1)
+  if scores.shape != (batch,):
+    raise ValueError(f"`reward_fn` returned {scores.shape[0]} rewards for {batch} completions.")
+  return scores
+
+
+def _step_reward_arrays(value: Any, rollout: Rollout) -> tuple[np.ndarray, np.ndarray]:
+  """(rewards float32 [B, N], step_mask bool [B, N]) of a process reward, checked: shapes, step
+  ends on completion tokens, finite rewards at step ends; rewards off the step ends are zeroed."""
+  if not is_step_rewards(value):
+    raise ValueError(
+      "process supervision needs a `reward_fn` that returns StepRewards (`rewards` and "
+      "`step_mask`, [B, N]; see `rljax.rewards.process_reward`); got "
+      f"{type(value).__name__} {np.shape(value)}."
+    )
+  want = rollout.completion_mask.shape
+  rewards = np.asarray(value.rewards, np.float32)
+  step_mask = np.asarray(value.step_mask) != 0
+  for name, x in (("rewards", rewards), ("step_mask", step_mask)):
+    if x.shape != want:
+      raise ValueError(f"the `reward_fn`'s StepRewards.{name} has shape {x.shape}; expected "
+                       f"{want} (rows × max_new_tokens).")
+  outside = np.flatnonzero((step_mask & ~np.asarray(rollout.completion_mask, bool)).any(axis=1))
+  if outside.size:
+    raise ValueError(f"StepRewards.step_mask marks step ends outside the completion in rows "
+                     f"{outside.tolist()}; steps must end on completion tokens.")
+  bad = np.flatnonzero((step_mask & ~np.isfinite(rewards)).any(axis=1))
+  if bad.size:
+    raise ValueError(f"StepRewards.rewards are not finite at step ends in rows {bad.tolist()}.")
+  return np.where(step_mask, rewards, 0.0).astype(np.float32), step_mask
+
+
+def step_reward_totals(step_rewards: np.ndarray, step_mask: np.ndarray) -> np.ndarray:
+  """[B] float32 score of process rewards: Σ of each row's step rewards (summed in float64)."""
+  return np.where(step_mask, step_rewards, 0.0).sum(axis=1, dtype=np.float64).astype(np.float32)
+
+
 def call_reward_fn(
-  reward_fn: Callable, prompts: list, completions: list, fields: dict[str, list], rollout: Rollout
-) -> np.ndarray:
-  """reward_fn(prompts, completions, **fields, prompt_tokens=, completion_tokens=,
-  completion_mask=, completion_lengths=) → float32 [B]; extra keywords a function does not
-  declare (and it has no **kwargs) are not passed."""
+  reward_fn: Callable, prompts: list, completions: list, fields: dict[str, list],
+  rollout: Rollout, *, process: bool | None = False,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+  """reward_fn(prompts, completions, **fields, prompt_tokens=, prompt_mask=, completion_tokens=,
+  completion_mask=, completion_lengths=); extra keywords a function does not declare (and it
+  has no **kwargs) are not passed.
+
+  Returns float32 [B] scores (outcome rewards) or, for process rewards (a reward fn returning
+  `StepRewards`), the checked (step_rewards float32 [B, N], step_mask bool [B, N]).
+  `process`: False requires outcome rewards, True process rewards, None takes either (a
+  ValueError names the mismatch).
+  """
   p = rollout.prompt_mask.shape[1]
   extra = {
     "prompt_tokens": rollout.tokens[:, :p],
+    "prompt_mask": rollout.prompt_mask,
     "completion_tokens": rollout.tokens[:, p:],
     "completion_mask": rollout.completion_mask,
     "completion_lengths": rollout.lengths,
   }
   kwargs = _accepted_kwargs(reward_fn, {**fields, **extra})
-  scores = np.asarray(reward_fn(prompts, completions, **kwargs), np.float32).reshape(-1)
-  if scores.shape != (len(completions),):
-    raise ValueError(
-      f"`reward_fn` returned {scores.shape[0]} rewards for {len(completions)} completions."
-    )
-  return scores
+  out = reward_fn(prompts, completions, **kwargs)
+  if process is None:
+    process = is_step_rewards(out)
+  if process:
+    return _step_reward_arrays(out, rollout)
+  return _outcome_scores(out, len(completions))
 
 
 def overlong_penalty(lengths: np.ndarray, *, max_length: int, buffer: int, penalty: float = 1.0):
@@ -292,9 +350,16 @@ def collect_rollout(
   pad_id: int,
   overlong_buffer: int | None = None,
   overlong_penalty_coef: float = 1.0,
+  process: bool | None = None,
 ) -> Scored:
-  """Samples `num_samples` completions per prompt with `params` (from `sampler_params`) and
-  scores them on the host with `reward_fn` (see `call_reward_fn`)."""
+  """Samples `num_samples` completions per prompt with `params` (from
+  `OnPolicyTrainer.sampler_params`) and scores them on the host with `reward_fn` (see
+  `call_reward_fn`; `process` as there, default: whichever kind the reward fn returns).
+
+  The overlong penalty (`overlong_buffer`, DAPO) is added to the score of each row; for process
+  rewards it is added to the reward at the row's last completion token, which becomes a step
+  end (rows whose penalty is 0 are left unchanged), so the score stays the sum of step rewards.
+  """
   start = time.perf_counter()
   out = generate(
     (graphdef, params), prompts.tokens, prompts.mask, key, max_new_tokens=max_new_tokens,
@@ -306,13 +371,35 @@ def collect_rollout(
   completions = decode_completions(tokenizer, rollout)
   texts = repeat_rows(list(prompts.texts), num_samples)
   fields = {k: repeat_rows(list(v), num_samples) for k, v in dict(prompts.fields).items()}
-  raw = call_reward_fn(reward_fn, texts, completions, fields, rollout)
+  raw = call_reward_fn(reward_fn, texts, completions, fields, rollout, process=process)
+  step_rewards = step_mask = None
+  if isinstance(raw, tuple):
+    step_rewards, step_mask = raw
+    raw = step_reward_totals(step_rewards, step_mask)
   scores = raw
   if overlong_buffer is not None:
-    scores = raw + overlong_penalty(rollout.lengths, max_length=max_new_tokens,
-                                    buffer=overlong_buffer, penalty=overlong_penalty_coef)
+    penalty = overlong_penalty(rollout.lengths, max_length=max_new_tokens,
+                               buffer=overlong_buffer, penalty=overlong_penalty_coef)
+    scores = raw + penalty
+    if step_rewards is not None:
+      step_rewards, step_mask = add_at_last_token(step_rewards, step_mask, rollout.lengths,
+                                                  penalty)
+      scores = step_reward_totals(step_rewards, step_mask)
   index = np.repeat(np.arange(rollout.tokens.shape[0] // num_samples), num_samples)
-  return Scored(rollout, scores.astype(np.float32), raw, index, completions, seconds)
+  return Scored(rollout, scores.astype(np.float32), raw, index, completions, seconds,
+                step_rewards, step_mask)
+
+
+def add_at_last_token(step_rewards: np.ndarray, step_mask: np.ndarray, lengths: np.ndarray,
+                      values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Adds values[b] to the step reward at row b's last completion token (index lengths[b] − 1),
+  marking it a step end; rows with values[b] == 0 or an empty completion are unchanged."""
+  rewards, mask = step_rewards.copy(), step_mask.copy()
+  rows = np.flatnonzero((np.asarray(values) != 0) & (np.asarray(lengths) > 0))
+  last = np.asarray(lengths)[rows] - 1
+  rewards[rows, last] += np.asarray(values, np.float32)[rows]
+  mask[rows, last] = True
+  return rewards, mask
 
 
 def select_rows(scored: Sequence[Scored], picks: Sequence[tuple[int, np.ndarray]]) -> Scored:
@@ -323,10 +410,29 @@ def select_rows(scored: Sequence[Scored], picks: Sequence[tuple[int, np.ndarray]
 
   rollout = Rollout(*(take(lambda s, j=j: s.rollout[j]) for j in range(len(Rollout._fields))))
   completions = [scored[i].completions[r] for i, rows in picks for r in rows]
+  process = [scored[i].step_rewards is not None for i, _ in picks]
+  if any(process) and not all(process):
+    raise ValueError("`scored` mixes outcome and process (step) rewards.")
+  steps = (take(lambda s: s.step_rewards), take(lambda s: s.step_mask)) if all(process) else ()
   return Scored(
     rollout, take(lambda s: s.scores), take(lambda s: s.raw_scores),
-    take(lambda s: s.prompt_index), completions, sum(s.seconds for s in scored),
+    take(lambda s: s.prompt_index), completions, sum(s.seconds for s in scored), *steps,
   )
+
+
+def informative_groups(scored: Scored, group_size: int) -> np.ndarray:
+  """[num_groups] bool: True where the group's advantage can be nonzero (dynamic sampling).
+
+  Outcome rewards: the group's scores are not all equal (`group_has_variance`). Process
+  rewards: the group's step rewards (over all its step ends) are not all equal — the condition
+  of `grpo_process_advantages` for a nonzero advantage. (The row sums would be wrong here: rows
+  with different numbers of equal step rewards have different sums but zero advantage.)
+  """
+  if scored.step_rewards is None:
+    return group_has_variance(scored.scores, group_size)
+  rewards = np.asarray(scored.step_rewards).reshape(-1, group_size * scored.step_rewards.shape[1])
+  ends = np.asarray(scored.step_mask, bool).reshape(rewards.shape)
+  return np.where(ends, rewards, -np.inf).max(axis=1) > np.where(ends, rewards, np.inf).min(axis=1)
 
 
 def group_has_variance(scores: np.ndarray, group_size: int) -> np.ndarray:

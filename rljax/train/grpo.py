@@ -2,18 +2,30 @@
 
 One `GRPOTrainer.step(state, prompts, key)`:
 
-  1. the current parameters are handed to the sampler once (`sampler_params`), and
+  1. the current parameters are handed to the sampler once (`OnPolicyTrainer.sampler_params`:
+     cast to `rollout_dtype`, re-sharded to the inference layout on a mesh), and
      `generate(num_samples=G)` samples G completions per prompt (contiguous rows);
-  2. completions are decoded (for the reward function only) and scored on the host; optional
-     DAPO soft overlong penalty;
-  3. dynamic sampling (DAPO): groups whose rewards all agree are dropped and the prompts are
-     resampled (up to `max_resample` times) until the batch is refilled with informative groups;
-     if it cannot be refilled, zero-variance groups fill the rest (their advantage is 0), so the
-     batch shape never changes (no recompilation);
+  2. completions are decoded (for the reward function only) and scored on the host, by
+     OUTCOME supervision (one reward per completion) or, with `advantage="process"`, PROCESS
+     supervision (the reward function returns `rljax.rewards.StepRewards`: one reward per
+     reasoning step, at the token where the step ends); optional DAPO soft overlong penalty;
+  3. dynamic sampling (DAPO): groups whose rewards all agree (process: all step rewards of the
+     group agree) are dropped and the prompts are resampled (up to `max_resample` times) until
+     the batch is refilled with informative groups; if it cannot be refilled, zero-variance
+     groups fill the rest (their advantage is 0), so the batch shape never changes (no
+     recompilation);
   4. old_logp is RECOMPUTED by the trainer's own jitted forward pass at the sampling parameters,
      so the first ratio is exactly 1; ref_logp by the same pass with the reference parameters;
-  5. advantages (`config.advantage`), then `num_iterations` × `num_minibatches` jitted updates of
-     `grpo_loss` / `gspo_loss` / `cispo_loss` through `rljax.train.step.make_train_step`.
+  5. advantages (`config.advantage`: a group baseline of the outcome scores, or
+     `grpo_process_advantages` of the step rewards), then `num_iterations` × `num_minibatches`
+     jitted updates of `grpo_loss` / `gspo_loss` / `cispo_loss` through
+     `rljax.train.step.make_train_step`.
+
+Process supervision (Shao et al. 2024, §4.1.3). Every step reward of a group is normalised by the
+mean and std of all step rewards of that group, and a token's advantage is the sum of the
+normalised rewards of the steps ending at or after it. A row's score — for `reward_mean`,
+accuracy and `evaluate` — is the sum of its step rewards. The DAPO overlong penalty is added to
+the reward at a row's last completion token (which becomes a step end).
 
 Truncated importance sampling (`use_rollout_logprobs=True`). An inference engine's log-probs
 differ from the trainer's for the same parameters (kernels, precision). Yao et al. 2025, "Your
@@ -44,6 +56,7 @@ from rljax.losses.policy import cispo_loss, grpo_loss, gspo_loss
 from rljax.ops._checks import check_choice, clamped_exp
 from rljax.ops.advantages import (
   grpo_advantages,
+  grpo_process_advantages,
   reinforce_pp_advantages,
   reinforce_pp_baseline_advantages,
   rloo_advantages,
@@ -53,25 +66,23 @@ from rljax.ops.kl import kl_penalty
 from rljax.ops.masking import AGG_MODES, aggregate, masked_mean
 from rljax.train.experience import (
   agg_count,
-  accuracy_metrics,
-  collect_rollout,
   completion_logprobs,
   count_trace,
   experience_arrays,
-  group_has_variance,
+  informative_groups,
   mean_metrics,
   minibatch_indices,
   policy_logprobs,
   rescale_to_normalizer,
   rollout_metrics,
-  sampler_params,
   select_rows,
   take_rows,
 )
+from rljax.train.onpolicy import OnPolicyTrainer, check_rollout_dtype
 from rljax.train.state import TrainState
 from rljax.train.step import make_train_step
 
-ADVANTAGES = ("grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline")
+ADVANTAGES = ("grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "process")
 LOSSES = ("grpo", "gspo", "cispo")
 
 
@@ -89,7 +100,11 @@ class GRPOConfig:
     agg: loss aggregation ("seq-mean-token-mean", the GRPO paper; DAPO "token-mean"; Dr. GRPO
       "seq-mean-token-sum-norm").
     advantage: "grpo", "dr_grpo" (no std), "rloo", "reinforce_pp" (batch-whitened returns of the
-      outcome reward, γ = 1), "reinforce_pp_baseline" (group mean baseline, batch-whitened).
+      outcome reward, γ = 1), "reinforce_pp_baseline" (group mean baseline, batch-whitened) —
+      outcome supervision, the reward fn returns float32 [B] — or "process" (process
+      supervision, `grpo_process_advantages`): the reward fn returns `rljax.rewards.StepRewards`
+      (e.g. from `rljax.rewards.process_reward`), and a row's score (metrics, accuracy) is the
+      sum of its step rewards. A reward of the other kind raises ValueError.
     loss: "grpo", "gspo" (sequence ratio) or "cispo" (clipped IS-weighted REINFORCE); the KL term
       β·agg(KL̂) is added to gspo / cispo when beta > 0.
     num_iterations: optimisation passes over each rollout batch (μ in the GRPO paper; 1).
@@ -102,6 +117,9 @@ class GRPOConfig:
     use_rollout_logprobs: apply truncated importance sampling from the sampler's log-probs.
     tis_cap: the TIS truncation C (2.0, verl's `tis_imp_ratio_cap` example).
     chunk_size: positions per chunk of the fused log-prob computation (64).
+    rollout_dtype: cast the parameters to this dtype for sampling ("bfloat16"); None samples
+      in the training dtype. old_logp is still recomputed in the training dtype; pair it with
+      `use_rollout_logprobs` to correct the mismatch.
   """
 
   group_size: int = 8
@@ -126,8 +144,10 @@ class GRPOConfig:
   use_rollout_logprobs: bool = False
   tis_cap: float = 2.0
   chunk_size: int = 64
+  rollout_dtype: str | None = None
 
   def __post_init__(self) -> None:
+    check_rollout_dtype(self.rollout_dtype)
     check_choice("`advantage`", self.advantage, ADVANTAGES)
     check_choice("`loss`", self.loss, LOSSES)
     check_choice("`agg`", self.agg, [a for a in AGG_MODES if a != "token-sum"])
@@ -176,11 +196,18 @@ class GRPOConfig:
 
 @functools.partial(jax.jit, static_argnums=(2, 3, 4, 5))
 def token_advantages(scores, completion_mask, kind: str, group_size: int, use_tis: bool,
-                     tis_cap: float, old_logp=None, rollout_logp=None):
-  """[B, N] token advantages (× the TIS weight when `use_tis`) and the mean TIS weight."""
+                     tis_cap: float, old_logp=None, rollout_logp=None, step_rewards=None,
+                     step_mask=None):
+  """[B, N] token advantages (× the TIS weight when `use_tis`) and the mean TIS weight.
+
+  kind "process" reads `step_rewards` / `step_mask` ([B, N], `Scored.step_rewards`) instead of
+  `scores`; the other kinds read `scores` [B].
+  """
   count_trace("grpo_advantages")
   mask = completion_mask.astype(jnp.float32)
-  if kind in ("grpo", "dr_grpo"):
+  if kind == "process":
+    adv = grpo_process_advantages(step_rewards, step_mask, mask, group_size=group_size)
+  elif kind in ("grpo", "dr_grpo"):
     adv = grpo_advantages(scores, group_size=group_size, normalize_std=kind == "grpo")
   elif kind == "rloo":
     adv = rloo_advantages(scores, group_size=group_size)
@@ -194,6 +221,19 @@ def token_advantages(scores, completion_mask, kind: str, group_size: int, use_ti
     weight = jnp.minimum(clamped_exp(old_logp - rollout_logp), tis_cap)
     adv = adv * jax.lax.stop_gradient(weight)
   return jax.lax.stop_gradient(adv), masked_mean(weight, mask)
+
+
+def check_reward_kind(scored: Any, advantage: str) -> None:
+  """ValueError unless `scored` holds step rewards exactly when `advantage` is "process"."""
+  if advantage == "process" and scored.step_rewards is None:
+    raise ValueError(
+      'GRPOConfig(advantage="process") needs a `reward_fn` that returns StepRewards (per-step '
+      "rewards and step ends, [B, N]; see `rljax.rewards.process_reward`); it returned one "
+      "float per completion.")
+  if advantage != "process" and scored.step_rewards is not None:
+    raise ValueError(
+      f"GRPOConfig(advantage={advantage!r}) needs one reward per completion, but `reward_fn` "
+      'returned StepRewards; use GRPOConfig(advantage="process") for process supervision.')
 
 
 class LossOptions(NamedTuple):
@@ -263,7 +303,7 @@ def _cached_train_step(graphdef, optimizer, options: LossOptions, num_microbatch
 # ----------------------------------------------------------------------------------------------
 
 
-class GRPOTrainer:
+class GRPOTrainer(OnPolicyTrainer):
   """Runs GRPO-family steps for a policy given as (graphdef, TrainState).
 
   Args:
@@ -276,7 +316,8 @@ class GRPOTrainer:
     stop_tokens, pad_id: as `generate`.
     ref_params: frozen reference (params, frozen) pair; default the parameters of the first
       state seen by `step` (the initial policy).
-    mesh, rules: shardings for the train step (`state_shardings`); None jits without them.
+    mesh, rules: shardings for the train step (`state_shardings`) and the sampler's inference
+      layout (`OnPolicyTrainer.sampler_params`); None jits without them.
     compiler_options: XLA options for the train step (tests: {"xla_backend_optimization_level":
       0}).
 
@@ -292,12 +333,9 @@ class GRPOTrainer:
                stop_tokens: int | Sequence[int], pad_id: int, ref_params: Any = None,
                mesh: Any = None, rules: Any = None,
                compiler_options: dict[str, Any] | None = None):
-    self.graphdef, self.optimizer, self.config = graphdef, optimizer, config
-    self.reward_fn, self.tokenizer = reward_fn, tokenizer
-    self.stop_tokens = (stop_tokens,) if isinstance(stop_tokens, int) else tuple(stop_tokens)
-    self.pad_id = pad_id
-    self.ref_params = ref_params
-    self.mesh, self.rules, self.compiler_options = mesh, rules, compiler_options
+    super().__init__(graphdef, config, reward_fn, tokenizer, stop_tokens=stop_tokens,
+                     pad_id=pad_id, ref_params=ref_params, mesh=mesh, rules=rules)
+    self.optimizer, self.compiler_options = optimizer, compiler_options
     self._train_step = None
 
   # -- pieces ------------------------------------------------------------------------------
@@ -319,30 +357,21 @@ class GRPOTrainer:
       num_microbatches=c.num_microbatches, compiler_options=self.compiler_options,
     )
 
-  def _reference(self, state: TrainState) -> tuple[Any, Any]:
-    if self.ref_params is None:
-      # Copies: the train step donates the state's buffers.
-      self.ref_params = jax.tree.map(jnp.copy, (state.params, state.frozen))
-    return self.ref_params
-
   def _rollout(self, state: TrainState, prompts: Any, key: jax.Array, num_samples: int,
                temperature: float):
     c = self.config
-    return collect_rollout(
-      self.graphdef, sampler_params(state.params, state.frozen), prompts, key,
-      reward_fn=self.reward_fn, tokenizer=self.tokenizer, num_samples=num_samples,
-      max_new_tokens=c.max_new_tokens, temperature=temperature, top_k=c.top_k, top_p=c.top_p,
-      stop_tokens=self.stop_tokens, pad_id=self.pad_id, overlong_buffer=c.overlong_buffer,
-      overlong_penalty_coef=c.overlong_penalty,
-    )
+    return self.rollout(state, prompts, key, num_samples, temperature,
+                        overlong_buffer=c.overlong_buffer,
+                        overlong_penalty_coef=c.overlong_penalty)
 
   def sample_groups(self, state: TrainState, prompts: Any, key: jax.Array):
     """Rollout + rewards with dynamic sampling; returns (scored batch, metrics of the first
     rollout, zero-variance fraction, number of resamples)."""
     c, g = self.config, self.config.group_size
     first = self._rollout(state, prompts, key, g, c.temperature)
+    check_reward_kind(first, c.advantage)
     metrics = rollout_metrics(first)
-    informative = group_has_variance(first.scores, g)
+    informative = informative_groups(first, g)
     metrics["zero_variance_groups"] = float(1.0 - informative.mean())
     num_groups = informative.shape[0]
     resamples = 0
@@ -355,34 +384,39 @@ class GRPOTrainer:
         extra = self._rollout(state, prompts, jax.random.fold_in(key, resamples), g,
                               c.temperature)
         pool.append(extra)
-        good = np.flatnonzero(group_has_variance(extra.scores, g))[: num_groups - have]
+        good = np.flatnonzero(informative_groups(extra, g))[: num_groups - have]
         picks.append((len(pool) - 1, good))
         have += len(good)
       if have < num_groups:  # fill with zero-variance groups (advantage 0) to keep the shape
         picks.append((0, np.flatnonzero(~informative)[: num_groups - have]))
       rows = [(i, (groups[:, None] * g + np.arange(g)).reshape(-1)) for i, groups in picks]
       first = select_rows(pool, [(i, r) for i, r in rows if len(r)])
-      metrics["filled_zero_variance_groups"] = float(
-        1.0 - group_has_variance(first.scores, g).mean())
+      metrics["filled_zero_variance_groups"] = float(1.0 - informative_groups(first, g).mean())
     metrics["resamples"] = float(resamples)
     return first, metrics
 
   def prepare(self, state: TrainState, scored) -> tuple[dict[str, jax.Array], dict[str, Any]]:
-    """The training batch of a scored rollout: recomputed old_logp, ref_logp, advantages."""
+    """The training batch of a scored rollout: recomputed old_logp, ref_logp, advantages
+    (process supervision: from `scored.step_rewards` / `scored.step_mask`)."""
     c = self.config
-    arrays = experience_arrays(scored)
+    check_reward_kind(scored, c.advantage)
+    arrays = self.shard_batch(experience_arrays(scored))
+    steps = {}
+    if c.advantage == "process":
+      steps = self.shard_batch({"step_rewards": jnp.asarray(scored.step_rewards, jnp.float32),
+                                "step_mask": jnp.asarray(scored.step_mask, bool)})
     fwd = functools.partial(policy_logprobs, self.graphdef, temperature=c.temperature,
                             chunk_size=c.chunk_size)
     args = (arrays["tokens"], arrays["attention_mask"], arrays["completion_mask"])
     old_logp, entropy = fwd(state.params, state.frozen, *args)
     if c.beta > 0 or c.loss != "grpo":
-      ref_params, ref_frozen = self._reference(state)
+      ref_params, ref_frozen = self.reference(state)
       ref_logp, _ = fwd(ref_params, ref_frozen, *args)
     else:
       ref_logp = old_logp
     adv, tis_mean = token_advantages(
       arrays["scores"], arrays["completion_mask"], c.advantage, c.group_size,
-      c.use_rollout_logprobs, float(c.tis_cap), old_logp, arrays["rollout_logp"],
+      c.use_rollout_logprobs, float(c.tis_cap), old_logp, arrays["rollout_logp"], **steps,
     )
     batch = {
       "tokens": arrays["tokens"], "attention_mask": arrays["attention_mask"],
@@ -407,7 +441,7 @@ class GRPOTrainer:
     recomputing; first_kl is 0 at the first step, when the reference is the initial policy).
     """
     c = self.config
-    self._reference(state)
+    self.reference(state)
     if self._train_step is None:
       self._train_step = self._make_train_step(state)
     rollout_key, shuffle_key = jax.random.split(key)
@@ -418,7 +452,7 @@ class GRPOTrainer:
     for _ in range(c.num_iterations):
       for rows in minibatch_indices(batch["tokens"].shape[0], c.num_minibatches, rng):
         mb = batch if c.num_minibatches == 1 else take_rows(batch, np.sort(rows))
-        state, m = self._train_step(state, mb)
+        state, m = self._train_step(state, self.shard_batch(mb))
         history.append(m)
     updates = mean_metrics(history)
     first = jax.device_get(history[0])
@@ -429,13 +463,4 @@ class GRPOTrainer:
     metrics["first_kl"] = float(first["kl"])
     return state, metrics
 
-  def evaluate(self, state: TrainState, prompts: Any, key: jax.Array, *, k: int = 1,
-               temperature: float = 0.0) -> dict[str, float]:
-    """Accuracy (mean of reward > 0.5) and pass@k of k completions per prompt.
 
-    k = 1 with temperature 0 is greedy accuracy; for k > 1 a temperature of 0 is replaced by the
-    config's sampling temperature. Returns {"accuracy", "reward_mean", f"pass@{k}"}.
-    """
-    if k > 1 and temperature == 0:
-      temperature = self.config.temperature
-    return accuracy_metrics(self._rollout(state, prompts, key, k, temperature), k)

@@ -2,8 +2,9 @@
 
 One `PPOTrainer.step(state, prompts, key)`:
 
-  1. the current parameters are handed to the sampler once; `generate` samples `num_samples`
-     completions per prompt; the reward function scores them on the host;
+  1. the current parameters are handed to the sampler once (`OnPolicyTrainer.sampler_params`:
+     cast to `rollout_dtype`, re-sharded to the inference layout on a mesh); `generate` samples
+     `num_samples` completions per prompt; the reward function scores them on the host;
   2. jitted forward passes: old_logp (trainer's own forward at the sampling parameters, so the
      first ratio is 1), ref_logp (frozen reference, default the initial policy), values (critic);
   3. token rewards r_t = score·[t = last] − β·KL̂_t with KL̂ = kl_penalty(old_logp, ref_logp,
@@ -16,7 +17,10 @@ One `PPOTrainer.step(state, prompts, key)`:
      ppo_penalty_loss with the adaptive β of `ppo_kl_controller` in `state.extras["penalty"]` —
      minus entropy_coef·entropy, plus ptx_coef·pretraining NLL given a `ptx_batch`) and of the
      critic (value_loss, clipped to old_values ± value_clip) with its own optimizer; the critic's
-     parameters and optimizer state live in `state.extras["critic"]`.
+     parameters and optimizer state live in `state.extras["critic"]`. Each update accumulates
+     `num_microbatches` microbatches with exact global normalizers (the ptx term has its own);
+     on a mesh the update is jitted with the state's shardings (critic included) and the
+     experience rows split over the data axes.
 """
 
 from __future__ import annotations
@@ -41,9 +45,7 @@ from rljax.ops.kl_control import adaptive_kl_controller, fixed_kl_controller, pp
 from rljax.ops.masking import AGG_MODES, aggregate, masked_mean, masked_whiten
 from rljax.ops.returns import gae
 from rljax.train.experience import (
-  accuracy_metrics,
   agg_count,
-  collect_rollout,
   completion_logprobs,
   completion_values,
   count_trace,
@@ -54,12 +56,18 @@ from rljax.train.experience import (
   policy_logprobs,
   rescale_to_normalizer,
   rollout_metrics,
-  sampler_params,
   take_rows,
 )
 from rljax.train.objectives import next_token_logprobs
-from rljax.train.state import TrainState
-from rljax.train.step import apply_gradients, make_grad_fn
+from rljax.train.onpolicy import OnPolicyTrainer, check_rollout_dtype
+from rljax.train.state import TrainState, state_shardings
+from rljax.train.step import (
+  apply_gradients,
+  default_batch_sharding,
+  jit_step,
+  make_grad_fn,
+  mesh_of,
+)
 
 KL_KINDS = ("k1", "kl", "k2", "mse", "k3", "low_var_kl", "abs")
 
@@ -87,8 +95,12 @@ class PPOConfig:
     entropy_coef: entropy bonus coefficient (0.0).
     ptx_coef: PPO-ptx coefficient γ on the pretraining NLL of a `ptx_batch` (0.0).
     ppo_epochs: passes over each rollout batch (4, TRL). num_minibatches: updates per pass (1).
+    num_microbatches: gradient accumulation inside one update (exact normalizers, also for the
+      ptx term; 1). The minibatch (and a `ptx_batch`) must divide into it.
     agg: aggregation of the per-token losses ("token-mean").
     chunk_size: positions per chunk of the fused log-prob computation (64).
+    rollout_dtype: cast the parameters to this dtype for sampling ("bfloat16"); None samples
+      in the training dtype (old_logp is recomputed in the training dtype either way).
   """
 
   num_samples: int = 1
@@ -115,15 +127,19 @@ class PPOConfig:
   ptx_coef: float = 0.0
   ppo_epochs: int = 4
   num_minibatches: int = 1
+  num_microbatches: int = 1
   agg: str = "token-mean"
   chunk_size: int = 64
+  rollout_dtype: str | None = None
 
   def __post_init__(self) -> None:
+    check_rollout_dtype(self.rollout_dtype)
     check_choice("`mode`", self.mode, ("clip", "penalty"))
     check_choice("`kl_kind`", self.kl_kind, KL_KINDS)
     check_choice("`penalty_kl_kind`", self.penalty_kl_kind, KL_KINDS)
     check_choice("`agg`", self.agg, [a for a in AGG_MODES if a != "token-sum"])
-    for name in ("num_samples", "max_new_tokens", "ppo_epochs", "num_minibatches", "chunk_size"):
+    for name in ("num_samples", "max_new_tokens", "ppo_epochs", "num_minibatches",
+                 "num_microbatches", "chunk_size"):
       value = getattr(self, name)
       if not isinstance(value, int) or value < 1:
         raise ValueError(f"`{name}` must be an int >= 1; got {value!r}.")
@@ -181,11 +197,23 @@ def ppo_advantages(scores, completion_mask, old_logp, ref_logp, values, kl_state
   return advantages, returns, kl_state, metrics
 
 
+def policy_count(batch: dict, agg: str):
+  """Global normalizers of the policy loss: `agg_count` of the completion mask, and with a
+  "ptx" batch {"exp": that, "ptx": its number of loss tokens} (`make_grad_fn`'s dict form)."""
+  exp = agg_count(batch["exp"]["completion_mask"], agg)
+  if "ptx" not in batch:
+    return exp
+  return {"exp": exp, "ptx": agg_count(batch["ptx"]["loss_mask"][:, 1:], "token-mean")}
+
+
 def ppo_policy_objective(model: Any, batch: dict, *, normalizer=None, options: _Options):
   """Policy loss of one minibatch: clipped (or KL-penalised) surrogate − entropy bonus
-  (+ ptx_coef · NLL of batch["ptx"])."""
+  (+ ptx_coef · NLL of batch["ptx"]). `normalizer`: None, or `policy_count` of the full batch."""
   count_trace("ppo_policy_objective")
   o, exp = options, batch["exp"]
+  ptx_normalizer = None
+  if isinstance(normalizer, dict):
+    normalizer, ptx_normalizer = normalizer["exp"], normalizer["ptx"]
   mask = exp["completion_mask"]
   logp, entropy = completion_logprobs(model, exp["tokens"], exp["attention_mask"], mask.shape[1],
                                       temperature=o.temperature, chunk_size=o.chunk_size,
@@ -207,7 +235,7 @@ def ppo_policy_objective(model: Any, batch: dict, *, normalizer=None, options: _
     ptx_logp = next_token_logprobs(model, ptx["input_ids"], ptx["attention_mask"],
                                    chunk_size=o.chunk_size)
     loss, metrics = ppo_ptx_loss((loss, metrics), ptx_logp, ptx["loss_mask"][:, 1:],
-                                 ptx_coef=o.ptx_coef)
+                                 ptx_coef=o.ptx_coef, normalizer=ptx_normalizer)
   return loss, metrics
 
 
@@ -222,15 +250,23 @@ def ppo_critic_objective(critic: Any, batch: dict, *, normalizer=None, options: 
   return rescale_to_normalizer(loss, mask, options.agg, normalizer), metrics
 
 
-@functools.lru_cache(maxsize=32)
-def _update_fn(graphdef, critic_graphdef, optimizer, critic_optimizer, options: _Options,
-               compiler_options: tuple | None):
-  """The jitted joint update `(state, batch) -> (state, metrics)` of policy and critic."""
-  count = lambda b: agg_count(b["exp"]["completion_mask"], options.agg)  # noqa: E731
+def make_ppo_update(graphdef, critic_graphdef, optimizer, critic_optimizer, options: _Options,
+                    *, num_microbatches: int = 1, shardings: TrainState | None = None,
+                    compiler_options: dict[str, Any] | None = None):
+  """The jitted joint update `(state, batch) -> (state, metrics)` of policy and critic.
+
+  Both gradients are accumulated over `num_microbatches` with exact global normalizers
+  (`make_grad_fn`); with `shardings` (`state_shardings`, which covers the critic in
+  `state.extras`) the update is jitted with the state's shardings and the batch's rows split
+  over the data axes (`jit_step`), exactly as `make_train_step`.
+  """
+  batch_sharding = None if shardings is None else default_batch_sharding(mesh_of(shardings))
+  kw = {"num_microbatches": num_microbatches, "batch_sharding": batch_sharding}
   policy_grad = make_grad_fn(functools.partial(ppo_policy_objective, options=options), graphdef,
-                             count_fn=count)
-  critic_grad = make_grad_fn(functools.partial(ppo_critic_objective, options=options),
-                             critic_graphdef, count_fn=count)
+                             count_fn=functools.partial(policy_count, agg=options.agg), **kw)
+  critic_grad = make_grad_fn(
+    functools.partial(ppo_critic_objective, options=options), critic_graphdef,
+    count_fn=lambda b: agg_count(b["exp"]["completion_mask"], options.agg), **kw)
 
   def update(state: TrainState, batch: dict):
     loss, grads, metrics = policy_grad(state.params, state.frozen, batch)
@@ -246,8 +282,18 @@ def _update_fn(graphdef, critic_graphdef, optimizer, critic_optimizer, options: 
            cm["grad_norm"], **{k: v for k, v in cmetrics.items() if k != "normalizer"}}
     return new_state.replace(extras=extras), out
 
-  opts = None if compiler_options is None else dict(compiler_options)
-  return jax.jit(update, donate_argnums=(0,), compiler_options=opts)
+  return jit_step(update, shardings=shardings, batch_sharding=batch_sharding,
+                  compiler_options=compiler_options)
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_update(graphdef, critic_graphdef, optimizer, critic_optimizer, options: _Options,
+                   num_microbatches: int, compiler_options: tuple | None):
+  """`make_ppo_update` without shardings, shared by trainers with the same static options."""
+  return make_ppo_update(graphdef, critic_graphdef, optimizer, critic_optimizer, options,
+                         num_microbatches=num_microbatches,
+                         compiler_options=None if compiler_options is None
+                         else dict(compiler_options))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -255,7 +301,7 @@ def _update_fn(graphdef, critic_graphdef, optimizer, critic_optimizer, options: 
 # ----------------------------------------------------------------------------------------------
 
 
-class PPOTrainer:
+class PPOTrainer(OnPolicyTrainer):
   """Runs PPO steps for a policy (graphdef, TrainState) and a `ValueModel` critic.
 
   Args:
@@ -263,6 +309,8 @@ class PPOTrainer:
     critic_graphdef, critic_optimizer: the critic's graphdef (from `split_critic`) and optimizer.
     config: `PPOConfig`; reward_fn, tokenizer, stop_tokens, pad_id: as `GRPOTrainer`.
     ref_params: frozen reference (params, frozen); default the first state's parameters.
+    mesh, rules: shardings of the update (`state_shardings` covers the critic too) and of the
+      sampler's inference layout; None jits without them.
     compiler_options: XLA options of the jitted update.
 
   Example:
@@ -279,15 +327,14 @@ class PPOTrainer:
                optimizer: optax.GradientTransformation,
                critic_optimizer: optax.GradientTransformation, config: PPOConfig,
                reward_fn: Callable, tokenizer: Any = None, *, stop_tokens: int | Sequence[int],
-               pad_id: int, ref_params: Any = None,
+               pad_id: int, ref_params: Any = None, mesh: Any = None, rules: Any = None,
                compiler_options: dict[str, Any] | None = None):
-    self.graphdef, self.critic_graphdef = graphdef, critic_graphdef
-    self.optimizer, self.critic_optimizer, self.config = optimizer, critic_optimizer, config
-    self.reward_fn, self.tokenizer = reward_fn, tokenizer
-    self.stop_tokens = (stop_tokens,) if isinstance(stop_tokens, int) else tuple(stop_tokens)
-    self.pad_id, self.ref_params = pad_id, ref_params
-    self.compiler_options = (None if compiler_options is None
-                             else tuple(sorted(compiler_options.items())))
+    super().__init__(graphdef, config, reward_fn, tokenizer, stop_tokens=stop_tokens,
+                     pad_id=pad_id, ref_params=ref_params, mesh=mesh, rules=rules)
+    self.critic_graphdef = critic_graphdef
+    self.optimizer, self.critic_optimizer = optimizer, critic_optimizer
+    self.compiler_options = compiler_options
+    self._update = None
 
   def kl_controller(self):
     c = self.config
@@ -307,30 +354,29 @@ class PPOTrainer:
                                    target=self.config.penalty_target).init(),
     }
 
-  def _reference(self, state: TrainState):
-    if self.ref_params is None:
-      self.ref_params = jax.tree.map(jnp.copy, (state.params, state.frozen))
-    return self.ref_params
-
-  def _rollout(self, state, prompts, key, num_samples, temperature):
+  def _make_update(self, state: TrainState):
     c = self.config
-    return collect_rollout(
-      self.graphdef, sampler_params(state.params, state.frozen), prompts, key,
-      reward_fn=self.reward_fn, tokenizer=self.tokenizer, num_samples=num_samples,
-      max_new_tokens=c.max_new_tokens, temperature=temperature, top_k=c.top_k, top_p=c.top_p,
-      stop_tokens=self.stop_tokens, pad_id=self.pad_id,
-    )
+    if self.mesh is None:
+      compiler = (None if self.compiler_options is None
+                  else tuple(sorted(self.compiler_options.items())))
+      return _cached_update(self.graphdef, self.critic_graphdef, self.optimizer,
+                            self.critic_optimizer, _options(c), c.num_microbatches, compiler)
+    return make_ppo_update(
+      self.graphdef, self.critic_graphdef, self.optimizer, self.critic_optimizer, _options(c),
+      num_microbatches=c.num_microbatches,
+      shardings=state_shardings(self.graphdef, state, self.mesh, self.rules),
+      compiler_options=self.compiler_options)
 
   def prepare(self, state: TrainState, scored) -> tuple[dict, TrainState, dict]:
     """Experience batch (old/ref log-probs, values, advantages, returns) and the state with the
     updated KL controller."""
     c = self.config
-    a = experience_arrays(scored)
+    a = self.shard_batch(experience_arrays(scored))
     args = (a["tokens"], a["attention_mask"], a["completion_mask"])
     fwd = functools.partial(policy_logprobs, self.graphdef, temperature=c.temperature,
                             chunk_size=c.chunk_size)
     old_logp, entropy = fwd(state.params, state.frozen, *args)
-    ref_logp, _ = fwd(*self._reference(state), *args)
+    ref_logp, _ = fwd(*self.reference(state), *args)
     critic = state.extras["critic"]
     values = critic_values(self.critic_graphdef, critic["params"], critic["frozen"], *args)
     advantages, returns, kl_state, m = ppo_advantages(
@@ -347,15 +393,6 @@ class PPOTrainer:
     state = state.replace(extras=dict(state.extras, kl_ctl=kl_state))
     return batch, state, m
 
-  def evaluate(self, state: TrainState, prompts: Any, key: jax.Array, *, k: int = 1,
-               temperature: float = 0.0) -> dict[str, float]:
-    """Accuracy (mean of reward > 0.5) and pass@k of k completions per prompt, as
-    `GRPOTrainer.evaluate`: k = 1 with temperature 0 is greedy accuracy; for k > 1 a temperature
-    of 0 is replaced by the config's sampling temperature."""
-    if k > 1 and temperature == 0:
-      temperature = self.config.temperature
-    return accuracy_metrics(self._rollout(state, prompts, key, k, temperature), k)
-
   def step(self, state: TrainState, prompts: Any, key: jax.Array, *,
            ptx_batch: dict | None = None) -> tuple[TrainState, dict[str, float]]:
     """One rollout, then ppo_epochs × num_minibatches joint policy/critic updates.
@@ -369,11 +406,12 @@ class PPOTrainer:
     first_clipfrac of the first update; penalty_beta in penalty mode.
     """
     c = self.config
-    self._reference(state)
-    update = _update_fn(self.graphdef, self.critic_graphdef, self.optimizer,
-                        self.critic_optimizer, _options(c), self.compiler_options)
+    self.reference(state)
+    if self._update is None:
+      self._update = self._make_update(state)
     rollout_key, shuffle_key = jax.random.split(key)
-    scored = self._rollout(state, prompts, rollout_key, c.num_samples, c.temperature)
+    scored = self.rollout(state, prompts, rollout_key, c.num_samples, c.temperature,
+                          process=False)  # PPO trains on one score per sequence
     metrics = rollout_metrics(scored)
     batch, state, prep = self.prepare(state, scored)
     seed = int(jax.random.randint(shuffle_key, (), 0, 2**31 - 1))
@@ -383,7 +421,7 @@ class PPOTrainer:
       for rows in minibatch_indices(batch["tokens"].shape[0], c.num_minibatches, rng):
         mb = batch if c.num_minibatches == 1 else take_rows(batch, np.sort(rows))
         full = {"exp": mb} if ptx_batch is None else {"exp": mb, "ptx": ptx_batch}
-        state, m = update(state, full)
+        state, m = self._update(state, self.shard_batch(full))
         history.append(m)
     first = jax.device_get(history[0])
     metrics.update(mean_metrics(history))

@@ -93,7 +93,9 @@ def make_grad_fn(
   `loss` and `grads` are the full-batch loss and its gradient with respect to `params`
   (accumulated over `num_microbatches` microbatches with `lax.scan`, see the module doc);
   `metrics` are the loss_fn's metrics averaged over microbatches plus `normalizer` when
-  `count_fn` is given. With `compute_dtype` (e.g. jnp.bfloat16) the floating params and frozen
+  `count_fn` is given. `count_fn` may return a dict of scalars when the loss has several terms
+  with their own global denominators (e.g. PPO-ptx: completion tokens and pretraining tokens);
+  the loss_fn then gets that dict, and the metrics hold `{name}_normalizer`. With `compute_dtype` (e.g. jnp.bfloat16) the floating params and frozen
   variables are cast to it for the forward and backward passes; the cast is inside the
   differentiated function, so `grads` come back in the params' (master) dtype. (Activations
   follow the model's own `config.dtype`.) `frozen` gets no gradient.
@@ -112,7 +114,8 @@ def make_grad_fn(
 
   def grad_fn(params, frozen, batch):
     frozen = jax.lax.stop_gradient(frozen)
-    normalizer = None if count_fn is None else jnp.asarray(count_fn(batch), jnp.float32)
+    normalizer = None if count_fn is None else jax.tree.map(
+      lambda n: jnp.asarray(n, jnp.float32), count_fn(batch))
     if num_microbatches == 1:
       (loss, metrics), grads = value_and_grad(params, frozen, batch, normalizer)
     else:
@@ -131,7 +134,9 @@ def make_grad_fn(
         loss = loss / num_microbatches
         grads = jax.tree.map(lambda g: g / num_microbatches, grads)
     metrics = dict(metrics)
-    if normalizer is not None:
+    if isinstance(normalizer, dict):
+      metrics.update({f"{name}_normalizer": n for name, n in normalizer.items()})
+    elif normalizer is not None:
       metrics["normalizer"] = normalizer
     return loss, grads, metrics
 
@@ -174,7 +179,8 @@ def default_batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec(axes if axes else None))
 
 
-def _mesh_of(shardings: Any) -> jax.sharding.Mesh:
+def mesh_of(shardings: Any) -> jax.sharding.Mesh:
+  """The mesh of the first `NamedSharding` in a pytree of shardings."""
   for leaf in jax.tree.leaves(shardings):
     if isinstance(leaf, NamedSharding):
       return leaf.mesh
@@ -201,8 +207,9 @@ def make_train_step(
       e.g. `rljax.train.objectives.sft_loss`.
     graphdef: the model's graphdef (from `create_train_state`).
     optimizer: the optax transformation the state was created with.
-    count_fn: `count_fn(batch) -> scalar`, the global normalizer (e.g. `sft_token_count`,
-      `pair_count`); None passes `normalizer=None` and averages microbatches.
+    count_fn: `count_fn(batch) -> scalar` (or a dict of scalars, see `make_grad_fn`), the
+      global normalizer (e.g. `sft_token_count`, `pair_count`); None passes `normalizer=None`
+      and averages microbatches.
     shardings: the state's shardings (`state_shardings(...)`); None jits without shardings.
     batch_sharding: sharding (or pytree of shardings) of the batch; default: the leading axis
       over ("data", "fsdp") of the shardings' mesh. Every batch leaf has the batch axis first.
@@ -227,7 +234,7 @@ def make_train_step(
     >>> state, metrics = step(state, batch)
   """
   if shardings is not None and batch_sharding is None:
-    batch_sharding = default_batch_sharding(_mesh_of(shardings))
+    batch_sharding = default_batch_sharding(mesh_of(shardings))
   grad_fn = make_grad_fn(
     loss_fn,
     graphdef,
@@ -243,13 +250,31 @@ def make_train_step(
     metrics = {**loss_metrics, "loss": loss, **update_metrics}
     return state, metrics
 
+  return jit_step(step, shardings=shardings, batch_sharding=batch_sharding, donate=donate,
+                  compiler_options=compiler_options)
+
+
+def jit_step(
+  step: Callable[[TrainState, Any], tuple[TrainState, dict[str, jax.Array]]],
+  *,
+  shardings: TrainState | None = None,
+  batch_sharding: Any | None = None,
+  donate: bool = True,
+  compiler_options: dict[str, Any] | None = None,
+) -> Callable[[TrainState, Any], tuple[TrainState, dict[str, jax.Array]]]:
+  """`jax.jit` of a pure `step(state, batch) -> (state, metrics)`: the state donated, and with
+  `shardings` the state kept in them, the batch in `batch_sharding` (default: rows over
+  ("data", "fsdp")) and the metrics replicated. Used by `make_train_step` and by trainers with
+  a step of their own (PPO's joint policy/critic update)."""
   jit_kwargs = {"donate_argnums": (0,) if donate else (), "compiler_options": compiler_options}
   if shardings is None:
     return jax.jit(step, **jit_kwargs)
-  replicated = NamedSharding(_mesh_of(shardings), PartitionSpec())
+  mesh = mesh_of(shardings)
+  if batch_sharding is None:
+    batch_sharding = default_batch_sharding(mesh)
   return jax.jit(
     step,
     in_shardings=(shardings, batch_sharding),
-    out_shardings=(shardings, replicated),
+    out_shardings=(shardings, NamedSharding(mesh, PartitionSpec())),
     **jit_kwargs,
   )

@@ -84,7 +84,7 @@ def test_step_ratio_one_kl_zero_state_and_no_recompilation():
   assert max(jax.tree.leaves(moved)) > 0  # the critic was trained
   assert float(state.extras["kl_ctl"].coef) == pytest.approx(0.01)  # fixed controller
   # Experience shapes; advantages whitened over the valid tokens.
-  scored = trainer._rollout(state, prompts, jax.random.key(1), 4, 1.0)
+  scored = trainer.rollout(state, prompts, jax.random.key(1), 4, 1.0)
   batch, _, _ = trainer.prepare(state, scored)
   cm = np.asarray(batch["completion_mask"])
   assert batch["advantages"].shape == batch["values"].shape == (8, N)
