@@ -1,6 +1,8 @@
 """Reward functions: host-side callables `fn(prompts, completions, **fields) -> float32 [B]`.
 
-See `rljax.rewards.base` for the protocol and the fields the rljax trainers pass.
+See `rljax.rewards.base` for the protocol and the fields the rljax trainers pass. Process reward
+functions (`rljax.rewards.process`) return per-step `StepRewards` instead, for
+`GRPOConfig(advantage="process")`.
 """
 
 from rljax.rewards.base import RewardFn
@@ -14,10 +16,12 @@ from rljax.rewards.math import (
   parse_number,
 )
 from rljax.rewards.model import reward_model_reward
+from rljax.rewards.process import StepRewards, process_reward, step_ends
 
 __all__ = [
   "CombinedReward",
   "RewardFn",
+  "StepRewards",
   "answers_match",
   "combine_rewards",
   "extract_final_answer",
@@ -26,6 +30,8 @@ __all__ = [
   "math_answer_reward",
   "overlong_penalty",
   "parse_number",
+  "process_reward",
   "reward_model_reward",
   "soft_overlong_penalty",
+  "step_ends",
 ]
