@@ -121,15 +121,18 @@ def _copy(tree: Any) -> Any:
 def _mesh(config: ExperimentConfig):
   """A mesh (and rules) on several devices; None on one device (same code, no shardings)."""
   devices = jax.devices()[: config.num_devices]
-  if len(devices) == 1 or config.algorithm == "ppo":
+  if len(devices) == 1:
     return None, None
   from rljax.parallel.mesh import make_mesh
 
   mesh = make_mesh(config.mesh, devices=devices)
   batch_axes = mesh.shape["data"] * mesh.shape["fsdp"]
-  if config.data.batch_size % batch_axes:
-    raise ConfigError(f"data.batch_size ({config.data.batch_size}) must be divisible by the "
-                      f"data x fsdp mesh size ({batch_axes}); or set num_devices / mesh.")
+  samples = {"grpo": config.grpo.group_size, "ppo": config.ppo.num_samples}
+  rows = config.data.batch_size * samples.get(config.algorithm, 1)
+  if rows % batch_axes:
+    raise ConfigError(f"the rows of a batch (data.batch_size {config.data.batch_size} x "
+                      f"{samples.get(config.algorithm, 1)} samples = {rows}) must be divisible "
+                      f"by the data x fsdp mesh size ({batch_axes}); or set num_devices / mesh.")
   return mesh, config.rules
 
 
@@ -172,7 +175,8 @@ def setup(exp: Experiment, out_dir: str) -> tuple[Run, Any]:
   critic_optimizer = make_optimizer(c.critic_optimizer or c.optimizer)
   run.trainer = PPOTrainer(graphdef, critic_graphdef, optimizer, critic_optimizer, c.ppo,
                            reward_fn, tokenizer, stop_tokens=[eos], pad_id=pad_id,
-                           ref_params=run.reference, compiler_options=compiler_options)
+                           ref_params=run.reference, mesh=mesh, rules=rules,
+                           compiler_options=compiler_options)
   return run, state.replace(extras=run.trainer.initial_extras(critic))
 
 

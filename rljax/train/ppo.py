@@ -60,7 +60,7 @@ from rljax.train.experience import (
 )
 from rljax.train.objectives import next_token_logprobs
 from rljax.train.onpolicy import OnPolicyTrainer, check_rollout_dtype
-from rljax.train.state import TrainState, state_shardings
+from rljax.train.state import TrainState, state_shardings, variable_shardings
 from rljax.train.step import (
   apply_gradients,
   default_batch_sharding,
@@ -344,15 +344,19 @@ class PPOTrainer(OnPolicyTrainer):
 
   def initial_extras(self, critic: nnx.Module) -> dict[str, Any]:
     """{"critic": {params, frozen, opt_state}, "kl_ctl": KLControllerState, "penalty":
-    KLControllerState (PPO-penalty β)} for `create_train_state(..., extras=...)`."""
+    KLControllerState (PPO-penalty β)} for `create_train_state(..., extras=...)`. On the
+    trainer's mesh the critic's variables are placed by their logical axes (as the policy's)."""
     _, params, frozen = split_critic(critic)
-    return {
+    extras = {
       "critic": {"params": params, "frozen": frozen,
                  "opt_state": self.critic_optimizer.init(params)},
       "kl_ctl": self.kl_controller().init(),
       "penalty": ppo_kl_controller(self.config.penalty_beta,
                                    target=self.config.penalty_target).init(),
     }
+    if self.mesh is None:
+      return extras
+    return jax.device_put(extras, variable_shardings(extras, self.mesh, self.rules))
 
   def _make_update(self, state: TrainState):
     c = self.config

@@ -3,6 +3,7 @@ continues the curve exactly, no recompilation after the first steps, GRPO throug
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -14,9 +15,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tiny_experiment import grpo_config, sft_config  # noqa: E402
 
 from rljax.cli import main  # noqa: E402
-from rljax.experiment.config import ConfigError  # noqa: E402
+from rljax.experiment.config import ConfigError, LoggingSection  # noqa: E402
 from rljax.experiment.logging import read_metrics  # noqa: E402
 from rljax.experiment.runner import run_experiment  # noqa: E402
+from rljax.train.ppo import PPOConfig  # noqa: E402
 
 TIMING = {"time", "tokens_per_second", "compiles"}
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -122,3 +124,21 @@ def test_sft_on_a_mesh_of_all_devices(tmp_path):
   run_experiment(sft_config(out, plot=False, save_model=False),
                  ["num_devices=null", f"data.batch_size={n}", "steps=2"])
   assert [r["step"] for r in read_metrics(out)] == [1, 2]
+
+
+def test_ppo_on_a_mesh_of_all_devices(tmp_path):
+  """PPO through the runner on every (emulated) device, 2 microbatches per update: the critic is
+  placed on the mesh with the policy and the rows of 4 prompts x 2 samples split over it."""
+  import jax
+
+  n = jax.device_count()
+  out = str(tmp_path / "ppo")
+  config = dataclasses.replace(
+    grpo_config(out), algorithm="ppo", steps=2, eval_k=1,
+    ppo=PPOConfig(num_samples=2, max_new_tokens=4, ppo_epochs=1, num_microbatches=2),
+    logging=LoggingSection(out_dir=out, progress=False, tensorboard=False, plot=False))
+  run_experiment(config, ["num_devices=null", f"data.batch_size={max(1, n // 2)}"])
+  records = read_metrics(out)
+  assert [r["step"] for r in records] == [1, 2]
+  assert all(np.isfinite(r["value_loss"]) and np.isfinite(r["loss"]) for r in records)
+
