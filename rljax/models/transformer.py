@@ -7,7 +7,10 @@ The N layers' parameters are stacked along a leading `layers` axis and applied w
 `jax.lax.scan`, so the lowered program (and compile time) does not grow with depth; with
 `config.remat` the layer body is wrapped in `jax.checkpoint`.
 
-Every parameter carries logical axis names (`out_sharding` metadata, see `rljax.parallel.rules`).
+Every parameter carries logical axis names (`out_sharding` metadata, see `rljax.parallel.rules`),
+and the activations are annotated with theirs (`rljax.parallel.constrain`: hidden states
+(batch, length, act_embed), q / k / v per head, the MLP's hidden layer); under `use_mesh(mesh,
+rules)` these pin the layouts GSPMD would otherwise guess, and with no mesh they do nothing.
 Constructed with no mesh, parameters are plain single-device arrays. Constructed under
 `jax.set_mesh(mesh)` *and* logical axis rules (`rljax.parallel.logical_axis_rules(rules)`), they
 are created already sharded (placed by `rljax.parallel.rules.logical_to_mesh_spec`; Flax's own
@@ -27,6 +30,7 @@ import numpy as np
 from flax import nnx
 
 from rljax.models.config import ModelConfig
+from rljax.parallel.mesh import constrain
 from rljax.parallel.rules import place_by_logical_axes
 
 Array = jax.Array
@@ -55,6 +59,12 @@ LAYER_AXES: dict[str, tuple[str, ...]] = {
   "up_bias": ("layers", "mlp"),
   "down_bias": ("layers", "norm"),
 }
+
+# Logical axis names of activations (`constrain`; MaxText-style annotations).
+HIDDEN_AXES = ("batch", "length", "act_embed")
+Q_AXES = ("batch", "length", "act_heads", None)
+KV_AXES = ("batch", "length", "act_kv_heads", None)
+MLP_AXES = ("batch", "length", "act_mlp")
 
 _INIT_STD = 0.02  # transformers' default `initializer_range`.
 
@@ -232,7 +242,8 @@ def project_qkv(
   if config.qk_norm:
     q = rms_norm(q, p["q_norm"], config.rms_norm_eps)
     k = rms_norm(k, p["k_norm"], config.rms_norm_eps)
-  return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+  q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+  return constrain(q, Q_AXES), constrain(k, KV_AXES), constrain(v, KV_AXES)
 
 
 def attention_output(p: dict[str, Array], attn: Array, config: ModelConfig) -> Array:
@@ -249,7 +260,7 @@ def swiglu_mlp(p: dict[str, Array], x: Array, config: ModelConfig) -> Array:
   up = x @ p["up_proj"].astype(x.dtype)
   if config.mlp_bias:
     gate, up = gate + p["gate_bias"].astype(x.dtype), up + p["up_bias"].astype(x.dtype)
-  out = (jax.nn.silu(gate) * up) @ p["down_proj"].astype(x.dtype)
+  out = constrain(jax.nn.silu(gate) * up, MLP_AXES) @ p["down_proj"].astype(x.dtype)
   if config.mlp_bias:
     out = out + p["down_bias"].astype(x.dtype)
   return out
@@ -263,7 +274,7 @@ def decoder_layer(
   q, k, v = project_qkv(p, h, cos, sin, config)
   x = x + attention_output(p, attend(q, k, v, mask), config)
   h = rms_norm(x, p["mlp_norm"], config.rms_norm_eps)
-  return x + swiglu_mlp(p, h, config)
+  return constrain(x + swiglu_mlp(p, h, config), HIDDEN_AXES)
 
 
 def scan_layers(
@@ -362,7 +373,7 @@ class Transformer(nnx.Module):
       )
     if positions is None:
       positions = positions_from_mask(attention_mask)
-    x = jnp.take(self.embed[...], input_ids, axis=0).astype(c.dtype)
+    x = constrain(jnp.take(self.embed[...], input_ids, axis=0).astype(c.dtype), HIDDEN_AXES)
     cos, sin = rope_cos_sin(positions, c)
     mask = causal_attention_mask(
       attention_mask, positions, positions, sliding_window=c.sliding_window

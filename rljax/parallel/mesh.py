@@ -27,7 +27,7 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from rljax.parallel.rules import (
   MESH_AXES,
@@ -130,6 +130,17 @@ def use_mesh(mesh: Mesh, rules: Rules | str):
   return mesh_and_rules(mesh, rules)
 
 
+def _divisible_spec(spec: PartitionSpec, shape: Sequence[int], mesh: Any) -> PartitionSpec:
+  """`spec` with every dimension that its mesh axes do not divide left unsplit (replicated)."""
+
+  def size(axes: Any) -> int:
+    names = (axes,) if isinstance(axes, str) else tuple(axes)
+    return math.prod(mesh.shape[a] for a in names)
+
+  return PartitionSpec(*(None if axes is not None and dim % size(axes) else axes
+                         for axes, dim in zip(tuple(spec) + (None,) * len(shape), shape)))
+
+
 def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
   """Constrains the sharding of activation `x` by its logical axis names, under the current rules.
 
@@ -138,7 +149,8 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
   `jax.lax.with_sharding_constraint` (on `Auto` axes; on an `Explicit` mesh the value is
   `jax.sharding.reshard`-ed instead). With no mesh set or no rules installed, `x` is returned
   unchanged, so model code can call it unconditionally. Mesh axes the rules name but the mesh
-  lacks are dropped.
+  lacks are dropped, and a dimension its mesh axes do not divide (a batch of 3 rows on 2 data
+  shards) is left unsplit rather than failing.
 
   Args:
     x: any array (traced under `jax.jit`, or concrete).
@@ -163,7 +175,7 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or not rules:
     return x
-  spec = logical_to_mesh_spec(logical_axes, rules, mesh)
+  spec = _divisible_spec(logical_to_mesh_spec(logical_axes, rules, mesh), np.shape(x), mesh)
   sharding = NamedSharding(mesh, spec)
   if all(t == AxisType.Auto for t in mesh.axis_types):
     return jax.lax.with_sharding_constraint(x, sharding)

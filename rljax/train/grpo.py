@@ -78,7 +78,7 @@ from rljax.train.experience import (
   select_rows,
   take_rows,
 )
-from rljax.train.onpolicy import OnPolicyTrainer, check_rollout_dtype
+from rljax.train.onpolicy import OnPolicyTrainer, check_rollout_dtype, under_mesh
 from rljax.train.state import TrainState
 from rljax.train.step import make_train_step
 
@@ -429,6 +429,7 @@ class GRPOTrainer(OnPolicyTrainer):
 
   # -- public ------------------------------------------------------------------------------
 
+  @under_mesh
   def step(self, state: TrainState, prompts: Any, key: jax.Array
            ) -> tuple[TrainState, dict[str, float]]:
     """One rollout of G samples per prompt, then num_iterations × num_minibatches updates.

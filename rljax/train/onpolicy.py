@@ -20,6 +20,8 @@ the sampler/trainer mismatch that the cast introduces.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -27,6 +29,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from rljax.parallel.mesh import use_mesh
 from rljax.parallel.rules import inference_rules
 from rljax.train.experience import Scored, accuracy_metrics, collect_rollout
 from rljax.train.state import TrainState, cast_floating, variable_shardings
@@ -44,6 +47,19 @@ def check_rollout_dtype(name: str | None) -> None:
   if not floating:
     raise ValueError(f"`rollout_dtype` must be None or a floating dtype name such as "
                      f"'bfloat16'; got {name!r}.")
+
+
+def under_mesh(method: Callable) -> Callable:
+  """Runs a trainer method inside `use_mesh(trainer.mesh, trainer.rules)` (when it has a mesh),
+  so the models' activation constraints (`rljax.parallel.constrain`) apply as they are traced."""
+
+  @functools.wraps(method)
+  def wrapper(self, *args, **kwargs):
+    context = contextlib.nullcontext() if self.mesh is None else use_mesh(self.mesh, self.rules)
+    with context:
+      return method(self, *args, **kwargs)
+
+  return wrapper
 
 
 class OnPolicyTrainer:
@@ -108,6 +124,7 @@ class OnPolicyTrainer:
       pad_id=self.pad_id, **kwargs,
     )
 
+  @under_mesh
   def evaluate(self, state: TrainState, prompts: Any, key: jax.Array, *, k: int = 1,
                temperature: float = 0.0) -> dict[str, float]:
     """Accuracy (mean of reward > 0.5) and pass@k of k completions per prompt.

@@ -59,7 +59,7 @@ from rljax.train.experience import (
   take_rows,
 )
 from rljax.train.objectives import next_token_logprobs
-from rljax.train.onpolicy import OnPolicyTrainer, check_rollout_dtype
+from rljax.train.onpolicy import OnPolicyTrainer, check_rollout_dtype, under_mesh
 from rljax.train.state import TrainState, state_shardings, variable_shardings
 from rljax.train.step import (
   apply_gradients,
@@ -397,6 +397,7 @@ class PPOTrainer(OnPolicyTrainer):
     state = state.replace(extras=dict(state.extras, kl_ctl=kl_state))
     return batch, state, m
 
+  @under_mesh
   def step(self, state: TrainState, prompts: Any, key: jax.Array, *,
            ptx_batch: dict | None = None) -> tuple[TrainState, dict[str, float]]:
     """One rollout, then ppo_epochs × num_minibatches joint policy/critic updates.

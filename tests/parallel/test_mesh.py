@@ -128,6 +128,33 @@ def test_constrain_on_a_model_activation():
   assert {s.data.shape for s in out.addressable_shards} == {(1, 4, 32)}
 
 
+def test_the_model_constrains_its_activations():
+  """Under use_mesh the model pins hidden states, q/k/v and the MLP layer by their logical axes;
+  the output is then batch-sharded without any constraint of the caller's."""
+  mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+  ids = jnp.zeros((8, 4), jnp.int32)
+  with use_mesh(mesh, "fsdp_tp"):
+    graphdef, state = nnx.split(Transformer(CONFIG, rngs=nnx.Rngs(0)))
+    hidden = jax.jit(lambda state, ids: nnx.merge(graphdef, state).hidden_states(ids))
+    text = hidden.lower(state, ids).as_text()
+    out = hidden(state, ids)
+  # embedding + one per layer (scanned: once) + q, k, v + the MLP layer
+  assert text.count("sharding_constraint") >= 6, text.count("sharding_constraint")
+  assert out.sharding.is_equivalent_to(NamedSharding(mesh, P(("data", "fsdp"))), 3)
+  unconstrained = jax.jit(lambda state, ids: nnx.merge(graphdef, state).hidden_states(ids))
+  np.testing.assert_allclose(unconstrained(state, ids), out, rtol=1e-5, atol=1e-5)
+
+
+def test_constrain_leaves_an_indivisible_dimension_unsplit():
+  mesh = make_mesh(MeshConfig(data=2, fsdp=4))
+  with use_mesh(mesh, "fsdp"):
+    out = jax.jit(lambda v: constrain(v * 1.0, ("batch", None)))(jnp.ones((6, 3)))  # 6 % 8
+    even = jax.jit(lambda v: constrain(v * 1.0, ("batch", None)))(jnp.ones((8, 3)))
+  assert out.sharding.is_fully_replicated
+  np.testing.assert_array_equal(out, np.ones((6, 3)))
+  assert even.sharding.is_equivalent_to(NamedSharding(mesh, P(("data", "fsdp"))), 2)
+
+
 def test_constrain_is_a_noop_without_mesh_or_rules():
   x = jnp.ones((4, 3))
   assert constrain(x, ("batch", "act_embed")) is x

@@ -3,7 +3,8 @@
 Meshes (data, fsdp, tensor): 8×1×1 with pure data parallelism, 1×8×1 with FSDP, 1×4×2 with FSDP +
 tensor parallelism, 2×2×2 with all three. Gradients (not post-Adam parameters, which amplify
 rounding) must agree with the single-device ones within 1e-5. The SFT gradient on the meshes is
-also accumulated over 2 microbatches, so sharding and accumulation are checked together.
+also accumulated over 2 microbatches, so sharding and accumulation are checked together, and the
+meshed programs are traced under `use_mesh`, so the model's activation constraints are active.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from flax import nnx
 
 from rljax.models.config import ModelConfig
 from rljax.models.transformer import Transformer
+from rljax.parallel.mesh import use_mesh
 from rljax.parallel.rules import MESH_AXES
 from rljax.train.objectives import dpo_objective, pair_count, sft_loss, sft_token_count
 from rljax.train.state import variable_shardings
@@ -102,7 +104,7 @@ def test_sft_and_dpo_loss_and_grads_equal_single_device(reference, shape, rules)
     out_shardings=(None, param_shardings, None, param_shardings),
     compiler_options=FAST_COMPILE,
   )
-  with jax.default_matmul_precision("highest"):
+  with jax.default_matmul_precision("highest"), use_mesh(mesh, rules):  # activations constrained
     got_sft_l, got_sft_g, got_dpo_l, got_dpo_g = fn(sharded_params, frozen, *batches)
 
   np.testing.assert_allclose(got_sft_l, sft_l, rtol=TOL, atol=TOL)
