@@ -15,7 +15,6 @@ Each timing is the median of --repeats runs after one warm-up run; the outputs a
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import jax
@@ -23,6 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from rljax.ops.returns import gae
+
+from bench_utils import median_seconds
 
 
 def make_inputs(batch: int, length: int, seed: int = 0):
@@ -66,16 +67,6 @@ def eager_jax_loop_gae(rewards, values, mask, gamma, lam):
     columns.append(m[:, t] * adv)
   advantages = jnp.stack(columns[::-1], axis=1)
   return advantages, (advantages + values) * m
-
-
-def median_seconds(fn, repeats: int) -> float:
-  jax.block_until_ready(fn())  # warm-up
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
 
 
 def fmt(seconds: float) -> str:

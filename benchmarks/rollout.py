@@ -17,8 +17,6 @@ timing is the median of --repeats runs after one warm-up run.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
@@ -30,15 +28,7 @@ from rljax.models.kv_cache import hidden_states_with_cache, init_kv_cache
 from rljax.models.transformer import Transformer
 from rljax.rollout.generate import generate
 
-
-def median_time(fn, repeats: int) -> float:
-  jax.block_until_ready(fn())  # warm-up (compiles)
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
+from bench_utils import median_seconds
 
 
 def make_full_forward_decoder(graphdef, prompt_len: int, new_tokens: int):
@@ -114,9 +104,9 @@ def main() -> None:
   reference = np.asarray(full(state, prompts, prompt_mask))
   agree = np.mean(np.asarray(cached())[:, p:] == reference[:, p:])
 
-  t_cached = median_time(cached, args.repeats)
-  t_full = median_time(lambda: full(state, prompts, prompt_mask), args.repeats)
-  t_prefill = median_time(lambda: prefill(state, prompts, prompt_mask), args.repeats)
+  t_cached = median_seconds(cached, args.repeats)
+  t_full = median_seconds(lambda: full(state, prompts, prompt_mask), args.repeats)
+  t_prefill = median_seconds(lambda: prefill(state, prompts, prompt_mask), args.repeats)
   t_step = (t_cached - t_prefill) / max(n - 1, 1)
 
   print(

@@ -20,10 +20,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
-import statistics
-import time
-from collections import defaultdict
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
@@ -38,32 +34,7 @@ from rljax.parallel.rules import MESH_AXES, inference_rules, mesh_and_rules  # n
 from rljax.rollout.generate import _generate_jit, _Options  # noqa: E402
 from rljax.train.state import cast_floating, variable_shardings  # noqa: E402
 
-COLLECTIVE = r"\b(all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)(-start)?\("
-
-
-def loop_collectives(hlo: str) -> tuple[int, int]:
-  """(collectives inside while-loop bodies, collectives anywhere) of compiled HLO text."""
-  computations, name = defaultdict(list), None
-  for line in hlo.split("\n"):
-    header = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$", line)
-    if header:
-      name = header.group(1)
-    elif name:
-      computations[name].append(line)
-  bodies = set(re.findall(r"body=%?([\w.\-]+)", hlo))
-  inside = sum(len(re.findall(COLLECTIVE, "\n".join(computations[b]))) for b in bodies)
-  return inside, len(re.findall(COLLECTIVE, hlo))
-
-
-def median_seconds(fn, repeats: int) -> float:
-  jax.block_until_ready(fn())
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
-
+from bench_utils import loop_collectives, median_seconds  # noqa: E402
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])

@@ -6,8 +6,11 @@ so it saves and reloads like a real Hugging Face tokenizer (`AutoTokenizer.from_
 
 from __future__ import annotations
 
+import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
+
+from rljax.data import PromptBatch
 
 SPECIAL = ["<pad>", "<s>", "</s>", "<unk>"]
 WORDS = ["hello", "world", "what", "is", "2", "3", "5", "+", "?", "the", "answer", "user",
@@ -32,3 +35,13 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     unk_token="<unk>",
     chat_template=CHAT_TEMPLATE,
   )
+
+
+def tiny_prompt_batch(tokenizer, texts=("what is 2 + 3 ?", "hello world ?"), *, length=6,
+                      fields=None) -> PromptBatch:
+  """Word-split `texts` left-padded to `length` tokens (a rollout's prompt batch)."""
+  rows = [tokenizer.convert_tokens_to_ids(t.split()) for t in texts]
+  tokens, mask = np.zeros((len(rows), length), np.int32), np.zeros((len(rows), length), bool)
+  for i, r in enumerate(rows):
+    tokens[i, length - len(r):], mask[i, length - len(r):] = r, True
+  return PromptBatch(tokens, mask, list(texts), dict(fields or {}))

@@ -18,9 +18,8 @@ from rljax.train.grpo import GRPOConfig, GRPOTrainer
 from rljax.train.optim import OptimizerConfig, make_optimizer
 from rljax.train.state import create_train_state
 
-from tiny_tokenizer import tiny_tokenizer
+from tiny_tokenizer import tiny_prompt_batch, tiny_tokenizer
 
-from rljax.data import PromptBatch
 
 TOKENIZER = tiny_tokenizer()
 EOS = TOKENIZER.eos_token_id
@@ -34,12 +33,7 @@ OPTIMIZER = make_optimizer(OptimizerConfig(1e-2))
 
 
 def prompt_batch(texts=("what is 2 + 3 ?", "hello world ?")):
-  rows = [TOKENIZER.convert_tokens_to_ids(t.split()) for t in texts]
-  tokens, mask = np.zeros((len(rows), P), np.int32), np.zeros((len(rows), P), bool)
-  for i, r in enumerate(rows):
-    tokens[i, P - len(r):], mask[i, P - len(r):] = r, True
-  return PromptBatch(tokens, mask, list(texts), {"answer": ["5", "world"]})
-
+  return tiny_prompt_batch(TOKENIZER, texts, length=P, fields={"answer": ["5", "world"]})
 
 def five_steps(prompt, steps, **fields):
   """Token-id steps: +1 per "5", −0.1 per token (varies across steps and rows)."""

@@ -8,9 +8,6 @@ are learning-rate × gradient differences and Adam does not amplify rounding.
 
 from __future__ import annotations
 
-import collections
-import re
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,7 +15,6 @@ import optax
 import pytest
 from flax import nnx
 
-from rljax.data import PromptBatch
 from rljax.models.config import ModelConfig
 from rljax.models.heads import ValueModel
 from rljax.models.transformer import Transformer
@@ -34,7 +30,8 @@ from rljax.train.grpo import GRPOConfig, GRPOTrainer
 from rljax.train.ppo import PPOConfig, PPOTrainer, split_critic
 from rljax.train.state import create_train_state, variable_shardings
 
-from tiny_tokenizer import tiny_tokenizer
+from bench_utils import loop_collectives
+from tiny_tokenizer import tiny_prompt_batch, tiny_tokenizer
 
 TOKENIZER = tiny_tokenizer()
 EOS = TOKENIZER.eos_token_id
@@ -45,22 +42,15 @@ N = 6
 SGD = optax.sgd(0.1)
 CRITIC_SGD = optax.sgd(0.05)
 TOL = 2e-5
-COLLECTIVE = r"\b(all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)(-start)?\("
 
 
 def auto_mesh(shape):
   return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
 
 
-def prompt_batch(p=6):
+def prompt_batch():
   texts = ("what is 2 + 3 ?", "hello world ?", "2 + 3 ?", "what is hello ?")
-  rows = [TOKENIZER.convert_tokens_to_ids(t.split()) for t in texts]
-  tokens = np.zeros((len(rows), p), np.int32)
-  mask = np.zeros((len(rows), p), bool)
-  for i, r in enumerate(rows):
-    tokens[i, p - len(r):], mask[i, p - len(r):] = r, True
-  return PromptBatch(tokens, mask, list(texts), {})
-
+  return tiny_prompt_batch(TOKENIZER, texts)
 
 def five_reward(prompts, completions, **fields):
   return np.array([c.split().count("5") / N for c in completions], np.float32)
@@ -90,24 +80,14 @@ def test_inference_rules_drop_fsdp_from_parameters_only():
   assert inference_rules("data") == inference_rules(inference_rules("data"))
 
 
-def _decode_loop_collectives(state, mesh) -> tuple[int, int]:
+def _decode_loop_collectives(state) -> tuple[int, int]:
   """(collectives inside while-loop bodies, collectives anywhere) of the compiled `generate`."""
   graphdef, _ = nnx.split(Transformer(CONFIG, rngs=nnx.Rngs(0)))
   options = _Options(max_new_tokens=4, temperature=1.0, top_k=None, top_p=None,
                      stop_tokens=(EOS,), pad_id=EOS, num_samples=1)
   tokens, mask = jnp.zeros((8, 6), jnp.int32), jnp.ones((8, 6), bool)
-  text = _generate_jit.lower(graphdef, state, tokens, mask, jax.random.key(0),
-                             options).compile().as_text()
-  computations, name = collections.defaultdict(list), None
-  for line in text.split("\n"):
-    header = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$", line)
-    if header:
-      name = header.group(1)
-    elif name:
-      computations[name].append(line)
-  bodies = set(re.findall(r"body=%?([\w.\-]+)", text))
-  inside = sum(len(re.findall(COLLECTIVE, "\n".join(computations[b]))) for b in bodies)
-  return inside, len(re.findall(COLLECTIVE, text))
+  return loop_collectives(_generate_jit.lower(graphdef, state, tokens, mask, jax.random.key(0),
+                                              options).compile().as_text())
 
 
 def test_inference_layout_removes_collectives_from_the_decode_loop():
@@ -116,9 +96,9 @@ def test_inference_layout_removes_collectives_from_the_decode_loop():
   mesh = auto_mesh((2, 4, 1))
   with mesh_and_rules(mesh, FSDP_RULES):
     state = nnx.state(Transformer(CONFIG, rngs=nnx.Rngs(0)))
-  fsdp_inside, _ = _decode_loop_collectives(state, mesh)
+  fsdp_inside, _ = _decode_loop_collectives(state)
   resharded = jax.device_put(state, variable_shardings(state, mesh, inference_rules("fsdp")))
-  inference_inside, inference_total = _decode_loop_collectives(resharded, mesh)
+  inference_inside, inference_total = _decode_loop_collectives(resharded)
   assert fsdp_inside > 0
   assert inference_inside == inference_total == 0
 

@@ -17,9 +17,8 @@ from rljax.train.optim import OptimizerConfig, make_optimizer
 from rljax.train.ppo import PPOConfig, PPOTrainer, split_critic
 from rljax.train.state import create_train_state
 
-from tiny_tokenizer import tiny_tokenizer
+from tiny_tokenizer import tiny_prompt_batch, tiny_tokenizer
 
-from rljax.data import PromptBatch
 
 TOKENIZER = tiny_tokenizer()
 EOS = TOKENIZER.eos_token_id
@@ -35,13 +34,7 @@ REQUIRED = {"reward_mean", "reward_std", "response_length", "truncation_rate", "
 
 
 def prompt_batch(texts=("what is 2 + 3 ?", "hello world ?"), p=6):
-  rows = [TOKENIZER.convert_tokens_to_ids(t.split()) for t in texts]
-  tokens = np.zeros((len(rows), p), np.int32)
-  mask = np.zeros((len(rows), p), bool)
-  for i, r in enumerate(rows):
-    tokens[i, p - len(r):], mask[i, p - len(r):] = r, True
-  return PromptBatch(tokens, mask, list(texts), {})
-
+  return tiny_prompt_batch(TOKENIZER, texts, length=p)
 
 def five_reward(prompts, completions, **fields):
   """Fraction of the N completion slots holding the word "5"."""
