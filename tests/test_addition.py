@@ -19,6 +19,7 @@ from experiments.addition.task import (  # noqa: E402
   demonstrations,
   exact_match_reward,
   has_carry,
+  preference_pairs,
   prompt_rows,
   prompt_text,
   sample_problems,
@@ -83,9 +84,7 @@ def test_grpo_lifts_greedy_accuracy_by_30_points():
   assert result["after"] - result["before"] >= 0.30
 
 
-def test_ppo_rm_preference_pairs_come_from_mixed_prompts():
-  from experiments.addition.ppo_rm import preference_pairs
-
+def test_preference_pairs_come_from_mixed_prompts():
   samples = [
     ("a", ["5421", "5311", "5421", "9999", "5311"], "5421"),  # mixed: two distinct wrong answers
     ("b", ["3000", "3000"], "3000"),                           # all right: no pair
@@ -95,6 +94,8 @@ def test_ppo_rm_preference_pairs_come_from_mixed_prompts():
   assert rows == [{"prompt": "a", "chosen": "5421", "rejected": "5311"},
                   {"prompt": "a", "chosen": "5421", "rejected": "9999"}]
   assert len(preference_pairs(samples, max_pairs=1)) == 1
+  repeated = preference_pairs(samples, max_pairs=5, distinct=False)  # the DPO recipe's pairs
+  assert [r["rejected"] for r in repeated] == ["5311", "9999", "5311"]
   for r in rows:
     ok = exact_match_reward(None, [r["chosen"], r["rejected"]], answer=["5421"] * 2)
     np.testing.assert_array_equal(ok, [1.0, 0.0])

@@ -51,7 +51,7 @@ from experiments.addition.pipeline import (  # noqa: E402
   parse_overrides,
   run_sft,
 )
-from experiments.addition.task import exact_match_reward  # noqa: E402
+from experiments.addition.task import exact_match_reward, preference_pairs  # noqa: E402
 from rljax.data.batching import collator  # noqa: E402
 from rljax.data.iterator import BatchIterator  # noqa: E402
 from rljax.data.tokenize import tokenize_dataset  # noqa: E402
@@ -95,35 +95,17 @@ class PPORMSettings:
   entropy_coef: float = 0.0
 
 
-def preference_pairs(samples, max_pairs: int) -> list[dict[str, str]]:
-  """{"prompt", "chosen", "rejected"} rows: for each prompt with a correct and an incorrect
-  answer, one pair per distinct incorrect answer (at most `max_pairs`), chosen = a correct one."""
-  rows = []
-  for prompt, completions, answer in samples:
-    right = exact_match_reward(None, completions, answer=[answer] * len(completions)) > 0.5
-    if not right.any() or right.all():
-      continue
-    chosen = completions[int(np.argmax(right))]
-    wrong = list(dict.fromkeys(c for c, r in zip(completions, right) if not r))
-    rows += [{"prompt": prompt, "chosen": chosen, "rejected": w} for w in wrong[:max_pairs]]
-  return rows
-
-
 def build_pairs(config: AdditionConfig, settings: PPORMSettings, data: AdditionData, graphdef,
                 sft_state, *, log: Log = print) -> tuple[list[dict], list[dict]]:
   """(train, held-out) pair records, split by prompt."""
-  sampler = nnx.merge_state(sft_state.params, sft_state.frozen)
   records = data.rl_records[: settings.num_pair_prompts]
-  key = jax.random.key(config.seed + 4)
-  samples = []
-  for i in range(0, len(records), settings.sample_chunk):
-    samples += sample_answers(graphdef, sampler, data, records[i:i + settings.sample_chunk],
-                              config, jax.random.fold_in(key, i),
-                              num_samples=settings.samples_per_prompt,
-                              temperature=config.temperature)
+  samples = sample_answers(graphdef, nnx.merge_state(sft_state.params, sft_state.frozen), data,
+                           records, config, jax.random.key(config.seed + 4),
+                           num_samples=settings.samples_per_prompt,
+                           temperature=config.temperature, chunk=settings.sample_chunk)
   split = int(len(samples) * (1 - settings.held_out_fraction))
-  train = preference_pairs(samples[:split], settings.pairs_per_prompt)
-  held_out = preference_pairs(samples[split:], settings.pairs_per_prompt)
+  train = preference_pairs(samples[:split], max_pairs=settings.pairs_per_prompt)
+  held_out = preference_pairs(samples[split:], max_pairs=settings.pairs_per_prompt)
   log(f"  {len(train)} training / {len(held_out)} held-out pairs from {len(records)} prompts × "
       f"{settings.samples_per_prompt} samples")
   if not train or not held_out:

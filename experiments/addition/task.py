@@ -142,3 +142,23 @@ def exact_match_reward(prompts: Sequence[str] | None, completions: Sequence[str]
   if len(completions) != len(answer):
     raise ValueError(f"`completions` has {len(completions)} rows but `answer` {len(answer)}.")
   return np.asarray([c.strip() == str(r) for c, r in zip(completions, answer)], np.float32)
+
+
+def preference_pairs(samples: Sequence[tuple[str, Sequence[str], str]], *, max_pairs: int,
+                     distinct: bool = True) -> list[dict[str, str]]:
+  """{"prompt", "chosen", "rejected"} rows from verified samples [(prompt, completions, answer)]:
+  for each prompt with a correct and an incorrect completion, chosen = its first correct one and
+  rejected = each incorrect one in sampling order (`distinct`: each different wrong answer once;
+  otherwise a repeated mistake gives repeated pairs, so frequent mistakes weigh more), at most
+  `max_pairs` per prompt. All-correct and all-wrong prompts give no pair."""
+  rows = []
+  for prompt, completions, answer in samples:
+    right = exact_match_reward(None, completions, answer=[answer] * len(completions)) > 0.5
+    if not right.any() or right.all():
+      continue
+    chosen = completions[int(np.argmax(right))]
+    wrong = [c for c, r in zip(completions, right) if not r]
+    if distinct:
+      wrong = list(dict.fromkeys(wrong))
+    rows += [{"prompt": prompt, "chosen": chosen, "rejected": w} for w in wrong[:max_pairs]]
+  return rows

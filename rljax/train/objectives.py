@@ -4,7 +4,8 @@ Each objective has the signature `loss_fn(model, batch, *, normalizer) -> (loss,
 `rljax.train.step.make_train_step`, and a matching count function for the global normalizer:
 
   sft_loss       + sft_token_count   token-mean NLL of the response tokens
-  dpo_objective  + pair_count        DPO (and variants) on precomputed reference log-probs
+  dpo_objective  + pair_count        DPO (and variants) on precomputed reference log-probs,
+                                     optionally + the chosen NLL (RPO)
 
 With the normalizer, each returns a sum over its rows divided by the normalizer, so summing the
 losses (and gradients) of microbatches gives exactly the full-batch value. With
@@ -22,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from rljax.losses.dpo import dpo_loss
-from rljax.ops._checks import check_same_shape
+from rljax.ops._checks import check_nonnegative, check_same_shape
 from rljax.ops.fused_logprobs import logprobs_from_hidden
 from rljax.ops.logprobs import sequence_logprobs
 from rljax.ops.masking import aggregate
@@ -119,14 +120,24 @@ def dpo_objective(
   variant: str = "sigmoid",
   label_smoothing: float = 0.0,
   length_normalize: bool = False,
+  nll_coef: float = 0.0,
   chunk_size: int = 64,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """DPO (or a pairwise variant) of the policy against precomputed reference log-probs.
 
-    loss = Σ_b ℓ(β, π_c[b] − r_c[b], π_r[b] − r_r[b]) / N,   N = normalizer or B
+    loss = Σ_b [ℓ(β, π_c[b] − r_c[b], π_r[b] − r_r[b]) + α·nll_c[b]] / N,   N = normalizer or B
+    nll_c[b] = −π_c[b] / |c_b|   (the chosen response's token-mean NLL; 0 for an empty response)
 
   `rljax.losses.dpo.dpo_loss` returns the mean over its B pairs, so the objective multiplies it
   by B / N: with N the global number of pairs the microbatch losses sum to the full-batch mean.
+
+  α = `nll_coef` > 0 is RPO (Pang et al. 2024, "Iterative Reasoning Preference Optimization";
+  TRL's `rpo_alpha`): the NLL of the chosen answer keeps its likelihood from falling while the
+  margin grows (DPO alone can lower both, "likelihood displacement"). Normalisation: each chosen
+  response's token-mean NLL averaged over pairs (the paper's −log π(c|x) / |c|, and the NLL
+  convention of `orpo_objective` / `cpo_objective`), which splits exactly over microbatches of
+  pairs with the pair-count normalizer. TRL takes the token-mean over all chosen tokens of the
+  batch; the two agree when the chosen responses have equal lengths.
 
   Args:
     model: the policy.
@@ -138,21 +149,25 @@ def dpo_objective(
     beta, variant, label_smoothing: as `dpo_loss` (defaults 0.1, "sigmoid", 0.0, TRL's).
     length_normalize: pass the response lengths to `dpo_loss` for "ipo" (length-normalised
       IPO); "sigmoid_norm" always gets them.
+    nll_coef: α ≥ 0, the weight of the chosen responses' NLL (RPO); default 0.0 (plain DPO,
+      the loss is exactly that of `dpo_loss`).
     chunk_size: positions per chunk of the fused log-prob computation.
 
   Returns:
     (loss, dpo_loss's metrics: rewards_chosen, rewards_rejected, reward_margin,
-    reward_accuracy — means over this batch).
+    reward_accuracy, and "nll": the mean of nll_c (no gradient) — means over this batch).
 
   Example:
-    >>> loss_fn = functools.partial(dpo_objective, beta=0.1)
+    >>> loss_fn = functools.partial(dpo_objective, beta=0.1, nll_coef=1.0)   # RPO
     >>> step = make_train_step(loss_fn, graphdef, optimizer, count_fn=pair_count)
   """
+  check_nonnegative("nll_coef", nll_coef)
   policy_chosen, policy_rejected = policy_pair_logps(model, batch, chunk_size=chunk_size)
+  chosen_lengths = jnp.sum(jnp.asarray(batch["chosen_loss_mask"])[:, 1:], axis=-1)
   lengths = {}
   if variant == "sigmoid_norm" or (variant == "ipo" and length_normalize):
     lengths = {
-      "chosen_lengths": jnp.sum(jnp.asarray(batch["chosen_loss_mask"])[:, 1:], axis=-1),
+      "chosen_lengths": chosen_lengths,
       "rejected_lengths": jnp.sum(jnp.asarray(batch["rejected_loss_mask"])[:, 1:], axis=-1),
     }
   loss, metrics = dpo_loss(
@@ -165,6 +180,10 @@ def dpo_objective(
     label_smoothing=label_smoothing,
     **lengths,
   )
+  chosen_nll = jnp.mean(-policy_chosen / jnp.maximum(chosen_lengths, 1))  # seq-mean-token-mean
+  if nll_coef > 0:
+    loss = loss + nll_coef * chosen_nll
+  metrics = {**metrics, "nll": jax.lax.stop_gradient(chosen_nll)}
   if normalizer is not None:
     loss = loss * policy_chosen.shape[0] / normalizer
   return loss, metrics
