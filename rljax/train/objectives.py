@@ -17,13 +17,15 @@ hidden states of positions 0..T-2 and the tokens and `loss_mask` of positions 1.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from rljax.losses.dpo import dpo_loss
-from rljax.ops._checks import check_nonnegative, check_same_shape
+from rljax.ops._checks import check_ndim, check_nonnegative, check_same_shape
 from rljax.ops.fused_logprobs import logprobs_from_hidden
 from rljax.ops.logprobs import sequence_logprobs
 from rljax.ops.masking import aggregate
@@ -80,35 +82,73 @@ def pair_count(batch: Batch) -> jax.Array:
   return jnp.asarray(jnp.shape(batch["chosen_input_ids"])[0], jnp.float32)
 
 
-def _sequence_logps(
-  model: Any, ids: jax.Array, attention_mask: jax.Array, loss_mask: jax.Array, chunk_size: int
-) -> jax.Array:
-  logp = next_token_logprobs(model, ids, attention_mask, chunk_size=chunk_size)
-  return sequence_logprobs(logp, jnp.asarray(loss_mask)[:, 1:])
+# ----------------------------------------------------------------------------------------------
+# Sequence log-probs of groups of rows (DPO here; ORPO / SimPO / CPO / KTO in `preference`).
+# ----------------------------------------------------------------------------------------------
+
+Group = tuple[jax.Array, jax.Array, jax.Array]  # (input_ids, attention_mask, loss_mask)
+FIELDS = ("input_ids", "attention_mask", "loss_mask")
+CHOSEN_KEYS = tuple(f"chosen_{f}" for f in FIELDS)
+REJECTED_KEYS = tuple(f"rejected_{f}" for f in FIELDS)
 
 
-def policy_pair_logps(model: Any, batch: Batch, *, chunk_size: int = 64):
-  """Policy sequence log-probs ([B] chosen, [B] rejected) of a preference batch.
+def check_batch_keys(batch: Batch, keys: Iterable[str], what: str) -> None:
+  """Raises `ValueError` naming the missing keys (and the present ones) of a batch."""
+  missing = [k for k in keys if k not in batch]
+  if missing:
+    raise ValueError(f"{what} needs batch keys {missing}; the batch has {sorted(batch)}.")
 
-  Chosen and rejected rows of equal length go through one forward pass of [2B, T] (TRL's
-  "concatenated forward"); otherwise two passes.
+
+def row_group(batch: Batch, keys: Sequence[str]) -> Group:
+  """The (input_ids, attention_mask, loss_mask) arrays named by `keys`, shapes checked."""
+  ids, attention, loss = (jnp.asarray(batch[k]) for k in keys)
+  check_ndim(keys[0], ids, 2)
+  check_same_shape(**{keys[0]: ids, keys[1]: attention, keys[2]: loss})
+  return ids, attention, loss
+
+
+def group_token_logps(
+  model: Any, groups: Sequence[Group], *, chunk_size: int = 64
+) -> list[tuple[jax.Array, jax.Array]]:
+  """(token log-probs [B_i, T-1], loss mask [B_i, T-1]) of each group of rows.
+
+  Groups of equal length T go through one concatenated forward pass (TRL's "concatenated
+  forward"); otherwise one pass each. Log-probs are fused (`logprobs_from_hidden`): no
+  [B, T, V] logits.
   """
-  names = ("input_ids", "attention_mask", "loss_mask")
-  chosen = [jnp.asarray(batch[f"chosen_{n}"]) for n in names]
-  rejected = [jnp.asarray(batch[f"rejected_{n}"]) for n in names]
-  check_same_shape(chosen_input_ids=chosen[0], chosen_attention_mask=chosen[1],
-                   chosen_loss_mask=chosen[2])
-  check_same_shape(rejected_input_ids=rejected[0], rejected_attention_mask=rejected[1],
-                   rejected_loss_mask=rejected[2])
-  if chosen[0].shape == rejected[0].shape:
-    both = [jnp.concatenate([c, r], axis=0) for c, r in zip(chosen, rejected)]
-    logps = _sequence_logps(model, *both, chunk_size)
-    b = chosen[0].shape[0]
-    return logps[:b], logps[b:]
-  return (
-    _sequence_logps(model, *chosen, chunk_size),
-    _sequence_logps(model, *rejected, chunk_size),
+  lengths = {g[0].shape[1] for g in groups}
+  if len(groups) > 1 and len(lengths) == 1:
+    ids, attention = (jnp.concatenate([g[i] for g in groups]) for i in (0, 1))
+    logp = next_token_logprobs(model, ids, attention, chunk_size=chunk_size)
+    bounds = np.cumsum([g[0].shape[0] for g in groups])[:-1]
+    parts = jnp.split(logp, bounds)
+  else:
+    parts = [next_token_logprobs(model, g[0], g[1], chunk_size=chunk_size) for g in groups]
+  return [(p, g[2][:, 1:]) for p, g in zip(parts, groups)]
+
+
+def pair_sequence_logps(model: Any, batch: Batch, *, chunk_size: int = 64) -> dict[str, jax.Array]:
+  """Policy sequence statistics of a pair batch, [B] each, with gradient.
+
+  Returns {"chosen", "rejected"} (sums of the response-token log-probs), {"chosen_avg",
+  "rejected_avg"} (per-token means; 0 for an empty loss mask), "chosen_nll" (= −chosen_avg) and
+  {"chosen_lengths", "rejected_lengths"} (numbers of loss tokens). Chosen and rejected rows of
+  equal length share one forward pass.
+  """
+  check_batch_keys(batch, CHOSEN_KEYS + REJECTED_KEYS, "a preference pair batch")
+  (c, c_mask), (r, r_mask) = group_token_logps(
+    model, [row_group(batch, CHOSEN_KEYS), row_group(batch, REJECTED_KEYS)], chunk_size=chunk_size
   )
+  chosen_avg = sequence_logprobs(c, c_mask, average=True)
+  return {
+    "chosen": sequence_logprobs(c, c_mask),
+    "rejected": sequence_logprobs(r, r_mask),
+    "chosen_avg": chosen_avg,
+    "rejected_avg": sequence_logprobs(r, r_mask, average=True),
+    "chosen_nll": -chosen_avg,
+    "chosen_lengths": jnp.sum(c_mask, axis=-1),
+    "rejected_lengths": jnp.sum(r_mask, axis=-1),
+  }
 
 
 def dpo_objective(
@@ -162,17 +202,13 @@ def dpo_objective(
     >>> step = make_train_step(loss_fn, graphdef, optimizer, count_fn=pair_count)
   """
   check_nonnegative("nll_coef", nll_coef)
-  policy_chosen, policy_rejected = policy_pair_logps(model, batch, chunk_size=chunk_size)
-  chosen_lengths = jnp.sum(jnp.asarray(batch["chosen_loss_mask"])[:, 1:], axis=-1)
+  s = pair_sequence_logps(model, batch, chunk_size=chunk_size)
   lengths = {}
   if variant == "sigmoid_norm" or (variant == "ipo" and length_normalize):
-    lengths = {
-      "chosen_lengths": chosen_lengths,
-      "rejected_lengths": jnp.sum(jnp.asarray(batch["rejected_loss_mask"])[:, 1:], axis=-1),
-    }
+    lengths = {k: s[k] for k in ("chosen_lengths", "rejected_lengths")}
   loss, metrics = dpo_loss(
-    policy_chosen,
-    policy_rejected,
+    s["chosen"],
+    s["rejected"],
     batch["ref_chosen"],
     batch["ref_rejected"],
     beta=beta,
@@ -180,10 +216,10 @@ def dpo_objective(
     label_smoothing=label_smoothing,
     **lengths,
   )
-  chosen_nll = jnp.mean(-policy_chosen / jnp.maximum(chosen_lengths, 1))  # seq-mean-token-mean
+  chosen_nll = jnp.mean(s["chosen_nll"])  # seq-mean-token-mean
   if nll_coef > 0:
     loss = loss + nll_coef * chosen_nll
   metrics = {**metrics, "nll": jax.lax.stop_gradient(chosen_nll)}
   if normalizer is not None:
-    loss = loss * policy_chosen.shape[0] / normalizer
+    loss = loss * s["chosen"].shape[0] / normalizer
   return loss, metrics

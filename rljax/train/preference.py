@@ -39,7 +39,7 @@ equal lengths.
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from typing import Any
 
 import jax
@@ -48,72 +48,23 @@ import numpy as np
 from flax import nnx
 
 from rljax.losses.preference import cpo_loss, kto_loss, orpo_loss, simpo_loss
-from rljax.ops._checks import check_ndim, check_same_shape
 from rljax.ops.logprobs import sequence_logprobs
-from rljax.train.objectives import next_token_logprobs, pair_count
-from rljax.train.reward_modeling import check_batch_keys, graphdef_and_states, sum_over_rows
+from rljax.train.objectives import (
+  CHOSEN_KEYS,
+  FIELDS,
+  REJECTED_KEYS,
+  check_batch_keys,
+  group_token_logps,
+  pair_count,
+  pair_sequence_logps,
+  row_group,
+)
+from rljax.train.reward_modeling import graphdef_and_states, sum_over_rows
 
 Batch = dict[str, Any]
 Metrics = dict[str, jax.Array]
-Group = tuple[jax.Array, jax.Array, jax.Array]  # (input_ids, attention_mask, loss_mask)
-
-FIELDS = ("input_ids", "attention_mask", "loss_mask")
-CHOSEN_KEYS = tuple(f"chosen_{f}" for f in FIELDS)
-REJECTED_KEYS = tuple(f"rejected_{f}" for f in FIELDS)
 UNPAIRED_KEYS = FIELDS
 KL_KEYS = tuple(f"kl_{f}" for f in FIELDS)
-
-
-# ----------------------------------------------------------------------------------------------
-# Sequence log-probs of groups of rows.
-# ----------------------------------------------------------------------------------------------
-
-
-def _group(batch: Batch, keys: Sequence[str]) -> Group:
-  ids, attention, loss = (jnp.asarray(batch[k]) for k in keys)
-  check_ndim(keys[0], ids, 2)
-  check_same_shape(**{keys[0]: ids, keys[1]: attention, keys[2]: loss})
-  return ids, attention, loss
-
-
-def group_token_logps(
-  model: Any, groups: Sequence[Group], *, chunk_size: int = 64
-) -> list[tuple[jax.Array, jax.Array]]:
-  """(token log-probs [B_i, T-1], loss mask [B_i, T-1]) of each group of rows.
-
-  Groups of equal length T go through one concatenated forward pass (TRL's "concatenated
-  forward"); otherwise one pass each. Log-probs are fused (`logprobs_from_hidden`): no
-  [B, T, V] logits.
-  """
-  lengths = {g[0].shape[1] for g in groups}
-  if len(groups) > 1 and len(lengths) == 1:
-    ids, attention = (jnp.concatenate([g[i] for g in groups]) for i in (0, 1))
-    logp = next_token_logprobs(model, ids, attention, chunk_size=chunk_size)
-    bounds = np.cumsum([g[0].shape[0] for g in groups])[:-1]
-    parts = jnp.split(logp, bounds)
-  else:
-    parts = [next_token_logprobs(model, g[0], g[1], chunk_size=chunk_size) for g in groups]
-  return [(p, g[2][:, 1:]) for p, g in zip(parts, groups)]
-
-
-def pair_sequence_logps(model: Any, batch: Batch, *, chunk_size: int = 64) -> dict[str, jax.Array]:
-  """Policy sequence statistics of a pair batch, [B] each, with gradient.
-
-  Returns {"chosen", "rejected"} (sums of the response-token log-probs), {"chosen_avg",
-  "rejected_avg"} (per-token means; 0 for an empty loss mask) and "chosen_nll" (= −chosen_avg).
-  """
-  check_batch_keys(batch, CHOSEN_KEYS + REJECTED_KEYS, "a preference pair batch")
-  (c, c_mask), (r, r_mask) = group_token_logps(
-    model, [_group(batch, CHOSEN_KEYS), _group(batch, REJECTED_KEYS)], chunk_size=chunk_size
-  )
-  chosen_avg = sequence_logprobs(c, c_mask, average=True)
-  return {
-    "chosen": sequence_logprobs(c, c_mask),
-    "rejected": sequence_logprobs(r, r_mask),
-    "chosen_avg": chosen_avg,
-    "rejected_avg": sequence_logprobs(r, r_mask, average=True),
-    "chosen_nll": -chosen_avg,
-  }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -144,7 +95,7 @@ def _reference_groups(batch: Batch) -> dict[str, tuple[str, ...]]:
 def _reference_logps(graphdef, states, rows, *, names, chunk_size):
   """Jitted body of `reference_logps`; `names` is ((output name, row keys), ...)."""
   model = nnx.merge(graphdef, *states)
-  groups = [_group(rows, keys) for _, keys in names]
+  groups = [row_group(rows, keys) for _, keys in names]
   logps = group_token_logps(model, groups, chunk_size=chunk_size)
   return {
     name: jax.lax.stop_gradient(sequence_logprobs(logp, mask))
@@ -271,10 +222,10 @@ def kto_objective(
   has_kl = any(k in batch for k in KL_KEYS)
   if has_kl:
     check_batch_keys(batch, KL_KEYS + ("ref_kl_logps",), "kto_objective with KL rows")
-  [(logp, mask)] = group_token_logps(model, [_group(batch, UNPAIRED_KEYS)], chunk_size=chunk_size)
+  [(logp, mask)] = group_token_logps(model, [row_group(batch, UNPAIRED_KEYS)], chunk_size=chunk_size)
   policy = sequence_logprobs(logp, mask)
   if has_kl:
-    [(kl_logp, kl_mask)] = group_token_logps(model, [_group(batch, KL_KEYS)],
+    [(kl_logp, kl_mask)] = group_token_logps(model, [row_group(batch, KL_KEYS)],
                                              chunk_size=chunk_size)
     policy_kl = jax.lax.stop_gradient(sequence_logprobs(kl_logp, kl_mask))
     ref_kl = batch["ref_kl_logps"]

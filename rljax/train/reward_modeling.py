@@ -36,7 +36,7 @@ from flax import nnx
 
 from rljax.losses.reward_model import listwise_reward_loss, reward_model_loss
 from rljax.ops._checks import check_ndim, check_same_shape
-from rljax.train.objectives import pair_count
+from rljax.train.objectives import check_batch_keys, pair_count
 
 Batch = Mapping[str, Any]
 Metrics = dict[str, jax.Array]
@@ -48,13 +48,6 @@ PAIR_REWARD_KEYS = (
   "rejected_attention_mask",
 )
 RANKING_KEYS = ("input_ids", "attention_mask")
-
-
-def check_batch_keys(batch: Batch, keys: Iterable[str], what: str) -> None:
-  """Raises `ValueError` naming the missing keys (and the present ones) of a batch."""
-  missing = [k for k in keys if k not in batch]
-  if missing:
-    raise ValueError(f"{what} needs batch keys {missing}; the batch has {sorted(batch)}.")
 
 
 def sum_over_rows(mean_loss: jax.Array, rows: int, normalizer: jax.Array | None) -> jax.Array:

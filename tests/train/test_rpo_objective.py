@@ -18,7 +18,7 @@ from flax import nnx
 from rljax.losses.dpo import dpo_loss
 from rljax.models.config import ModelConfig
 from rljax.models.transformer import Transformer
-from rljax.train.objectives import dpo_objective, pair_count, policy_pair_logps
+from rljax.train.objectives import dpo_objective, pair_count, pair_sequence_logps
 from rljax.train.state import create_train_state
 from rljax.train.step import make_train_step
 
@@ -116,9 +116,8 @@ def test_nll_coef_zero_is_plain_dpo_exactly(parts):
   batch = pair_batch(1)
 
   def plain(params, frozen, ref_chosen, ref_rejected, batch):
-    chosen, rejected = policy_pair_logps(nnx.merge(graphdef, params, frozen), batch,
-                                         chunk_size=CHUNK)
-    return dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=BETA)
+    s = pair_sequence_logps(nnx.merge(graphdef, params, frozen), batch, chunk_size=CHUNK)
+    return dpo_loss(s["chosen"], s["rejected"], ref_chosen, ref_rejected, beta=BETA)
 
   want = jax.jit(jax.value_and_grad(plain, argnums=(0, 2, 3), has_aux=True),
                  compiler_options=FAST_COMPILE)(
