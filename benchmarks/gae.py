@@ -1,29 +1,50 @@
-"""Benchmark: jitted `rljax.ops.returns.gae` against per-step Python loops over T.
+"""Benchmark: `rljax.ops.returns.gae` against the other formulations of masked GAE.
 
-Compares, on the same masked inputs (random response lengths, interleaved masked "tool" spans):
-  1. rljax `gae` under `jax.jit` (one `lax.scan` over reversed time); compile time reported
-     separately and excluded from the timings;
-  2. the per-step numpy loop most codebases write (T iterations on [B] vectors, the masked form of
-     verl's `compute_gae_advantage_return`);
-  3. (optional, --naive-jax-length) the same loop written with eager `jnp` ops, at a smaller T.
-Each timing is the median of --repeats runs after one warm-up run; the outputs are checked to agree.
+Every formulation below computes the same thing (masked positions skipped: both carries pass
+across them; advantages and returns 0 there) on the same inputs: random response lengths with one
+masked span of up to 32 tokens in the middle of each row (a tool output / observation). Each is
+timed un-whitened and whitened (advantages through the batch `masked_whiten`), all jitted, with
+the coefficients γ, γλ traced. The calls are interleaved (round-robin over the formulations, one
+call each, for --repeats rounds after a warm-up), so that load from other processes on a shared
+machine falls on all of them alike; the table reports medians and the load average before and
+after.
+
+Formulations:
+  rljax gae                  the library: reverse `lax.scan` (not unrolled) over time-major
+                             [T, B] (inputs transposed once), [B] carries; each step emits the
+                             carried advantage, the zeros at masked positions and the returns
+                             A + V are formed after the one transpose back; `whiten=True`
+                             whitens in the same program.
+  ... unroll=U               the same scan with `lax.scan(..., unroll=U)`.
+  scan emits (A, R)          the previous implementation: the scan writes both the masked
+                             advantage and the return at every step (two outputs transposed back).
+  batch-major fori           no transposes: a `fori_loop` over t reading and writing [B] columns
+                             of the [B, T] arrays (strided).
+  blocked two-level scan     T split into K blocks of L: one scan of L steps with [K, B] carries
+                             (each block from a zero state, with its sensitivity to the state
+                             entering it), then a scan over the K blocks, then one fix-up pass.
+  associative_scan           two parallel-prefix passes over T: the next valid value, then the
+                             linear recurrence A_t = d_t + c_t·A_{t+1} (c = γλ or 1 when masked).
+  numpy loop                 a per-step numpy loop over T on [B] vectors (not jitted), the
+                             masked form of verl's `compute_gae_advantage_return`.
 
   python benchmarks/gae.py                      # B=256, T=2048
-  python benchmarks/gae.py --batch 64 --length 512 --repeats 3
+  python benchmarks/gae.py --batch 64 --length 512 --repeats 10
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import statistics
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rljax.ops.returns import gae
-
-from bench_utils import median_seconds
+from rljax.ops import returns
+from rljax.ops.masking import masked_whiten
 
 
 def make_inputs(batch: int, length: int, seed: int = 0):
@@ -53,24 +74,133 @@ def numpy_loop_gae(rewards, values, mask, gamma, lam):
   return advantages, (advantages + values) * m
 
 
-def eager_jax_loop_gae(rewards, values, mask, gamma, lam):
-  """The same loop with eager jnp ops: one dispatch per op per time step."""
-  m = jnp.asarray(mask, rewards.dtype)
-  next_values = jnp.zeros(rewards.shape[0], rewards.dtype)
-  running = jnp.zeros(rewards.shape[0], rewards.dtype)
-  columns = []
-  for t in reversed(range(rewards.shape[1])):
-    delta = rewards[:, t] + gamma * next_values - values[:, t]
-    adv = delta + gamma * lam * running
-    next_values = m[:, t] * values[:, t] + (1 - m[:, t]) * next_values
-    running = m[:, t] * adv + (1 - m[:, t]) * running
-    columns.append(m[:, t] * adv)
-  advantages = jnp.stack(columns[::-1], axis=1)
-  return advantages, (advantages + values) * m
+# ------------------------------------------------------------------ alternative formulations
+# Each takes (rewards, values, mask, gamma, gamma_lam) with traced coefficients and returns
+# (advantages, returns); float32 inputs, bool mask.
+
+
+def scan_emits_both(rewards, values, mask, gamma, gamma_lam):
+  def step(carry, inputs):
+    next_value, running = carry
+    r_t, v_t, m_t = inputs
+    adv = r_t + gamma * next_value - v_t + gamma_lam * running
+    carry = (jnp.where(m_t, v_t, next_value), jnp.where(m_t, adv, running))
+    return carry, (jnp.where(m_t, adv, 0), jnp.where(m_t, adv + v_t, 0))
+
+  zeros = jnp.zeros(rewards.shape[:1], rewards.dtype)
+  _, (adv, ret) = jax.lax.scan(
+      step, (zeros, zeros), (rewards.T, values.T, (mask != 0).T), reverse=True
+  )
+  return adv.T, ret.T
+
+
+def batch_major_fori(rewards, values, mask, gamma, gamma_lam):
+  length = rewards.shape[1]
+  valid = mask != 0
+
+  def body(i, carry):
+    next_value, running, out = carry
+    t = length - 1 - i
+    r_t, v_t, m_t = (jax.lax.dynamic_index_in_dim(x, t, 1, False) for x in (rewards, values, valid))
+    adv = r_t + gamma * next_value - v_t + gamma_lam * running
+    out = jax.lax.dynamic_update_index_in_dim(out, jnp.where(m_t, adv, 0), t, 1)
+    return jnp.where(m_t, v_t, next_value), jnp.where(m_t, adv, running), out
+
+  zeros = jnp.zeros(rewards.shape[:1], rewards.dtype)
+  _, _, adv = jax.lax.fori_loop(0, length, body, (zeros, zeros, jnp.zeros_like(rewards)))
+  return adv, jnp.where(valid, adv + values, 0)
+
+
+def blocked_two_level(rewards, values, mask, gamma, gamma_lam, block: int = 64):
+  batch, length = rewards.shape
+  num_blocks = -(-length // block)
+  pad = num_blocks * block - length
+  valid = mask != 0
+  # Trailing masked padding is skipped by the recursion, so it changes nothing.
+  r, v, m = (jnp.pad(x, ((0, 0), (0, pad))) for x in (rewards, values, valid))
+  # [B, K, L] -> [L, B, K]: scan over the L steps of all K blocks at once.
+  r, v, m = (x.reshape(batch, num_blocks, block).transpose(2, 0, 1) for x in (r, v, m))
+
+  def step(carry, inputs):  # each block from a zero state; q = d a_t / d (state entering)
+    next_value, running, q, seen = carry
+    r_t, v_t, m_t = inputs
+    adv = r_t + gamma * next_value - v_t + gamma_lam * running
+    q_t = jnp.where(seen, q * gamma_lam, 1)
+    carry = (jnp.where(m_t, v_t, next_value), jnp.where(m_t, adv, running),
+             jnp.where(m_t, q_t, q), seen | m_t)
+    return carry, (jnp.where(m_t, adv, 0), jnp.where(m_t, q_t, 0))
+
+  zeros = jnp.zeros((batch, num_blocks), rewards.dtype)
+  init = (zeros, zeros, zeros, jnp.zeros((batch, num_blocks), bool))
+  (first_v, first_a, first_q, any_valid), (local, q) = jax.lax.scan(
+      step, init, (r, v, m), reverse=True
+  )
+
+  def across(carry, inputs):  # the state entering each block, from the last block backwards
+    next_value, running = carry
+    v_k, a_k, q_k, h_k = inputs
+    inject = gamma * next_value + gamma_lam * running
+    return (jnp.where(h_k, v_k, next_value), jnp.where(h_k, a_k + q_k * inject, running)), inject
+
+  zeros_b = jnp.zeros((batch,), rewards.dtype)
+  _, inject = jax.lax.scan(
+      across, (zeros_b, zeros_b), tuple(x.T for x in (first_v, first_a, first_q, any_valid)),
+      reverse=True,
+  )
+  adv = jnp.where(m, local + q * inject.T[None], 0)
+  adv = adv.transpose(1, 2, 0).reshape(batch, num_blocks * block)[:, :length]
+  return adv, jnp.where(valid, adv + values, 0)
+
+
+def associative(rewards, values, mask, gamma, gamma_lam):
+  valid = mask != 0
+
+  def nearest(later, earlier):  # reverse scan: the nearest valid value at or after t
+    has_l, val_l = later
+    has_e, val_e = earlier
+    return has_l | has_e, jnp.where(has_e, val_e, val_l)
+
+  has, nearest_v = jax.lax.associative_scan(nearest, (valid, values), reverse=True, axis=1)
+  zeros_col = jnp.zeros((rewards.shape[0], 1), rewards.dtype)
+  next_v = jnp.where(jnp.concatenate([has[:, 1:], jnp.zeros_like(has[:, :1])], 1),
+                     jnp.concatenate([nearest_v[:, 1:], zeros_col], 1), 0)
+  delta = jnp.where(valid, rewards + gamma * next_v - values, 0)
+  coef = jnp.where(valid, gamma_lam, jnp.ones_like(rewards))
+
+  def affine(later, earlier):  # A ↦ d + c·A, composed right to left
+    c_l, d_l = later
+    c_e, d_e = earlier
+    return c_e * c_l, d_e + c_e * d_l
+
+  _, adv = jax.lax.associative_scan(affine, (coef, delta), reverse=True, axis=1)
+  adv = jnp.where(valid, adv, 0)
+  return adv, jnp.where(valid, adv + values, 0)
+
+
+ALTERNATIVES = {
+    "scan emits (A, R)": scan_emits_both,
+    "batch-major fori": batch_major_fori,
+    "blocked two-level scan": blocked_two_level,
+    "associative_scan": associative,
+}
+
+
+def interleaved_medians(cases: dict, repeats: int) -> dict:
+  """Median wall time of each case, called round-robin (one call per case per round)."""
+  for fn in cases.values():  # warm-up (compiles)
+    jax.block_until_ready(fn())
+  times = {name: [] for name in cases}
+  names = list(cases)
+  for i in range(repeats):
+    for name in names if i % 2 == 0 else names[::-1]:
+      start = time.perf_counter()
+      jax.block_until_ready(cases[name]())
+      times[name].append(time.perf_counter() - start)
+  return {name: statistics.median(t) for name, t in times.items()}
 
 
 def fmt(seconds: float) -> str:
-  return f"{seconds * 1e3:10.3f} ms"
+  return f"{seconds * 1e3:8.3f} ms"
 
 
 def main() -> None:
@@ -79,46 +209,91 @@ def main() -> None:
   parser.add_argument("--length", type=int, default=2048)
   parser.add_argument("--gamma", type=float, default=1.0)
   parser.add_argument("--lam", type=float, default=0.95)
-  parser.add_argument("--repeats", type=int, default=10)
-  parser.add_argument(
-      "--naive-jax-length", type=int, default=256,
-      help="T for the eager-jnp loop comparison (0 skips it; it is slow at large T)",
-  )
+  parser.add_argument("--repeats", type=int, default=20, help="timed calls per case (>= 10)")
+  parser.add_argument("--unrolls", default="2,4,8,16,32", help="other scan unroll factors")
+  parser.add_argument("--no-numpy", action="store_true", help="skip the (slow) numpy loop")
   args = parser.parse_args()
   B, T, gamma, lam = args.batch, args.length, args.gamma, args.lam
+  load_before = os.getloadavg()
   print(f"GAE benchmark  B={B} T={T} gamma={gamma} lam={lam} float32  "
-        f"backend={jax.default_backend()} devices={jax.device_count()}  "
-        f"median of {args.repeats} after warm-up")
+        f"backend={jax.default_backend()} devices={jax.device_count()} cpus={os.cpu_count()}  "
+        f"median of {args.repeats} interleaved calls after warm-up")
+  print(f"load average (1, 5, 15 min) before: {load_before[0]:.2f} {load_before[1]:.2f} "
+        f"{load_before[2]:.2f}")
 
   rewards, values, mask = make_inputs(B, T)
   r, v, m = jax.device_put(rewards), jax.device_put(values), jax.device_put(mask)
-  jitted = jax.jit(lambda r, v, m: gae(r, v, m, gamma=gamma, lam=lam))
+  g, gl = np.float32(gamma), np.float32(gamma * lam)
+
   start = time.perf_counter()
-  compiled = jitted.lower(r, v, m).compile()
+  jax.block_until_ready(returns.gae(r, v, m, gamma=gamma, lam=lam))
   compile_s = time.perf_counter() - start
 
-  ours_s = median_seconds(lambda: compiled(r, v, m), args.repeats)
-  numpy_s = median_seconds(lambda: numpy_loop_gae(rewards, values, mask, gamma, lam), args.repeats)
-  ours_adv = np.asarray(compiled(r, v, m)[0])
-  ref_adv = numpy_loop_gae(rewards, values, mask, gamma, lam)[0]
-  max_diff = float(np.max(np.abs(ours_adv - ref_adv)))
+  def library(whiten, unroll=returns._UNROLL):
+    return lambda: returns._gae(r, v, m, g, gl, None, whiten=whiten, eps=1e-8, unroll=unroll)
 
-  print(f"  rljax gae, jit compile (once)     {fmt(compile_s)}")
-  print(f"  rljax gae, jitted lax.scan        {fmt(ours_s)}")
-  print(f"  numpy per-step loop over T        {fmt(numpy_s)}   -> jitted is "
-        f"{numpy_s / ours_s:6.1f}x faster   (max |diff| {max_diff:.2e})")
+  def then_whiten(fn):
+    return jax.jit(lambda *a: (lambda out: (masked_whiten(out[0], a[2]), out[1]))(fn(*a)))
 
-  if args.naive_jax_length > 0:
-    Tn = min(args.naive_jax_length, T)
-    rn, vn, mn = (jnp.asarray(x[:, :Tn]) for x in (rewards, values, mask))
-    small = jax.jit(lambda r, v, m: gae(r, v, m, gamma=gamma, lam=lam)).lower(rn, vn, mn).compile()
-    ours_small = median_seconds(lambda: small(rn, vn, mn), args.repeats)
-    eager_s = median_seconds(lambda: eager_jax_loop_gae(rn, vn, mn, gamma, lam), args.repeats)
-    diff = float(jnp.max(jnp.abs(small(rn, vn, mn)[0] - eager_jax_loop_gae(rn, vn, mn, gamma, lam)[0])))
-    print(f"  at T={Tn}:")
-    print(f"    rljax gae, jitted lax.scan      {fmt(ours_small)}")
-    print(f"    eager jnp loop over T           {fmt(eager_s)}   -> jitted is "
-          f"{eager_s / ours_small:6.1f}x faster   (max |diff| {diff:.2e})")
+  rows = [("rljax gae", lambda: returns.gae(r, v, m, gamma=gamma, lam=lam),
+           lambda: returns.gae(r, v, m, gamma=gamma, lam=lam, whiten=True))]
+  for u in [int(x) for x in args.unrolls.split(",") if x]:
+    rows.append((f"  ... unroll={u}", library(False, u), library(True, u)))
+  for name, fn in ALTERNATIVES.items():
+    plain, whitened = jax.jit(fn), then_whiten(fn)
+    rows.append((name, lambda f=plain: f(r, v, m, g, gl), lambda f=whitened: f(r, v, m, g, gl)))
+  extra = {
+      "gae, then masked_whiten (eager)":
+          lambda: masked_whiten(returns.gae(r, v, m, gamma=gamma, lam=lam)[0], m),
+      "jit(gae + masked_whiten)": (lambda f: lambda: f(r, v, m))(jax.jit(
+          lambda r, v, m: masked_whiten(returns.gae(r, v, m, gamma=gamma, lam=lam)[0], m))),
+  }
+
+  # Correctness: every formulation against the numpy loop (and the whitened ones among themselves).
+  ref_adv, ref_ret = numpy_loop_gae(rewards, values, mask, gamma, lam)
+  ref_white = np.asarray(masked_whiten(jnp.asarray(ref_adv), m))
+  worst = 0.0
+  for name, plain, whitened in rows:
+    adv, ret = plain()
+    wadv = whitened()[0]
+    worst = max(worst, float(np.max(np.abs(np.asarray(adv) - ref_adv))),
+                float(np.max(np.abs(np.asarray(ret) - ref_ret))),
+                float(np.max(np.abs(np.asarray(wadv) - ref_white))))
+  for fn in extra.values():
+    worst = max(worst, float(np.max(np.abs(np.asarray(fn()) - ref_white))))
+
+  cases = {}
+  for name, plain, whitened in rows:
+    cases[(name, False)] = plain
+    cases[(name, True)] = whitened
+  for name, fn in extra.items():
+    cases[(name, True)] = fn
+  medians = interleaved_medians(cases, args.repeats)
+  numpy_s = None
+  if not args.no_numpy:
+    numpy_times = []
+    for _ in range(max(3, args.repeats // 4)):
+      start = time.perf_counter()
+      numpy_loop_gae(rewards, values, mask, gamma, lam)
+      numpy_times.append(time.perf_counter() - start)
+    numpy_s = statistics.median(numpy_times)
+  load_after = os.getloadavg()
+
+  ours, ours_w = medians[("rljax gae", False)], medians[("rljax gae", True)]
+  print(f"{'formulation':34s} {'un-whitened':>12s} {'whitened':>12s}   whitened vs rljax gae")
+  for name, _, _ in rows:
+    a, w = medians[(name, False)], medians[(name, True)]
+    print(f"{name:34s} {fmt(a)} {fmt(w)}   {w / ours_w:5.2f}x")
+  for name in extra:
+    w = medians[(name, True)]
+    print(f"{name:34s} {'':>11s} {fmt(w)}   {w / ours_w:5.2f}x")
+  if numpy_s is not None:
+    print(f"{'numpy loop over T (not jitted)':34s} {fmt(numpy_s)} {'':>11s}    "
+          f"{numpy_s / ours:5.1f}x the un-whitened rljax gae")
+  print(f"first call of rljax gae (compile + run): {fmt(compile_s)};  all formulations agree with "
+        f"the numpy loop to {worst:.1e}")
+  print(f"load average (1, 5, 15 min) after:  {load_after[0]:.2f} {load_after[1]:.2f} "
+        f"{load_after[2]:.2f}")
 
 
 if __name__ == "__main__":

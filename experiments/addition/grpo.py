@@ -34,7 +34,6 @@ from rljax.experiment.config import (  # noqa: E402
   LoggingSection,
 )
 from rljax.experiment.evaluation import default_evaluate  # noqa: E402
-from rljax.train.grpo import GRPOConfig  # noqa: E402
 from rljax.train.optim import OptimizerConfig  # noqa: E402
 
 TASK = AdditionConfig()
@@ -85,9 +84,7 @@ config = ExperimentConfig(
                    batch_size=TASK.rl_prompts_per_step, eval_batch_size=TASK.num_eval,
                    buckets=(TASK.prompt_length,), chat=False),
   reward=exact_match_reward,
-  grpo=GRPOConfig(group_size=TASK.group_size, max_new_tokens=TASK.max_new_tokens,
-                  temperature=TASK.temperature, beta=TASK.beta,
-                  num_iterations=TASK.num_iterations),
+  grpo=TASK.grpo_config(),
   optimizer=OptimizerConfig(TASK.rl_learning_rate, warmup_steps=5),
   logging=LoggingSection(out_dir="runs/addition_grpo", eval_every=10, seed=TASK.seed),
 )

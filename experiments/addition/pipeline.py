@@ -34,7 +34,9 @@ from rljax.data.iterator import BatchIterator
 from rljax.data.tokenize import tokenize_dataset
 from rljax.models.config import ModelConfig
 from rljax.models.transformer import Transformer
+from rljax.rollout.sampling import SamplingConfig
 from rljax.train.grpo import GRPOConfig, GRPOTrainer
+from rljax.train.onpolicy import UpdateConfig
 from rljax.train.objectives import sft_loss, sft_token_count
 from rljax.train.optim import OptimizerConfig, make_optimizer
 from rljax.train.state import TrainState, create_train_state
@@ -85,8 +87,8 @@ class AdditionConfig:
   group_size: int = 8
   rl_learning_rate: float = 3e-4
   temperature: float = 1.0
-  beta: float = 0.0
-  num_iterations: int = 1
+  kl_coef: float = 0.0
+  num_epochs: int = 1
 
   @property
   def prompt_length(self) -> int:
@@ -97,6 +99,15 @@ class AdditionConfig:
   def max_new_tokens(self) -> int:
     """digits + 1 answer digits and <eos>."""
     return self.digits + 2
+
+  def sampling(self, num_samples: int) -> SamplingConfig:
+    """The sampling options of this task (shared by GRPO, PPO and the sampled evaluations)."""
+    return SamplingConfig(num_samples=num_samples, max_new_tokens=self.max_new_tokens,
+                          temperature=self.temperature)
+
+  def grpo_config(self) -> GRPOConfig:
+    return GRPOConfig(sampling=self.sampling(self.group_size), kl_coef=self.kl_coef,
+                      update=UpdateConfig(num_epochs=self.num_epochs))
 
 
 @dataclasses.dataclass
@@ -172,12 +183,9 @@ def make_grpo_trainer(config: AdditionConfig, data: AdditionData, graphdef: nnx.
   optimizer = make_optimizer(OptimizerConfig(config.rl_learning_rate, warmup_steps=5))
   policy = nnx.merge(graphdef, sft_state.params, sft_state.frozen)
   rl_graphdef, state = create_train_state(policy, optimizer, rng=config.seed + 1)
-  grpo = GRPOConfig(group_size=config.group_size, max_new_tokens=config.max_new_tokens,
-                    temperature=config.temperature, beta=config.beta,
-                    num_iterations=config.num_iterations)
-  trainer = GRPOTrainer(rl_graphdef, optimizer, grpo, exact_match_reward, tok,
+  trainer = GRPOTrainer(rl_graphdef, optimizer, config.grpo_config(), exact_match_reward, tok,
                         stop_tokens=[tok.eos_token_id], pad_id=tok.pad_token_id)
-  return trainer, state
+  return trainer, trainer.init_state(state)
 
 
 def run_grpo(config: AdditionConfig, data: AdditionData, trainer: GRPOTrainer,
@@ -191,8 +199,9 @@ def run_grpo(config: AdditionConfig, data: AdditionData, trainer: GRPOTrainer,
   for i in range(config.rl_steps):
     state, metrics = trainer.step(state, next(prompts), jax.random.fold_in(key, i))
     if (i + 1) % max(1, config.rl_steps // 6) == 0:
-      log(f"  grpo step {i + 1:4d}  reward {metrics['reward_mean']:.3f}  "
-          f"kl {metrics['kl']:.4f}  entropy {metrics['entropy']:.3f}  "
+      kl = f"kl {metrics['kl']:.4f}  " if "kl" in metrics else ""  # kl_coef = 0: no reference
+      log(f"  grpo step {i + 1:4d}  reward {metrics['reward_mean']:.3f}  {kl}"
+          f"entropy {metrics['entropy']:.3f}  "
           f"zero-var groups {metrics['zero_variance_groups']:.2f}")
   return state
 

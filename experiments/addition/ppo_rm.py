@@ -58,6 +58,7 @@ from rljax.data.tokenize import tokenize_dataset  # noqa: E402
 from rljax.models.heads import RewardModel, ValueModel  # noqa: E402
 from rljax.rewards.model import reward_model_reward  # noqa: E402
 from rljax.train.objectives import pair_count  # noqa: E402
+from rljax.train.onpolicy import UpdateConfig  # noqa: E402
 from rljax.train.optim import OptimizerConfig, make_optimizer  # noqa: E402
 from rljax.train.ppo import PPOConfig, PPOTrainer, split_critic  # noqa: E402
 from rljax.train.reward_modeling import (  # noqa: E402
@@ -90,7 +91,7 @@ class PPORMSettings:
   learning_rate: float = 3e-4
   critic_learning_rate: float = 1e-3
   kl_coef: float = 0.1
-  ppo_epochs: int = 2
+  num_epochs: int = 2
   num_minibatches: int = 2
   entropy_coef: float = 0.0
 
@@ -178,14 +179,15 @@ def run_ppo(config: AdditionConfig, settings: PPORMSettings, data: AdditionData,
   critic_graphdef, _, _ = split_critic(critic)
   reward = _TrackedReward(reward_model_reward(reward_model, tok), rm_stats["rm_score_mean"],
                           rm_stats["rm_score_std"])
-  ppo = PPOConfig(num_samples=settings.num_samples, max_new_tokens=config.max_new_tokens,
-                  temperature=config.temperature, kl_coef=settings.kl_coef,
-                  ppo_epochs=settings.ppo_epochs, num_minibatches=settings.num_minibatches,
+  ppo = PPOConfig(sampling=config.sampling(settings.num_samples), kl_coef=settings.kl_coef,
+                  update=UpdateConfig(num_epochs=settings.num_epochs,
+                                      num_minibatches=settings.num_minibatches,
+                                      agg="token-mean"),
                   entropy_coef=settings.entropy_coef)
   graphdef, state = create_train_state(policy, optimizer, rng=config.seed + 1)
   trainer = PPOTrainer(graphdef, critic_graphdef, optimizer, critic_optimizer, ppo, reward, tok,
                        stop_tokens=[tok.eos_token_id], pad_id=tok.pad_token_id)
-  state = state.replace(extras=trainer.initial_extras(critic))
+  state = trainer.init_state(state, critic=critic)
   prompts = BatchIterator(
     data.rl_records, settings.prompts_per_step, seed=config.seed + 2,
     collate=collator("prompt", pad_id=tok.pad_token_id, buckets=[config.prompt_length]))

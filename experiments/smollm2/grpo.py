@@ -16,12 +16,13 @@ greedy accuracy on 200 held-out problems every 25 steps. Sized for one GPU.
 CPU smoke run (2 cores; a few steps, tiny shapes, no held-out evaluation):
 
   RLJAX_SMOLLM2_DIR=/tmp/smollm2-hf rljax train experiments/smollm2/grpo.py \\
-    --set steps=3 --set data.batch_size=2 --set grpo.group_size=2 \\
-    --set grpo.max_new_tokens=16 --set data.eval=null --out /tmp/smol_grpo
+    --set steps=3 --set data.batch_size=2 --set grpo.sampling.num_samples=2 \\
+    --set grpo.sampling.max_new_tokens=16 --set data.eval=null --out /tmp/smol_grpo
 
 Measured on the 2-core CPU (shared with other jobs, so rough): steps of 31.9 s (step 1, with
 its 20 XLA compilations), 14.8 s and 11.3 s; 1 min 44 s wall for the command including model
-loading and the final checkpoint / model / plot. With `grpo.group_size=4 grpo.max_new_tokens=64`
+loading and the final checkpoint / model / plot. With `grpo.sampling.num_samples=4
+grpo.sampling.max_new_tokens=64`
 (and `logging.save_every=0 logging.save_model=false`): 57.7 s, 33.1 s, 27.6 s per step. No
 recompilation after step 1 (the "compiles" column of metrics.jsonl is 0).
 """
@@ -45,6 +46,7 @@ from rljax.experiment.config import (  # noqa: E402
   ModelSection,
 )
 from rljax.rewards import combine_rewards, format_reward, math_answer_reward  # noqa: E402
+from rljax.rollout.sampling import SamplingConfig  # noqa: E402
 from rljax.train.grpo import GRPOConfig  # noqa: E402
 from rljax.train.optim import OptimizerConfig  # noqa: E402
 
@@ -74,7 +76,8 @@ config = ExperimentConfig(
   data=DataSection(train=train_rows, eval=eval_rows, kind="prompt", batch_size=16,
                    eval_batch_size=100, max_length=96, buckets=(96,), chat=True),
   reward=reward,
-  grpo=GRPOConfig(group_size=8, max_new_tokens=128, temperature=1.0, beta=0.04),
+  grpo=GRPOConfig(sampling=SamplingConfig(num_samples=8, max_new_tokens=128, temperature=1.0),
+                  kl_coef=0.04),
   optimizer=OptimizerConfig(1e-6, warmup_steps=10),
   logging=LoggingSection(out_dir="runs/smollm2_grpo", eval_every=25, save_every=50),
 )

@@ -46,7 +46,8 @@ The schema (defaults in parentheses; every field can be overridden with `--set`)
                     `rljax.rewards` function taking no configuration ("math_answer_reward")
     objective       dict of keyword arguments for the supervised objective, e.g. {"beta": 0.1,
                     "variant": "ipo"} for dpo, {"center_coef": 0.01} for reward_model ({})
-    grpo            `rljax.train.GRPOConfig` (group_size, max_new_tokens, beta, ...) (defaults)
+    grpo            `rljax.train.GRPOConfig` (sampling.num_samples, sampling.max_new_tokens,
+                    kl_coef, update.num_epochs, ...) (defaults)
     ppo             `rljax.train.PPOConfig` (defaults)
     optimizer       `rljax.train.OptimizerConfig` (learning_rate=1e-5, schedule, warmup, ...)
     critic_optimizer  ppo: `OptimizerConfig` of the critic (None: same as `optimizer`)
@@ -94,10 +95,12 @@ Example (experiments/my_task.py):
   ...   algorithm="grpo", steps=50,
   ...   model=ModelSection(path="runs/my_task_sft/model"),
   ...   data=DataSection(train=make_prompts, eval=make_eval_prompts, batch_size=16),
-  ...   reward=exact_answer, grpo=GRPOConfig(group_size=8, max_new_tokens=8, beta=0.0),
+  ...   reward=exact_answer, grpo=GRPOConfig(sampling=SamplingConfig(num_samples=8,
+  ...                                                                max_new_tokens=8), kl_coef=0.0),
   ...   optimizer=OptimizerConfig(1e-4), logging=LoggingSection(out_dir="runs/my_task_grpo"))
 
-Overrides: `--set logging.save_every=10 --set grpo.beta=0.0 --set optimizer.learning_rate=3e-4`;
+Overrides: `--set logging.save_every=10 --set grpo.kl_coef=0.0 --set grpo.sampling.temperature=0.7
+--set optimizer.learning_rate=3e-4`;
 values parse as JSON first (ints, floats, true/false/null, lists, objects), then "None",
 "True"/"False", else a plain string. An unknown key raises `ConfigError` listing the valid keys
 at that level.

@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import jax
@@ -32,8 +31,9 @@ def _weighted_mean(results: list[tuple[int, dict[str, float]]]) -> dict[str, flo
   return {k: sum(n * r[k] for n, r in results) / total for k in keys}
 
 
-@functools.lru_cache(maxsize=16)
-def _jitted_objective(graphdef: nnx.GraphDef, loss_fn: Any):
+def jitted_objective(graphdef: nnx.GraphDef, loss_fn: Any):
+  """`jit(params, frozen, batch) -> {"loss", **metrics}` of a supervised objective (no update)."""
+
   def evaluate(params, frozen, batch):
     loss, metrics = loss_fn(nnx.merge(graphdef, params, frozen), batch, normalizer=None)
     return {"loss": loss, **metrics}
@@ -43,7 +43,9 @@ def _jitted_objective(graphdef: nnx.GraphDef, loss_fn: Any):
 
 def evaluate_supervised(run: Any, state: Any) -> dict[str, float]:
   """The objective's loss and metrics on `run.eval_batches` (no update)."""
-  fn = _jitted_objective(run.graphdef, run.loss_fn)
+  if run.eval_step is None:  # built once per run
+    run.eval_step = jitted_objective(run.graphdef, run.loss_fn)
+  fn = run.eval_step
   results = []
   for batch in run.eval_batches:
     if run.reference is not None:

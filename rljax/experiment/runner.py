@@ -15,7 +15,8 @@ family through `make_train_step` with the objective and its count function; DPO 
 frozen reference's log-probs to each batch), `grpo_step` (`GRPOTrainer.step`) and `ppo_step`
 (`PPOTrainer.step`). Rollout keys are `fold_in(key(seed), step)`, so a resumed run draws the same
 samples as an uninterrupted one; a checkpoint holds the TrainState (params, optimizer state,
-RNG, PPO critic and KL controller) and, as JSON, the data iterator's position and the run time.
+RNG, PPO critic and KL controllers; the on-policy reference policy is written once per run, see
+`Checkpointer`) and, as JSON, the data iterator's position and the run time.
 
 Every logged record also has "compiles": the number of XLA compilations during that step
 (from `jax.monitoring`), 0 once the shapes have settled.
@@ -55,6 +56,7 @@ from rljax.train.preference import (
 )
 from rljax.train.reward_modeling import reward_pair_objective
 from rljax.train.state import create_train_state, state_shardings
+from rljax.train.compiles import count_compiles
 from rljax.train.step import make_train_step
 
 # algorithm → (objective, count function, needs the frozen reference's log-probs)
@@ -68,26 +70,6 @@ OBJECTIVES: dict[str, tuple[Callable, Callable, bool]] = {
   "cpo": (cpo_objective, pair_count, False),
 }
 SUMMARY_KEYS = ("loss", "nll", "reward_mean", "kl", "reward_accuracy", "grad_norm")
-
-# ----------------------------------------------------------------------------------------------
-# Compilation counter.
-# ----------------------------------------------------------------------------------------------
-
-_COMPILES = [0]
-
-
-def _on_event(event: str, *_: Any, **__: Any) -> None:
-  if event == "/jax/core/compile/backend_compile_duration":
-    _COMPILES[0] += 1
-
-
-jax.monitoring.register_event_duration_secs_listener(_on_event)
-
-
-def compile_count() -> int:
-  """XLA compilations so far in this process (all jitted functions)."""
-  return _COMPILES[0]
-
 
 # ----------------------------------------------------------------------------------------------
 # The run.
@@ -106,9 +88,10 @@ class Run:
   optimizer: Any
   train_iter: Any
   eval_batches: list
-  reference: tuple | None = None   # frozen (params, frozen) of the initial policy
+  reference: tuple | None = None   # DPO / KTO: frozen (params, frozen) of the initial policy
   loss_fn: Callable | None = None
   train_step: Callable | None = None
+  eval_step: Callable | None = None  # the jitted supervised objective, for evaluation
   trainer: Any = None              # GRPOTrainer / PPOTrainer
   key: jax.Array | None = None
   out_dir: str = ""
@@ -127,7 +110,7 @@ def _mesh(config: ExperimentConfig):
 
   mesh = make_mesh(config.mesh, devices=devices)
   batch_axes = mesh.shape["data"] * mesh.shape["fsdp"]
-  samples = {"grpo": config.grpo.group_size, "ppo": config.ppo.num_samples}
+  samples = {"grpo": config.grpo.sampling.num_samples, "ppo": config.ppo.sampling.num_samples}
   rows = config.data.batch_size * samples.get(config.algorithm, 1)
   if rows % batch_axes:
     raise ConfigError(f"the rows of a batch (data.batch_size {config.data.batch_size} x "
@@ -162,22 +145,18 @@ def setup(exp: Experiment, out_dir: str) -> tuple[Run, Any]:
       compute_dtype=build.dtype_of(c.compute_dtype, "compute_dtype"),
       compiler_options=compiler_options)
     return run, state
-  run.reference = _copy((state.params, state.frozen))
   reward_fn = build.build_reward(exp, tokenizer)
-  eos, pad_id = tokenizer.eos_token_id, build.pad_id_of(tokenizer)
+  kw = {"stop_tokens": [tokenizer.eos_token_id], "pad_id": build.pad_id_of(tokenizer),
+        "mesh": mesh, "rules": rules, "compiler_options": compiler_options}
   if c.algorithm == "grpo":
-    run.trainer = GRPOTrainer(graphdef, optimizer, c.grpo, reward_fn, tokenizer, stop_tokens=[eos],
-                              pad_id=pad_id, ref_params=run.reference, mesh=mesh, rules=rules,
-                              compiler_options=compiler_options)
-    return run, state
+    run.trainer = GRPOTrainer(graphdef, optimizer, c.grpo, reward_fn, tokenizer, **kw)
+    return run, run.trainer.init_state(state)  # the reference: the initial policy, in the state
   critic = build.build_critic(exp, model)
   critic_graphdef, _, _ = split_critic(critic)
   critic_optimizer = make_optimizer(c.critic_optimizer or c.optimizer)
   run.trainer = PPOTrainer(graphdef, critic_graphdef, optimizer, critic_optimizer, c.ppo,
-                           reward_fn, tokenizer, stop_tokens=[eos], pad_id=pad_id,
-                           ref_params=run.reference, mesh=mesh, rules=rules,
-                           compiler_options=compiler_options)
-  return run, state.replace(extras=run.trainer.initial_extras(critic))
+                           reward_fn, tokenizer, **kw)
+  return run, run.trainer.init_state(state, critic=critic)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -300,9 +279,9 @@ def run_experiment(target: str | ExperimentConfig | Experiment, overrides: Any =
   try:
     for step in range(start_step + 1, c.steps + 1):
       batch = next(run.train_iter)
-      compiles = compile_count()
-      state, metrics = step_fn(run, state, batch, step)
-      metrics["compiles"] = compile_count() - compiles
+      with count_compiles() as compiles:
+        state, metrics = step_fn(run, state, batch, step)
+      metrics["compiles"] = compiles.count
       evaluated = bool(log.eval_every) and (step % log.eval_every == 0 or step == c.steps)
       if evaluated:
         evals = _evaluate(run, state)

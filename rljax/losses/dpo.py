@@ -1,6 +1,6 @@
 """DPO and its pairwise variants, on sequence-level log-probs.
 
-Shared conventions (see DESIGN.md):
+Shared conventions (see docs/architecture.md):
   * Inputs are `[B]` sequence log-probs (sums over the response tokens, e.g. from
     `sequence_logprobs(token_logps, mask)`), one row per (prompt, chosen, rejected) triple.
   * The reference log-probs are wrapped in `stop_gradient`: only the policy log-probs carry

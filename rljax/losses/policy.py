@@ -1,6 +1,6 @@
 """Policy-gradient losses: REINFORCE, PPO (clip, penalty, ptx), GRPO, GSPO and CISPO.
 
-Shared conventions (see DESIGN.md):
+Shared conventions (see docs/architecture.md):
   * `logp`, `old_logp`, `ref_logp`, `mask`: [B, T]; `advantages`: [B] (one per sequence,
     broadcast over its tokens) or [B, T].
   * `old_logp`, `ref_logp` and `advantages` are wrapped in `stop_gradient`: only `logp` carries

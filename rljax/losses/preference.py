@@ -1,6 +1,6 @@
 """Preference losses beyond pairwise DPO: KTO, ORPO, SimPO and CPO.
 
-Shared conventions (see DESIGN.md and `rljax.losses.dpo`):
+Shared conventions (see docs/architecture.md and `rljax.losses.dpo`):
   * Inputs are `[B]` sequence-level log-probs; "avg" inputs are per-token means
     (`sequence_logprobs(token_logps, mask, average=True)`), the others sums.
   * Reference log-probs and KL anchors are stop-gradient; every computation runs in

@@ -65,6 +65,10 @@ class ModelConfig:
     dtype: computation dtype of activations.
     param_dtype: dtype of parameters.
     remat: rematerialise (jax.checkpoint) each layer in the backward pass.
+    scan_unroll: layers per iteration of the layer scan (`lax.scan(unroll=...)`); None (default)
+      chooses by backend when the model is traced: all layers on CPU (XLA:CPU runs the unrolled
+      program faster: `benchmarks/grpo_step.py`), 1 elsewhere (compile time independent of
+      depth). The parameters stay stacked either way.
     model_type: the Hugging Face family name (used by `to_hf_dict`).
     bos_token_id, eos_token_id, pad_token_id: copied from the HF config when present.
   """
@@ -89,6 +93,7 @@ class ModelConfig:
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   remat: bool = False
+  scan_unroll: int | None = None
   model_type: str = "llama"
   bos_token_id: int | list[int] | None = None
   eos_token_id: int | list[int] | None = None
@@ -110,6 +115,10 @@ class ModelConfig:
         if value not in _DTYPES:
           raise ValueError(f"{name} must be one of {sorted(_DTYPES)}, got {value!r}")
         object.__setattr__(self, name, _DTYPES[value])
+    if self.scan_unroll is not None and (isinstance(self.scan_unroll, bool)
+                                         or not isinstance(self.scan_unroll, int)
+                                         or self.scan_unroll < 1):
+      raise ValueError(f"scan_unroll must be None or an int >= 1, got {self.scan_unroll!r}")
     if self.num_heads % self.num_kv_heads:
       raise ValueError(
         f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"

@@ -287,8 +287,15 @@ def scan_layers(
 
   if config.remat:
     body = jax.checkpoint(body, prevent_cse=False)
-  x, _ = jax.lax.scan(body, x, stacked)
+  x, _ = jax.lax.scan(body, x, stacked, unroll=layer_unroll(config))
   return x
+
+
+def layer_unroll(config: ModelConfig) -> int:
+  """`config.scan_unroll`, or by backend: every layer on CPU, one per iteration elsewhere."""
+  if config.scan_unroll is not None:
+    return min(config.scan_unroll, config.num_layers)
+  return config.num_layers if jax.default_backend() == "cpu" else 1
 
 
 # ----------------------------------------------------------------------------------------------

@@ -71,20 +71,22 @@ def _fused_forward(hidden, unembedding, tokens, temperature, chunk, with_entropy
   return outs[0], outs[1], (outs[2] if with_entropy else None)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _fused(hidden, unembedding, tokens, temperature, chunk, with_entropy):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _fused(hidden, unembedding, tokens, temperature, chunk, with_entropy, entropy_grad):
   logp, _, entropy = _fused_forward(hidden, unembedding, tokens, temperature, chunk, with_entropy)
   return (logp, entropy) if with_entropy else (logp,)
 
 
-def _fused_fwd(hidden, unembedding, tokens, temperature, chunk, with_entropy):
+def _fused_fwd(hidden, unembedding, tokens, temperature, chunk, with_entropy, entropy_grad):
+  del entropy_grad
   logp, lse, entropy = _fused_forward(hidden, unembedding, tokens, temperature, chunk, with_entropy)
   outputs = (logp, entropy) if with_entropy else (logp,)
   return outputs, (hidden, unembedding, tokens, lse, entropy)
 
 
-def _fused_bwd(temperature, chunk, with_entropy, residuals, cotangents):
+def _fused_bwd(temperature, chunk, with_entropy, entropy_grad, residuals, cotangents):
   hidden, unembedding, tokens, lse, entropy = residuals
+  with_entropy = with_entropy and entropy_grad  # a metric-only entropy adds no backward work
   dtype = compute_dtype(hidden, unembedding)
   operand_dtype = jnp.result_type(hidden, unembedding)
   vocab = unembedding.shape[0]
@@ -145,6 +147,7 @@ def logprobs_from_hidden(
     temperature: float = 1.0,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     return_entropy: bool = False,
+    entropy_grad: bool = True,
 ):
   """Token log-probs (and optionally entropy) of `softmax(hidden @ unembedding.T / temperature)`.
 
@@ -180,7 +183,10 @@ def logprobs_from_hidden(
       B·chunk_size·V floats (B per device), and each matmul has B·chunk_size rows. Lower it for
       large per-device batches or vocabularies; raise it when the per-device batch is small
       (matmuls of a few hundred rows or more use accelerators well). Clamped to T.
-    return_entropy: also return the [B, T] entropy (differentiable, same pass).
+    return_entropy: also return the [B, T] entropy (same pass).
+    entropy_grad: the entropy is differentiable (default, e.g. for an entropy bonus); False
+      returns it as a metric under `stop_gradient`, and the backward pass skips its term (one
+      elementwise pass over every chunk's [B, c, V] probabilities less).
 
   Returns:
     [B, T] log-probs in the compute dtype, or `(logprobs, entropy)` when `return_entropy`.
@@ -198,6 +204,9 @@ def logprobs_from_hidden(
   if padded != length:
     hidden = jnp.pad(hidden, ((0, 0), (0, padded - length), (0, 0)))
     tokens = jnp.pad(tokens, ((0, 0), (0, padded - length)))
-  outputs = _fused(hidden, unembedding, tokens, float(temperature), chunk, bool(return_entropy))
+  outputs = _fused(hidden, unembedding, tokens, float(temperature), chunk, bool(return_entropy),
+                   bool(entropy_grad))
   outputs = tuple(o[:, :length] for o in outputs)
-  return outputs if return_entropy else outputs[0]
+  if not return_entropy:
+    return outputs[0]
+  return outputs[0], outputs[1] if entropy_grad else jax.lax.stop_gradient(outputs[1])

@@ -3,7 +3,7 @@
 Models name every parameter dimension with a *logical* axis (``embed``, ``vocab``, ``heads``, …).
 A *rule set* maps each logical name to a mesh axis (``data``, ``fsdp``, ``tensor``), a tuple of mesh
 axes, or ``None`` (replicated). Changing the rule set changes the parallelism strategy without
-touching model code (DESIGN.md, promise 2).
+touching model code (docs/architecture.md: scale is placement).
 
 Rule sets are tuples of ``(logical_name, mesh_axes)`` pairs, the format of
 ``flax.nnx.logical_axis_rules`` / ``flax.linen.logical_axis_rules``, so they can be used directly

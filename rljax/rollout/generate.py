@@ -18,7 +18,7 @@ from flax import nnx
 
 from rljax.models.kv_cache import KVCache, hidden_states_with_cache, init_kv_cache
 from rljax.models.transformer import Transformer
-from rljax.rollout.sampling import check_sampling_options, sample_next_token
+from rljax.rollout.sampling import SamplingConfig, check_sampling_options, sample_next_token
 
 Array = jax.Array
 
@@ -204,14 +204,15 @@ def generate(
   prompt_tokens: Array,
   prompt_mask: Array,
   key: Array,
+  sampling: SamplingConfig | None = None,
   *,
-  max_new_tokens: int,
-  temperature: float = 1.0,
+  max_new_tokens: int | None = None,
+  temperature: float | None = None,
   top_k: int | None = None,
   top_p: float | None = None,
   stop_tokens: int | Sequence[int],
   pad_id: int,
-  num_samples: int = 1,
+  num_samples: int | None = None,
 ) -> Rollout:
   """Samples `num_samples` completions of each left-padded prompt with a KV cache.
 
@@ -233,6 +234,9 @@ def generate(
     prompt_mask: [B0, P] bool/0-1, 1 marks a real prompt token. Every row needs at least one
       (an all-padding row gives finite but meaningless samples).
     key: a PRNG key; the result is a deterministic function of it.
+    sampling: a `SamplingConfig` holding max_new_tokens, temperature, top_k, top_p and
+      num_samples (the trainers pass theirs); or give those options as keywords instead (not
+      both). `rollout_dtype` is the caller's business (cast the parameters before).
     max_new_tokens: N >= 1 (static).
     temperature: >= 0 (static), default 1.0; 0 is greedy decoding.
     top_k: None or an int >= 1 (static): sample among the k most likely tokens.
@@ -257,6 +261,19 @@ def generate(
     >>> logits = model(out.tokens, out.attention_mask)[:, P - 1 : -1]
     >>> logp = token_logprobs(logits, out.tokens[:, P:], temperature=0.7)  # == out.logprobs
   """
+  options = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k,
+             "top_p": top_p, "num_samples": num_samples}
+  if sampling is not None:
+    given = sorted(k for k, v in options.items() if v is not None)
+    if given:
+      raise ValueError(f"give the sampling options either in `sampling` or as keywords, not "
+                       f"both (got `sampling` and {given}).")
+    options = {k: getattr(sampling, k) for k in options}
+  if options["max_new_tokens"] is None:
+    raise ValueError("`max_new_tokens` is required (or pass a `sampling=SamplingConfig(...)`).")
+  max_new_tokens, top_k, top_p = options["max_new_tokens"], options["top_k"], options["top_p"]
+  temperature = 1.0 if options["temperature"] is None else options["temperature"]
+  num_samples = 1 if options["num_samples"] is None else options["num_samples"]
   graphdef, state = _split_model(model)
   tokens, mask = _check_prompts(prompt_tokens, prompt_mask)
   _check_key(key)

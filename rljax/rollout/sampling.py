@@ -9,6 +9,8 @@ restrict which token may be drawn.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
@@ -31,6 +33,51 @@ def check_sampling_options(
     isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1
   ):
     raise ValueError(f"`top_p` must be None or a number in (0, 1]; got {top_p!r}.")
+
+
+def check_dtype_name(name: str, value: str | None) -> None:
+  """ValueError naming `name` unless `value` is None or a floating dtype name ("bfloat16")."""
+  if value is None:
+    return
+  try:
+    floating = jnp.issubdtype(jnp.dtype(value), jnp.floating)
+  except TypeError:
+    floating = False
+  if not floating:
+    raise ValueError(f"`{name}` must be None or a floating dtype name such as 'bfloat16'; "
+                     f"got {value!r}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+  """How completions are sampled: the one place these options live (`generate`, the on-policy
+  trainers' rollouts and their evaluation all read them from here).
+
+  Attributes:
+    max_new_tokens: completion length N (static shape; 32).
+    temperature: softmax temperature (1.0); 0 is greedy decoding. The trainers' log-probs use
+      the same temperature, so training needs temperature > 0.
+    top_k: None, or sample among the k most likely tokens.
+    top_p: None, or nucleus sampling with mass top_p in (0, 1] (after top_k).
+    num_samples: completions per prompt (1); GRPO's group size G (then >= 2).
+    rollout_dtype: None samples in the training dtype; e.g. "bfloat16" casts the parameters
+      handed to the sampler (the trainers still compute log-probs in the training dtype).
+  """
+
+  max_new_tokens: int = 32
+  temperature: float = 1.0
+  top_k: int | None = None
+  top_p: float | None = None
+  num_samples: int = 1
+  rollout_dtype: str | None = None
+
+  def __post_init__(self) -> None:
+    for name in ("max_new_tokens", "num_samples"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"`{name}` must be an int >= 1; got {value!r}.")
+    check_sampling_options(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
+    check_dtype_name("rollout_dtype", self.rollout_dtype)
 
 
 def top_p_keep(sorted_logits: Array, top_p: float) -> Array:

@@ -77,8 +77,12 @@ __all__ += [
 ]
 
 # On-policy RL trainers (issue 5).
-from rljax.train.experience import Experience, policy_logprobs, critic_values  # noqa: E402
+from rljax.rollout.sampling import SamplingConfig  # noqa: E402
+from rljax.train.compiles import count_compiles  # noqa: E402
+from rljax.train.experience import Experience  # noqa: E402
+from rljax.train.forward import critic_values, policy_logprobs  # noqa: E402
 from rljax.train.grpo import GRPOConfig, GRPOTrainer  # noqa: E402
+from rljax.train.onpolicy import UpdateConfig  # noqa: E402
 from rljax.train.ppo import PPOConfig, PPOTrainer, split_critic  # noqa: E402
 
 __all__ += [
@@ -87,6 +91,9 @@ __all__ += [
   "GRPOTrainer",
   "PPOConfig",
   "PPOTrainer",
+  "SamplingConfig",
+  "UpdateConfig",
+  "count_compiles",
   "critic_values",
   "policy_logprobs",
   "split_critic",

@@ -20,6 +20,13 @@ to restore (an error, or a fingerprint mismatch), `restore` warns, moves that ch
 `<directory>/damaged/` (a damaged newest checkpoint would otherwise survive the keep-N rotation
 and evict good ones) and restores the previous one; it raises only when no checkpoint restores.
 
+Constant sub-states are written once. A `TrainState`'s `extras[k]` for `k` in `once` (default
+`("reference",)`: the on-policy trainers' frozen reference policy, as large as the policy itself)
+never changes during a run, so `save` writes it once, to `<directory>/once/<k>` (with its own
+fingerprints), and each step's checkpoint holds the rest of the state; `restore` reads both and
+puts it back, so a resumed run trains against the same reference without every checkpoint
+doubling in size.
+
 Restoring onto a different mesh is a property of the target: `restore(target)` takes an abstract
 pytree (`jax.ShapeDtypeStruct`s with `.sharding`, e.g. from `jax.eval_shape` plus the shardings of
 the new mesh) or a concrete one whose shardings are used, and orbax reads each array directly into
@@ -38,6 +45,7 @@ Example:
 
 from __future__ import annotations
 
+import json
 import os
 import time
 import warnings
@@ -47,11 +55,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from jax import lax
 
 __all__ = ["Checkpointer", "CheckpointRestoreError", "abstract_target", "tree_fingerprints"]
 
 _STATE, _DATA, _META = "state", "data", "meta"
+_ONCE = "once"
 
 # Multiplicative hashing constants (Knuth's golden ratio and MurmurHash3's fmix32).
 _GOLDEN = 0x9E3779B1
@@ -170,6 +180,8 @@ class Checkpointer:
     async_save: write in a background thread (orbax's `AsyncCheckpointer`); `save` returns after
       the device-to-host copy, so the state may be donated to the next step at once. Default True.
     metadata: JSON-able user config stored with every checkpoint (returned by `restore`).
+    once: keys of a `TrainState`'s `extras` that are constant over the run and written once
+      (module doc); default ("reference",).
 
   Call on every process (multi-host): orbax synchronises processes and writes each process's
   shards. Use as a context manager, or call `close()`, so pending writes are committed.
@@ -183,6 +195,7 @@ class Checkpointer:
     keep: int = 2,
     async_save: bool = True,
     metadata: dict[str, Any] | None = None,
+    once: tuple[str, ...] = ("reference",),
   ):
     if not isinstance(save_every, int) or save_every < 1:
       raise ValueError(f"save_every must be an integer >= 1, got {save_every!r}")
@@ -194,6 +207,7 @@ class Checkpointer:
     self.save_every = save_every
     self.keep = keep
     self.metadata = dict(metadata) if metadata is not None else {}
+    self.once = tuple(once)
     options = ocp.CheckpointManagerOptions(
       max_to_keep=keep,
       enable_async_checkpointing=async_save,
@@ -228,6 +242,9 @@ class Checkpointer:
     step = int(step)
     if not self.should_save(step, force=force):
       return False
+    state, constants = self._split_once(state)
+    for key, value in constants.items():
+      self._save_once(key, value)
     meta = {
       "step": step,
       "time": time.time(),
@@ -243,6 +260,44 @@ class Checkpointer:
       }
     )
     return bool(self._manager.save(step, args=args, force=True))
+
+  # Constant sub-states, written once.
+
+  def _split_once(self, state: Any) -> tuple[Any, dict[str, Any]]:
+    """(state without the `once` extras, {key: extras[key]}) — only for states with `extras`."""
+    extras = getattr(state, "extras", None)
+    if not isinstance(extras, dict) or not any(k in extras for k in self.once):
+      return state, {}
+    constants = {k: extras[k] for k in self.once if k in extras}
+    rest = {k: v for k, v in extras.items() if k not in constants}
+    return state.replace(extras=rest), constants
+
+  def _once_path(self, key: str) -> epath.Path:
+    return epath.Path(self.directory) / _ONCE / key
+
+  def _save_once(self, key: str, value: Any) -> None:
+    path = self._once_path(key)
+    if (path / "fingerprints.json").exists():
+      return  # written by an earlier save of this run (or of the run being resumed)
+    with ocp.StandardCheckpointer() as writer:
+      writer.save(path / "value", value, force=True)
+      writer.wait_until_finished()
+    if jax.process_index() == 0:  # written last: its presence marks a complete value
+      (path / "fingerprints.json").write_text(json.dumps(tree_fingerprints(value)))
+
+  def _restore_once(self, key: str, abstract: Any) -> Any:
+    path = self._once_path(key)
+    if not (path / "fingerprints.json").exists():
+      raise FileNotFoundError(f"the restore target holds extras[{key!r}], but {path} (written "
+                              "once per run by `save`) does not exist")
+    with ocp.StandardCheckpointer() as reader:
+      value = reader.restore(path / "value", abstract)
+    expected = json.loads((path / "fingerprints.json").read_text())
+    actual = tree_fingerprints(value)
+    bad = sorted(k for k in set(expected) | set(actual) if expected.get(k) != actual.get(k))
+    if bad:
+      raise CheckpointRestoreError(f"checksum mismatch in {path} for leaves {bad[:5]}")
+    return value
 
   def wait(self) -> None:
     """Blocks until pending asynchronous saves are committed."""
@@ -317,7 +372,9 @@ class Checkpointer:
       raise FileNotFoundError(f"no checkpoint in {self.directory}")
     if step is not None and step not in steps:
       raise FileNotFoundError(f"no checkpoint for step {step} in {self.directory}; have {steps}")
+    target, constants = self._split_once(target)
     abstract = abstract_target(target)
+    constants = {k: self._restore_once(k, abstract_target(v)) for k, v in constants.items()}
     candidates = [step] if step is not None else steps[::-1]
     failures: list[tuple[int, Exception]] = []
     for candidate in candidates:
@@ -333,6 +390,9 @@ class Checkpointer:
           )
         continue
       self._delete_failed([s for s, _ in failures])
+      if constants:
+        state, data_state, metadata = result
+        result = (state.replace(extras={**state.extras, **constants}), data_state, metadata)
       return result
     report = "; ".join(f"step {s}: {type(e).__name__}: {e}" for s, e in failures)
     raise CheckpointRestoreError(

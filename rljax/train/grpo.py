@@ -1,25 +1,18 @@
 """The GRPO family as a trainer: G samples per prompt → rewards → group advantages → clipped updates.
 
-One `GRPOTrainer.step(state, prompts, key)`:
+One `GRPOTrainer.step(state, prompts)` runs the `OnPolicyTrainer` loop with these hooks:
 
-  1. the current parameters are handed to the sampler once (`OnPolicyTrainer.sampler_params`:
-     cast to `rollout_dtype`, re-sharded to the inference layout on a mesh), and
-     `generate(num_samples=G)` samples G completions per prompt (contiguous rows);
-  2. completions are decoded (for the reward function only) and scored on the host, by
-     OUTCOME supervision (one reward per completion) or, with `advantage="process"`, PROCESS
-     supervision (the reward function returns `rljax.rewards.StepRewards`: one reward per
-     reasoning step, at the token where the step ends); optional DAPO soft overlong penalty;
-  3. dynamic sampling (DAPO): groups whose rewards all agree (process: all step rewards of the
-     group agree) are dropped and the prompts are resampled (up to `max_resample` times) until
-     the batch is refilled with informative groups; if it cannot be refilled, zero-variance
-     groups fill the rest (their advantage is 0), so the batch shape never changes (no
-     recompilation);
-  4. old_logp is RECOMPUTED by the trainer's own jitted forward pass at the sampling parameters,
-     so the first ratio is exactly 1; ref_logp by the same pass with the reference parameters;
-  5. advantages (`config.advantage`: a group baseline of the outcome scores, or
-     `grpo_process_advantages` of the step rewards), then `num_iterations` × `num_minibatches`
-     jitted updates of `grpo_loss` / `gspo_loss` / `cispo_loss` through
-     `rljax.train.step.make_train_step`.
+  collect   G completions per prompt (contiguous rows), scored on the host by OUTCOME
+            supervision (one reward per completion) or, with `advantage="process"`, PROCESS
+            supervision (the reward function returns `rljax.rewards.StepRewards`: one reward per
+            reasoning step, at the token where the step ends); optional DAPO soft overlong
+            penalty; optional dynamic sampling (`rljax.train.dynamic_sampling`);
+  prepare   ref_logp from `state.extras["reference"]` when kl_coef > 0 (log-probs only);
+            old_logp by the trainer's own forward pass only when the batch sees more than one
+            update or TIS needs it (otherwise the update uses stop_gradient(logp): ratio 1, no
+            extra pass); advantages (`config.advantage`);
+  update    grpo (PPO clip, optional dual clip), gspo (sequence ratio) or cispo (clipped
+            IS-weighted REINFORCE), plus kl_coef · agg(KL̂(π_θ‖π_ref)) in the LOSS.
 
 Process supervision (Shao et al. 2024, §4.1.3). Every step reward of a group is normalised by the
 mean and std of all step rewards of that group, and a token's advantage is the sum of the
@@ -43,16 +36,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-import optax
-from flax import nnx
 
-from rljax.losses.policy import cispo_loss, grpo_loss, gspo_loss
+from rljax.losses.policy import cispo_loss, gspo_loss, ppo_clip_loss
 from rljax.ops._checks import check_choice, clamped_exp
 from rljax.ops.advantages import (
   grpo_advantages,
@@ -63,27 +52,28 @@ from rljax.ops.advantages import (
   token_level_rewards,
 )
 from rljax.ops.kl import kl_penalty
-from rljax.ops.masking import AGG_MODES, aggregate, masked_mean
-from rljax.train.experience import (
-  agg_count,
-  completion_logprobs,
-  count_trace,
-  experience_arrays,
-  informative_groups,
-  mean_metrics,
-  minibatch_indices,
-  policy_logprobs,
-  rescale_to_normalizer,
-  rollout_metrics,
-  select_rows,
-  take_rows,
+from rljax.ops.masking import aggregate, masked_mean
+from rljax.rollout.sampling import SamplingConfig
+from rljax.train.dynamic_sampling import sample_informative
+from rljax.train.experience import Experience, check_experience, experience_from_rollout
+from rljax.train.forward import completion_logprobs
+from rljax.train.normalizers import agg_count, rescale_to_normalizer
+from rljax.train.onpolicy import (
+  KL_KINDS,
+  OnPolicyTrainer,
+  UpdateConfig,
+  check_int,
+  check_number,
+  check_training_sampling,
+  resolve_update,
 )
-from rljax.train.onpolicy import OnPolicyTrainer, check_rollout_dtype, under_mesh
 from rljax.train.state import TrainState
-from rljax.train.step import make_train_step
+from rljax.train.step import apply_gradients, make_grad_fn
 
 ADVANTAGES = ("grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "process")
-LOSSES = ("grpo", "gspo", "cispo")
+# Each loss's own clip range (ε_low, ε_high), used where the config leaves it None.
+CLIP_DEFAULTS = {"grpo": (0.2, 0.2), "gspo": (3e-4, 4e-4), "cispo": (0.2, 0.28)}
+LOSSES = tuple(CLIP_DEFAULTS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,120 +81,124 @@ class GRPOConfig:
   """Hyper-parameters of the GRPO family (defaults: DeepSeekMath GRPO as in TRL / verl).
 
   Attributes:
-    group_size: G completions per prompt (8).
-    max_new_tokens: completion length N (static shape).
-    temperature, top_k, top_p: sampling options (temperature > 0; the log-probs use it).
-    beta: KL-to-reference coefficient in the loss (0.04, DeepSeekMath); 0 skips the reference.
+    sampling: `SamplingConfig`; `num_samples` is the group size G (8, >= 2); temperature > 0.
+    update: `UpdateConfig` (epochs — GRPO's μ, default 1 —, minibatches, microbatches, chunk
+      size, agg — default "seq-mean-token-mean", the GRPO paper).
+    kl_coef: β of the KL to the reference, a term of the LOSS, β·agg(KL̂) (0.04, DeepSeekMath);
+      0 drops the term and the reference forward pass.
     kl_kind: `kl_penalty` estimator of that KL ("k3").
-    clip_eps, clip_eps_high: clip range (0.2; DAPO's clip-higher 0.28). `gspo` presets 3e-4/4e-4.
-    agg: loss aggregation ("seq-mean-token-mean", the GRPO paper; DAPO "token-mean"; Dr. GRPO
-      "seq-mean-token-sum-norm").
+    loss: "grpo" (PPO clip), "gspo" (sequence ratio) or "cispo" (clipped IS-weighted
+      REINFORCE).
+    clip_eps, clip_eps_high: clip range; None takes the loss's own (`CLIP_DEFAULTS`: grpo
+      0.2 / 0.2, gspo 3e-4 / 4e-4, cispo 0.2 / 0.28). DAPO's clip-higher: clip_eps_high=0.28.
+    clip_ratio_c: dual-clip constant c > 1 for negative advantages (loss "grpo"; None: off).
     advantage: "grpo", "dr_grpo" (no std), "rloo", "reinforce_pp" (batch-whitened returns of the
       outcome reward, γ = 1), "reinforce_pp_baseline" (group mean baseline, batch-whitened) —
       outcome supervision, the reward fn returns float32 [B] — or "process" (process
-      supervision, `grpo_process_advantages`): the reward fn returns `rljax.rewards.StepRewards`
-      (e.g. from `rljax.rewards.process_reward`), and a row's score (metrics, accuracy) is the
-      sum of its step rewards. A reward of the other kind raises ValueError.
-    loss: "grpo", "gspo" (sequence ratio) or "cispo" (clipped IS-weighted REINFORCE); the KL term
-      β·agg(KL̂) is added to gspo / cispo when beta > 0.
-    num_iterations: optimisation passes over each rollout batch (μ in the GRPO paper; 1).
-    num_minibatches: updates per pass; rows are shuffled each pass (1).
-    num_microbatches: gradient accumulation inside one update (exact normalizer; 1).
+      supervision, `grpo_process_advantages`): the reward fn returns `rljax.rewards.StepRewards`.
+      A reward of the other kind raises ValueError.
     dynamic_sampling: drop zero-variance groups and refill by resampling (DAPO; False).
     max_resample: extra rollouts allowed per step to refill (3).
-    overlong_buffer: DAPO soft overlong penalty length L_cache; None disables it.
-    overlong_penalty: scale of that penalty (1.0).
+    overlong_cache: DAPO's soft overlong penalty interval L_cache (`soft_overlong_penalty`);
+      None disables it. overlong_factor: its scale (1.0).
     use_rollout_logprobs: apply truncated importance sampling from the sampler's log-probs.
     tis_cap: the TIS truncation C (2.0, verl's `tis_imp_ratio_cap` example).
-    chunk_size: positions per chunk of the fused log-prob computation (64).
-    rollout_dtype: cast the parameters to this dtype for sampling ("bfloat16"); None samples
-      in the training dtype. old_logp is still recomputed in the training dtype; pair it with
-      `use_rollout_logprobs` to correct the mismatch.
   """
 
-  group_size: int = 8
-  max_new_tokens: int = 32
-  temperature: float = 1.0
-  top_k: int | None = None
-  top_p: float | None = None
-  beta: float = 0.04
+  sampling: SamplingConfig = SamplingConfig(num_samples=8)
+  update: UpdateConfig = UpdateConfig()
+  kl_coef: float = 0.04
   kl_kind: str = "k3"
-  clip_eps: float = 0.2
-  clip_eps_high: float | None = None
-  agg: str = "seq-mean-token-mean"
-  advantage: str = "grpo"
   loss: str = "grpo"
-  num_iterations: int = 1
-  num_minibatches: int = 1
-  num_microbatches: int = 1
+  clip_eps: float | None = None
+  clip_eps_high: float | None = None
+  clip_ratio_c: float | None = None
+  advantage: str = "grpo"
   dynamic_sampling: bool = False
   max_resample: int = 3
-  overlong_buffer: int | None = None
-  overlong_penalty: float = 1.0
+  overlong_cache: int | None = None
+  overlong_factor: float = 1.0
   use_rollout_logprobs: bool = False
   tis_cap: float = 2.0
-  chunk_size: int = 64
-  rollout_dtype: str | None = None
 
   def __post_init__(self) -> None:
-    check_rollout_dtype(self.rollout_dtype)
+    check_training_sampling(self.sampling, min_samples=2)
+    resolve_update(self, num_epochs=1, agg="seq-mean-token-mean")
     check_choice("`advantage`", self.advantage, ADVANTAGES)
     check_choice("`loss`", self.loss, LOSSES)
-    check_choice("`agg`", self.agg, [a for a in AGG_MODES if a != "token-sum"])
-    check_choice("`kl_kind`", self.kl_kind, ("k1", "kl", "k2", "mse", "k3", "low_var_kl", "abs"))
-    for name in ("group_size", "max_new_tokens", "num_iterations", "num_minibatches",
-                 "num_microbatches", "chunk_size"):
-      value = getattr(self, name)
-      if not isinstance(value, int) or value < (2 if name == "group_size" else 1):
-        raise ValueError(f"`{name}` must be an int >= {2 if name == 'group_size' else 1}; "
-                         f"got {value!r}.")
-    if not self.temperature > 0:
-      raise ValueError(f"`temperature` must be > 0 for training; got {self.temperature!r}.")
-    if self.beta < 0:
-      raise ValueError(f"`beta` must be >= 0; got {self.beta!r}.")
-    if self.max_resample < 0:
-      raise ValueError(f"`max_resample` must be >= 0; got {self.max_resample!r}.")
-    if not self.tis_cap > 0:
-      raise ValueError(f"`tis_cap` must be > 0; got {self.tis_cap!r}.")
-    if self.overlong_buffer is not None and not 0 < self.overlong_buffer <= self.max_new_tokens:
-      raise ValueError(f"`overlong_buffer` must be in (0, max_new_tokens]; got "
-                       f"{self.overlong_buffer!r}.")
+    check_choice("`kl_kind`", self.kl_kind, KL_KINDS)
+    check_number("kl_coef", self.kl_coef, high=float("inf"), high_open=True)
+    for name in ("clip_eps", "clip_eps_high"):
+      if getattr(self, name) is not None:
+        check_number(name, getattr(self, name), low_open=True, high=float("inf"),
+                     high_open=True)
+    if self.clip_ratio_c is not None:
+      if self.loss != "grpo":
+        raise ValueError(f"`clip_ratio_c` (dual clip) applies to loss 'grpo'; got loss "
+                         f"{self.loss!r}.")
+      check_number("clip_ratio_c", self.clip_ratio_c, low=1.0, low_open=True,
+                    high=float("inf"), high_open=True)
+    check_int("max_resample", self.max_resample, 0)
+    check_number("tis_cap", self.tis_cap, low_open=True, high=float("inf"), high_open=True)
+    check_number("overlong_factor", self.overlong_factor, high=float("inf"), high_open=True)
+    if self.overlong_cache is not None:
+      check_int("overlong_cache", self.overlong_cache, 1)
+      if self.overlong_cache > self.sampling.max_new_tokens:
+        raise ValueError(f"`overlong_cache` must be in [1, sampling.max_new_tokens = "
+                         f"{self.sampling.max_new_tokens}]; got {self.overlong_cache!r}.")
+
+  @property
+  def clip_range(self) -> tuple[float, float]:
+    """(ε_low, ε_high) of the chosen loss: the config's values, else the loss's own."""
+    low, high = CLIP_DEFAULTS[self.loss]
+    low = low if self.clip_eps is None else self.clip_eps
+    if self.clip_eps_high is not None:
+      high = self.clip_eps_high
+    elif self.clip_eps is not None:
+      high = self.clip_eps  # a symmetric range when only ε is given
+    return low, high
+
+  @property
+  def recompute_old_logp(self) -> bool:
+    """Whether `prepare` runs the old-policy forward pass (several updates per batch, or TIS)."""
+    return not self.update.single_pass or self.use_rollout_logprobs
 
   @classmethod
   def dr_grpo(cls, **kw: Any) -> GRPOConfig:
     """Dr. GRPO (Liu et al. 2025): no std normalisation, `seq-mean-token-sum-norm`, β = 0."""
-    return cls(**{"advantage": "dr_grpo", "agg": "seq-mean-token-sum-norm", "beta": 0.0, **kw})
+    update = dataclasses.replace(kw.pop("update", UpdateConfig()), agg="seq-mean-token-sum-norm")
+    return cls(**{"advantage": "dr_grpo", "kl_coef": 0.0, "update": update, **kw})
 
   @classmethod
   def dapo(cls, **kw: Any) -> GRPOConfig:
-    """DAPO (Yu et al. 2025): clip-higher 0.28, token-mean, no KL, dynamic sampling, soft
+    """DAPO (Yu et al. 2025): clip 0.2 / 0.28, token-mean, no KL, dynamic sampling, soft
     overlong penalty over the last quarter of `max_new_tokens`."""
-    n = kw.get("max_new_tokens", cls.max_new_tokens)
-    return cls(**{"clip_eps_high": 0.28, "agg": "token-mean", "beta": 0.0,
-                  "dynamic_sampling": True, "overlong_buffer": max(1, n // 4), **kw})
+    sampling = kw.get("sampling", cls.sampling)
+    update = dataclasses.replace(kw.pop("update", UpdateConfig()), agg="token-mean")
+    return cls(**{"clip_eps": 0.2, "clip_eps_high": 0.28, "kl_coef": 0.0, "update": update,
+                  "dynamic_sampling": True,
+                  "overlong_cache": max(1, sampling.max_new_tokens // 4), **kw})
 
   @classmethod
   def gspo(cls, **kw: Any) -> GRPOConfig:
-    """GSPO (Zheng et al. 2025): sequence-level ratio, clip 3e-4 / 4e-4, β = 0."""
-    return cls(**{"loss": "gspo", "clip_eps": 3e-4, "clip_eps_high": 4e-4, "beta": 0.0, **kw})
+    """GSPO (Zheng et al. 2025): sequence-level ratio, clip 3e-4 / 4e-4 (its own), β = 0."""
+    return cls(**{"loss": "gspo", "kl_coef": 0.0, **kw})
 
 
 # ----------------------------------------------------------------------------------------------
-# Jitted pieces.
+# Pure pieces.
 # ----------------------------------------------------------------------------------------------
 
 
-@functools.partial(jax.jit, static_argnums=(2, 3, 4, 5))
-def token_advantages(scores, completion_mask, kind: str, group_size: int, use_tis: bool,
-                     tis_cap: float, old_logp=None, rollout_logp=None, step_rewards=None,
-                     step_mask=None):
-  """[B, N] token advantages (× the TIS weight when `use_tis`) and the mean TIS weight.
+@functools.partial(jax.jit, static_argnames=("kind", "group_size", "tis_cap"))
+def token_advantages(scores, loss_mask, *, kind: str, group_size: int, tis_cap: float | None,
+                     old_logp=None, rollout_logp=None, step_rewards=None, step_mask=None):
+  """[B, N] token advantages (× the TIS weight when `tis_cap` is set) and the mean TIS weight.
 
   kind "process" reads `step_rewards` / `step_mask` ([B, N], `Scored.step_rewards`) instead of
   `scores`; the other kinds read `scores` [B].
   """
-  count_trace("grpo_advantages")
-  mask = completion_mask.astype(jnp.float32)
+  mask = loss_mask.astype(jnp.float32)
   if kind == "process":
     adv = grpo_process_advantages(step_rewards, step_mask, mask, group_size=group_size)
   elif kind in ("grpo", "dr_grpo"):
@@ -217,8 +211,9 @@ def token_advantages(scores, completion_mask, kind: str, group_size: int, use_ti
     adv = reinforce_pp_baseline_advantages(scores, mask, group_size=group_size)
   adv = adv[:, None] * mask if adv.ndim == 1 else adv * mask
   weight = jnp.ones_like(mask)
-  if use_tis:
-    weight = jnp.minimum(clamped_exp(old_logp - rollout_logp), tis_cap)
+  if tis_cap is not None:
+    weight = jnp.minimum(clamped_exp(jnp.where(loss_mask, old_logp - rollout_logp, 0.0)),
+                         tis_cap)
     adv = adv * jax.lax.stop_gradient(weight)
   return jax.lax.stop_gradient(adv), masked_mean(weight, mask)
 
@@ -236,66 +231,55 @@ def check_reward_kind(scored: Any, advantage: str) -> None:
       'returned StepRewards; use GRPOConfig(advantage="process") for process supervision.')
 
 
-class LossOptions(NamedTuple):
-  """The fields of `GRPOConfig` that the update step depends on (its compile-cache key)."""
+def grpo_objective(model: Any, batch: Experience, *, normalizer=None, config: GRPOConfig
+                   ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """The per-(micro)batch loss: policy forward + the chosen surrogate + kl_coef·agg(KL̂).
 
-  loss: str
-  agg: str
-  clip_eps: float
-  clip_eps_high: float | None
-  beta: float
-  kl_kind: str
-  temperature: float
-  chunk_size: int
-
-  @classmethod
-  def of(cls, config: GRPOConfig) -> LossOptions:
-    return cls(*(getattr(config, f) for f in cls._fields))
-
-
-def grpo_objective(model: Any, batch: dict[str, jax.Array], *, normalizer=None,
-                   config: GRPOConfig | LossOptions) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """The per-minibatch loss of `make_train_step`: policy forward + grpo/gspo/cispo loss.
-
-  batch: tokens, attention_mask, completion_mask, old_logp, ref_logp, advantages ([B, N]).
-  With `normalizer` (the global `agg_count`) the loss is this microbatch's share of the
-  full-batch loss (`rescale_to_normalizer`).
+    L = agg(ℓ_surrogate) + β · agg(KL̂(π_θ‖π_ref))
+  with old_logp = stop_gradient(logp) when `batch.old_logp` is None (single pass). With
+  `normalizer` (the full batch's `agg_count`) the loss is this microbatch's share
+  (`rescale_to_normalizer`). For loss "grpo" this is `rljax.losses.grpo_loss` (plus the dual
+  clip when `clip_ratio_c` is set).
   """
-  count_trace("grpo_objective")
-  c = config
-  mask = batch["completion_mask"]
-  logp, entropy = completion_logprobs(
-    model, batch["tokens"], batch["attention_mask"], mask.shape[1], temperature=c.temperature,
-    chunk_size=c.chunk_size, return_entropy=True,
-  )
-  old, ref, adv = batch["old_logp"], batch["ref_logp"], batch["advantages"]
+  c, u = config, config.update
+  mask = batch.loss_mask
+  logp, entropy = completion_logprobs(model, batch, temperature=c.sampling.temperature,
+                                      chunk_size=u.chunk_size, return_entropy=True,
+                                      entropy_grad=False)  # logged only
+  old = jax.lax.stop_gradient(logp) if batch.old_logp is None else batch.old_logp
+  low, high = c.clip_range
   if c.loss == "grpo":
-    loss, metrics = grpo_loss(logp, old, ref if c.beta else None, adv, mask, clip_eps=c.clip_eps,
-                              clip_eps_high=c.clip_eps_high, beta=c.beta, kl_kind=c.kl_kind,
-                              agg=c.agg)
+    loss, metrics = ppo_clip_loss(logp, old, batch.advantages, mask, clip_eps=low,
+                                  clip_eps_high=high, clip_ratio_c=c.clip_ratio_c, agg=u.agg)
   else:
     fn = gspo_loss if c.loss == "gspo" else cispo_loss
-    kw = {} if c.clip_eps_high is None else {"clip_eps_high": c.clip_eps_high}
-    loss, metrics = fn(logp, old, adv, mask, clip_eps=c.clip_eps, agg=c.agg, **kw)
-    kl = kl_penalty(logp, ref, kind=c.kl_kind)
-    if c.beta:
-      loss = loss + c.beta * aggregate(kl, mask, c.agg)
+    loss, metrics = fn(logp, old, batch.advantages, mask, clip_eps=low, clip_eps_high=high,
+                       agg=u.agg)
+  if c.kl_coef > 0:
+    kl = kl_penalty(logp, batch.ref_logp, kind=c.kl_kind)
+    loss = loss + c.kl_coef * aggregate(kl, mask, u.agg)
     metrics = dict(metrics, kl=jax.lax.stop_gradient(masked_mean(kl, mask)))
   metrics = dict(metrics, entropy=jax.lax.stop_gradient(masked_mean(entropy, mask)))
-  return rescale_to_normalizer(loss, mask, c.agg, normalizer), metrics
+  return rescale_to_normalizer(loss, agg_count(mask, u.agg), normalizer), metrics
 
 
-@functools.lru_cache(maxsize=64)
-def _cached_train_step(graphdef, optimizer, options: LossOptions, num_microbatches: int,
-                       compiler_options: tuple | None):
-  """One jitted update per (model, optimizer, loss options): trainers that differ only in
-  rollout / advantage settings share the compiled step (no mesh)."""
-  return make_train_step(
-    functools.partial(grpo_objective, config=options), graphdef, optimizer,
-    count_fn=lambda b: agg_count(b["completion_mask"], options.agg),
-    num_microbatches=num_microbatches,
-    compiler_options=None if compiler_options is None else dict(compiler_options),
-  )
+def make_grpo_update(graphdef: Any, optimizer: Any, config: GRPOConfig):
+  """The pure `update(state, batch: Experience) -> (state, metrics)` of the GRPO family:
+  exact gradient accumulation over `update.num_microbatches`, then one optimizer step
+  (skipped when non-finite)."""
+  agg = config.update.agg
+  grad_fn = make_grad_fn(functools.partial(grpo_objective, config=config), graphdef,
+                         count_fn=lambda b: agg_count(b.loss_mask, agg),
+                         num_microbatches=config.update.num_microbatches)
+  required = ("advantages",) + (("ref_logp",) if config.kl_coef > 0 else ())
+
+  def update(state: TrainState, batch: Experience):
+    check_experience(batch, required=required)
+    loss, grads, metrics = grad_fn(state.params, state.frozen, batch)
+    state, update_metrics = apply_gradients(state, grads, loss, optimizer)
+    return state, {**metrics, "loss": loss, **update_metrics}
+
+  return update
 
 
 # ----------------------------------------------------------------------------------------------
@@ -307,161 +291,64 @@ class GRPOTrainer(OnPolicyTrainer):
   """Runs GRPO-family steps for a policy given as (graphdef, TrainState).
 
   Args:
-    graphdef: the policy's graphdef (from `create_train_state`).
-    optimizer: the optax transformation the state was created with.
+    graphdef, optimizer: the policy's graphdef and optax transformation (`create_train_state`).
     config: `GRPOConfig`.
     reward_fn: host callable `fn(prompts, completions, **fields) -> float32 [B]` (also offered
-      prompt_tokens / completion_tokens / completion_mask / completion_lengths keywords).
+      prompt_tokens / completion_tokens / completion_mask / completion_lengths keywords), or
+      `StepRewards` for `advantage="process"`.
     tokenizer: decodes completions for the reward function (None: token-id lists are passed).
     stop_tokens, pad_id: as `generate`.
-    ref_params: frozen reference (params, frozen) pair; default the parameters of the first
-      state seen by `step` (the initial policy).
-    mesh, rules: shardings for the train step (`state_shardings`) and the sampler's inference
-      layout (`OnPolicyTrainer.sampler_params`); None jits without them.
-    compiler_options: XLA options for the train step (tests: {"xla_backend_optimization_level":
-      0}).
+    mesh, rules: shardings of the update and of the sampler's inference layout; None: unsharded.
+    compiler_options: XLA options of the compiled update (tests:
+      {"xla_backend_optimization_level": 0}).
 
   Example:
     >>> graphdef, state = create_train_state(policy, optimizer, rng=0)
-    >>> trainer = GRPOTrainer(graphdef, optimizer, GRPOConfig(group_size=8, max_new_tokens=64),
-    ...                       math_answer_reward, tokenizer, stop_tokens=[eos], pad_id=eos)
-    >>> state, metrics = trainer.step(state, prompt_batch, jax.random.key(0))
+    >>> config = GRPOConfig(sampling=SamplingConfig(num_samples=8, max_new_tokens=64))
+    >>> trainer = GRPOTrainer(graphdef, optimizer, config, math_answer_reward, tokenizer,
+    ...                       stop_tokens=[eos], pad_id=eos)
+    >>> state = trainer.init_state(state)            # the reference policy, once
+    >>> state, metrics = trainer.step(state, prompt_batch)
+    >>> state, metrics = trainer.update(state, my_experience)   # bring your own batch
   """
 
-  def __init__(self, graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation,
-               config: GRPOConfig, reward_fn: Callable, tokenizer: Any = None, *,
-               stop_tokens: int | Sequence[int], pad_id: int, ref_params: Any = None,
-               mesh: Any = None, rules: Any = None,
-               compiler_options: dict[str, Any] | None = None):
-    super().__init__(graphdef, config, reward_fn, tokenizer, stop_tokens=stop_tokens,
-                     pad_id=pad_id, ref_params=ref_params, mesh=mesh, rules=rules)
-    self.optimizer, self.compiler_options = optimizer, compiler_options
-    self._train_step = None
+  def init_extras(self, state: TrainState, **kwargs: Any) -> dict[str, Any]:
+    if kwargs:
+      raise TypeError(f"GRPOTrainer.init_state takes no extra arguments; got {sorted(kwargs)}.")
+    return {}
 
-  # -- pieces ------------------------------------------------------------------------------
+  def make_update(self):
+    return make_grpo_update(self.graphdef, self.optimizer, self.config)
 
-  def _make_train_step(self, state: TrainState):
+  def collect(self, state: TrainState, prompts: Any, key: jax.Array):
+    """Rollout + rewards with dynamic sampling (`sample_informative`)."""
     c = self.config
-    options = LossOptions.of(c)
-    if self.mesh is None:
-      compiler = None if self.compiler_options is None else tuple(
-        sorted(self.compiler_options.items()))
-      return _cached_train_step(self.graphdef, self.optimizer, options, c.num_microbatches,
-                                compiler)
-    from rljax.train.state import state_shardings
 
-    return make_train_step(
-      functools.partial(grpo_objective, config=options), self.graphdef, self.optimizer,
-      count_fn=lambda b: agg_count(b["completion_mask"], c.agg),
-      shardings=state_shardings(self.graphdef, state, self.mesh, self.rules),
-      num_microbatches=c.num_microbatches, compiler_options=self.compiler_options,
-    )
+    def rollout(k):
+      scored = self.rollout(state, prompts, k, overlong_cache=c.overlong_cache,
+                            overlong_factor=c.overlong_factor)
+      check_reward_kind(scored, c.advantage)
+      return scored
 
-  def _rollout(self, state: TrainState, prompts: Any, key: jax.Array, num_samples: int,
-               temperature: float):
-    c = self.config
-    return self.rollout(state, prompts, key, num_samples, temperature,
-                        overlong_buffer=c.overlong_buffer,
-                        overlong_penalty_coef=c.overlong_penalty)
+    return sample_informative(rollout, key, c.sampling.num_samples,
+                              enabled=c.dynamic_sampling, max_resample=c.max_resample)
 
-  def sample_groups(self, state: TrainState, prompts: Any, key: jax.Array):
-    """Rollout + rewards with dynamic sampling; returns (scored batch, metrics of the first
-    rollout, zero-variance fraction, number of resamples)."""
-    c, g = self.config, self.config.group_size
-    first = self._rollout(state, prompts, key, g, c.temperature)
-    check_reward_kind(first, c.advantage)
-    metrics = rollout_metrics(first)
-    informative = informative_groups(first, g)
-    metrics["zero_variance_groups"] = float(1.0 - informative.mean())
-    num_groups = informative.shape[0]
-    resamples = 0
-    if c.dynamic_sampling:
-      pool = [first]
-      picks = [(0, np.flatnonzero(informative))]
-      have = len(picks[0][1])
-      while have < num_groups and resamples < c.max_resample:
-        resamples += 1
-        extra = self._rollout(state, prompts, jax.random.fold_in(key, resamples), g,
-                              c.temperature)
-        pool.append(extra)
-        good = np.flatnonzero(informative_groups(extra, g))[: num_groups - have]
-        picks.append((len(pool) - 1, good))
-        have += len(good)
-      if have < num_groups:  # fill with zero-variance groups (advantage 0) to keep the shape
-        picks.append((0, np.flatnonzero(~informative)[: num_groups - have]))
-      rows = [(i, (groups[:, None] * g + np.arange(g)).reshape(-1)) for i, groups in picks]
-      first = select_rows(pool, [(i, r) for i, r in rows if len(r)])
-      metrics["filled_zero_variance_groups"] = float(1.0 - informative_groups(first, g).mean())
-    metrics["resamples"] = float(resamples)
-    return first, metrics
-
-  def prepare(self, state: TrainState, scored) -> tuple[dict[str, jax.Array], dict[str, Any]]:
-    """The training batch of a scored rollout: recomputed old_logp, ref_logp, advantages
-    (process supervision: from `scored.step_rewards` / `scored.step_mask`)."""
+  def prepare(self, state: TrainState, scored: Any):
+    """The `Experience` of a scored rollout: ref_logp (kl_coef > 0), old_logp (only when
+    `config.recompute_old_logp`), advantages (process supervision: from the step rewards)."""
     c = self.config
     check_reward_kind(scored, c.advantage)
-    arrays = self.shard_batch(experience_arrays(scored))
+    batch = self.shard_batch(experience_from_rollout(scored))
     steps = {}
     if c.advantage == "process":
       steps = self.shard_batch({"step_rewards": jnp.asarray(scored.step_rewards, jnp.float32),
                                 "step_mask": jnp.asarray(scored.step_mask, bool)})
-    fwd = functools.partial(policy_logprobs, self.graphdef, temperature=c.temperature,
-                            chunk_size=c.chunk_size)
-    args = (arrays["tokens"], arrays["attention_mask"], arrays["completion_mask"])
-    old_logp, entropy = fwd(state.params, state.frozen, *args)
-    if c.beta > 0 or c.loss != "grpo":
-      ref_params, ref_frozen = self.reference(state)
-      ref_logp, _ = fwd(ref_params, ref_frozen, *args)
-    else:
-      ref_logp = old_logp
+    old_logp = self.logprobs(state.params, state.frozen, batch) if c.recompute_old_logp \
+      else None
+    ref_logp = self.reference_logprobs(state, batch) if c.kl_coef > 0 else None
     adv, tis_mean = token_advantages(
-      arrays["scores"], arrays["completion_mask"], c.advantage, c.group_size,
-      c.use_rollout_logprobs, float(c.tis_cap), old_logp, arrays["rollout_logp"], **steps,
-    )
-    batch = {
-      "tokens": arrays["tokens"], "attention_mask": arrays["attention_mask"],
-      "completion_mask": arrays["completion_mask"], "old_logp": old_logp, "ref_logp": ref_logp,
-      "advantages": adv,
-    }
-    extra = {"entropy": masked_mean(entropy, arrays["completion_mask"]),
-             "tis_weight_mean": tis_mean}
-    return batch, extra
-
-  # -- public ------------------------------------------------------------------------------
-
-  @under_mesh
-  def step(self, state: TrainState, prompts: Any, key: jax.Array
-           ) -> tuple[TrainState, dict[str, float]]:
-    """One rollout of G samples per prompt, then num_iterations × num_minibatches updates.
-
-    Metrics: reward_mean / reward_std / response_length / truncation_rate / tokens_per_second
-    of the first rollout of the step (before dynamic-sampling filtering), zero_variance_groups
-    (fraction), resamples, entropy (of the sampling policy), tis_weight_mean, and the means over
-    updates of loss, kl, clipfrac, approx_kl, ratio_mean, grad_norm, learning_rate, skipped;
-    first_ratio_mean / first_clipfrac / first_kl are those of the first update (1 and 0 when
-    recomputing; first_kl is 0 at the first step, when the reference is the initial policy).
-    """
-    c = self.config
-    self.reference(state)
-    if self._train_step is None:
-      self._train_step = self._make_train_step(state)
-    rollout_key, shuffle_key = jax.random.split(key)
-    scored, metrics = self.sample_groups(state, prompts, rollout_key)
-    batch, extra = self.prepare(state, scored)
-    rng = np.random.default_rng(int(jax.random.randint(shuffle_key, (), 0, 2**31 - 1)))
-    history = []
-    for _ in range(c.num_iterations):
-      for rows in minibatch_indices(batch["tokens"].shape[0], c.num_minibatches, rng):
-        mb = batch if c.num_minibatches == 1 else take_rows(batch, np.sort(rows))
-        state, m = self._train_step(state, self.shard_batch(mb))
-        history.append(m)
-    updates = mean_metrics(history)
-    first = jax.device_get(history[0])
-    metrics.update(updates)
-    metrics.update({k: float(v) for k, v in jax.device_get(extra).items()})
-    metrics["first_ratio_mean"] = float(first["ratio_mean"])
-    metrics["first_clipfrac"] = float(first["clipfrac"])
-    metrics["first_kl"] = float(first["kl"])
-    return state, metrics
-
-
+      batch.scores, batch.loss_mask, kind=c.advantage, group_size=c.sampling.num_samples,
+      tis_cap=float(c.tis_cap) if c.use_rollout_logprobs else None, old_logp=old_logp,
+      rollout_logp=batch.rollout_logp, **steps)
+    batch = batch.replace(old_logp=old_logp, ref_logp=ref_logp, advantages=adv)
+    return state, batch, {"tis_weight_mean": tis_mean}

@@ -29,6 +29,7 @@ from rljax.ops._checks import check_ndim, check_nonnegative, check_same_shape
 from rljax.ops.fused_logprobs import logprobs_from_hidden
 from rljax.ops.logprobs import sequence_logprobs
 from rljax.ops.masking import aggregate
+from rljax.train.normalizers import rescale_to_normalizer
 
 Batch = dict[str, jax.Array]
 
@@ -220,6 +221,4 @@ def dpo_objective(
   if nll_coef > 0:
     loss = loss + nll_coef * chosen_nll
   metrics = {**metrics, "nll": jax.lax.stop_gradient(chosen_nll)}
-  if normalizer is not None:
-    loss = loss * s["chosen"].shape[0] / normalizer
-  return loss, metrics
+  return rescale_to_normalizer(loss, s["chosen"].shape[0], normalizer), metrics

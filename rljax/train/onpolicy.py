@@ -1,101 +1,250 @@
-"""What the on-policy trainers (GRPO, PPO) share: the reference, the sampler's parameters, rollout.
+"""The on-policy skeleton that GRPO and PPO share: one loop, one compiled update, state in the state.
 
-`OnPolicyTrainer` holds the policy's graphdef, the reward function and the sampling settings, and
-provides
+`OnPolicyTrainer.step(state, prompts)` owns the loop:
 
-  shard_batch(batch)      experience rows over the mesh's data axes
-  reference(state)        the frozen reference (params, frozen); default: the first state's
-  sampler_params(state)   the trainer's parameters handed to the sampler ONCE per rollout: cast to
-                          `config.rollout_dtype` and, on a mesh, re-sharded to the inference
-                          layout (`rljax.parallel.rules.inference_rules`: fsdp gathered once,
-                          tensor parallelism kept), so no decode step gathers parameters
-  rollout(...)            `collect_rollout` with those parameters (`Scored`)
-  evaluate(...)           greedy accuracy / pass@k of a verifiable reward
+  1. collect   the current parameters are handed to the sampler once (`sampler_params`: cast
+               to `sampling.rollout_dtype`, re-sharded to the inference layout on a mesh), G
+               completions per prompt are sampled and scored on the host (hook: GRPO adds
+               dynamic sampling);
+  2. prepare   the `Experience` batch: reference log-probs (when a KL term needs them), the
+               old log-probs (only when more than one update sees the batch), advantages (hook);
+  3. update    `num_epochs × num_minibatches` calls of ONE compiled `update(state, batch)`;
+  4. finish    a hook after the updates (PPO-penalty's β rule); metrics.
 
-Casting for inference. Sampling in bf16 halves the bytes each decode step reads; the trainer
-still recomputes old_logp with its own forward pass in the training dtype, so the PPO ratio is
-unaffected, and `use_rollout_logprobs=True` (GRPO's truncated importance sampling) corrects for
-the sampler/trainer mismatch that the cast introduces.
+Everything the trainer carries between steps lives in the `TrainState` pytree, so it is sharded
+and checkpointed with the policy: the reference parameters (`extras["reference"]`, taken once by
+`init_state`, saved once per run by `Checkpointer`), the KL controllers, the critic (a nested
+`TrainState`), and the RNG root (`state.rng`; each step's key is `fold_in(rng, state.step)`).
+
+The update is public: `trainer.update(state, batch) -> (state, metrics)` over an `Experience`
+(`rljax.train.experience`) — bring your own rollouts and advantages. It is jitted once, at
+construction; on a mesh the state's outputs are constrained to the shardings of their logical
+axes and the batch rows to the data axes, so no example state is needed to build it.
+
+The single-pass fast path. When an update is the only pass over a batch at unchanged parameters
+(`num_epochs = num_minibatches = 1`, no importance correction that needs them beforehand),
+`Experience.old_logp` is None and the update uses `stop_gradient(logp)`: the ratio is exactly 1
+and its gradient is that of the two-pass form, without a separate forward pass.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
+import dataclasses
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
+from rljax.ops._checks import check_choice
+from rljax.ops.masking import AGG_MODES
 from rljax.parallel.mesh import use_mesh
 from rljax.parallel.rules import inference_rules
-from rljax.train.experience import Scored, accuracy_metrics, collect_rollout
+from rljax.rollout.sampling import SamplingConfig
+from rljax.train.experience import Experience, mean_metrics, minibatch_indices, take_rows
+from rljax.train.flops import update_flops
+from rljax.train.forward import policy_logprobs
+from rljax.train.scoring import Scored, accuracy_metrics, collect_rollout, rollout_metrics
 from rljax.train.state import TrainState, cast_floating, variable_shardings
-from rljax.train.step import default_batch_sharding
+from rljax.train.step import default_batch_sharding, jit_step_by_rules
+
+KL_KINDS = ("k1", "kl", "k2", "mse", "k3", "low_var_kl", "abs")
+REFERENCE = "reference"
+FIRST_METRICS = ("ratio_mean", "clipfrac", "kl")  # logged for the first update of a step too
 
 
-def check_rollout_dtype(name: str | None) -> None:
-  """ValueError unless `name` is None or a floating dtype name ("bfloat16", "float32", ...)."""
-  if name is None:
-    return
-  try:
-    floating = jnp.issubdtype(jnp.dtype(name), jnp.floating)
-  except TypeError:
-    floating = False
-  if not floating:
-    raise ValueError(f"`rollout_dtype` must be None or a floating dtype name such as "
-                     f"'bfloat16'; got {name!r}.")
+def check_int(name: str, value: Any, minimum: int) -> None:
+  """ValueError naming `name` unless `value` is an int >= `minimum`."""
+  if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    raise ValueError(f"`{name}` must be an int >= {minimum}; got {value!r}.")
 
 
-def under_mesh(method: Callable) -> Callable:
-  """Runs a trainer method inside `use_mesh(trainer.mesh, trainer.rules)` (when it has a mesh),
-  so the models' activation constraints (`rljax.parallel.constrain`) apply as they are traced."""
+def check_number(name: str, value: Any, *, low: float = 0.0, high: float = float("inf"),
+                 low_open: bool = False, high_open: bool = False) -> None:
+  """ValueError naming `name` unless `value` is a finite-or-bounded real number in the range."""
+  ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+  if ok:
+    ok = (value > low if low_open else value >= low) and (
+      value < high if high_open else value <= high)
+  if not ok:
+    lo, hi = "(" if low_open else "[", ")" if high_open else "]"
+    raise ValueError(f"`{name}` must be a number in {lo}{low}, {high}{hi}; got {value!r}.")
 
-  @functools.wraps(method)
-  def wrapper(self, *args, **kwargs):
-    context = contextlib.nullcontext() if self.mesh is None else use_mesh(self.mesh, self.rules)
-    with context:
-      return method(self, *args, **kwargs)
 
-  return wrapper
+@dataclasses.dataclass(frozen=True)
+class UpdateConfig:
+  """How a rollout batch is turned into optimizer updates (shared by GRPO and PPO).
+
+  Attributes:
+    num_epochs: passes over each rollout batch (GRPO's μ, PPO's epochs); None takes the
+      algorithm's default (GRPO 1, PPO 4, TRL's `ppo_epochs`).
+    num_minibatches: updates per pass; rows are shuffled each pass (1).
+    num_microbatches: gradient accumulation inside one update, exact under every `agg`
+      (`rljax.train.normalizers`; 1). The minibatch must divide into it.
+    chunk_size: positions per chunk of the fused log-prob computation (64).
+    agg: aggregation of the per-token losses (`rljax.ops.aggregate`); None takes the
+      algorithm's default (GRPO "seq-mean-token-mean", the GRPO paper; PPO "token-mean", TRL).
+      DAPO uses "token-mean", Dr. GRPO "seq-mean-token-sum-norm".
+    peak_flops: the machine's peak FLOP/s; when set, each step logs `mfu`, the analytic FLOPs of
+      its updates (`rljax.train.flops`) per second over this peak. None skips it.
+  """
+
+  num_epochs: int | None = None
+  num_minibatches: int = 1
+  num_microbatches: int = 1
+  chunk_size: int = 64
+  agg: str | None = None
+  peak_flops: float | None = None
+
+  def __post_init__(self) -> None:
+    for name in ("num_epochs", "num_minibatches", "num_microbatches", "chunk_size"):
+      if not (name == "num_epochs" and self.num_epochs is None):
+        check_int(name, getattr(self, name), 1)
+    if self.agg is not None:
+      check_choice("`agg`", self.agg, [a for a in AGG_MODES if a != "token-sum"])
+    if self.peak_flops is not None:
+      check_number("peak_flops", self.peak_flops, low=0.0, low_open=True,
+                   high=float("inf"), high_open=True)
+
+  def with_defaults(self, *, num_epochs: int, agg: str) -> UpdateConfig:
+    """This section with an algorithm's defaults in place of its None fields."""
+    return dataclasses.replace(self, num_epochs=num_epochs if self.num_epochs is None
+                               else self.num_epochs, agg=agg if self.agg is None else self.agg)
+
+  @property
+  def single_pass(self) -> bool:
+    """One update per batch (no epochs, no minibatches): old log-probs are not needed apart."""
+    return self.num_epochs in (None, 1) and self.num_minibatches == 1
+
+
+def resolve_update(config: Any, *, num_epochs: int, agg: str) -> None:
+  """Checks `config.update` and fills its None fields with the algorithm's defaults (in a
+  frozen config's `__post_init__`)."""
+  if not isinstance(config.update, UpdateConfig):
+    raise ValueError(f"`update` must be an UpdateConfig; got {type(config.update).__name__}.")
+  object.__setattr__(config, "update", config.update.with_defaults(num_epochs=num_epochs,
+                                                                   agg=agg))
+
+
+def check_training_sampling(sampling: SamplingConfig, min_samples: int = 1) -> None:
+  """ValueError unless `sampling` is a `SamplingConfig` usable for training (temperature > 0)."""
+  if not isinstance(sampling, SamplingConfig):
+    raise ValueError(f"`sampling` must be a SamplingConfig; got {type(sampling).__name__}.")
+  if not sampling.temperature > 0:
+    raise ValueError(f"`sampling.temperature` must be > 0 for training (the log-probs use it); "
+                     f"got {sampling.temperature!r}.")
+  check_int("sampling.num_samples", sampling.num_samples, min_samples)
 
 
 class OnPolicyTrainer:
   """Base of `GRPOTrainer` and `PPOTrainer` (see the module doc).
 
   Args:
-    graphdef: the policy's graphdef; config: a config with max_new_tokens, temperature, top_k,
-      top_p and rollout_dtype fields.
-    reward_fn, tokenizer, stop_tokens, pad_id: as `collect_rollout`.
-    ref_params: frozen reference (params, frozen); None takes the first state's parameters.
-    mesh, rules: the training mesh and rules; None trains and samples without shardings.
+    graphdef: the policy's graphdef; optimizer: the optax transformation of its state.
+    config: a config with `sampling` (`SamplingConfig`) and `update` (`UpdateConfig`) sections.
+    reward_fn: host callable `fn(prompts, completions, **fields) -> float32 [B]` (see
+      `rljax.train.scoring.call_reward_fn` for the fields offered).
+    tokenizer: decodes completions for the reward function (None: token-id lists are passed).
+    stop_tokens, pad_id: as `generate`.
+    mesh, rules: the training mesh and logical-axis rules; None trains and samples unsharded.
+    compiler_options: XLA options of the compiled update.
+
+  Subclasses implement `init_extras`, `make_update` and `prepare` (and may override `collect`
+  and `finish`).
   """
 
-  def __init__(self, graphdef: nnx.GraphDef, config: Any, reward_fn: Callable,
+  def __init__(self, graphdef: nnx.GraphDef, optimizer: Any, config: Any, reward_fn: Callable,
                tokenizer: Any = None, *, stop_tokens: int | Sequence[int], pad_id: int,
-               ref_params: Any = None, mesh: Any = None, rules: Any = None):
+               mesh: Any = None, rules: Any = None,
+               compiler_options: dict[str, Any] | None = None):
     if (mesh is None) != (rules is None):
       raise ValueError("`mesh` and `rules` must be given together (or neither).")
-    self.graphdef, self.config = graphdef, config
+    if not callable(reward_fn):
+      raise ValueError(f"`reward_fn` must be callable; got {type(reward_fn).__name__}.")
+    check_int("pad_id", pad_id, 0)
+    self.graphdef, self.optimizer, self.config = graphdef, optimizer, config
     self.reward_fn, self.tokenizer = reward_fn, tokenizer
     self.stop_tokens = (stop_tokens,) if isinstance(stop_tokens, int) else tuple(stop_tokens)
-    self.pad_id, self.ref_params = pad_id, ref_params
-    self.mesh, self.rules = mesh, rules
+    self.pad_id, self.mesh, self.rules = pad_id, mesh, rules
+    self.compiler_options = compiler_options
     self._sampler_shardings = None
+    self.update = self._compile(self.make_update())
 
-  def reference(self, state: TrainState) -> tuple[Any, Any]:
-    """The frozen reference (params, frozen); copies of the first state's on first use (the
-    train step donates the state's buffers)."""
-    if self.ref_params is None:
-      self.ref_params = jax.tree.map(jnp.copy, (state.params, state.frozen))
-    return self.ref_params
+  # -- hooks ---------------------------------------------------------------------------------
+
+  def init_extras(self, state: TrainState, **kwargs: Any) -> dict[str, Any]:
+    """The algorithm's sub-states for `state.extras` (reference, controllers, critic)."""
+    raise NotImplementedError
+
+  def make_update(self) -> Callable:
+    """The pure `update(state, batch) -> (state, metrics)` (jitted by the constructor)."""
+    raise NotImplementedError
+
+  def prepare(self, state: TrainState, scored: Scored
+              ) -> tuple[TrainState, Experience, dict[str, Any]]:
+    """The `Experience` of a scored rollout (and the state, e.g. with an updated controller)."""
+    raise NotImplementedError
+
+  def collect(self, state: TrainState, prompts: Any, key: jax.Array
+              ) -> tuple[Scored, dict[str, float]]:
+    """Rollout + rewards; the default scores one rollout of `sampling.num_samples` per prompt
+    with one reward per sequence."""
+    scored = self.rollout(state, prompts, key, process=False)
+    return scored, rollout_metrics(scored)
+
+  def finish(self, state: TrainState, batch: Experience) -> tuple[TrainState, dict[str, float]]:
+    """After the updates of a step (default: nothing)."""
+    return state, {}
+
+  @property
+  def needs_reference(self) -> bool:
+    """Whether a KL term needs the reference policy's log-probs."""
+    return self.config.kl_coef > 0
+
+  # -- state ---------------------------------------------------------------------------------
+
+  def init_state(self, state: TrainState, **kwargs: Any) -> TrainState:
+    """`state` with the trainer's sub-states in `extras`: the reference policy (a copy of the
+    current parameters when a KL term needs it) and the algorithm's own. Call once at the start
+    of training, not on a restored state (whose extras already hold them); traceable, so
+    `jax.eval_shape(trainer.init_state, abstract_state)` gives a restore target."""
+    extras = dict(state.extras)
+    if self.needs_reference:
+      extras[REFERENCE] = jax.tree.map(jnp.copy, {"params": state.params,
+                                                   "frozen": state.frozen})
+    extras.update(self.init_extras(state, **kwargs))
+    return state.replace(extras=extras)
+
+  def check_state(self, state: TrainState) -> None:
+    """ValueError unless `state.extras` holds what this trainer needs (`init_state`)."""
+    missing = [k for k in self.required_extras() if k not in state.extras]
+    if missing:
+      raise ValueError(f"`state.extras` lacks {missing}: call `state = trainer.init_state(state)` "
+                       "once before the first step (a restored state already has them).")
+
+  def required_extras(self) -> list[str]:
+    return [REFERENCE] if self.needs_reference else []
+
+  # -- pieces --------------------------------------------------------------------------------
+
+  def _compile(self, update: Callable) -> Callable:
+    if self.mesh is None:
+      return jax.jit(update, donate_argnums=(0,), compiler_options=self.compiler_options)
+    return jit_step_by_rules(update, self.mesh, self.rules,
+                             compiler_options=self.compiler_options)
+
+  def scope(self):
+    """`use_mesh(mesh, rules)` so the models' activation constraints apply (no mesh: none)."""
+    return contextlib.nullcontext() if self.mesh is None else use_mesh(self.mesh, self.rules)
 
   def sampler_params(self, state: TrainState) -> nnx.State:
     """One `nnx.State` of trainable and frozen variables for `generate((graphdef, state))`,
-    cast to `config.rollout_dtype` and placed in the inference layout (on a mesh)."""
-    dtype = self.config.rollout_dtype
+    cast to `sampling.rollout_dtype` and placed in the inference layout (on a mesh)."""
+    dtype = self.config.sampling.rollout_dtype
     params = cast_floating(nnx.merge_state(state.params, state.frozen),
                            None if dtype is None else jnp.dtype(dtype))
     if self.mesh is None:
@@ -107,31 +256,97 @@ class OnPolicyTrainer:
 
   def shard_batch(self, batch: Any) -> Any:
     """On a mesh, every [B, ...] leaf placed with its rows over the data axes (the layout of the
-    update's batch, `default_batch_sharding`); unchanged without a mesh. Forward passes over
-    the experience then run data-parallel, and the update receives what it expects."""
+    update's batch); unchanged without a mesh."""
     if self.mesh is None:
       return batch
     return jax.device_put(batch, default_batch_sharding(self.mesh))
 
-  def rollout(self, state: TrainState, prompts: Any, key: jax.Array, num_samples: int,
-              temperature: float, **kwargs: Any) -> Scored:
-    """`num_samples` completions per prompt from the current policy, scored on the host."""
-    c = self.config
+  def rollout(self, state: TrainState, prompts: Any, key: jax.Array,
+              sampling: SamplingConfig | None = None, **kwargs: Any) -> Scored:
+    """Completions of `prompts` from the current policy, scored on the host (`sampling`
+    defaults to the config's)."""
     return collect_rollout(
-      self.graphdef, self.sampler_params(state), prompts, key, reward_fn=self.reward_fn,
-      tokenizer=self.tokenizer, num_samples=num_samples, max_new_tokens=c.max_new_tokens,
-      temperature=temperature, top_k=c.top_k, top_p=c.top_p, stop_tokens=self.stop_tokens,
-      pad_id=self.pad_id, **kwargs,
-    )
+      self.graphdef, self.sampler_params(state), prompts, key, sampling or self.config.sampling,
+      reward_fn=self.reward_fn, tokenizer=self.tokenizer, stop_tokens=self.stop_tokens,
+      pad_id=self.pad_id, **kwargs)
 
-  @under_mesh
+  def logprobs(self, params: Any, frozen: Any, batch: Experience, *,
+               return_entropy: bool = False):
+    """Jitted [B, N] completion log-probs of `batch` under (params, frozen) (0 off the mask)."""
+    c = self.config
+    return policy_logprobs(self.graphdef, params, frozen, batch,
+                           temperature=float(c.sampling.temperature),
+                           chunk_size=c.update.chunk_size, return_entropy=return_entropy)
+
+  def reference_logprobs(self, state: TrainState, batch: Experience) -> jax.Array:
+    """Log-probs under `state.extras["reference"]` (log-probs only: no entropy)."""
+    ref = state.extras[REFERENCE]
+    return self.logprobs(ref["params"], ref["frozen"], batch)
+
+  # -- the loop ------------------------------------------------------------------------------
+
+  def step(self, state: TrainState, prompts: Any, key: jax.Array | None = None,
+           update_args: tuple = ()) -> tuple[TrainState, dict[str, float]]:
+    """One rollout, then num_epochs × num_minibatches updates, then the finish hook.
+
+    `key` defaults to `fold_in(state.rng, state.step)` (a resumed run continues the same key
+    sequence). Metrics: the rollout's (reward_mean, reward_std, response_length,
+    truncation_rate, tokens_per_second, ...), `prepare`'s, the means over updates of the
+    update's metrics (loss, clipfrac, approx_kl, ratio_mean, grad_norm, learning_rate, skipped,
+    ...), `first_ratio_mean` / `first_clipfrac` / `first_kl` of the first update (1, 0 and, at
+    the first step, 0 on-policy), `update_seconds` (the updates' wall time) and `mfu` (with
+    `update.peak_flops`). `update_args` are passed to every update after the batch (PPO: its
+    ptx batch).
+    """
+    self.check_state(state)
+    u = self.config.update
+    with self.scope():
+      if key is None:
+        key = jax.random.fold_in(state.rng, state.step)
+      rollout_key, shuffle_key = jax.random.split(key)
+      scored, metrics = self.collect(state, prompts, rollout_key)
+      state, batch, prepared = self.prepare(state, scored)
+      batch = self.shard_batch(batch)
+      rng = np.random.default_rng(int(jax.random.randint(shuffle_key, (), 0, 2**31 - 1)))
+      history = []
+      start = time.perf_counter()
+      for _ in range(u.num_epochs):
+        for rows in minibatch_indices(batch.num_rows, u.num_minibatches, rng):
+          mb = batch if u.num_minibatches == 1 else self.shard_batch(take_rows(batch, rows))
+          state, m = self.update(state, mb, *update_args)
+          history.append(m)
+      metrics.update(mean_metrics(history))  # fetching the metrics waits for the updates
+      seconds = time.perf_counter() - start
+      first = jax.device_get(history[0])
+      metrics.update({k: float(v) for k, v in jax.device_get(prepared).items()})
+      metrics.update({f"first_{k}": float(first[k]) for k in FIRST_METRICS if k in first})
+      metrics["update_seconds"] = seconds
+      if u.peak_flops is not None:
+        flops = len(history) * self.update_flops(state, batch)
+        metrics["mfu"] = flops / seconds / u.peak_flops
+      state, finished = self.finish(state, batch)
+      metrics.update(finished)
+    return state, metrics
+
+  def update_flops(self, state: TrainState, batch: Experience) -> float:
+    """Analytic FLOPs of one update over a minibatch of `batch` (`rljax.train.flops`)."""
+    model_config = nnx.merge(self.graphdef, state.params, state.frozen).config
+    rows = batch.num_rows // self.config.update.num_minibatches
+    return update_flops(model_config, rows, batch.prompt_length, batch.loss_mask.shape[1])
+
   def evaluate(self, state: TrainState, prompts: Any, key: jax.Array, *, k: int = 1,
                temperature: float = 0.0) -> dict[str, float]:
     """Accuracy (mean of reward > 0.5) and pass@k of k completions per prompt.
 
     k = 1 with temperature 0 is greedy accuracy; for k > 1 a temperature of 0 is replaced by the
-    config's sampling temperature. Returns {"accuracy", "reward_mean", f"pass@{k}"}.
+    config's sampling temperature. Other sampling options are the config's. Returns
+    {"accuracy", "reward_mean", f"pass@{k}"}.
     """
+    check_int("k", k, 1)
+    sampling = self.config.sampling
     if k > 1 and temperature == 0:
-      temperature = self.config.temperature
-    return accuracy_metrics(self.rollout(state, prompts, key, k, temperature), k)
+      temperature = sampling.temperature
+    sampling = dataclasses.replace(sampling, num_samples=k, temperature=float(temperature))
+    with self.scope():
+      return accuracy_metrics(self.rollout(state, prompts, key, sampling), k)
+

@@ -59,7 +59,8 @@ from rljax.train.objectives import (
   pair_sequence_logps,
   row_group,
 )
-from rljax.train.reward_modeling import graphdef_and_states, sum_over_rows
+from rljax.train.normalizers import rescale_to_normalizer
+from rljax.train.reward_modeling import graphdef_and_states
 
 Batch = dict[str, Any]
 Metrics = dict[str, jax.Array]
@@ -239,7 +240,7 @@ def kto_objective(
   desirable = jnp.asarray(batch["label"]) != 0
   right_side = jnp.where(desirable, ratio > metrics["kl"], ratio < metrics["kl"])
   metrics = {**metrics, "reward_accuracy": jnp.mean(right_side.astype(jnp.float32))}
-  return sum_over_rows(loss, policy.shape[0], normalizer), metrics
+  return rescale_to_normalizer(loss, policy.shape[0], normalizer), metrics
 
 
 def orpo_objective(
@@ -273,7 +274,7 @@ def orpo_objective(
   """
   s = pair_sequence_logps(model, batch, chunk_size=chunk_size)
   loss, metrics = orpo_loss(s["chosen_avg"], s["rejected_avg"], s["chosen_nll"], beta=beta)
-  return sum_over_rows(loss, s["chosen"].shape[0], normalizer), metrics
+  return rescale_to_normalizer(loss, s["chosen"].shape[0], normalizer), metrics
 
 
 def simpo_objective(
@@ -305,7 +306,7 @@ def simpo_objective(
   """
   s = pair_sequence_logps(model, batch, chunk_size=chunk_size)
   loss, metrics = simpo_loss(s["chosen_avg"], s["rejected_avg"], beta=beta, gamma=gamma)
-  return sum_over_rows(loss, s["chosen"].shape[0], normalizer), metrics
+  return rescale_to_normalizer(loss, s["chosen"].shape[0], normalizer), metrics
 
 
 def cpo_objective(
@@ -336,7 +337,7 @@ def cpo_objective(
   """
   s = pair_sequence_logps(model, batch, chunk_size=chunk_size)
   loss, metrics = cpo_loss(s["chosen"], s["rejected"], s["chosen_nll"], beta=beta, alpha=alpha)
-  return sum_over_rows(loss, s["chosen"].shape[0], normalizer), metrics
+  return rescale_to_normalizer(loss, s["chosen"].shape[0], normalizer), metrics
 
 
 __all__ = [

@@ -36,6 +36,7 @@ from flax import nnx
 
 from rljax.losses.reward_model import listwise_reward_loss, reward_model_loss
 from rljax.ops._checks import check_ndim, check_same_shape
+from rljax.train.normalizers import rescale_to_normalizer
 from rljax.train.objectives import check_batch_keys, pair_count
 
 Batch = Mapping[str, Any]
@@ -48,13 +49,6 @@ PAIR_REWARD_KEYS = (
   "rejected_attention_mask",
 )
 RANKING_KEYS = ("input_ids", "attention_mask")
-
-
-def sum_over_rows(mean_loss: jax.Array, rows: int, normalizer: jax.Array | None) -> jax.Array:
-  """A batch-mean loss as Σ_rows / normalizer (the exact-accumulation form); None keeps the mean."""
-  if normalizer is None:
-    return mean_loss
-  return mean_loss * rows / normalizer
 
 
 def graphdef_and_states(model: Any) -> tuple[nnx.GraphDef, tuple[Any, ...]]:
@@ -132,7 +126,7 @@ def reward_pair_objective(
   loss, metrics = reward_model_loss(
     chosen, rejected, margin=per_pair_margin, center_coef=center_coef
   )
-  return sum_over_rows(loss, chosen.shape[0], normalizer), metrics
+  return rescale_to_normalizer(loss, chosen.shape[0], normalizer), metrics
 
 
 def ranking_count(batch: Batch) -> jax.Array:
@@ -183,7 +177,7 @@ def listwise_reward_objective(
   loss, metrics = listwise_reward_loss(rewards)
   r = jax.lax.stop_gradient(rewards)
   metrics = {**metrics, "rewards_best": jnp.mean(r[:, 0]), "rewards_worst": jnp.mean(r[:, -1])}
-  return sum_over_rows(loss, rewards.shape[0], normalizer), metrics
+  return rescale_to_normalizer(loss, rewards.shape[0], normalizer), metrics
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -3,7 +3,7 @@
 `make_train_step(loss_fn, graphdef, optimizer, ...)` returns `step(state, batch) -> (state,
 metrics)`, one `jax.jit` with `in_shardings` / `out_shardings` / `donate_argnums=(0,)` when the
 state's shardings are given (`rljax.train.state.state_shardings`). The same step runs on one
-device or a mesh: only the shardings change (DESIGN.md, promise 2).
+device or a mesh: only the shardings change (docs/architecture.md: scale is placement).
 
 The loss contract. `loss_fn(model, batch, *, normalizer) -> (loss, metrics)` with `model =
 nnx.merge(graphdef, params, frozen)`. When `count_fn` is given, the step computes
@@ -44,7 +44,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from rljax.parallel.rules import DATA, FSDP
 from rljax.train.optim import current_learning_rate
-from rljax.train.state import TrainState, cast_floating
+from rljax.train.state import TrainState, cast_floating, state_shardings
 
 LossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
 GradFn = Callable[[Any, Any, Any], tuple[jax.Array, Any, dict[str, jax.Array]]]
@@ -278,3 +278,30 @@ def jit_step(
     out_shardings=(shardings, NamedSharding(mesh, PartitionSpec())),
     **jit_kwargs,
   )
+
+
+def jit_step_by_rules(
+  step: Callable[..., tuple[TrainState, dict[str, jax.Array]]],
+  mesh: jax.sharding.Mesh,
+  rules: Any,
+  *,
+  donate: bool = True,
+  compiler_options: dict[str, Any] | None = None,
+) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
+  """`jax.jit` of `step(state, batch, *rest)` on a mesh without an example state: the batch rows
+  are constrained to the data axes, the returned state to the shardings of its logical axes
+  (`state_shardings` of the traced state) and the metrics replicated. The input state keeps the
+  shardings it carries (`create_train_state` placed it), so a state goes in and comes out in
+  the same layout and its buffers are donated."""
+  batch_sharding = default_batch_sharding(mesh)
+  replicated = NamedSharding(mesh, PartitionSpec())
+
+  def constrained(state, batch, *rest):
+    batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
+    new_state, metrics = step(state, batch, *rest)
+    new_state = jax.lax.with_sharding_constraint(
+      new_state, state_shardings(None, new_state, mesh, rules))
+    return new_state, jax.lax.with_sharding_constraint(metrics, replicated)
+
+  return jax.jit(constrained, donate_argnums=(0,) if donate else (),
+                 compiler_options=compiler_options)

@@ -24,21 +24,24 @@ def test_parse_value_types():
 
 def test_overrides_nested_fields_and_types():
   c = apply_overrides(ExperimentConfig("grpo"), [
-    "steps=7", "grpo.beta=0.0", "grpo.top_k=None", "optimizer.learning_rate=3e-4",
+    "steps=7", "grpo.kl_coef=0.0", "grpo.sampling.top_k=5", "grpo.sampling.top_k=None",
+    "grpo.loss=gspo", "optimizer.learning_rate=3e-4",
     "data.buckets=[16,32]", "logging.tensorboard=false", "objective.beta=0.2",
     'model.config={"vocab_size": 19, "hidden_size": 32, "intermediate_size": 64, '
     '"num_layers": 2, "num_heads": 4}', "model.config.num_layers=3"])
-  assert c.steps == 7 and c.grpo.beta == 0.0 and c.grpo.top_k is None
+  assert c.steps == 7 and c.grpo.kl_coef == 0.0 and c.grpo.sampling.top_k is None
+  assert c.grpo.clip_range == (3e-4, 4e-4)  # --set grpo.loss=gspo: GSPO's own clip pair
   assert c.optimizer.learning_rate == 3e-4 and c.data.buckets == (16, 32)
   assert c.logging.tensorboard is False and c.objective == {"beta": 0.2}
   assert c.model.config.num_layers == 3 and c.model.config.hidden_size == 32
   # the original is untouched (frozen dataclasses, replaced not mutated)
-  assert ExperimentConfig("grpo").grpo.beta == 0.04
+  assert ExperimentConfig("grpo").grpo.kl_coef == 0.04
 
 
 @pytest.mark.parametrize("override,where,valid", [
   ("stesp=3", "at the top level", "steps"),
-  ("grpo.bta=1", "in 'grpo'", "group_size"),
+  ("grpo.bta=1", "in 'grpo'", "kl_coef"),
+  ("grpo.sampling.temp=1", "in 'grpo.sampling'", "temperature"),
   ("logging.out=x", "in 'logging'", "out_dir"),
   ("optimizer.lr=1", "in 'optimizer'", "learning_rate"),
 ])
@@ -48,8 +51,10 @@ def test_unknown_key_lists_valid_keys(override, where, valid):
 
 
 def test_bad_values_and_forms():
-  with pytest.raises(ConfigError, match="group_size"):
-    apply_overrides(ExperimentConfig("grpo"), ["grpo.group_size=1"])
+  with pytest.raises(ConfigError, match="num_samples"):
+    apply_overrides(ExperimentConfig("grpo"), ["grpo.sampling.num_samples=1"])
+  with pytest.raises(ConfigError, match="lam"):
+    apply_overrides(ExperimentConfig("ppo"), ["ppo.lam=2"])
   with pytest.raises(ConfigError, match="algorithm must be one of"):
     apply_overrides(ExperimentConfig("sft"), ["algorithm=rlhf"])
   with pytest.raises(ConfigError, match="key=value"):
@@ -61,9 +66,9 @@ def test_bad_values_and_forms():
 
 
 def test_from_dict_nested_and_unknown():
-  c = from_dict(ExperimentConfig, {"algorithm": "dpo", "grpo": {"group_size": 4},
+  c = from_dict(ExperimentConfig, {"algorithm": "dpo", "grpo": {"sampling": {"num_samples": 4}},
                                    "logging": {"seed": 3}, "data": {"buckets": [8]}})
-  assert c.grpo.group_size == 4 and c.logging.seed == 3 and c.data.buckets == (8,)
+  assert c.grpo.sampling.num_samples == 4 and c.logging.seed == 3 and c.data.buckets == (8,)
   with pytest.raises(ConfigError, match="unknown key 'sede' in 'logging'.*seed"):
     from_dict(ExperimentConfig, {"algorithm": "dpo", "logging": {"sede": 3}})
 
@@ -75,10 +80,10 @@ def test_json_and_yaml_files(tmp_path):
   assert exp.config.steps == 5 and exp.config.optimizer.learning_rate == 1
   yaml = pytest.importorskip("yaml")
   path = tmp_path / "exp.yaml"
-  path.write_text(yaml.safe_dump({"algorithm": "kto", "ppo": {"ppo_epochs": 2}}))
-  assert load_experiment(str(path)).config.ppo.ppo_epochs == 2
-  path.write_text(yaml.safe_dump({"algorithm": "kto", "ppo": {"epochs": 2}}))
-  with pytest.raises(ConfigError, match="ppo_epochs"):
+  path.write_text(yaml.safe_dump({"algorithm": "kto", "ppo": {"update": {"num_epochs": 2}}}))
+  assert load_experiment(str(path)).config.ppo.update.num_epochs == 2
+  path.write_text(yaml.safe_dump({"algorithm": "kto", "ppo": {"update": {"epochs": 2}}}))
+  with pytest.raises(ConfigError, match="num_epochs"):
     load_experiment(str(path))
 
 

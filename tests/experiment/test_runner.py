@@ -18,6 +18,8 @@ from rljax.cli import main  # noqa: E402
 from rljax.experiment.config import ConfigError, LoggingSection  # noqa: E402
 from rljax.experiment.logging import read_metrics  # noqa: E402
 from rljax.experiment.runner import run_experiment  # noqa: E402
+from rljax.rollout.sampling import SamplingConfig  # noqa: E402
+from rljax.train.onpolicy import UpdateConfig  # noqa: E402
 from rljax.train.ppo import PPOConfig  # noqa: E402
 
 TIMING = {"time", "tokens_per_second", "compiles"}
@@ -96,7 +98,7 @@ def test_grpo_through_the_cli(tmp_path, capsys):
   out = tmp_path / "grpo"
   path = tmp_path / "grpo_exp.py"
   path.write_text(EXPERIMENT_FILE.format(here=str(Path(__file__).resolve().parent), out=str(out)))
-  assert main(["train", str(path), "--set", "grpo.num_iterations=1", "--out", str(out)]) == 0
+  assert main(["train", str(path), "--set", "grpo.update.num_epochs=1", "--out", str(out)]) == 0
   records = read_metrics(str(out))
   assert [r["step"] for r in records] == [1, 2, 3]
   for key in ("reward_mean", "reward_std", "response_length", "truncation_rate", "entropy", "kl",
@@ -135,7 +137,8 @@ def test_ppo_on_a_mesh_of_all_devices(tmp_path):
   out = str(tmp_path / "ppo")
   config = dataclasses.replace(
     grpo_config(out), algorithm="ppo", steps=2, eval_k=1,
-    ppo=PPOConfig(num_samples=2, max_new_tokens=4, ppo_epochs=1, num_microbatches=2),
+    ppo=PPOConfig(sampling=SamplingConfig(num_samples=2, max_new_tokens=4),
+                  update=UpdateConfig(num_epochs=1, num_microbatches=2, agg="token-mean")),
     logging=LoggingSection(out_dir=out, progress=False, tensorboard=False, plot=False))
   run_experiment(config, ["num_devices=null", f"data.batch_size={max(1, n // 2)}"])
   records = read_metrics(out)

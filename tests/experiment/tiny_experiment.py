@@ -9,6 +9,7 @@ import numpy as np
 
 from rljax.experiment.config import DataSection, ExperimentConfig, LoggingSection, ModelSection
 from rljax.models.config import ModelConfig
+from rljax.rollout.sampling import SamplingConfig
 from rljax.train.grpo import GRPOConfig
 from rljax.train.optim import OptimizerConfig
 
@@ -52,6 +53,7 @@ def grpo_config(out_dir: str) -> ExperimentConfig:
   return ExperimentConfig(
     algorithm="grpo", steps=3, model=ModelSection(config=MODEL), tokenizer=tiny_tokenizer,
     data=DataSection(train=prompt_rows, eval=prompt_rows, batch_size=2, buckets=(8,)),
-    reward=five_reward, grpo=GRPOConfig(group_size=4, max_new_tokens=4),
+    reward=five_reward,
+    grpo=GRPOConfig(sampling=SamplingConfig(num_samples=4, max_new_tokens=4)),
     optimizer=OptimizerConfig(1e-2), compiler_options=FAST, eval_k=2, num_devices=1,
     logging=LoggingSection(out_dir=out_dir, progress=False, eval_every=2))

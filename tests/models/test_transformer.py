@@ -37,13 +37,37 @@ def _ids(shape, seed=0):
 
 
 def _hlo_op_stats(num_layers: int) -> tuple[int, int, list[str]]:
-  config = CONFIG.replace(num_layers=num_layers)
+  config = CONFIG.replace(num_layers=num_layers, scan_unroll=1)
   graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0))))
   forward = jax.jit(lambda s, ids, m: nnx.merge(graphdef, s)(ids, m))
   ids = jax.ShapeDtypeStruct((2, 8), jnp.int32)
   text = forward.lower(state, ids, ids).as_text()
   ops = re.findall(r"=\s*\"?(stablehlo\.[a-z_]+|func\.call|call)", text)
   return text.count("stablehlo.while"), len(ops), sorted(ops)
+
+
+def test_unrolled_layer_scan_equals_the_rolled_one(model):
+  """`scan_unroll` changes the program, not the function: values and gradients agree with one
+  layer per iteration; None unrolls every layer on CPU (measured faster there) and keeps one per
+  iteration on accelerators."""
+  from rljax.models.transformer import layer_unroll
+
+  ids, mask = _ids((2, 8)), jnp.ones((2, 8), bool).at[0, :3].set(False)
+  graphdef, state = nnx.split(model)
+
+  def loss(s, unroll):
+    m = nnx.merge(graphdef, s)
+    m.layers.config = CONFIG.replace(scan_unroll=unroll)  # what the layer scan reads
+    return jnp.sum(jnp.where(mask[..., None], m(ids, mask), 0.0) ** 2) * 1e-3
+
+  one = jax.jit(jax.value_and_grad(loss), static_argnums=1)(state, 1)
+  every = jax.jit(jax.value_and_grad(loss), static_argnums=1)(state, 2)
+  np.testing.assert_allclose(every[0], one[0], rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), every[1], one[1])
+  assert layer_unroll(CONFIG) == (2 if jax.default_backend() == "cpu" else 1)
+  assert layer_unroll(CONFIG.replace(scan_unroll=1)) == 1
+  with pytest.raises(ValueError, match="scan_unroll"):
+    CONFIG.replace(scan_unroll=0)
 
 
 def test_hlo_structure_does_not_grow_with_depth():

@@ -164,6 +164,29 @@ def test_value_and_grads_match_naive_float32():
     np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
 
 
+def test_metric_only_entropy_has_the_logprob_gradient():
+  """entropy_grad=False: the same values; the gradient of a loss using both outputs is that of
+  the log-prob term alone, i.e. of the naive path with the entropy under stop_gradient."""
+  hidden, unembedding, tokens, weights = make_inputs(seed=11, dtype=np.float32)
+
+  def loss(fn):
+    def f(h, w):
+      logp, ent = fn(h, w)
+      return jnp.sum(logp * weights[0]) + jnp.sum(ent * weights[1])
+    return jax.jit(jax.value_and_grad(f, argnums=(0, 1)))
+
+  metric = loss(lambda h, w: logprobs_from_hidden(h, w, tokens, chunk_size=CHUNK,
+                                                 return_entropy=True, entropy_grad=False))
+  def naive_stopped(h, w):
+    logp, ent = naive(h, w, tokens, 1.0)
+    return logp, jax.lax.stop_gradient(ent)
+  (value, grads), (ref_value, ref_grads) = metric(hidden, unembedding), loss(naive_stopped)(
+      hidden, unembedding)
+  np.testing.assert_allclose(value, ref_value, rtol=1e-5, atol=1e-5)
+  for g, r in zip(grads, ref_grads):
+    np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
+
+
 def test_grads_numerical_check(x64):
   # The custom VJP against finite differences (reverse mode; custom_vjp has no forward mode).
   hidden, unembedding, tokens, weights = make_inputs(seed=6, shape=(1, 4, 3, 5))

@@ -1,4 +1,9 @@
-"""Tests for rljax.ops.returns: discounted_returns and gae (masked positions skipped)."""
+"""Tests for rljax.ops.returns: discounted_returns and gae (masked positions skipped).
+
+Both functions are jitted inside with traced coefficients, so the tests call them directly: one
+compilation per input shape, dtype and option (`whiten`, bootstrap or not), shared by every test
+and every hypothesis example (which draw values, never shapes).
+"""
 
 from __future__ import annotations
 
@@ -9,12 +14,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rljax.ops import returns as eager
-
-# Jitted entry points with static options (one compilation per dtype rather than one per eager
-# primitive); `test_jit_matches_eager` checks the eager path against them.
-gae = jax.jit(eager.gae, static_argnames=("gamma", "lam"))
-discounted_returns = jax.jit(eager.discounted_returns, static_argnames=("gamma",))
+from rljax.ops import returns
+from rljax.ops.masking import masked_whiten
+from rljax.ops.returns import discounted_returns, gae
 
 B, T = 4, 7
 
@@ -57,15 +59,51 @@ def np_gae(rewards, values, mask, gamma, lam, bootstrap=None):
   return adv, ret
 
 
-def make_inputs(seed, dtype=np.float64, all_masked_row=True):
-  """Rewards, values and a mask with leading prompt pad, interleaved gaps and trailing padding."""
+def np_gae_loop(rewards, values, mask, gamma, lam, bootstrap=None):
+  """The docstring's recursion transcribed literally (scalar loop, both carries skip gaps)."""
+  adv = np.zeros(rewards.shape, np.float64)
+  for b in range(rewards.shape[0]):
+    next_value = 0.0 if bootstrap is None else float(bootstrap[b])
+    running = 0.0
+    for t in reversed(range(rewards.shape[1])):
+      if not mask[b, t]:
+        continue  # both carries pass across unchanged; A_t = 0
+      delta = float(rewards[b, t]) + gamma * next_value - float(values[b, t])
+      running = delta + gamma * lam * running
+      next_value = float(values[b, t])
+      adv[b, t] = running
+  return adv, np.where(mask, adv + values, 0.0)
+
+
+def np_whiten(x, mask):
+  valid = x[mask != 0]
+  if valid.size <= 1:
+    return np.zeros_like(x)
+  mean, var = valid.mean(), valid.var(ddof=1)
+  return np.where(mask != 0, (x - mean) / np.sqrt(var + 1e-8), 0.0)
+
+
+# Multi-turn rows: prompt padding, agent turns separated by observation (tool-output) spans in
+# the middle of the row, trailing padding; one row with no valid token.
+MULTI_TURN = np.array(
+    [
+        [0, 1, 1, 0, 0, 1, 0],  # prompt | turn 1 | observation | turn 2 | pad
+        [1, 0, 1, 0, 0, 1, 1],  # turn | obs | turn | obs | turn
+        [1, 1, 1, 1, 1, 1, 1],
+        [0, 0, 0, 0, 0, 0, 0],
+    ],
+    bool,
+)
+
+
+def make_inputs(seed, dtype=np.float64, random_mask=False):
+  """Rewards, values and a multi-turn mask (or a random one with the same first and last rows)."""
   rng = np.random.default_rng(seed)
   rewards = rng.normal(size=(B, T)).astype(dtype)
   values = rng.normal(size=(B, T)).astype(dtype)
-  mask = rng.random((B, T)) < 0.7
-  mask[0] = [1, 1, 0, 0, 1, 1, 0]  # a tool-output gap, then padding
-  if all_masked_row:
-    mask[3] = 0
+  mask = MULTI_TURN.copy()
+  if random_mask:
+    mask[1:3] = rng.random((2, T)) < 0.6
   return rewards, values, mask
 
 
@@ -73,10 +111,13 @@ def make_inputs(seed, dtype=np.float64, all_masked_row=True):
 
 
 @pytest.mark.parametrize("gamma,lam", [(1.0, 1.0), (0.9, 0.95), (0.7, 0.0)])
-def test_gae_matches_numpy_reference(x64, gamma, lam):
+def test_gae_matches_numpy_references(x64, gamma, lam):
   rewards, values, mask = make_inputs(0)
   adv, ret = gae(jnp.asarray(rewards), jnp.asarray(values), jnp.asarray(mask), gamma=gamma, lam=lam)
   want_adv, want_ret = np_gae(rewards, values, mask, gamma, lam)
+  loop_adv, loop_ret = np_gae_loop(rewards, values, mask, gamma, lam)
+  np.testing.assert_allclose(loop_adv, want_adv, atol=1e-12)  # the two references agree
+  np.testing.assert_allclose(loop_ret, want_ret, atol=1e-12)
   assert adv.dtype == jnp.float64 and ret.dtype == jnp.float64
   np.testing.assert_allclose(adv, want_adv, atol=1e-6)
   np.testing.assert_allclose(ret, want_ret, atol=1e-6)
@@ -89,11 +130,36 @@ def test_gae_bootstrap_value_matches_reference(x64):
   want_adv, want_ret = np_gae(rewards, values, mask, 0.9, 0.8, boot)
   np.testing.assert_allclose(adv, want_adv, atol=1e-6)
   np.testing.assert_allclose(ret, want_ret, atol=1e-6)
+  # The bootstrap enters only through the last valid token of each row: δ gains γ·b there.
+  no_boot, _ = gae(rewards, values, mask, gamma=0.9, lam=0.8)
+  last = [np.flatnonzero(row)[-1] for row in mask[:3]]
+  for b, t in enumerate(last):
+    assert abs(float(adv[b, t] - no_boot[b, t]) - 0.9 * boot[b]) < 1e-9
+
+
+seeds = st.integers(0, 2**31 - 1)
+unit = st.floats(0.0, 1.0)
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=seeds, gamma=unit, lam=unit, bootstrap=st.booleans())
+def test_gae_multi_turn_matches_numpy_loop(seed, gamma, lam, bootstrap):
+  with jax.enable_x64(True):
+    rewards, values, mask = make_inputs(seed, random_mask=True)
+    boot = np.random.default_rng(seed + 1).normal(size=(B,)) if bootstrap else None
+    # Garbage at masked positions must not matter.
+    noisy_r = np.where(mask, rewards, 1e3)
+    noisy_v = np.where(mask, values, -1e3)
+    adv, ret = gae(noisy_r, noisy_v, mask, gamma=gamma, lam=lam, bootstrap_value=boot)
+    want_adv, want_ret = np_gae_loop(rewards, values, mask, gamma, lam, boot)
+    np.testing.assert_allclose(adv, want_adv, atol=1e-9)
+    np.testing.assert_allclose(ret, want_ret, atol=1e-9)
+    assert np.all(np.asarray(adv)[~mask] == 0) and np.all(np.asarray(ret)[~mask] == 0)
 
 
 @pytest.mark.parametrize("gamma", [1.0, 0.8])
 def test_discounted_returns_matches_numpy_reference(x64, gamma):
-  rewards, _, mask = make_inputs(3)
+  rewards, _, mask = make_inputs(3, random_mask=True)
   out = discounted_returns(jnp.asarray(rewards), jnp.asarray(mask), gamma=gamma)
   assert out.dtype == jnp.float64
   np.testing.assert_allclose(out, np_discounted_returns(rewards, mask, gamma), atol=1e-6)
@@ -114,11 +180,35 @@ def test_hand_computed_gae():
   np.testing.assert_allclose(ret, [[0.3125, 0.0, 1.0]], atol=1e-7)
 
 
+# ---------------------------------------------------------------- whitening
+
+
+def test_whiten_option_is_masked_whiten(x64):
+  rewards, values, mask = make_inputs(10, random_mask=True)
+  adv, ret = gae(rewards, values, mask, gamma=0.9, lam=0.95)
+  white, ret_w = gae(rewards, values, mask, gamma=0.9, lam=0.95, whiten=True)
+  np.testing.assert_array_equal(ret_w, ret)  # returns come from the un-whitened advantages
+  np.testing.assert_allclose(white, jax.jit(masked_whiten)(adv, mask), atol=1e-12)
+  want = np_whiten(np_gae(rewards, values, mask, 0.9, 0.95)[0], mask)
+  np.testing.assert_allclose(white, want, atol=1e-9)
+  valid = np.asarray(white)[mask]
+  assert abs(valid.mean()) < 1e-12 and abs(valid.std(ddof=1) - 1) < 1e-6
+
+
+def test_whiten_degenerate_masks_give_zeros():
+  rewards, values, _ = make_inputs(11, np.float32)
+  single = np.zeros((B, T), bool)
+  single[2, 3] = True
+  for mask in (np.zeros((B, T), bool), single):
+    white, _ = gae(rewards, values, mask, gamma=1.0, lam=1.0, whiten=True)
+    assert np.all(np.asarray(white) == 0)  # n = 0, and n = 1 (variance 0: x − μ = 0)
+
+
 # ---------------------------------------------------------------- float32 / bf16
 
 
 def test_float32_and_bf16():
-  rewards, values, mask = make_inputs(4, np.float32)
+  rewards, values, mask = make_inputs(4, np.float32, random_mask=True)
   adv, ret = gae(rewards, values, mask, gamma=0.95, lam=0.9)
   want_adv, want_ret = np_gae(rewards, values, mask, 0.95, 0.9)
   assert adv.dtype == jnp.float32
@@ -135,56 +225,82 @@ def test_float32_and_bf16():
   np.testing.assert_allclose(g16, np_discounted_returns(rewards, mask, 0.95), atol=0.1)
 
 
+# ---------------------------------------------------------------- jitted inside: user jit, vmap
+
+
+def test_calls_inside_a_user_jit_and_traced_coefficients():
+  rewards, values, mask = make_inputs(7, np.float32, random_mask=True)
+  direct = gae(rewards, values, mask, gamma=0.9, lam=0.95)
+  static = jax.jit(lambda r, v, m: gae(r, v, m, gamma=0.9, lam=0.95))(rewards, values, mask)
+  traced = jax.jit(lambda r, v, m, g, l: gae(r, v, m, gamma=g, lam=l))(
+      rewards, values, mask, 0.9, 0.95
+  )
+  for got in (static, traced):
+    for a, b in zip(got, direct):
+      np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+  # With concrete coefficients γλ is rounded once from double precision: bit-identical results.
+  np.testing.assert_array_equal(static[0], direct[0])
+  np.testing.assert_array_equal(
+      jax.jit(lambda r, m: discounted_returns(r, m, gamma=0.9))(rewards, mask),
+      discounted_returns(rewards, mask, gamma=0.9),
+  )
+
+
+def test_sweeping_coefficients_does_not_recompile():
+  rewards, values, mask = make_inputs(12, np.float32)
+  gae(rewards, values, mask, gamma=1.0, lam=1.0)
+  discounted_returns(rewards, mask, gamma=1.0)
+  before = returns._gae._cache_size(), returns._discounted_returns._cache_size()
+  for gamma, lam in [(0.99, 0.95), (0.5, 0.0), (1, 1), (np.float64(0.9), jnp.float32(0.3))]:
+    gae(rewards, values, mask, gamma=gamma, lam=lam)
+    discounted_returns(rewards, mask, gamma=gamma)
+  assert (returns._gae._cache_size(), returns._discounted_returns._cache_size()) == before
+
+
+def test_vmap_matches_per_slice_calls():
+  rng = np.random.default_rng(13)
+  rewards, values = (rng.normal(size=(3, B, T)).astype(np.float32) for _ in range(2))
+  mask = np.stack([MULTI_TURN, MULTI_TURN[::-1], np.ones((B, T), bool)])
+  boot = rng.normal(size=(3, B)).astype(np.float32)
+  got = jax.vmap(lambda r, v, m, b: gae(r, v, m, gamma=0.9, lam=0.8, bootstrap_value=b))(
+      rewards, values, mask, boot
+  )
+  for i in range(3):
+    want = np_gae(rewards[i], values[i], mask[i], 0.9, 0.8, boot[i])
+    for a, w in zip(got, want):
+      np.testing.assert_allclose(a[i], w, atol=1e-5)
+
+
 # ---------------------------------------------------------------- gradients: constants
 
 
 def test_no_gradient_flows_through_gae_or_returns():
-  rewards, values, mask = make_inputs(5, np.float32)
+  rewards, values, mask = make_inputs(5, np.float32, random_mask=True)
   weights = jnp.asarray(np.random.default_rng(6).normal(size=(B, T)), jnp.float32)
   boot = jnp.ones((B,))
 
-  def objective(r, v, b):
-    adv, ret = gae(r, v, mask, gamma=0.9, lam=0.95, bootstrap_value=b)
-    to_go = discounted_returns(r, mask, gamma=0.9)
-    return jnp.sum(weights * (adv + ret)) + jnp.sum(weights * to_go)
+  def objective(r, v, b, gamma, lam):
+    adv, ret = gae(r, v, mask, gamma=gamma, lam=lam, bootstrap_value=b)
+    white, _ = gae(r, v, mask, gamma=gamma, lam=lam, bootstrap_value=b, whiten=True)
+    to_go = discounted_returns(r, mask, gamma=gamma, bootstrap_value=b)
+    return jnp.sum(weights * (adv + ret + white + to_go))
 
-  grads = jax.grad(objective, argnums=(0, 1, 2))(jnp.asarray(rewards), jnp.asarray(values), boot)
-  for g in grads:
+  args = (jnp.asarray(rewards), jnp.asarray(values), boot, 0.9, 0.95)
+  grads = jax.grad(objective, argnums=(0, 1, 2, 3, 4))(*args)
+  for g in grads:  # none to the inputs, and none to traced coefficients either
     assert np.all(np.asarray(g) == 0)
 
 
-# ---------------------------------------------------------------- jit == eager
-
-
-def test_jit_matches_eager():
-  rewards, values, mask = make_inputs(7, np.float32)
-  eager_out = eager.gae(rewards, values, mask, gamma=0.9, lam=0.95)
-  jitted = gae(rewards, values, mask, gamma=0.9, lam=0.95)
-  for a, b in zip(eager_out, jitted):
-    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
-  np.testing.assert_allclose(
-      eager.discounted_returns(rewards, mask, gamma=0.9),
-      discounted_returns(rewards, mask, gamma=0.9),
-      rtol=1e-6, atol=1e-6,
-  )
-
-
 # ---------------------------------------------------------------- properties (hypothesis)
-
-# gamma and lam are traced arguments so that every drawn value reuses one compilation.
-_gae = jax.jit(lambda r, v, m, g, l: eager.gae(r, v, m, gamma=g, lam=l))
-_returns = jax.jit(lambda r, m, g: eager.discounted_returns(r, m, gamma=g))
-seeds = st.integers(0, 2**31 - 1)
-unit = st.floats(0.0, 1.0)
 
 
 @settings(max_examples=15, deadline=None)
 @given(seed=seeds)
 def test_gae_lambda_one_gamma_one_is_reward_to_go_minus_values(seed):
   with jax.enable_x64(True):
-    rewards, values, mask = make_inputs(seed)
-    adv, ret = _gae(rewards, values, mask, 1.0, 1.0)
-    to_go = _returns(rewards, mask, 1.0)
+    rewards, values, mask = make_inputs(seed, random_mask=True)
+    adv, ret = gae(rewards, values, mask, gamma=1.0, lam=1.0)
+    to_go = discounted_returns(rewards, mask, gamma=1.0)
     np.testing.assert_allclose(np.where(mask, adv, 0), np.where(mask, to_go - values, 0), atol=1e-9)
     np.testing.assert_allclose(ret, to_go, atol=1e-9)  # λ=1 returns are Monte-Carlo returns
 
@@ -193,8 +309,8 @@ def test_gae_lambda_one_gamma_one_is_reward_to_go_minus_values(seed):
 @given(seed=seeds, gamma=unit)
 def test_gae_lambda_zero_is_one_step_td_error(seed, gamma):
   with jax.enable_x64(True):
-    rewards, values, mask = make_inputs(seed)
-    adv, _ = _gae(rewards, values, mask, gamma, 0.0)
+    rewards, values, mask = make_inputs(seed, random_mask=True)
+    adv, _ = gae(rewards, values, mask, gamma=gamma, lam=0.0)
     for b in range(B):
       valid = list(np.flatnonzero(mask[b]))
       for k, t in enumerate(valid):
@@ -207,21 +323,20 @@ def test_gae_lambda_zero_is_one_step_td_error(seed, gamma):
 @given(seed=seeds, gamma=unit, lam=unit)
 def test_gae_with_gaps_equals_gae_on_compacted_sequence(seed, gamma, lam):
   with jax.enable_x64(True):
-    rewards, values, mask = make_inputs(seed)
-    # Garbage at masked positions must not matter.
-    noisy_r = np.where(mask, rewards, 1e3)
-    noisy_v = np.where(mask, values, -1e3)
-    adv, ret = _gae(noisy_r, noisy_v, mask, gamma, lam)
+    rewards, values, mask = make_inputs(seed, random_mask=True)
+    adv, ret = gae(rewards, values, mask, gamma=gamma, lam=lam)
+    # Every row compacted to the front (gaps removed), padding after: the same [B, T] shape.
+    r_c, v_c, m_c = np.zeros((B, T)), np.zeros((B, T)), np.zeros((B, T), bool)
     for b in range(B):
       idx = np.flatnonzero(mask[b])
-      compact = np.zeros((1, T))
       n = len(idx)
-      r_c, v_c, m_c = compact.copy(), compact.copy(), compact.copy()
-      r_c[0, :n], v_c[0, :n], m_c[0, :n] = rewards[b, idx], values[b, idx], 1
-      a_c, ret_c = _gae(r_c, v_c, m_c, gamma, lam)
-      scattered = np.zeros(T)
-      scattered[idx] = np.asarray(a_c)[0, :n]
-      np.testing.assert_allclose(adv[b], scattered, atol=1e-9)
+      r_c[b, :n], v_c[b, :n], m_c[b, :n] = rewards[b, idx], values[b, idx], True
+    a_c, ret_c = gae(r_c, v_c, m_c, gamma=gamma, lam=lam)
+    for b in range(B):
+      idx = np.flatnonzero(mask[b])
+      n = len(idx)
+      np.testing.assert_allclose(np.asarray(adv[b])[idx], np.asarray(a_c[b])[:n], atol=1e-9)
+      np.testing.assert_allclose(np.asarray(ret[b])[idx], np.asarray(ret_c[b])[:n], atol=1e-9)
       assert np.all(np.asarray(ret[b])[~mask[b]] == 0)
 
 
@@ -231,7 +346,7 @@ def test_discounted_returns_recursion_on_consecutive_valid_tokens(seed, gamma):
   with jax.enable_x64(True):
     rewards, _, mask = make_inputs(seed)
     mask = np.ones_like(mask)
-    g = np.asarray(_returns(rewards, mask, gamma))
+    g = np.asarray(discounted_returns(rewards, mask, gamma=gamma))
     np.testing.assert_allclose(g[:, :-1], rewards[:, :-1] + gamma * g[:, 1:], atol=1e-9)
     np.testing.assert_allclose(g[:, -1], rewards[:, -1], atol=1e-12)
 
@@ -254,7 +369,7 @@ def test_all_zero_mask_and_extreme_values_are_finite():
 
 
 def test_float_mask_counts_nonzero_entries():
-  rewards, values, mask = make_inputs(9, np.float32)
+  rewards, values, mask = make_inputs(9, np.float32, random_mask=True)
   a_bool = gae(rewards, values, mask, gamma=0.9, lam=0.9)[0]
   a_float = gae(rewards, values, mask.astype(np.float32) * 0.5, gamma=0.9, lam=0.9)[0]
   np.testing.assert_allclose(a_bool, a_float)
@@ -266,18 +381,18 @@ def test_float_mask_counts_nonzero_entries():
 def test_bad_inputs_raise_value_errors_naming_the_argument():
   r = jnp.zeros((B, T))
   with pytest.raises(ValueError, match="values"):
-    eager.gae(r, jnp.zeros((B, T + 1)), jnp.ones((B, T)), gamma=1.0, lam=1.0)
+    gae(r, jnp.zeros((B, T + 1)), jnp.ones((B, T)), gamma=1.0, lam=1.0)
   with pytest.raises(ValueError, match="mask"):
-    eager.gae(r, r, jnp.ones((B, 1)), gamma=1.0, lam=1.0)
+    gae(r, r, jnp.ones((B, 1)), gamma=1.0, lam=1.0)
   with pytest.raises(ValueError, match="rewards"):
-    eager.gae(jnp.zeros((T,)), jnp.zeros((T,)), jnp.ones((T,)), gamma=1.0, lam=1.0)
+    gae(jnp.zeros((T,)), jnp.zeros((T,)), jnp.ones((T,)), gamma=1.0, lam=1.0)
   with pytest.raises(ValueError, match="gamma"):
-    eager.gae(r, r, r, gamma=1.5, lam=1.0)
+    gae(r, r, r, gamma=1.5, lam=1.0)
   with pytest.raises(ValueError, match="lam"):
-    eager.gae(r, r, r, gamma=1.0, lam=-0.1)
+    gae(r, r, r, gamma=1.0, lam=-0.1)
   with pytest.raises(ValueError, match="bootstrap_value"):
-    eager.gae(r, r, r, gamma=1.0, lam=1.0, bootstrap_value=jnp.zeros((B, 1)))
+    gae(r, r, r, gamma=1.0, lam=1.0, bootstrap_value=jnp.zeros((B, 1)))
   with pytest.raises(ValueError, match="gamma"):
-    eager.discounted_returns(r, r, gamma=2.0)
+    discounted_returns(r, r, gamma=2.0)
   with pytest.raises(ValueError, match="mask"):
-    eager.discounted_returns(r, jnp.ones((B + 1, T)), gamma=1.0)
+    discounted_returns(r, jnp.ones((B + 1, T)), gamma=1.0)

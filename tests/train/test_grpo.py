@@ -14,15 +14,13 @@ from flax import nnx
 from rljax.models.config import ModelConfig
 from rljax.models.transformer import Transformer
 from rljax.ops.masking import aggregate
-from rljax.rollout.generate import _generate_jit
-from rljax.train.experience import (
-  agg_count,
-  group_has_variance,
-  overlong_penalty,
-  rescale_to_normalizer,
-  trace_counts,
-)
+from rljax.ops.overlong import soft_overlong_penalty
+from rljax.rollout.sampling import SamplingConfig
+from rljax.train.compiles import count_compiles
+from rljax.train.dynamic_sampling import group_has_variance
 from rljax.train.grpo import GRPOConfig, GRPOTrainer
+from rljax.train.normalizers import agg_count, rescale_to_normalizer
+from rljax.train.onpolicy import UpdateConfig
 from rljax.train.optim import OptimizerConfig, make_optimizer
 from rljax.train.state import create_train_state
 
@@ -59,15 +57,19 @@ def make(config, reward_fn=five_reward, seed=0):
                                        rng=seed)
   trainer = GRPOTrainer(graphdef, optimizer, config, reward_fn, TOKENIZER, stop_tokens=[EOS],
                         pad_id=EOS, compiler_options=FAST)
-  return trainer, state
+  return trainer, trainer.init_state(state)
 
 
-def base_config(**kw):
-  return GRPOConfig(**{"group_size": 4, "max_new_tokens": N, "chunk_size": 8, **kw})
+SAMPLING = SamplingConfig(num_samples=4, max_new_tokens=N)
+
+
+def base_config(update=None, **kw):
+  update = UpdateConfig(chunk_size=8, **(update or {}))
+  return GRPOConfig(**{"sampling": SAMPLING, "update": update, **kw})
 
 
 # The shared configuration (one compiled update for several tests).
-SHARED = base_config(beta=0.04, num_iterations=2, num_minibatches=2)
+SHARED = base_config({"num_epochs": 2, "num_minibatches": 2}, kl_coef=0.04)
 
 
 def test_steps_ratio_one_kl_zero_metrics_and_no_recompilation():
@@ -81,17 +83,17 @@ def test_steps_ratio_one_kl_zero_metrics_and_no_recompilation():
   assert m["tis_weight_mean"] == 1.0  # not applied, reported as 1
   assert int(state.step) == 4  # 2 iterations x 2 minibatches
   # The trainer's own forward pass agrees with the sampler's log-probs.
-  scored, _ = trainer.sample_groups(state, prompts, jax.random.key(1))
-  batch, _ = trainer.prepare(state, scored)
-  cm = np.asarray(batch["completion_mask"])
-  np.testing.assert_allclose(np.asarray(batch["old_logp"])[cm], scored.rollout.logprobs[cm],
+  scored, _ = trainer.collect(state, prompts, jax.random.key(1))
+  _, batch, _ = trainer.prepare(state, scored)
+  cm = np.asarray(batch.loss_mask)
+  np.testing.assert_allclose(np.asarray(batch.old_logp)[cm], scored.rollout.logprobs[cm],
                              atol=2e-5)
-  assert batch["tokens"].shape == (8, 6 + N) and batch["advantages"].shape == (8, N)
-  # No recompilation: a second and a third step trace nothing new.
+  assert batch.tokens.shape == (8, 6 + N) and batch.advantages.shape == (8, N)
+  # No recompilation: a second and a third step compile nothing new.
   state, m = trainer.step(state, prompts, jax.random.key(2))
-  counts, generate_cache = trace_counts(), _generate_jit._cache_size()
-  state, m = trainer.step(state, prompts, jax.random.key(3))
-  assert trace_counts() == counts and _generate_jit._cache_size() == generate_cache
+  with count_compiles() as compiles:
+    state, m = trainer.step(state, prompts, jax.random.key(3))
+  assert compiles.count == 0
   assert abs(m["first_ratio_mean"] - 1.0) < 1e-6 and m["first_clipfrac"] == 0.0
   # Evaluation: greedy accuracy, and pass@k (k = G reuses the sampling program).
   ev = trainer.evaluate(state, prompts, jax.random.key(4))
@@ -111,7 +113,7 @@ def test_dynamic_sampling_drops_and_refills_zero_variance_groups():
   prompts = prompt_batch()
   trainer, state = make(base_config(dynamic_sampling=True, max_resample=3),
                         reward_fn=prompt_dependent_reward)
-  scored, m = trainer.sample_groups(state, prompts, jax.random.key(0))
+  scored, m = trainer.collect(state, prompts, jax.random.key(0))
   assert m["zero_variance_groups"] == 0.5
   assert m["resamples"] == 1.0 and m["filled_zero_variance_groups"] == 0.0
   assert scored.rollout.tokens.shape == (8, 6 + N)  # refilled to the requested size
@@ -119,7 +121,7 @@ def test_dynamic_sampling_drops_and_refills_zero_variance_groups():
   assert set(scored.prompt_index.tolist()) == {0}  # only the informative prompt survives
   # Without dynamic sampling the groups are kept and reported.
   trainer.config = base_config(dynamic_sampling=False)
-  scored, m = trainer.sample_groups(state, prompts, jax.random.key(0))
+  scored, m = trainer.collect(state, prompts, jax.random.key(0))
   assert m["zero_variance_groups"] == 0.5 and m["resamples"] == 0.0
   assert not group_has_variance(scored.scores, 4)[1]
 
@@ -127,22 +129,23 @@ def test_dynamic_sampling_drops_and_refills_zero_variance_groups():
 def test_dynamic_sampling_fills_with_zero_variance_when_it_cannot_refill():
   trainer, state = make(base_config(dynamic_sampling=True, max_resample=2),
                         reward_fn=lambda p, c, **f: np.ones(len(c), np.float32))
-  scored, m = trainer.sample_groups(state, prompt_batch(), jax.random.key(0))
+  scored, m = trainer.collect(state, prompt_batch(), jax.random.key(0))
   assert m["zero_variance_groups"] == 1.0 and m["resamples"] == 2.0
   assert scored.rollout.tokens.shape == (8, 6 + N)
 
 
 @pytest.mark.parametrize("config", [
-  GRPOConfig.dr_grpo(group_size=4, max_new_tokens=N, chunk_size=8),
-  GRPOConfig.dapo(group_size=4, max_new_tokens=N, chunk_size=8),
-  GRPOConfig.gspo(group_size=4, max_new_tokens=N, chunk_size=8, advantage="rloo"),
-  base_config(loss="cispo", advantage="reinforce_pp", beta=0.01, num_microbatches=2),
+  GRPOConfig.dr_grpo(sampling=SAMPLING, update=UpdateConfig(chunk_size=8)),
+  GRPOConfig.dapo(sampling=SAMPLING, update=UpdateConfig(chunk_size=8)),
+  GRPOConfig.gspo(sampling=SAMPLING, update=UpdateConfig(chunk_size=8), advantage="rloo"),
+  base_config({"num_microbatches": 2}, loss="cispo", advantage="reinforce_pp", kl_coef=0.01),
   dataclasses.replace(SHARED, advantage="reinforce_pp_baseline", use_rollout_logprobs=True),
 ], ids=["dr_grpo", "dapo", "gspo_rloo", "cispo_reinforce_pp_micro", "rpp_baseline_tis"])
 def test_variants_run_one_step(config):
   trainer, state = make(config)
   state, m = trainer.step(state, prompt_batch(), jax.random.key(3))
-  assert REQUIRED <= set(m) and all(np.isfinite(v) for v in m.values())
+  required = REQUIRED if config.kl_coef > 0 else REQUIRED - {"kl"}  # β = 0: no reference pass
+  assert required <= set(m) and all(np.isfinite(v) for v in m.values())
   assert abs(m["first_ratio_mean"] - 1.0) < 1e-6 and m["first_clipfrac"] == 0.0
   assert m["skipped"] == 0.0 and m["grad_norm"] > 0
   if config.use_rollout_logprobs:
@@ -150,23 +153,41 @@ def test_variants_run_one_step(config):
 
 
 def test_presets_and_validation():
-  assert GRPOConfig.dr_grpo().agg == "seq-mean-token-sum-norm"
-  dapo = GRPOConfig.dapo(max_new_tokens=16)
-  assert dapo.dynamic_sampling and dapo.clip_eps_high == 0.28 and dapo.overlong_buffer == 4
+  assert GRPOConfig.dr_grpo().update.agg == "seq-mean-token-sum-norm"
+  update = GRPOConfig(update=UpdateConfig(num_minibatches=2)).update
+  assert (update.num_epochs, update.agg) == (1, "seq-mean-token-mean")
+  dapo = GRPOConfig.dapo(sampling=SamplingConfig(num_samples=8, max_new_tokens=16))
+  assert dapo.dynamic_sampling and dapo.clip_range == (0.2, 0.28) and dapo.overlong_cache == 4
   assert GRPOConfig.gspo().loss == "gspo"
   with pytest.raises(ValueError, match="advantage"):
     GRPOConfig(advantage="ppo")
   with pytest.raises(ValueError, match="loss"):
     GRPOConfig(loss="dpo")
-  with pytest.raises(ValueError, match="group_size"):
-    GRPOConfig(group_size=1)
+  with pytest.raises(ValueError, match="num_samples"):
+    GRPOConfig(sampling=SamplingConfig(num_samples=1))
   with pytest.raises(ValueError, match="temperature"):
-    GRPOConfig(temperature=0.0)
+    GRPOConfig(sampling=SamplingConfig(temperature=0.0, num_samples=4))
+  with pytest.raises(ValueError, match="kl_coef"):
+    GRPOConfig(kl_coef=float("nan"))
+  with pytest.raises(ValueError, match="clip_ratio_c"):
+    GRPOConfig(loss="gspo", clip_ratio_c=3.0)
+  with pytest.raises(ValueError, match="clip_ratio_c"):
+    GRPOConfig(clip_ratio_c=0.5)
+
+
+def test_each_loss_gets_its_own_clip_pair():
+  """Choosing a loss (also by replacing it, as `--set grpo.loss=gspo` does) gives that loss's
+  clip range, never a mix of two losses' bounds."""
+  assert GRPOConfig().clip_range == (0.2, 0.2)
+  assert dataclasses.replace(GRPOConfig(), loss="gspo").clip_range == (3e-4, 4e-4)
+  assert GRPOConfig(loss="cispo").clip_range == (0.2, 0.28)
+  assert GRPOConfig(loss="gspo", clip_eps=1e-3).clip_range == (1e-3, 1e-3)
+  assert GRPOConfig(clip_eps_high=0.28).clip_range == (0.2, 0.28)
 
 
 def test_overlong_penalty_matches_dapo_formula():
   lengths = np.array([1, 12, 13, 14, 16])
-  got = overlong_penalty(lengths, max_length=16, buffer=4, penalty=0.5)
+  got = soft_overlong_penalty(lengths, max_length=16, cache=4, factor=0.5)
   want = [0.0, 0.0, 0.5 * (12 - 13) / 4, 0.5 * (12 - 14) / 4, 0.5 * (12 - 16) / 4]
   np.testing.assert_allclose(got, want, atol=1e-7)
 
@@ -178,8 +199,8 @@ def test_normalizer_makes_microbatch_losses_sum_to_full_batch(agg):
   mask = jnp.asarray(rng.random((6, 5)) < 0.6).at[2].set(False)
   full = aggregate(loss_mat, mask, agg)
   norm = agg_count(mask, agg)
-  parts = [rescale_to_normalizer(aggregate(loss_mat[s], mask[s], agg), mask[s], agg, norm)
-           for s in (slice(0, 2), slice(2, 6))]
+  parts = [rescale_to_normalizer(aggregate(loss_mat[s], mask[s], agg), agg_count(mask[s], agg),
+                                 norm) for s in (slice(0, 2), slice(2, 6))]
   np.testing.assert_allclose(float(sum(parts)), float(full), rtol=1e-6)
 
 

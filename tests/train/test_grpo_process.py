@@ -13,8 +13,12 @@ from rljax.models.config import ModelConfig
 from rljax.models.transformer import Transformer
 from rljax.rewards import StepRewards, process_reward
 from rljax.rollout.generate import Rollout
-from rljax.train.experience import Scored, call_reward_fn, informative_groups, trace_counts
+from rljax.rollout.sampling import SamplingConfig
+from rljax.train.compiles import count_compiles
+from rljax.train.dynamic_sampling import informative_groups
 from rljax.train.grpo import GRPOConfig, GRPOTrainer
+from rljax.train.onpolicy import UpdateConfig
+from rljax.train.scoring import Scored, call_reward_fn
 from rljax.train.optim import OptimizerConfig, make_optimizer
 from rljax.train.state import create_train_state
 
@@ -55,12 +59,12 @@ def make(config, reward_fn):
   graphdef, state = create_train_state(Transformer(CONFIG, rngs=nnx.Rngs(0)), OPTIMIZER, rng=0)
   trainer = GRPOTrainer(graphdef, OPTIMIZER, config, reward_fn, None, stop_tokens=[EOS],
                         pad_id=EOS, compiler_options=FAST)
-  return trainer, state
+  return trainer, trainer.init_state(state)
 
 
 def process_config(**kw):
-  return GRPOConfig(**{"group_size": G, "max_new_tokens": N, "chunk_size": 8,
-                       "advantage": "process", **kw})
+  return GRPOConfig(**{"sampling": SamplingConfig(num_samples=G, max_new_tokens=N),
+                       "update": UpdateConfig(chunk_size=8), "advantage": "process", **kw})
 
 
 def np_process_advantages(step_rewards, step_mask, mask, group_size, eps=1e-6):
@@ -89,10 +93,10 @@ def np_process_advantages(step_rewards, step_mask, mask, group_size, eps=1e-6):
 
 def test_process_advantages_tis_training_and_no_recompilation():
   reward = Recording(process_reward(five_steps, delimiter_ids=DELIMS))
-  trainer, state = make(process_config(use_rollout_logprobs=True, tis_cap=2.0, beta=0.0),
+  trainer, state = make(process_config(use_rollout_logprobs=True, tis_cap=2.0, kl_coef=0.0),
                         reward)
   prompts = prompt_batch()
-  scored, metrics = trainer.sample_groups(state, prompts, jax.random.key(0))
+  scored, metrics = trainer.collect(state, prompts, jax.random.key(0))
   returned = reward.last
   assert isinstance(returned, StepRewards) and returned.step_mask.sum() > 2 * G
   np.testing.assert_array_equal(scored.step_rewards, returned.rewards)
@@ -107,13 +111,13 @@ def test_process_advantages_tis_training_and_no_recompilation():
   shift = np.random.default_rng(0).uniform(-1, 1, mask.shape).astype(np.float32) * mask
   scored = scored._replace(rollout=scored.rollout._replace(
     logprobs=scored.rollout.logprobs + shift))
-  batch, extra = trainer.prepare(state, scored)
+  _, batch, extra = trainer.prepare(state, scored)
   want = np_process_advantages(returned.rewards, returned.step_mask, mask, G)
   assert np.abs(want).max() > 0.1
-  weight = np.minimum(np.exp(np.asarray(batch["old_logp"], np.float64)
+  weight = np.minimum(np.exp(np.asarray(batch.old_logp, np.float64)
                              - scored.rollout.logprobs), 2.0)
   assert (weight[mask] == 2.0).any() and np.abs(weight[mask] - 1).max() > 0.5
-  np.testing.assert_allclose(np.asarray(batch["advantages"]), want * weight, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(batch.advantages), want * weight, atol=1e-5)
   np.testing.assert_allclose(float(extra["tis_weight_mean"]), weight[mask].mean(), rtol=1e-5)
 
   before = jax.device_get(state.params)
@@ -123,9 +127,9 @@ def test_process_advantages_tis_training_and_no_recompilation():
   assert any(np.abs(a - b).max() > 0 for a, b in zip(jax.tree.leaves(before),
                                                      jax.tree.leaves(after)))
   state, m = trainer.step(state, prompts, jax.random.key(2))
-  counts = trace_counts()
-  state, m = trainer.step(state, prompts, jax.random.key(3))
-  assert trace_counts() == counts  # process mode: no new trace after the first steps
+  with count_compiles() as compiles:
+    state, m = trainer.step(state, prompts, jax.random.key(3))
+  assert compiles.count == 0  # process mode: no new compilation after the first steps
   assert np.isfinite(m["loss"])
 
 
@@ -144,7 +148,7 @@ def constant_for_hello(prompts, completions, *, completion_tokens, completion_le
 def test_dynamic_sampling_with_step_rewards_keeps_the_batch_shape():
   trainer, state = make(process_config(dynamic_sampling=True, max_resample=3),
                         constant_for_hello)
-  scored, m = trainer.sample_groups(state, prompt_batch(), jax.random.key(0))
+  scored, m = trainer.collect(state, prompt_batch(), jax.random.key(0))
   assert m["zero_variance_groups"] == 0.5 and m["resamples"] == 1.0
   assert m["filled_zero_variance_groups"] == 0.0
   assert scored.rollout.tokens.shape == (2 * G, P + N)
@@ -152,8 +156,8 @@ def test_dynamic_sampling_with_step_rewards_keeps_the_batch_shape():
   assert set(scored.prompt_index.tolist()) == {0}  # only the informative prompt survives
   sums = np.where(scored.step_mask, scored.step_rewards.astype(np.float64), 0).sum(axis=1)
   np.testing.assert_allclose(scored.scores, sums, rtol=1e-6)  # rows carried together
-  batch, _ = trainer.prepare(state, scored)
-  assert batch["advantages"].shape == (2 * G, N)
+  _, batch, _ = trainer.prepare(state, scored)
+  assert batch.advantages.shape == (2 * G, N)
 
 
 def test_informative_groups_use_step_rewards_not_row_sums():
@@ -177,9 +181,9 @@ def test_overlong_penalty_lands_on_the_last_token_as_a_step():
   def first_token_step(prompts, completions, *, completion_lengths, **fields):
     return StepRewards.from_steps([[(0, 1.0)] for _ in completions], num_tokens=N)
 
-  trainer, state = make(process_config(overlong_buffer=N, overlong_penalty=0.5),
+  trainer, state = make(process_config(overlong_cache=N, overlong_factor=0.5),
                         first_token_step)
-  scored, _ = trainer.sample_groups(state, prompt_batch(), jax.random.key(5))
+  scored, _ = trainer.collect(state, prompt_batch(), jax.random.key(5))
   lengths = scored.rollout.lengths
   want_r, want_m = np.zeros((2 * G, N)), np.zeros((2 * G, N), bool)
   for b, length in enumerate(lengths):
@@ -198,12 +202,12 @@ def test_reward_kind_mismatches_raise_clear_errors():
   outcome = lambda p, c, **f: np.ones(len(c), np.float32)  # noqa: E731
   trainer, state = make(process_config(), outcome)
   with pytest.raises(ValueError, match='advantage="process"\\) needs a `reward_fn` that returns'):
-    trainer.sample_groups(state, prompt_batch(), jax.random.key(0))
+    trainer.collect(state, prompt_batch(), jax.random.key(0))
   trainer = GRPOTrainer(trainer.graphdef, OPTIMIZER, process_config(advantage="grpo"),
                         process_reward(five_steps, delimiter_ids=DELIMS), None,
                         stop_tokens=[EOS], pad_id=EOS, compiler_options=FAST)
   with pytest.raises(ValueError, match="returned StepRewards; use GRPOConfig"):
-    trainer.sample_groups(state, prompt_batch(), jax.random.key(0))
+    trainer.collect(state, prompt_batch(), jax.random.key(0))
 
 
 def test_call_reward_fn_checks_step_rewards():

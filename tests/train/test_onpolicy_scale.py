@@ -25,8 +25,12 @@ from rljax.parallel.rules import (
   inference_rules,
   mesh_and_rules,
 )
+import dataclasses
+
 from rljax.rollout.generate import _generate_jit, _Options
+from rljax.rollout.sampling import SamplingConfig
 from rljax.train.grpo import GRPOConfig, GRPOTrainer
+from rljax.train.onpolicy import UpdateConfig
 from rljax.train.ppo import PPOConfig, PPOTrainer, split_critic
 from rljax.train.state import create_train_state, variable_shardings
 
@@ -113,17 +117,25 @@ def grpo(config, mesh=None, rules=None):
   graphdef, state = create_train_state(model, SGD, rng=0, mesh=mesh, rules=rules)
   trainer = GRPOTrainer(graphdef, SGD, config, five_reward, TOKENIZER, stop_tokens=[EOS],
                         pad_id=EOS, mesh=mesh, rules=rules, compiler_options=FAST)
-  return trainer, state
+  return trainer, trainer.init_state(state)
+
+
+SAMPLING = SamplingConfig(num_samples=4, max_new_tokens=N)
+
+
+def with_microbatches(config, k):
+  return dataclasses.replace(config, update=dataclasses.replace(config.update,
+                                                                num_microbatches=k))
 
 
 def test_grpo_on_a_mesh_with_microbatches_equals_one_device():
-  config = GRPOConfig(group_size=4, max_new_tokens=N, chunk_size=8, beta=0.04)
+  config = GRPOConfig(sampling=SAMPLING, update=UpdateConfig(chunk_size=8), kl_coef=0.04)
   prompts, key = prompt_batch(), jax.random.key(3)
   trainer, state = grpo(config)
   state, metrics = trainer.step(state, prompts, key)
 
   mesh = auto_mesh((2, 4, 1))
-  sharded_config = GRPOConfig(**{**config.__dict__, "num_microbatches": 2})
+  sharded_config = with_microbatches(config, 2)
   sharded_trainer, sharded = grpo(sharded_config, mesh, FSDP_RULES)
   sampler = sharded_trainer.sampler_params(sharded)
   assert all("fsdp" not in str(s) for s in specs_of(sampler))  # inference layout
@@ -139,8 +151,8 @@ def test_grpo_on_a_mesh_with_microbatches_equals_one_device():
 
 
 def test_rollout_dtype_casts_the_sampler_only():
-  config = GRPOConfig(group_size=4, max_new_tokens=N, chunk_size=8, beta=0.0,
-                      rollout_dtype="bfloat16", use_rollout_logprobs=True)
+  config = GRPOConfig(sampling=dataclasses.replace(SAMPLING, rollout_dtype="bfloat16"),
+                      update=UpdateConfig(chunk_size=8), kl_coef=0.0, use_rollout_logprobs=True)
   trainer, state = grpo(config)
   sampler = trainer.sampler_params(state)
   floating = [x for x in jax.tree.leaves(sampler) if jnp.issubdtype(x.dtype, jnp.floating)]
@@ -152,9 +164,9 @@ def test_rollout_dtype_casts_the_sampler_only():
   assert metrics["tis_weight_mean"] != 1.0
   assert abs(metrics["tis_weight_mean"] - 1.0) < 0.1
   with pytest.raises(ValueError, match="rollout_dtype"):
-    GRPOConfig(rollout_dtype="int32")
+    SamplingConfig(rollout_dtype="int32")
   with pytest.raises(ValueError, match="rollout_dtype"):
-    PPOConfig(rollout_dtype="no-such-dtype")
+    SamplingConfig(rollout_dtype="no-such-dtype")
   with pytest.raises(ValueError, match="`mesh` and `rules`"):
     GRPOTrainer(trainer.graphdef, SGD, config, five_reward, stop_tokens=EOS, pad_id=EOS,
                 mesh=auto_mesh((8, 1, 1)))
@@ -178,9 +190,8 @@ def ppo(config, mesh=None, rules=None):
   trainer = PPOTrainer(graphdef, critic_graphdef, SGD, CRITIC_SGD, config, five_reward,
                        TOKENIZER, stop_tokens=[EOS], pad_id=EOS, mesh=mesh, rules=rules,
                        compiler_options=FAST)
-  graphdef, state = create_train_state(policy, SGD, rng=0, mesh=mesh, rules=rules,
-                                       extras=trainer.initial_extras(critic))
-  return trainer, state
+  graphdef, state = create_train_state(policy, SGD, rng=0, mesh=mesh, rules=rules)
+  return trainer, trainer.init_state(state, critic=critic)
 
 
 def ptx_batch(rows=16, length=8):
@@ -193,14 +204,15 @@ def ptx_batch(rows=16, length=8):
 
 def test_ppo_on_a_mesh_with_microbatches_equals_one_device():
   """Policy + critic + PPO-ptx: 2 microbatches on a data × fsdp mesh == 1 batch on 1 device."""
-  config = PPOConfig(num_samples=4, max_new_tokens=N, chunk_size=8, ppo_epochs=1, kl_coef=0.05,
-                     ptx_coef=0.5, entropy_coef=0.01)
+  config = PPOConfig(sampling=SAMPLING, update=UpdateConfig(chunk_size=8, num_epochs=1,
+                                                           agg="token-mean"),
+                     kl_coef=0.05, ptx_coef=0.5, entropy_coef=0.01)
   prompts, key, ptx = prompt_batch(), jax.random.key(5), ptx_batch()
   trainer, state = ppo(config)
   state, metrics = trainer.step(state, prompts, key, ptx_batch=ptx)
 
   mesh = auto_mesh((2, 4, 1))
-  sharded_config = PPOConfig(**{**config.__dict__, "num_microbatches": 2})
+  sharded_config = with_microbatches(config, 2)
   sharded_trainer, sharded = ppo(sharded_config, mesh, FSDP_RULES)
   sharded, sharded_metrics = sharded_trainer.step(sharded, prompts, key, ptx_batch=ptx)
 
@@ -210,6 +222,6 @@ def test_ppo_on_a_mesh_with_microbatches_equals_one_device():
   for name in ("loss", "value_loss", "grad_norm", "critic_grad_norm"):
     assert sharded_metrics[name] == pytest.approx(metrics[name], abs=TOL), name
   params_close(state.params, sharded.params)
-  params_close(state.extras["critic"]["params"], sharded.extras["critic"]["params"])
-  critic_specs = specs_of(sharded.extras["critic"]["params"])
+  params_close(state.extras["critic"].params, sharded.extras["critic"].params)
+  critic_specs = specs_of(sharded.extras["critic"].params)
   assert any("fsdp" in str(s) for s in critic_specs), critic_specs

@@ -12,7 +12,9 @@ from flax import nnx
 from rljax.models.config import ModelConfig
 from rljax.models.heads import ValueModel
 from rljax.models.transformer import Transformer
-from rljax.train.experience import trace_counts
+from rljax.rollout.sampling import SamplingConfig
+from rljax.train.compiles import count_compiles
+from rljax.train.onpolicy import UpdateConfig
 from rljax.train.optim import OptimizerConfig, make_optimizer
 from rljax.train.ppo import PPOConfig, PPOTrainer, split_critic
 from rljax.train.state import create_train_state
@@ -49,14 +51,15 @@ def make(config, seed=0):
   trainer = PPOTrainer(graphdef, critic_graphdef, OPTIMIZER, CRITIC_OPTIMIZER, config,
                        five_reward, TOKENIZER, stop_tokens=[EOS], pad_id=EOS,
                        compiler_options=FAST)
-  graphdef, state = create_train_state(policy, OPTIMIZER, rng=seed,
-                                       extras=trainer.initial_extras(critic))
-  return trainer, state
+  graphdef, state = create_train_state(policy, OPTIMIZER, rng=seed)
+  return trainer, trainer.init_state(state, critic=critic)
 
 
-def base_config(**kw):
-  return PPOConfig(**{"num_samples": 4, "max_new_tokens": N, "chunk_size": 8, "ppo_epochs": 2,
-                      "num_minibatches": 2, "kl_coef": 0.01, **kw})
+def base_config(update=None, **kw):
+  update = UpdateConfig(**{"chunk_size": 8, "num_epochs": 2, "num_minibatches": 2,
+                           "agg": "token-mean", **(update or {})})
+  return PPOConfig(**{"sampling": SamplingConfig(num_samples=4, max_new_tokens=N),
+                      "update": update, "kl_coef": 0.01, **kw})
 
 
 SHARED = base_config()
@@ -64,7 +67,7 @@ SHARED = base_config()
 
 def test_step_ratio_one_kl_zero_state_and_no_recompilation():
   trainer, state = make(SHARED)
-  critic_before = jax.tree.map(np.asarray, state.extras["critic"]["params"])
+  critic_before = jax.tree.map(np.asarray, state.extras["critic"].params)
   prompts = prompt_batch()
   state, m = trainer.step(state, prompts, jax.random.key(0))
   assert REQUIRED <= set(m), REQUIRED - set(m)
@@ -73,26 +76,27 @@ def test_step_ratio_one_kl_zero_state_and_no_recompilation():
   assert m["kl"] == 0.0 and m["sequence_kl"] == 0.0  # reference == initial policy
   assert int(state.step) == 4  # 2 epochs x 2 minibatches
   moved = jax.tree.map(lambda a, b: np.abs(np.asarray(a) - b).max(),
-                       state.extras["critic"]["params"], critic_before)
+                       state.extras["critic"].params, critic_before)
   assert max(jax.tree.leaves(moved)) > 0  # the critic was trained
   assert float(state.extras["kl_ctl"].coef) == pytest.approx(0.01)  # fixed controller
   # Experience shapes; advantages whitened over the valid tokens.
-  scored = trainer.rollout(state, prompts, jax.random.key(1), 4, 1.0)
-  batch, _, _ = trainer.prepare(state, scored)
-  cm = np.asarray(batch["completion_mask"])
-  assert batch["advantages"].shape == batch["values"].shape == (8, N)
-  adv = np.asarray(batch["advantages"])[cm]
+  scored = trainer.rollout(state, prompts, jax.random.key(1))
+  _, batch, _ = trainer.prepare(state, scored)
+  cm = np.asarray(batch.loss_mask)
+  assert batch.advantages.shape == batch.values.shape == batch.rewards.shape == (8, N)
+  adv = np.asarray(batch.advantages)[cm]
   assert abs(adv.mean()) < 1e-5 and abs(adv.std(ddof=1) - 1) < 1e-3
   # No recompilation.
   state, m = trainer.step(state, prompts, jax.random.key(2))
-  counts = trace_counts()
-  state, m = trainer.step(state, prompts, jax.random.key(3))
-  assert trace_counts() == counts and m["kl"] != 0.0
+  with count_compiles() as compiles:
+    state, m = trainer.step(state, prompts, jax.random.key(3))
+  assert compiles.count == 0 and m["kl"] != 0.0
 
 
 def test_penalty_mode_adaptive_kl_and_ptx():
-  config = base_config(mode="penalty", adaptive_kl=True, kl_target=0.001, kl_horizon=100.0,
-                       ptx_coef=0.5, entropy_coef=0.01, ppo_epochs=1, num_minibatches=1)
+  config = base_config({"num_epochs": 1, "num_minibatches": 1}, mode="penalty",
+                       adaptive_kl=True, kl_target=0.001, kl_horizon=100.0, ptx_coef=0.5,
+                       entropy_coef=0.01)
   trainer, state = make(config)
   rng = np.random.default_rng(0)
   ptx = {"input_ids": rng.integers(0, CONFIG.vocab_size, (2, 8)).astype(np.int32),
@@ -102,7 +106,7 @@ def test_penalty_mode_adaptive_kl_and_ptx():
   assert abs(m["first_ratio_mean"] - 1.0) < 1e-6
   # One update away from the old policy: KL(old||new) > 0; the observed reference KL was 0 at
   # step 0, below target, so the adaptive β shrank: 0.01 * (1 - 0.2 * 8 / 100).
-  assert m["penalty_beta"] in (0.5, 1.0, 2.0)
+  assert m["penalty_kl_coef"] in (0.5, 1.0, 2.0)
   assert float(state.extras["kl_ctl"].coef) == pytest.approx(0.01 * (1 - 0.2 * 8 / 100))
 
 
@@ -112,7 +116,18 @@ def test_config_validation():
   with pytest.raises(ValueError, match="kl_kind"):
     PPOConfig(kl_kind="k4")
   with pytest.raises(ValueError, match="temperature"):
-    PPOConfig(temperature=0.0)
+    PPOConfig(sampling=SamplingConfig(temperature=0.0))
+  with pytest.raises(ValueError, match="lam"):
+    PPOConfig(lam=1.5)
+  with pytest.raises(ValueError, match="kl_target"):
+    PPOConfig(kl_target=0.0)
+  with pytest.raises(ValueError, match="clip_ratio_c"):
+    PPOConfig(clip_ratio_c=1.0)
+  with pytest.raises(ValueError, match="num_epochs"):
+    UpdateConfig(num_epochs=0)
+  # A section's unset fields take the algorithm's defaults, whatever else it sets.
+  update = PPOConfig(update=UpdateConfig(num_minibatches=2)).update
+  assert (update.num_epochs, update.agg, update.num_minibatches) == (4, "token-mean", 2)
 
 
 def test_ppo_learns_to_say_five():
