@@ -109,7 +109,11 @@ def _fused_bwd(temperature, chunk, with_entropy, entropy_grad, residuals, cotang
     g_logits = (g_z if temperature == 1.0 else g_z / temperature).astype(operand_dtype)
     g_h = jnp.einsum("bcv,vd->bcd", g_logits, unembedding.astype(operand_dtype),
                      preferred_element_type=dtype)
-    grad_w = grad_w + jnp.einsum("bcv,bcd->vd", g_logits, h_c.astype(operand_dtype),
+    # The [V, D] gradient as one 2D matmul over the B·c rows (a contraction over two dims makes
+    # XLA:CPU copy both operands into another layout first).
+    rows = g_logits.shape[0] * g_logits.shape[1]
+    grad_w = grad_w + jnp.einsum("nv,nd->vd", g_logits.reshape(rows, vocab),
+                                 h_c.astype(operand_dtype).reshape(rows, -1),
                                  preferred_element_type=dtype)
     grad_h = jax.lax.dynamic_update_slice_in_dim(
         grad_h, g_h.astype(hidden.dtype), i * chunk, axis=1
