@@ -51,3 +51,14 @@ def update_flops(config: Any, rows: int, prompt_length: int, completion_length: 
   if getattr(config, "remat", False):
     total += f["layers"] + f["attention"]
   return total
+
+
+def value_update_flops(config: Any, rows: int, prompt_length: int, completion_length: int
+                       ) -> float:
+  """FLOPs of one critic update (PPO's `ValueModel`: the backbone's layers forward + backward,
+  no logits; the scalar head is negligible)."""
+  f = forward_flops(config, rows, prompt_length, completion_length)
+  total = 3.0 * (f["layers"] + f["attention"])
+  if getattr(config, "remat", False):
+    total += f["layers"] + f["attention"]
+  return total

@@ -41,6 +41,7 @@ from rljax.ops.masking import aggregate, masked_mean, masked_whiten
 from rljax.ops.returns import gae
 from rljax.rollout.sampling import SamplingConfig
 from rljax.train.experience import Experience, check_experience, experience_from_rollout
+from rljax.train.flops import value_update_flops
 from rljax.train.forward import completion_logprobs, completion_values, critic_values
 from rljax.train.normalizers import agg_count, rescale_to_normalizer
 from rljax.train.objectives import next_token_logprobs
@@ -342,6 +343,15 @@ class PPOTrainer(OnPolicyTrainer):
     penalty_kl_coef in penalty mode.
     """
     return super().step(state, prompts, key, (self.shard_batch(ptx_batch),))
+
+  def update_flops(self, state: TrainState, batch: Experience) -> float:
+    """The policy's update FLOPs plus the critic's (`rljax.train.flops`), for `mfu` (a ptx
+    batch's forward and backward are not counted)."""
+    critic = state.extras["critic"]
+    backbone = nnx.merge(self.critic_graphdef, critic.params, critic.frozen).backbone.config
+    rows = batch.num_rows // self.config.update.num_minibatches
+    return super().update_flops(state, batch) + value_update_flops(
+      backbone, rows, batch.prompt_length, batch.loss_mask.shape[1])
 
   def finish(self, state: TrainState, batch: Experience):
     """PPO-penalty: the PPO paper's β rule on d = token mean of k1 KL(π_old‖π_new) after the

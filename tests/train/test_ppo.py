@@ -94,7 +94,8 @@ def test_step_ratio_one_kl_zero_state_and_no_recompilation():
 
 
 def test_penalty_mode_adaptive_kl_and_ptx():
-  config = base_config({"num_epochs": 1, "num_minibatches": 1}, mode="penalty",
+  config = base_config({"num_epochs": 1, "num_minibatches": 1, "peak_flops": 1e12},
+                       mode="penalty",
                        adaptive_kl=True, kl_target=0.001, kl_horizon=100.0, ptx_coef=0.5,
                        entropy_coef=0.01)
   trainer, state = make(config)
@@ -103,6 +104,10 @@ def test_penalty_mode_adaptive_kl_and_ptx():
          "attention_mask": np.ones((2, 8), np.int32), "loss_mask": np.ones((2, 8), np.int32)}
   state, m = trainer.step(state, prompt_batch(), jax.random.key(0), ptx_batch=ptx)
   assert "ptx_nll" in m and m["ptx_nll"] > 0 and np.isfinite(m["loss"])
+  # mfu counts the policy's and the critic's update (same backbone here: 2 layers each).
+  from rljax.train.flops import update_flops, value_update_flops
+  flops = update_flops(CONFIG, 8, 6, N) + value_update_flops(CONFIG, 8, 6, N)
+  assert m["mfu"] == pytest.approx(flops / m["update_seconds"] / 1e12, rel=1e-6)
   assert abs(m["first_ratio_mean"] - 1.0) < 1e-6
   # One update away from the old policy: KL(old||new) > 0; the observed reference KL was 0 at
   # step 0, below target, so the adaptive β shrank: 0.01 * (1 - 0.2 * 8 / 100).
