@@ -7,6 +7,7 @@ Checks run at trace time (on static shapes and Python options), so they cost not
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -61,6 +62,25 @@ def check_positive(name: str, value: float) -> None:
 def check_nonnegative(name: str, value: float) -> None:
   if not value >= 0:
     raise ValueError(f"`{name}` must be >= 0; got {value!r}.")
+
+
+def check_int(name: str, value: Any, minimum: int) -> None:
+  """ValueError naming `name` unless `value` is an int (not a bool) >= `minimum`."""
+  if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    raise ValueError(f"`{name}` must be an int >= {minimum}; got {value!r}.")
+
+
+def check_number(name: str, value: Any, *, low: float = 0.0, high: float = float("inf"),
+                 low_open: bool = False, high_open: bool = True) -> None:
+  """ValueError naming `name` unless `value` is a real number (not NaN) in the range from `low`
+  to `high` (each end open or closed; default [0, inf))."""
+  ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+  if ok:
+    ok = (value > low if low_open else value >= low) and (
+      value < high if high_open else value <= high)
+  if not ok:
+    lo, hi = "(" if low_open else "[", ")" if high_open else "]"
+    raise ValueError(f"`{name}` must be a number in {lo}{low}, {high}{hi}; got {value!r}.")
 
 
 def check_group_size(batch: int, group_size: int, *, name: str = "scores") -> int:

@@ -18,7 +18,8 @@ from flax import nnx
 
 from rljax.models.kv_cache import KVCache, hidden_states_with_cache, init_kv_cache
 from rljax.models.transformer import Transformer
-from rljax.rollout.sampling import SamplingConfig, check_sampling_options, sample_next_token
+from rljax.ops._checks import check_int
+from rljax.rollout.sampling import SamplingConfig, sample_next_token
 
 Array = jax.Array
 
@@ -171,11 +172,6 @@ def _stop_tuple(stop_tokens: int | Sequence[int]) -> tuple[int, ...]:
   return tuple(int(t) for t in values)
 
 
-def _check_int(name: str, value: Any, minimum: int) -> None:
-  if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-    raise ValueError(f"`{name}` must be an int >= {minimum}; got {value!r}.")
-
-
 def _check_prompts(prompt_tokens: Any, prompt_mask: Any) -> tuple[Array, Array]:
   tokens, mask = jnp.asarray(prompt_tokens), jnp.asarray(prompt_mask)
   if tokens.ndim != 2 or tokens.shape[1] < 1:
@@ -261,33 +257,27 @@ def generate(
     >>> logits = model(out.tokens, out.attention_mask)[:, P - 1 : -1]
     >>> logp = token_logprobs(logits, out.tokens[:, P:], temperature=0.7)  # == out.logprobs
   """
-  options = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k,
-             "top_p": top_p, "num_samples": num_samples}
-  if sampling is not None:
-    given = sorted(k for k, v in options.items() if v is not None)
-    if given:
-      raise ValueError(f"give the sampling options either in `sampling` or as keywords, not "
-                       f"both (got `sampling` and {given}).")
-    options = {k: getattr(sampling, k) for k in options}
-  if options["max_new_tokens"] is None:
-    raise ValueError("`max_new_tokens` is required (or pass a `sampling=SamplingConfig(...)`).")
-  max_new_tokens, top_k, top_p = options["max_new_tokens"], options["top_k"], options["top_p"]
-  temperature = 1.0 if options["temperature"] is None else options["temperature"]
-  num_samples = 1 if options["num_samples"] is None else options["num_samples"]
+  keywords = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k,
+              "top_p": top_p, "num_samples": num_samples}
+  given = {k: v for k, v in keywords.items() if v is not None}
+  if sampling is None:
+    if max_new_tokens is None:
+      raise ValueError("`max_new_tokens` is required (or pass a `sampling=SamplingConfig(...)`).")
+    sampling = SamplingConfig(**given)  # validates every option, naming it
+  elif given:
+    raise ValueError(f"give the sampling options either in `sampling` or as keywords, not "
+                     f"both (got `sampling` and {sorted(given)}).")
   graphdef, state = _split_model(model)
   tokens, mask = _check_prompts(prompt_tokens, prompt_mask)
   _check_key(key)
-  _check_int("max_new_tokens", max_new_tokens, 1)
-  _check_int("num_samples", num_samples, 1)
-  _check_int("pad_id", pad_id, 0)
-  check_sampling_options(temperature=temperature, top_k=top_k, top_p=top_p)
+  check_int("pad_id", pad_id, 0)
   options = _Options(
-    max_new_tokens=max_new_tokens,
-    temperature=float(temperature),
-    top_k=top_k,
-    top_p=None if top_p is None else float(top_p),
+    max_new_tokens=sampling.max_new_tokens,
+    temperature=float(sampling.temperature),
+    top_k=sampling.top_k,
+    top_p=None if sampling.top_p is None else float(sampling.top_p),
     stop_tokens=_stop_tuple(stop_tokens),
     pad_id=pad_id,
-    num_samples=num_samples,
+    num_samples=sampling.num_samples,
   )
   return _generate_jit(graphdef, state, tokens, mask, key, options)

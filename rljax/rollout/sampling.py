@@ -14,6 +14,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from rljax.ops._checks import check_int
 from rljax.ops.logprobs import token_logprobs
 
 Array = jax.Array
@@ -73,9 +74,7 @@ class SamplingConfig:
 
   def __post_init__(self) -> None:
     for name in ("max_new_tokens", "num_samples"):
-      value = getattr(self, name)
-      if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"`{name}` must be an int >= 1; got {value!r}.")
+      check_int(name, getattr(self, name), 1)
     check_sampling_options(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
     check_dtype_name("rollout_dtype", self.rollout_dtype)
 

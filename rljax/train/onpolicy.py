@@ -29,6 +29,7 @@ and its gradient is that of the two-pass form, without a separate forward pass.
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import dataclasses
 import time
@@ -40,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from rljax.ops._checks import check_choice
+from rljax.ops._checks import check_choice, check_int, check_number
 from rljax.ops.masking import AGG_MODES
 from rljax.parallel.mesh import use_mesh
 from rljax.parallel.rules import inference_rules
@@ -55,24 +56,6 @@ from rljax.train.step import default_batch_sharding, jit_step_by_rules
 KL_KINDS = ("k1", "kl", "k2", "mse", "k3", "low_var_kl", "abs")
 REFERENCE = "reference"
 FIRST_METRICS = ("ratio_mean", "clipfrac", "kl")  # logged for the first update of a step too
-
-
-def check_int(name: str, value: Any, minimum: int) -> None:
-  """ValueError naming `name` unless `value` is an int >= `minimum`."""
-  if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-    raise ValueError(f"`{name}` must be an int >= {minimum}; got {value!r}.")
-
-
-def check_number(name: str, value: Any, *, low: float = 0.0, high: float = float("inf"),
-                 low_open: bool = False, high_open: bool = False) -> None:
-  """ValueError naming `name` unless `value` is a finite-or-bounded real number in the range."""
-  ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
-  if ok:
-    ok = (value > low if low_open else value >= low) and (
-      value < high if high_open else value <= high)
-  if not ok:
-    lo, hi = "(" if low_open else "[", ")" if high_open else "]"
-    raise ValueError(f"`{name}` must be a number in {lo}{low}, {high}{hi}; got {value!r}.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,8 +90,7 @@ class UpdateConfig:
     if self.agg is not None:
       check_choice("`agg`", self.agg, [a for a in AGG_MODES if a != "token-sum"])
     if self.peak_flops is not None:
-      check_number("peak_flops", self.peak_flops, low=0.0, low_open=True,
-                   high=float("inf"), high_open=True)
+      check_number("peak_flops", self.peak_flops, low_open=True)
 
   def with_defaults(self, *, num_epochs: int, agg: str) -> UpdateConfig:
     """This section with an algorithm's defaults in place of its None fields."""
@@ -140,7 +122,7 @@ def check_training_sampling(sampling: SamplingConfig, min_samples: int = 1) -> N
   check_int("sampling.num_samples", sampling.num_samples, min_samples)
 
 
-class OnPolicyTrainer:
+class OnPolicyTrainer(abc.ABC):
   """Base of `GRPOTrainer` and `PPOTrainer` (see the module doc).
 
   Args:
@@ -176,18 +158,18 @@ class OnPolicyTrainer:
 
   # -- hooks ---------------------------------------------------------------------------------
 
+  @abc.abstractmethod
   def init_extras(self, state: TrainState, **kwargs: Any) -> dict[str, Any]:
-    """The algorithm's sub-states for `state.extras` (reference, controllers, critic)."""
-    raise NotImplementedError
+    """The algorithm's sub-states for `state.extras` (controllers, critic)."""
 
+  @abc.abstractmethod
   def make_update(self) -> Callable:
     """The pure `update(state, batch) -> (state, metrics)` (jitted by the constructor)."""
-    raise NotImplementedError
 
+  @abc.abstractmethod
   def prepare(self, state: TrainState, scored: Scored
               ) -> tuple[TrainState, Experience, dict[str, Any]]:
     """The `Experience` of a scored rollout (and the state, e.g. with an updated controller)."""
-    raise NotImplementedError
 
   def collect(self, state: TrainState, prompts: Any, key: jax.Array
               ) -> tuple[Scored, dict[str, float]]:

@@ -33,7 +33,7 @@ from flax import nnx
 
 from rljax.losses.policy import ppo_clip_loss, ppo_penalty_loss, ppo_ptx_loss
 from rljax.losses.value import value_loss
-from rljax.ops._checks import check_choice
+from rljax.ops._checks import check_choice, check_number
 from rljax.ops.advantages import token_level_rewards
 from rljax.ops.kl import kl_penalty
 from rljax.ops.kl_control import adaptive_kl_controller, fixed_kl_controller, ppo_kl_controller
@@ -49,15 +49,11 @@ from rljax.train.onpolicy import (
   KL_KINDS,
   OnPolicyTrainer,
   UpdateConfig,
-  check_number,
   check_training_sampling,
   resolve_update,
 )
 from rljax.train.state import TrainState, variable_shardings
 from rljax.train.step import apply_gradients, make_grad_fn
-
-INF = float("inf")
-
 
 @dataclasses.dataclass(frozen=True)
 class PPOConfig:
@@ -112,17 +108,16 @@ class PPOConfig:
     check_choice("`kl_kind`", self.kl_kind, KL_KINDS)
     check_choice("`penalty_kl_kind`", self.penalty_kl_kind, KL_KINDS)
     for name in ("kl_coef", "entropy_coef", "ptx_coef", "penalty_kl_coef"):
-      check_number(name, getattr(self, name), high=INF, high_open=True)
+      check_number(name, getattr(self, name))
     for name in ("kl_target", "kl_horizon", "penalty_kl_target", "clip_eps"):
-      check_number(name, getattr(self, name), low_open=True, high=INF, high_open=True)
+      check_number(name, getattr(self, name), low_open=True)
     for name in ("gamma", "lam"):
-      check_number(name, getattr(self, name), high=1.0)
+      check_number(name, getattr(self, name), high=1.0, high_open=False)
     for name in ("clip_eps_high", "value_clip"):
       if getattr(self, name) is not None:
-        check_number(name, getattr(self, name), low_open=True, high=INF, high_open=True)
+        check_number(name, getattr(self, name), low_open=True)
     if self.clip_ratio_c is not None:
-      check_number("clip_ratio_c", self.clip_ratio_c, low=1.0, low_open=True, high=INF,
-                    high_open=True)
+      check_number("clip_ratio_c", self.clip_ratio_c, low=1.0, low_open=True)
 
   @property
   def recompute_old_logp(self) -> bool:
