@@ -14,6 +14,9 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from rljax.models.attention import ATTENTION_IMPLEMENTATIONS
+from rljax.ops._checks import check_int
+
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
 
@@ -65,6 +68,11 @@ class ModelConfig:
     dtype: computation dtype of activations.
     param_dtype: dtype of parameters.
     remat: rematerialise (jax.checkpoint) each layer in the backward pass.
+    attention: the self-attention of full-sequence passes (training, log-probs, prefill without
+      a cache; `rljax.models.attention.self_attention`): "auto" (default) and "blockwise" are
+      the blockwise flash core (memory linear in T, causal block skipping), "naive" the dense
+      reference (materialises [B, H, T, T] scores).
+    attention_block: query / key block size of the blockwise core (`benchmarks/attention.py`).
     scan_unroll: layers per iteration of the layer scan (`lax.scan(unroll=...)`); None (default)
       chooses by backend when the model is traced: all layers on CPU (XLA:CPU runs the unrolled
       program faster: `benchmarks/grpo_step.py`), 1 elsewhere (compile time independent of
@@ -93,6 +101,8 @@ class ModelConfig:
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   remat: bool = False
+  attention: str = "auto"
+  attention_block: int = 128
   scan_unroll: int | None = None
   model_type: str = "llama"
   bos_token_id: int | list[int] | None = None
@@ -119,6 +129,11 @@ class ModelConfig:
                                          or not isinstance(self.scan_unroll, int)
                                          or self.scan_unroll < 1):
       raise ValueError(f"scan_unroll must be None or an int >= 1, got {self.scan_unroll!r}")
+    if self.attention not in ATTENTION_IMPLEMENTATIONS:
+      raise ValueError(
+        f"attention must be one of {list(ATTENTION_IMPLEMENTATIONS)}, got {self.attention!r}"
+      )
+    check_int("attention_block", self.attention_block, minimum=1)
     if self.num_heads % self.num_kv_heads:
       raise ValueError(
         f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"

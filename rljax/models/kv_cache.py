@@ -25,10 +25,9 @@ import jax
 import jax.numpy as jnp
 
 from rljax.models.config import ModelConfig
+from rljax.models.attention import causal_attention_mask, naive_attention
 from rljax.models.transformer import (
-  attend,
   attention_output,
-  causal_attention_mask,
   positions_from_mask,
   project_qkv,
   rms_norm,
@@ -125,7 +124,7 @@ def decoder_layer_with_cache(
   k, v = k.astype(layer_k.dtype), v.astype(layer_v.dtype)
   all_k = jax.lax.dynamic_update_slice_in_dim(layer_k, k, index, axis=1)
   all_v = jax.lax.dynamic_update_slice_in_dim(layer_v, v, index, axis=1)
-  x = x + attention_output(p, attend(q, all_k, all_v, mask), config)
+  x = x + attention_output(p, naive_attention(q, all_k, all_v, mask), config)
   h = rms_norm(x, p["mlp_norm"], config.rms_norm_eps)
   return x + swiglu_mlp(p, h, config), k, v
 

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from rljax.models.attention import Attend, self_attention
 from rljax.models.config import ModelConfig
 from rljax.parallel.mesh import constrain
 from rljax.parallel.rules import place_by_logical_axes
@@ -183,53 +184,6 @@ def positions_from_mask(attention_mask: Array) -> Array:
   return jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
 
 
-def causal_attention_mask(
-  key_mask: Array,
-  q_positions: Array,
-  k_positions: Array,
-  *,
-  q_index: Array | None = None,
-  k_index: Array | None = None,
-  sliding_window: int | None = None,
-) -> Array:
-  """Boolean [B, T, S] mask: key s visible to query t (causal, valid key, inside the window).
-
-  Causality is by slot index (`q_index`/`k_index`, default 0..T-1 / 0..S-1, shared by all rows),
-  so left padding works; the window is measured in positions.
-  """
-  t, s = q_positions.shape[-1], k_positions.shape[-1]
-  q_index = jnp.arange(t) if q_index is None else q_index
-  k_index = jnp.arange(s) if k_index is None else k_index
-  mask = (q_index[..., :, None] >= k_index[..., None, :]) & key_mask.astype(bool)[:, None, :]
-  if sliding_window is not None:
-    distance = q_positions[:, :, None] - k_positions[:, None, :]
-    mask = mask & (distance < sliding_window)
-  return mask
-
-
-def attend(q: Array, k: Array, v: Array, mask: Array) -> Array:
-  """Grouped-query softmax attention.
-
-  Args:
-    q: [B, T, H, Dh] queries (RoPE applied).
-    k, v: [B, S, KV, Dh] keys / values (H a multiple of KV); S may exceed T (a KV cache).
-    mask: [B, T, S] boolean, True where the key is visible.
-
-  Returns:
-    [B, T, H, Dh]. Scores and softmax in float32; a query with no visible key gets a uniform
-    (finite) average instead of NaN.
-  """
-  b, t, h, dh = q.shape
-  kv = k.shape[2]
-  q = q.reshape(b, t, kv, h // kv, dh)
-  scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
-  scores = scores * (dh**-0.5)
-  scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-  return out.reshape(b, t, h, dh)
-
-
 def dense(x: Array, w: Array, contract: int = 1) -> Array:
   """x [..., *in] @ w [*in, *out] over the last `contract` dims of x (the first of w), as ONE
   2D matmul [rows, in] @ [in, out] (the reshapes are free). XLA:CPU runs a 2D dot's backward
@@ -277,23 +231,24 @@ def swiglu_mlp(p: dict[str, Array], x: Array, config: ModelConfig) -> Array:
 
 
 def decoder_layer(
-  p: dict[str, Array], x: Array, cos: Array, sin: Array, mask: Array, config: ModelConfig
+  p: dict[str, Array], x: Array, cos: Array, sin: Array, attend: Attend, config: ModelConfig
 ) -> Array:
-  """One pre-norm decoder layer on x [B, T, D] with this layer's (unstacked) parameters `p`."""
+  """One pre-norm decoder layer on x [B, T, D] with this layer's (unstacked) parameters `p`;
+  `attend(q, k, v)` is the rows' self-attention (`rljax.models.attention.self_attention`)."""
   h = rms_norm(x, p["attn_norm"], config.rms_norm_eps)
   q, k, v = project_qkv(p, h, cos, sin, config)
-  x = x + attention_output(p, attend(q, k, v, mask), config)
+  x = x + attention_output(p, attend(q, k, v), config)
   h = rms_norm(x, p["mlp_norm"], config.rms_norm_eps)
   return constrain(x + swiglu_mlp(p, h, config), HIDDEN_AXES)
 
 
 def scan_layers(
-  stacked: dict[str, Array], x: Array, cos: Array, sin: Array, mask: Array, config: ModelConfig
+  stacked: dict[str, Array], x: Array, cos: Array, sin: Array, attend: Attend, config: ModelConfig
 ) -> Array:
   """Applies all layers with `jax.lax.scan` over the stacked parameters (remat if configured)."""
 
   def body(carry: Array, p: dict[str, Array]) -> tuple[Array, None]:
-    return decoder_layer(p, carry, cos, sin, mask, config), None
+    return decoder_layer(p, carry, cos, sin, attend, config), None
 
   if config.remat:
     body = jax.checkpoint(body, prevent_cse=False)
@@ -328,8 +283,8 @@ class DecoderLayers(nnx.Module):
     """{name: [L, ...] array} of all layer parameters."""
     return {name: getattr(self, name)[...] for name in self.names}
 
-  def __call__(self, x: Array, cos: Array, sin: Array, mask: Array) -> Array:
-    return scan_layers(self.stacked(), x, cos, sin, mask, self.config)
+  def __call__(self, x: Array, cos: Array, sin: Array, attend: Attend) -> Array:
+    return scan_layers(self.stacked(), x, cos, sin, attend, self.config)
 
 
 class Transformer(nnx.Module):
@@ -392,10 +347,7 @@ class Transformer(nnx.Module):
       positions = positions_from_mask(attention_mask)
     x = constrain(jnp.take(self.embed[...], input_ids, axis=0).astype(c.dtype), HIDDEN_AXES)
     cos, sin = rope_cos_sin(positions, c)
-    mask = causal_attention_mask(
-      attention_mask, positions, positions, sliding_window=c.sliding_window
-    )
-    x = self.layers(x, cos, sin, mask)
+    x = self.layers(x, cos, sin, self_attention(c, attention_mask, positions))
     return rms_norm(x, self.final_norm[...], c.rms_norm_eps)
 
   def logits_from_hidden(self, hidden: Array) -> Array:
