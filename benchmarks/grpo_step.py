@@ -164,7 +164,7 @@ def model_config(c: dict) -> ModelConfig:
     num_layers=c["num_layers"], num_heads=c["num_heads"], num_kv_heads=c["num_kv_heads"],
     head_dim=c["head_dim"], rope_theta=c["rope_theta"], rms_norm_eps=c["norm_eps"],
     tie_word_embeddings=True, qk_norm=True, model_type="qwen3",
-    dtype=jnp.float32, param_dtype=jnp.float32,
+    dtype=jnp.float32, param_dtype=jnp.float32, attention=c["attention"],
   )
 
 
@@ -351,7 +351,7 @@ def run(args) -> dict:
 
 
 def _run(args, workdir: str, workers: list) -> dict:
-  c = dict(CONFIG)
+  c = dict(CONFIG, attention=args.attention)
   result: dict[str, Any] = {"config": c, "machine": machine_info(), "load": []}
 
   def load(label: str) -> None:
@@ -611,6 +611,8 @@ def main() -> None:
                       help="python of the Tunix venv (default: $TUNIX_PYTHON; none: skip Tunix)")
   parser.add_argument("--repeats", type=int, default=5, help="ABAB repetitions (>= 5 advised)")
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--attention", default="auto", choices=("auto", "naive", "blockwise"),
+                      help="rljax's ModelConfig.attention (auto: dense at this T = 256)")
   parser.add_argument("--json", help="also write all results (samples, freezes) to this file")
   parser.add_argument("--no-freeze", action="store_true",
                       help="do not print the two pip freezes (they are always in --json)")

@@ -27,11 +27,12 @@ and a uniform average from the naive one; neither is ever read by a real positio
 from __future__ import annotations
 
 import functools
-import math
 from typing import TYPE_CHECKING, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+from rljax.ops._checks import check_int, check_number
 
 if TYPE_CHECKING:
   from rljax.models.config import ModelConfig
@@ -320,6 +321,12 @@ def blockwise_attention(
     raise ValueError(f"blockwise_attention is self-attention: q has {t} slots, k {k.shape[1]}")
   if sliding_window is not None and positions is None:
     raise ValueError("blockwise_attention: `positions` is required with `sliding_window`")
+  check_int("block_size", block_size, minimum=1)
+  for name, value in (("scale", scale), ("softcap", softcap)):
+    if value is not None:
+      check_number(name, value, low_open=True)
+  if sliding_window is not None:
+    check_int("sliding_window", sliding_window, minimum=1)
   size = min(block_size, t)
   num = -(-t // size)
   pad = num * size - t
@@ -355,12 +362,18 @@ def self_attention(
   * "blockwise": `blockwise_attention` with `config.attention_block`-sized blocks (memory
     linear in T);
   * "naive": `naive_attention` over a dense [B, T, T] mask built once for all layers;
-  * "auto" (default): blockwise, except for rows of at most one block (T <= attention_block),
-    where the blockwise core IS one dense block and the naive program is the same arithmetic
-    with fewer ops (it compiles faster; most tests and short prompts).
+  * "auto" (default): blockwise for rows longer than two blocks, naive up to
+    `2 * attention_block` slots (256 by default). At one block the blockwise core is the dense
+    computation with more ops; at two, causal skipping saves a quarter of the score FLOPs, which
+    on CPU did not make the GRPO benchmark's update (T = 256) faster while its compile took
+    ~1 s longer (`benchmarks/attention.py`, BENCHMARKS.md). Beyond, blockwise wins in time
+    (3.2x at T = 2048 on CPU) and memory (linear in T).
   """
   t = attention_mask.shape[-1]
-  if config.attention == "naive" or (config.attention == "auto" and t <= config.attention_block):
+  dense = config.attention == "naive" or (
+    config.attention == "auto" and t <= 2 * config.attention_block
+  )
+  if dense:
     mask = causal_attention_mask(
       attention_mask, positions, positions, sliding_window=config.sliding_window
     )

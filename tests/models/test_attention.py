@@ -214,6 +214,10 @@ def test_attention_config_is_validated_at_construction():
     ModelConfig(**base, attention="flash")
   with pytest.raises(ValueError, match="attention_block"):
     ModelConfig(**base, attention_block=0)
+  q, k, v, _, mask, positions = _inputs(8)
   with pytest.raises(ValueError, match="self-attention"):
-    q, k, v, _, mask, positions = _inputs(8)
     A.blockwise_attention(q, k[:, :4], v[:, :4], mask, positions)
+  for bad, name in ((dict(block_size=0), "block_size"), (dict(softcap=0.0), "softcap"),
+                    (dict(scale=-1.0), "scale"), (dict(sliding_window=0), "sliding_window")):
+    with pytest.raises(ValueError, match=name):
+      A.blockwise_attention(q, k, v, mask, positions, **bad)
