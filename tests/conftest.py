@@ -23,3 +23,9 @@ def x64():
   """Runs the test body with 64-bit types enabled (float64 references at atol 1e-6)."""
   with jax.enable_x64(True):
     yield
+
+
+def pytest_collection_modifyitems(items):
+  """Slow tests first: under pytest-xdist (`-n auto`, pyproject's addopts) the longest ones start
+  while the rest of the suite fills the other workers, instead of running alone at the end."""
+  items.sort(key=lambda item: item.get_closest_marker("slow") is None)
