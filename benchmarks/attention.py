@@ -18,7 +18,6 @@ import os
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from bench_utils import median_seconds
 from flax import nnx
 
@@ -93,5 +92,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-  np.set_printoptions(precision=3)
   main()

@@ -60,11 +60,14 @@ def causal_attention_mask(
   q_index: Array | None = None,
   k_index: Array | None = None,
   sliding_window: int | None = None,
+  segment_ids: Array | None = None,
 ) -> Array:
-  """Boolean [B, T, S] mask: key s visible to query t (causal, valid key, inside the window).
+  """Boolean [B, T, S] mask: key s visible to query t (causal, valid key, inside the window,
+  in the query's segment).
 
   Causality is by slot index (`q_index`/`k_index`, default 0..T-1 / 0..S-1, shared by all rows),
-  so left padding works; the window is measured in positions.
+  so left padding works; the window is measured in positions; `segment_ids` [B, T] (packed rows)
+  applies to self-attention (S == T).
   """
   t, s = q_positions.shape[-1], k_positions.shape[-1]
   q_index = jnp.arange(t) if q_index is None else q_index
@@ -73,6 +76,8 @@ def causal_attention_mask(
   if sliding_window is not None:
     distance = q_positions[:, :, None] - k_positions[:, None, :]
     mask = mask & (distance < sliding_window)
+  if segment_ids is not None:
+    mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
   return mask
 
 
@@ -353,6 +358,13 @@ def blockwise_attention(
   return jnp.einsum("bkngsd->bnskgd", out).reshape(b, num * size, h, dh)[:, :t]
 
 
+def uses_blockwise(config: ModelConfig, length: int) -> bool:
+  """Whether `self_attention` runs the blockwise core on rows of `length` slots."""
+  return config.attention == "blockwise" or (
+    config.attention == "auto" and length > 2 * config.attention_block
+  )
+
+
 def self_attention(
   config: ModelConfig, attention_mask: Array, positions: Array, segment_ids: Array | None = None
 ) -> Attend:
@@ -369,16 +381,9 @@ def self_attention(
     ~1 s longer (`benchmarks/attention.py`, BENCHMARKS.md). Beyond, blockwise wins in time
     (3.2x at T = 2048 on CPU) and memory (linear in T).
   """
-  t = attention_mask.shape[-1]
-  dense = config.attention == "naive" or (
-    config.attention == "auto" and t <= 2 * config.attention_block
-  )
-  if dense:
-    mask = causal_attention_mask(
-      attention_mask, positions, positions, sliding_window=config.sliding_window
-    )
-    if segment_ids is not None:
-      mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
+  if not uses_blockwise(config, attention_mask.shape[-1]):
+    mask = causal_attention_mask(attention_mask, positions, positions,
+                                 sliding_window=config.sliding_window, segment_ids=segment_ids)
     return lambda q, k, v: naive_attention(q, k, v, mask)
   return functools.partial(
     blockwise_attention,

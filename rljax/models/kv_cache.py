@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from rljax.models.config import ModelConfig
 from rljax.models.attention import causal_attention_mask, naive_attention
+from rljax.models.config import ModelConfig
 from rljax.models.transformer import (
   attention_output,
   positions_from_mask,

@@ -31,10 +31,8 @@ def _inputs(t: int, seed: int = 0, dtype=jnp.float32):
 
 
 def _dense_mask(mask, positions, segment_ids, window):
-  dense = A.causal_attention_mask(mask, positions, positions, sliding_window=window)
-  if segment_ids is not None:
-    dense = dense & (segment_ids[:, :, None] == segment_ids[:, None, :])
-  return dense
+  return A.causal_attention_mask(mask, positions, positions, sliding_window=window,
+                                 segment_ids=segment_ids)
 
 
 def _pair(t, block, *, window=None, softcap=None, scale=None, segments=False, dtype=jnp.float32):

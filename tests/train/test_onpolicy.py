@@ -167,6 +167,23 @@ def test_update_flops_and_the_mfu_metric():
   assert 0 < m["mfu"] < 1
 
 
+def test_update_flops_count_the_blocks_the_blockwise_core_computes():
+  """Blockwise attention (num blocks per row): num·(num+1)/2 of the num² block pairs, backward
+  2.5x the forward (scores recomputed); "auto" counts dense at or below two blocks."""
+  from rljax.train.flops import attention_flops, update_flops
+
+  c = CONFIG.replace(attention="blockwise", attention_block=4)
+  t, num = 16, 4
+  d = c.hidden_size // c.num_heads
+  dense = 4 * B * c.num_heads * t * t * d * c.num_layers
+  forward = dense * (num * (num + 1) / 2) / num**2
+  assert attention_flops(c, B, t) == (forward, 2.5 * forward)
+  assert attention_flops(c.replace(attention="auto"), B, 8) == attention_flops(
+    c.replace(attention="naive"), B, 8)
+  dense_update = update_flops(c.replace(attention="naive"), B, 6, 10)
+  assert update_flops(c, B, 6, 10) == dense_update - 3 * dense + 3.5 * forward
+
+
 def test_step_needs_init_state():
   trainer, state = make(config(kl_coef=0.04))
   prompts = tiny_prompt_batch(TOKENIZER, ("what is 2 + 3 ?", "hello world ?"), length=P)
