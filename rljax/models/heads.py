@@ -114,10 +114,16 @@ class ValueModel(_ScalarHeadModel):
   """
 
   def __call__(
-    self, input_ids: Array, attention_mask: Array | None = None, positions: Array | None = None
+    self,
+    input_ids: Array,
+    attention_mask: Array | None = None,
+    positions: Array | None = None,
+    segment_ids: Array | None = None,
   ) -> Array:
     """Values [B, T] (float32); arguments as `Transformer.hidden_states`."""
-    return self._head(self.backbone.hidden_states(input_ids, attention_mask, positions))
+    return self._head(
+      self.backbone.hidden_states(input_ids, attention_mask, positions, segment_ids)
+    )
 
 
 def last_valid_index(attention_mask: Array) -> Array:

@@ -184,6 +184,16 @@ def positions_from_mask(attention_mask: Array) -> Array:
   return jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
 
 
+def positions_from_segments(segment_ids: Array) -> Array:
+  """Position ids for packed rows: t - (first slot of t's segment), so every segment starts at
+  0 (a segment is a run of equal ids). [B, T] int32."""
+  t = jnp.arange(segment_ids.shape[-1], dtype=jnp.int32)
+  starts = jnp.concatenate(
+    [jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=-1
+  )
+  return t - jax.lax.cummax(jnp.where(starts, t, 0), axis=segment_ids.ndim - 1)
+
+
 def dense(x: Array, w: Array, contract: int = 1) -> Array:
   """x [..., *in] @ w [*in, *out] over the last `contract` dims of x (the first of w), as ONE
   2D matmul [rows, in] @ [in, out] (the reshapes are free). XLA:CPU runs a 2D dot's backward
@@ -324,6 +334,7 @@ class Transformer(nnx.Module):
     input_ids: Array,
     attention_mask: Array | None = None,
     positions: Array | None = None,
+    segment_ids: Array | None = None,
   ) -> Array:
     """Final (normed) hidden states [B, T, D] in `config.dtype`.
 
@@ -332,7 +343,10 @@ class Transformer(nnx.Module):
       attention_mask: [B, T] (bool or 0/1), 1 marks a real token; default all ones. Padding
         may be on the left (prompts) or right; masked keys are never attended to.
       positions: [B, T] int position ids; default cumsum(attention_mask) - 1 clipped at 0
-        (so a left-padded row gets the same positions as its unpadded version).
+        (so a left-padded row gets the same positions as its unpadded version), or with
+        `segment_ids` the offset in the segment (`positions_from_segments`).
+      segment_ids: [B, T] int ids of packed sequences (`rljax.data.packing`), or None (one
+        sequence per row): a token attends only to earlier tokens with its own id.
     """
     c = self.config
     if input_ids.ndim != 2:
@@ -343,11 +357,16 @@ class Transformer(nnx.Module):
       raise ValueError(
         f"attention_mask shape {attention_mask.shape} != input_ids shape {input_ids.shape}"
       )
+    if segment_ids is not None and segment_ids.shape != input_ids.shape:
+      raise ValueError(
+        f"segment_ids shape {segment_ids.shape} != input_ids shape {input_ids.shape}"
+      )
     if positions is None:
-      positions = positions_from_mask(attention_mask)
+      positions = (positions_from_mask(attention_mask) if segment_ids is None
+                   else positions_from_segments(segment_ids))
     x = constrain(jnp.take(self.embed[...], input_ids, axis=0).astype(c.dtype), HIDDEN_AXES)
     cos, sin = rope_cos_sin(positions, c)
-    x = self.layers(x, cos, sin, self_attention(c, attention_mask, positions))
+    x = self.layers(x, cos, sin, self_attention(c, attention_mask, positions, segment_ids))
     return rms_norm(x, self.final_norm[...], c.rms_norm_eps)
 
   def logits_from_hidden(self, hidden: Array) -> Array:
@@ -364,9 +383,12 @@ class Transformer(nnx.Module):
     input_ids: Array,
     attention_mask: Array | None = None,
     positions: Array | None = None,
+    segment_ids: Array | None = None,
   ) -> Array:
     """Logits [B, T, V] (float32); see `hidden_states` for the arguments."""
-    return self.logits_from_hidden(self.hidden_states(input_ids, attention_mask, positions))
+    return self.logits_from_hidden(
+      self.hidden_states(input_ids, attention_mask, positions, segment_ids)
+    )
 
   def init_cache(self, batch_size: int, max_length: int):
     """An empty `KVCache` for `batch_size` rows and `max_length` slots (see rljax.models.kv_cache)."""

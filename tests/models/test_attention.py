@@ -219,3 +219,21 @@ def test_attention_config_is_validated_at_construction():
                     (dict(scale=-1.0), "scale"), (dict(sliding_window=0), "sliding_window")):
     with pytest.raises(ValueError, match=name):
       A.blockwise_attention(q, k, v, mask, positions, **bad)
+
+
+@pytest.mark.parametrize("impl", ["naive", "blockwise"])
+def test_packed_row_equals_its_sequences_run_alone(impl):
+  """A row packing two sequences (segment ids, positions restarting per segment, right
+  padding) gives each sequence the logits it gets alone: attention never crosses segments."""
+  config = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
+                       num_heads=4, num_kv_heads=2, attention=impl, attention_block=4)
+  model = Transformer(config, rngs=nnx.Rngs(0))
+  a, b = (jax.random.randint(jax.random.key(i), (1, n), 1, 64) for i, n in ((1, 5), (2, 7)))
+  ids = jnp.concatenate([a, b, jnp.zeros((1, 4), jnp.int32)], axis=1)
+  segments = jnp.asarray([[0] * 5 + [1] * 7 + [2] * 4])
+  mask = jnp.asarray([[1] * 12 + [0] * 4])
+  packed = model(ids, mask, segment_ids=segments)
+  np.testing.assert_allclose(packed[:, :5], model(a), atol=1e-5)
+  np.testing.assert_allclose(packed[:, 5:12], model(b), atol=1e-5)
+  with pytest.raises(ValueError, match="segment_ids shape"):
+    model(ids, mask, segment_ids=segments[:, :8])
