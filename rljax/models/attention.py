@@ -38,7 +38,10 @@ if TYPE_CHECKING:
   from rljax.models.config import ModelConfig
 
 Array = jax.Array
-Attend = Callable[[Array, Array, Array], Array]  # (q, k, v) -> attention output
+# (q, k, v, window) -> attention output; window: this layer's sliding window (a traced int32
+# scalar, `NO_WINDOW` for a full-attention layer) or None when no layer has one.
+Attend = Callable[[Array, Array, Array, "Array | None"], Array]
+NO_WINDOW = 2**30  # the window of a full-attention layer among windowed ones (> any position)
 
 ATTENTION_IMPLEMENTATIONS = ("auto", "naive", "blockwise")
 # Up to this many blocks per row the blockwise core is unrolled by block diagonals (XLA schedules
@@ -129,13 +132,28 @@ class _Blocks(NamedTuple):
   """Static layout of one blockwise call (hashable: a `nondiff_argnums` argument)."""
 
   size: int  # block size of queries and keys
-  num: int  # blocks per row (T padded to a multiple of `size`)
+  num_q: int  # query blocks (Tq padded to a multiple of `size`)
+  num_k: int  # key blocks (S padded likewise)
   groups: int  # query heads per KV head
   scale: float
   softcap: float | None
-  window: int | None
+  has_window: bool
   has_segments: bool
   diagonal: bool  # the schedule: by block diagonals (unrolled) or by pairs (`lax` loops)
+  skip_diagonals: bool  # diagonal schedule: skip a diagonal none of whose pairs is needed
+
+
+class _Inputs(NamedTuple):
+  """The blocked [B, n, b] masks of one call, its scalars and the pairs to compute (no gradient)."""
+
+  q_positions: Array  # [B, num_q, b]
+  q_segments: Array  # [B, num_q, b]
+  key_mask: Array  # [B, num_k, b] bool
+  k_positions: Array  # [B, num_k, b]
+  k_segments: Array  # [B, num_k, b]
+  offset: Array  # int32 scalar: the key slot of query 0
+  window: Array  # int32 scalar: the sliding window (unused without one)
+  pairs: Array  # [num_q, num_k] bool: some row has a visible (query, key) in the two blocks
 
 
 def _take(x: Array, start, count: int, axis: int) -> Array:
@@ -150,27 +168,76 @@ def _put(x: Array, update: Array, start, axis: int) -> Array:
   return jax.lax.dynamic_update_slice_in_dim(x, update, start, axis=axis)
 
 
-def _where_visible(layout: _Blocks, qi, kj, n: int, inputs, s: Array, fill: float) -> Array:
+def _where_visible(layout: _Blocks, qi, kj, n: int, inputs: _Inputs, s: Array, fill) -> Array:
   """Scores s [B, KV, n, G·b, b] with `fill` where the key is hidden (see `_visible`)."""
   b = layout.size
   shape = (*s.shape[:3], layout.groups, b, b)
   return jnp.where(_visible(layout, qi, kj, n, inputs), s.reshape(shape), fill).reshape(s.shape)
 
 
-def _visible(layout: _Blocks, qi, kj, n: int, inputs) -> Array:
+def _visible(layout: _Blocks, qi, kj, n: int, x: _Inputs) -> Array:
   """Visibility [B, 1, n, 1, b, b] of key blocks kj..kj+n-1 to query blocks qi..qi+n-1 (pairs
-  qi + m, kj + m), built from the [B, num, b] blocked key mask, positions and segment ids."""
-  key_mask, positions, segment_ids = inputs
+  qi + m, kj + m): causal by slot (query slot offset + qi·b + r >= key slot kj·b + c), a real
+  key, the same segment, inside the window."""
   b = layout.size
-  causal = (qi - kj) * b + jnp.arange(b)[:, None] >= jnp.arange(b)[None, :]  # [b, b]
-  mask = causal[None, None] & _take(key_mask, kj, n, 1)[:, :, None, :]
+  causal = x.offset + (qi - kj) * b + jnp.arange(b)[:, None] >= jnp.arange(b)[None, :]  # [b, b]
+  mask = causal[None, None] & _take(x.key_mask, kj, n, 1)[:, :, None, :]
   if layout.has_segments:
-    seg_q, seg_k = _take(segment_ids, qi, n, 1), _take(segment_ids, kj, n, 1)
+    seg_q, seg_k = _take(x.q_segments, qi, n, 1), _take(x.k_segments, kj, n, 1)
     mask = mask & (seg_q[..., :, None] == seg_k[..., None, :])
-  if layout.window is not None:
-    pos_q, pos_k = _take(positions, qi, n, 1), _take(positions, kj, n, 1)
-    mask = mask & (pos_q[..., :, None] - pos_k[..., None, :] < layout.window)
+  if layout.has_window:
+    pos_q, pos_k = _take(x.q_positions, qi, n, 1), _take(x.k_positions, kj, n, 1)
+    mask = mask & (pos_q[..., :, None] - pos_k[..., None, :] < x.window)
   return mask[:, None, :, None]
+
+
+def _block_pairs(layout: _Blocks, x: _Inputs, skip: bool) -> Array:
+  """[num_q, num_k] bool: the block pairs some row needs. A pair is skipped only when no
+  (query, key) in it can be visible in any row: the key block starts after the query block's
+  last slot (causal), holds no real key, shares no segment id with the query block (their id
+  ranges are disjoint) or lies wholly outside the window (min query position − max key
+  position >= window). `skip=False` computes every pair (the baseline without skipping)."""
+  b = layout.size
+  if not skip:
+    return jnp.ones((layout.num_q, layout.num_k), bool)
+  q_last = x.offset + jnp.arange(layout.num_q) * b + b - 1
+  need = (jnp.arange(layout.num_k) * b)[None, :] <= q_last[:, None]  # [nq, nk]
+  need = need[None] & jnp.any(x.key_mask, axis=-1)[:, None, :]  # [B, nq, nk]
+  big = jnp.iinfo(jnp.int32).max
+
+  def key_max(values):
+    return jnp.max(jnp.where(x.key_mask, values, -big), axis=-1)[:, None, :]
+
+  if layout.has_segments:
+    k_min = jnp.min(jnp.where(x.key_mask, x.k_segments, big), axis=-1)[:, None, :]
+    q_min, q_max = (f(x.q_segments, axis=-1)[:, :, None] for f in (jnp.min, jnp.max))
+    need = need & (q_min <= key_max(x.k_segments)) & (k_min <= q_max)
+  if layout.has_window:
+    need = need & (jnp.min(x.q_positions, axis=-1)[:, :, None] - key_max(x.k_positions) < x.window)
+  return jnp.any(need, axis=0)
+
+
+def _span(needed: Array) -> tuple[Array, Array]:
+  """(lo, hi): the smallest range [lo, hi) holding every True of the 1-D `needed` ((0, 0) if
+  none), the loop bounds over one block's partner blocks."""
+  n = needed.shape[0]
+  lo = jnp.argmax(needed)
+  hi = n - jnp.argmax(needed[::-1])
+  some = jnp.any(needed)
+  return jnp.where(some, lo, 0), jnp.where(some, hi, 0)
+
+
+def _diagonal_needed(layout: _Blocks, x: _Inputs, d: int) -> Array:
+  """Whether some pair (d + m, m) of diagonal d is needed (a scalar bool)."""
+  return jnp.any(jnp.diagonal(x.pairs, offset=-d))
+
+
+def _on_diagonal(layout: _Blocks, x: _Inputs, d: int, compute, operand):
+  """compute(operand) for diagonal d, skipped (operand unchanged) when none of its pairs is
+  needed and the layout allows it (segments or a window make far diagonals empty)."""
+  if not layout.skip_diagonals:
+    return compute(operand)
+  return jax.lax.cond(_diagonal_needed(layout, x, d), compute, lambda o: o, operand)
 
 
 def _forward_blocks(layout: _Blocks, carry, qi, kj, n: int, q, k, v, inputs):
@@ -189,31 +256,36 @@ def _forward_blocks(layout: _Blocks, carry, qi, kj, n: int, q, k, v, inputs):
   return alpha[..., None] * acc + pv, m_new, alpha * l + jnp.sum(p, axis=-1)
 
 
-def _forward(layout: _Blocks, q, k, v, inputs):
-  """(out [B, KV, num, G·b, Dh], lse [B, KV, num, G·b]).
+def _forward(layout: _Blocks, q, k, v, inputs: _Inputs):
+  """(out [B, KV, num_q, G·b, Dh], lse [B, KV, num_q, G·b]).
 
-  Diagonal schedule: step d updates every query block i >= d with key block i - d at once (one
-  batched op per diagonal, `num` steps). Pair schedule: query blocks in a `fori_loop`, each over
-  its key blocks 0..i in an inner one (program size independent of T).
+  Diagonal schedule (self-attention): step d updates every query block i >= d with key block
+  i - d at once (one batched op per diagonal). Pair schedule: query blocks in a `fori_loop`,
+  each over the span of its needed key blocks (`_block_pairs`) in an inner one.
   """
-  num = layout.num
   state = (jnp.zeros(q.shape, jnp.float32), jnp.full(q.shape[:-1], -jnp.inf, jnp.float32),
            jnp.zeros(q.shape[:-1], jnp.float32))
   if layout.diagonal:
+    num = layout.num_q
     for d in range(num):
-      part = tuple(_take(x, d, num - d, 2) for x in state)
-      part = _forward_blocks(layout, part, d, 0, num - d, q, k, v, inputs)
-      state = tuple(_put(x, y, d, 2) for x, y in zip(state, part))
+
+      def diagonal(state, d=d):
+        part = tuple(_take(x, d, num - d, 2) for x in state)
+        part = _forward_blocks(layout, part, d, 0, num - d, q, k, v, inputs)
+        return tuple(_put(x, y, d, 2) for x, y in zip(state, part))
+
+      state = _on_diagonal(layout, inputs, d, diagonal, state)
   else:
 
     def q_block(i, state):
       part = tuple(_take(x, i, 1, 2) for x in state)
+      lo, hi = _span(inputs.pairs[i])
       part = jax.lax.fori_loop(
-        0, i + 1, lambda j, c: _forward_blocks(layout, c, i, j, 1, q, k, v, inputs), part
+        lo, hi, lambda j, c: _forward_blocks(layout, c, i, j, 1, q, k, v, inputs), part
       )
       return tuple(_put(x, y, i, 2) for x, y in zip(state, part))
 
-    state = jax.lax.fori_loop(0, num, q_block, state)
+    state = jax.lax.fori_loop(0, layout.num_q, q_block, state)
   acc, m, l = state
   seen = l > 0
   out = acc / jnp.where(seen, l, 1.0)[..., None]
@@ -243,11 +315,10 @@ def _backward_blocks(layout: _Blocks, qi, kj, n: int, q, k, v, d_out, lse, delta
   return dq, dk, dv
 
 
-def _backward(layout: _Blocks, q, k, v, out, lse, d_out, inputs):
+def _backward(layout: _Blocks, q, k, v, out, lse, d_out, inputs: _Inputs):
   """(dq, dk, dv), each pair's scores recomputed from lse: by diagonals (unrolled), or key
-  blocks in a `fori_loop` (dk_j, dv_j local) over query blocks j.. in an inner one."""
+  blocks in a `fori_loop` (dk_j, dv_j local) over the span of their needed query blocks."""
   delta = jnp.einsum("...d,...d->...", d_out.astype(jnp.float32), out.astype(jnp.float32))
-  num = layout.num
   grads = tuple(jnp.zeros(x.shape, jnp.float32) for x in (q, k, v))
   pair = functools.partial(_backward_blocks, layout, q=q, k=k, v=v, d_out=d_out, lse=lse,
                            delta=delta, inputs=inputs)
@@ -259,14 +330,18 @@ def _backward(layout: _Blocks, q, k, v, out, lse, d_out, inputs):
     return dq, dk, _put(dv, _take(dv, kj, n, 2) + part[2], kj, 2)
 
   if layout.diagonal:
+    num = layout.num_q
     for d in range(num):
-      grads = add(grads, pair(qi=d, kj=0, n=num - d), d, 0, num - d)
+      grads = _on_diagonal(
+        layout, inputs, d, lambda g, d=d: add(g, pair(qi=d, kj=0, n=num - d), d, 0, num - d), grads
+      )
   else:
 
     def k_block(j, grads):
-      return jax.lax.fori_loop(j, num, lambda i, g: add(g, pair(qi=i, kj=j, n=1), i, j, 1), grads)
+      lo, hi = _span(inputs.pairs[:, j])
+      return jax.lax.fori_loop(lo, hi, lambda i, g: add(g, pair(qi=i, kj=j, n=1), i, j, 1), grads)
 
-    grads = jax.lax.fori_loop(0, num, k_block, grads)
+    grads = jax.lax.fori_loop(0, layout.num_k, k_block, grads)
   return tuple(g.astype(x.dtype) for g, x in zip(grads, (q, k, v)))
 
 
@@ -296,66 +371,105 @@ def blockwise_attention(
   positions: Array | None = None,
   segment_ids: Array | None = None,
   *,
-  sliding_window: int | None = None,
+  query_offset: int | Array = 0,
+  sliding_window: int | Array | None = None,
   scale: float | None = None,
   softcap: float | None = None,
   block_size: int = 128,
+  block_skipping: bool = True,
 ) -> Array:
-  """Causal grouped-query self-attention by blocks (flash attention), memory linear in T.
+  """Causal grouped-query attention by blocks (flash attention), memory linear in T.
 
   Args:
-    q: [B, T, H, Dh] queries; k, v: [B, T, KV, Dh] keys / values of the same T slots.
-    key_mask: [B, T] bool / 0-1, True where the slot is a real token.
-    positions: [B, T] int position ids (needed with `sliding_window`).
-    segment_ids: [B, T] int, or None; a query sees only keys of its own segment (packed rows).
-    sliding_window: None, or w: keys with positions[t] - positions[s] >= w are masked.
+    q: [B, T, H, Dh] queries: the tokens in key slots query_offset .. query_offset + T - 1
+      (T == S, offset 0: self-attention; T < S: a chunk, e.g. a prefill into a KV cache or a
+      context-parallel shard).
+    k, v: [B, S, KV, Dh] keys / values.
+    key_mask: [B, S] bool / 0-1, True where the slot is a real token.
+    positions: [B, S] int position ids of the slots (needed with `sliding_window`).
+    segment_ids: [B, S] int, or None; a query sees only keys of its own segment (packed rows).
+    query_offset: the key slot of query 0 (a Python int, or a traced scalar).
+    sliding_window: None, or w (a Python int or a traced scalar, e.g. a scanned layer's own):
+      keys with positions[t] - positions[s] >= w are masked.
     scale: score scale, default Dh ** -0.5. softcap: None, or c > 0 (scores c · tanh(s / c)).
-    block_size: query and key block size (clipped to T; T is padded to a multiple).
+    block_size: query and key block size (clipped to S; T and S are padded to multiples).
+    block_skipping: False computes every block pair, masked (the baseline the skipping is
+      measured against; the result is the same).
 
   Returns:
     [B, T, H, Dh] in q's dtype; equals `naive_attention` at every query that sees a key (zero
-    where none is visible). Only the (query block, key block) pairs on or below the diagonal
-    are computed; gradients come from a custom VJP that recomputes them from the saved
-    log-sum-exp. Up to `_MAX_DIAGONAL_BLOCKS` blocks per row the pairs are batched by diagonal
-    (unrolled: one op per diagonal); beyond, they run in `lax.fori_loop`s.
+    where none is visible). Only the (query block, key block) pairs some row needs are computed
+    (`_block_pairs`: causal, key mask, segments, window); gradients come from a custom VJP that
+    recomputes them from the saved log-sum-exp. Self-attention with up to
+    `_MAX_DIAGONAL_BLOCKS` blocks per row is batched by block diagonal (unrolled: one op per
+    diagonal); otherwise the pairs run in `lax.fori_loop`s bounded by the needed blocks.
   """
   b, t, h, dh = q.shape
-  kv = k.shape[2]
+  s_len, kv = k.shape[1], k.shape[2]
   g = h // kv
-  if k.shape[1] != t or v.shape[1] != t:
-    raise ValueError(f"blockwise_attention is self-attention: q has {t} slots, k {k.shape[1]}")
+  if v.shape[1] != s_len or key_mask.shape != (b, s_len):
+    raise ValueError(f"blockwise_attention: k, v and key_mask need S = {s_len} slots; got "
+                     f"v {v.shape}, key_mask {key_mask.shape}")
+  if t > s_len:
+    raise ValueError(f"blockwise_attention: q has {t} slots, more than the {s_len} keys")
+  if isinstance(query_offset, int) and not 0 <= query_offset <= s_len - t:
+    raise ValueError(f"query_offset {query_offset} + {t} queries exceeds the {s_len} key slots")
   if sliding_window is not None and positions is None:
     raise ValueError("blockwise_attention: `positions` is required with `sliding_window`")
   check_int("block_size", block_size, minimum=1)
   for name, value in (("scale", scale), ("softcap", softcap)):
     if value is not None:
       check_number(name, value, low_open=True)
-  if sliding_window is not None:
+  if isinstance(sliding_window, int):
     check_int("sliding_window", sliding_window, minimum=1)
-  size = min(block_size, t)
-  num = -(-t // size)
-  pad = num * size - t
+  size = min(block_size, s_len)
+  num_k, num_q = -(-s_len // size), -(-t // size)
+  self_attention = t == s_len and isinstance(query_offset, int) and query_offset == 0
   key_mask = key_mask.astype(bool)
-  positions = jnp.zeros((b, t), jnp.int32) if positions is None else positions.astype(jnp.int32)
-  segments = jnp.zeros((b, t), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
-  if pad:
-    widths = ((0, 0), (0, pad), (0, 0), (0, 0))
-    q, k, v = jnp.pad(q, widths), jnp.pad(k, widths), jnp.pad(v, widths)
-    key_mask, positions, segments = (jnp.pad(x, ((0, 0), (0, pad))) for x in
-                                     (key_mask, positions, segments))
+  positions = jnp.zeros((b, s_len), jnp.int32) if positions is None else positions.astype(jnp.int32)
+  segments = (jnp.zeros((b, s_len), jnp.int32) if segment_ids is None
+              else segment_ids.astype(jnp.int32))
+  offset = jnp.asarray(query_offset, jnp.int32)
+
+  def blocked(x, num, fill=0):
+    x = jnp.pad(x, ((0, 0), (0, num * size - x.shape[1])), constant_values=fill)
+    return x.reshape(b, num, size)
+
+  if self_attention:
+    q_positions, q_segments = positions, segments
+  else:  # the queries' own slots of the [B, S] inputs (padded so the slice never clamps)
+    q_positions, q_segments = (
+      jax.lax.dynamic_slice_in_dim(jnp.pad(x, ((0, 0), (0, t))), offset, t, axis=1)
+      for x in (positions, segments)
+    )
+  has_window = sliding_window is not None
   layout = _Blocks(
-    size=size, num=num, scale=float(dh**-0.5 if scale is None else scale),
-    softcap=None if softcap is None else float(softcap),
-    window=None if sliding_window is None else int(sliding_window),
-    has_segments=segment_ids is not None, diagonal=num <= _MAX_DIAGONAL_BLOCKS, groups=g,
+    size=size, num_q=num_q, num_k=num_k, groups=g,
+    scale=float(dh**-0.5 if scale is None else scale),
+    softcap=None if softcap is None else float(softcap), has_window=has_window,
+    has_segments=segment_ids is not None,
+    diagonal=self_attention and num_k <= _MAX_DIAGONAL_BLOCKS,
+    skip_diagonals=block_skipping and (has_window or segment_ids is not None),
   )
-  # Blocks, head-major: q [B, KV, num, G·b, Dh], k / v [B, KV, num, b, Dh], masks [B, num, b].
-  q = jnp.einsum("bnskgd->bkngsd", q.reshape(b, num, size, kv, g, dh))
-  q = q.reshape(b, kv, num, g * size, dh)
-  k, v = (jnp.einsum("bnskd->bknsd", x.reshape(b, num, size, kv, dh)) for x in (k, v))
-  inputs = tuple(x.reshape(b, num, size) for x in (key_mask, positions, segments))
-  out = _flash(layout, q, k, v, inputs).reshape(b, kv, num, g, size, dh)
-  return jnp.einsum("bkngsd->bnskgd", out).reshape(b, num * size, h, dh)[:, :t]
+  inputs = _Inputs(
+    q_positions=blocked(q_positions, num_q), q_segments=blocked(q_segments, num_q),
+    key_mask=blocked(key_mask, num_k, False), k_positions=blocked(positions, num_k),
+    k_segments=blocked(segments, num_k), offset=offset,
+    window=jnp.asarray(0 if sliding_window is None else sliding_window, jnp.int32),
+    pairs=jnp.zeros((), bool),
+  )
+  inputs = inputs._replace(pairs=_block_pairs(layout, inputs, block_skipping))
+  # Blocks, head-major: q [B, KV, num_q, G·b, Dh], k / v [B, KV, num_k, b, Dh].
+  q = jnp.pad(q, ((0, 0), (0, num_q * size - t), (0, 0), (0, 0)))
+  q = jnp.einsum("bnskgd->bkngsd", q.reshape(b, num_q, size, kv, g, dh))
+  q = q.reshape(b, kv, num_q, g * size, dh)
+  k, v = (
+    jnp.einsum("bnskd->bknsd", jnp.pad(x, ((0, 0), (0, num_k * size - s_len), (0, 0), (0, 0)))
+               .reshape(b, num_k, size, kv, dh))
+    for x in (k, v)
+  )
+  out = _flash(layout, q, k, v, inputs).reshape(b, kv, num_q, g, size, dh)
+  return jnp.einsum("bkngsd->bnskgd", out).reshape(b, num_q * size, h, dh)[:, :t]
 
 
 def uses_blockwise(config: ModelConfig, length: int) -> bool:
@@ -365,31 +479,63 @@ def uses_blockwise(config: ModelConfig, length: int) -> bool:
   )
 
 
+def layer_windows(config: ModelConfig) -> Array | None:
+  """[L] int32 sliding windows of the layers (`NO_WINDOW` for full attention), or None when no
+  layer has one: the scanned per-layer input of `attend`."""
+  windows = config.layer_windows
+  if windows is None:
+    return None
+  return jnp.asarray([NO_WINDOW if w is None else w for w in windows], jnp.int32)
+
+
 def self_attention(
-  config: ModelConfig, attention_mask: Array, positions: Array, segment_ids: Array | None = None
+  config: ModelConfig,
+  attention_mask: Array,
+  positions: Array,
+  segment_ids: Array | None = None,
+  *,
+  query_offset: int | Array = 0,
+  num_queries: int | None = None,
 ) -> Attend:
-  """The causal self-attention `attend(q, k, v)` of rows with these [B, T] masks, positions and
-  (optional) segment ids, by `config.attention`:
+  """The causal attention `attend(q, k, v, window)` of rows with these [B, S] masks, positions
+  and (optional) segment ids, with the config's scale and soft-cap. The queries are the
+  `num_queries` slots from `query_offset` (default: all S, self-attention; fewer: new tokens
+  written into a KV cache). By `config.attention`:
 
   * "blockwise": `blockwise_attention` with `config.attention_block`-sized blocks (memory
     linear in T);
-  * "naive": `naive_attention` over a dense [B, T, T] mask built once for all layers;
-  * "auto" (default): blockwise for rows longer than two blocks, naive up to
-    `2 * attention_block` slots (256 by default). At one block the blockwise core is the dense
-    computation with more ops; at two, causal skipping saves a quarter of the score FLOPs, which
-    on CPU did not make the GRPO benchmark's update (T = 256) faster while its compile took
-    ~1 s longer (`benchmarks/attention.py`, BENCHMARKS.md). Beyond, blockwise wins in time
-    (3.2x at T = 2048 on CPU) and memory (linear in T).
+  * "naive": `naive_attention` over a dense [B, T, S] mask built once for all layers (a
+    windowed layer adds its window to it);
+  * "auto" (default): blockwise for more than two blocks of queries, naive up to
+    `2 * attention_block` (256 by default; so a decode step is naive). At one block the
+    blockwise core is the dense computation with more ops; at two, causal skipping saves a
+    quarter of the score FLOPs, which on CPU did not make the GRPO benchmark's update (T = 256)
+    faster while its compile took ~1 s longer (`benchmarks/attention.py`, BENCHMARKS.md).
+    Beyond, blockwise wins in time (3.2x at T = 2048 on CPU) and memory (linear in T).
   """
-  if not uses_blockwise(config, attention_mask.shape[-1]):
-    mask = causal_attention_mask(attention_mask, positions, positions,
-                                 sliding_window=config.sliding_window, segment_ids=segment_ids)
-    return lambda q, k, v: naive_attention(q, k, v, mask)
-  return functools.partial(
-    blockwise_attention,
-    key_mask=attention_mask,
-    positions=positions,
-    segment_ids=segment_ids,
-    sliding_window=config.sliding_window,
-    block_size=config.attention_block,
-  )
+  s_len = attention_mask.shape[-1]
+  t = s_len if num_queries is None else num_queries
+  options = dict(scale=config.attention_scale, softcap=config.attention_softcap)
+  if not uses_blockwise(config, t):
+    def of_queries(x):  # the queries' own slots of a [B, S] input
+      return x if t == s_len else jax.lax.dynamic_slice_in_dim(x, query_offset, t, axis=1)
+
+    q_positions = of_queries(positions)
+    mask = causal_attention_mask(attention_mask, q_positions, positions,
+                                 q_index=query_offset + jnp.arange(t))
+    if segment_ids is not None:
+      mask = mask & (of_queries(segment_ids)[:, :, None] == segment_ids[:, None, :])
+    distance = q_positions[:, :, None] - positions[:, None, :]
+
+    def attend_naive(q, k, v, window=None):
+      visible = mask if window is None else mask & (distance < window)
+      return naive_attention(q, k, v, visible, **options)
+
+    return attend_naive
+
+  def attend_blockwise(q, k, v, window=None):
+    return blockwise_attention(q, k, v, attention_mask, positions, segment_ids,
+                               query_offset=query_offset, sliding_window=window,
+                               block_size=config.attention_block, **options)
+
+  return attend_blockwise

@@ -15,7 +15,7 @@ from typing import Any
 import jax.numpy as jnp
 
 from rljax.models.attention import ATTENTION_IMPLEMENTATIONS
-from rljax.ops._checks import check_int
+from rljax.ops._checks import check_int, check_number
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
@@ -62,8 +62,13 @@ class ModelConfig:
     attention_out_bias: the output projection has a bias (Llama/Qwen3 `attention_bias`).
     mlp_bias: gate/up/down projections have biases (Llama `mlp_bias`).
     qk_norm: RMSNorm over head_dim on queries and keys before RoPE (Qwen3).
-    sliding_window: None or the attention window (Mistral; keys with q_pos - k_pos >= window
-      are masked).
+    sliding_window: None, the attention window of every layer (Mistral; keys with
+      q_pos - k_pos >= window are masked), or a tuple of one window (or None: full attention)
+      per layer (Gemma 2 / 3 alternate local and global layers).
+    attention_scale: the score scale; None is head_dim ** -0.5 (Gemma: query_pre_attn_scalar
+      ** -0.5).
+    attention_softcap: None, or c > 0: scores c · tanh(s / c) (Gemma 2's
+      attn_logit_softcapping).
     max_position_embeddings: informational (RoPE needs no table).
     dtype: computation dtype of activations.
     param_dtype: dtype of parameters.
@@ -97,7 +102,9 @@ class ModelConfig:
   attention_out_bias: bool = False
   mlp_bias: bool = False
   qk_norm: bool = False
-  sliding_window: int | None = None
+  sliding_window: int | tuple[int | None, ...] | None = None
+  attention_scale: float | None = None
+  attention_softcap: float | None = None
   max_position_embeddings: int = 2048
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
@@ -135,6 +142,19 @@ class ModelConfig:
         f"attention must be one of {list(ATTENTION_IMPLEMENTATIONS)}, got {self.attention!r}"
       )
     check_int("attention_block", self.attention_block, minimum=1)
+    if isinstance(self.sliding_window, list):
+      object.__setattr__(self, "sliding_window", tuple(self.sliding_window))
+    windows = (self.sliding_window if isinstance(self.sliding_window, tuple)
+               else (self.sliding_window,))
+    if isinstance(self.sliding_window, tuple) and len(windows) != self.num_layers:
+      raise ValueError(f"sliding_window has {len(windows)} per-layer entries for "
+                       f"{self.num_layers} layers")
+    for window in windows:
+      if window is not None:
+        check_int("sliding_window", window, minimum=1)
+    for name in ("attention_scale", "attention_softcap"):
+      if getattr(self, name) is not None:
+        check_number(name, getattr(self, name), low_open=True)
     if self.num_heads % self.num_kv_heads:
       raise ValueError(
         f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
@@ -148,6 +168,15 @@ class ModelConfig:
       raise ValueError(
         f"rope_scaling rope_type must be one of {list(SUPPORTED_ROPE_TYPES)}, got {rope_type!r}"
       )
+
+  @property
+  def layer_windows(self) -> tuple[int | None, ...] | None:
+    """One sliding window (None: full attention) per layer, or None when no layer has one."""
+    if isinstance(self.sliding_window, tuple):
+      windows = self.sliding_window
+    else:
+      windows = (self.sliding_window,) * self.num_layers
+    return None if all(w is None for w in windows) else windows
 
   def replace(self, **changes: Any) -> ModelConfig:
     """A copy with some fields changed (e.g. `config.replace(remat=True, dtype=jnp.bfloat16)`)."""
@@ -224,6 +253,12 @@ class ModelConfig:
 
   def to_hf_dict(self) -> dict[str, Any]:
     """The transformers config.json dict of this model (readable by `transformers.AutoConfig`)."""
+    for name in ("attention_scale", "attention_softcap"):
+      if getattr(self, name) is not None:
+        raise ValueError(f"{name} has no field in a {self.model_type} config.json")
+    if isinstance(self.sliding_window, tuple):
+      raise ValueError(f"per-layer sliding windows have no field in a {self.model_type} "
+                       "config.json")
     rope_parameters = {"rope_type": "default", "rope_theta": self.rope_theta}
     if self.rope_scaling:
       rope_parameters = {**self.rope_scaling, "rope_theta": self.rope_theta}

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from rljax.models.attention import causal_attention_mask, naive_attention
+from rljax.models.attention import Attend, layer_windows, self_attention
 from rljax.models.config import ModelConfig
 from rljax.models.transformer import (
   attention_output,
@@ -103,18 +103,20 @@ def decoder_layer_with_cache(
   x: Array,
   cos: Array,
   sin: Array,
-  mask: Array,
+  attend: Attend,
   layer_k: Array,
   layer_v: Array,
   index: Array,
   config: ModelConfig,
+  window: Array | None = None,
 ) -> tuple[Array, Array, Array]:
   """One decoder layer on new tokens x [B, T, D] attending to this layer's cache plus themselves.
 
   Args:
+    attend: the new tokens' attention over the S slots (`self_attention` with
+      `query_offset=index`); window: this layer's sliding window.
     layer_k, layer_v: [B, S, KV, Dh] this layer's cache (before the new tokens).
     index: the slot of the first new token (scalar int).
-    mask: [B, T, S] visibility of the slots to the new tokens (after writing them).
 
   Returns:
     (x_out [B, T, D], k_new [B, T, KV, Dh], v_new [B, T, KV, Dh]).
@@ -124,7 +126,7 @@ def decoder_layer_with_cache(
   k, v = k.astype(layer_k.dtype), v.astype(layer_v.dtype)
   all_k = jax.lax.dynamic_update_slice_in_dim(layer_k, k, index, axis=1)
   all_v = jax.lax.dynamic_update_slice_in_dim(layer_v, v, index, axis=1)
-  x = x + attention_output(p, naive_attention(q, all_k, all_v, mask), config)
+  x = x + attention_output(p, attend(q, all_k, all_v, window), config)
   h = rms_norm(x, p["mlp_norm"], config.rms_norm_eps)
   return x + swiglu_mlp(p, h, config), k, v
 
@@ -134,24 +136,27 @@ def scan_layers_with_cache(
   x: Array,
   cos: Array,
   sin: Array,
-  mask: Array,
+  attend: Attend,
   cache_k: Array,
   cache_v: Array,
   index: Array,
   config: ModelConfig,
 ) -> tuple[Array, Array, Array]:
-  """All layers by `jax.lax.scan` over (stacked params, cache_k, cache_v); returns x and the cache.
+  """All layers by `jax.lax.scan` over (stacked params, per-layer windows, cache_k, cache_v);
+  returns x and the cache.
 
   The per-layer cache slices are scanned inputs; the new tokens' keys/values [L, B, T, KV, Dh]
   are scanned outputs, written into the stacked [L, B, S, KV, Dh] cache at slot `index`.
   """
 
-  def body(carry: Array, xs: tuple[dict[str, Array], Array, Array]):
-    p, layer_k, layer_v = xs
-    out, k, v = decoder_layer_with_cache(p, carry, cos, sin, mask, layer_k, layer_v, index, config)
+  def body(carry: Array, xs):
+    p, window, layer_k, layer_v = xs
+    out, k, v = decoder_layer_with_cache(p, carry, cos, sin, attend, layer_k, layer_v, index,
+                                         config, window)
     return out, (k, v)
 
-  x, (new_k, new_v) = jax.lax.scan(body, x, (stacked, cache_k, cache_v))
+  xs = (stacked, layer_windows(config), cache_k, cache_v)
+  x, (new_k, new_v) = jax.lax.scan(body, x, xs)
   cache_k = jax.lax.dynamic_update_slice_in_dim(cache_k, new_k, index, axis=2)
   cache_v = jax.lax.dynamic_update_slice_in_dim(cache_v, new_v, index, axis=2)
   return x, cache_k, cache_v
@@ -210,18 +215,11 @@ def hidden_states_with_cache(
   index = jnp.asarray(index, jnp.int32)
   slot_mask = jax.lax.dynamic_update_slice_in_dim(cache.mask, attention_mask, index, axis=1)
   slot_positions = jax.lax.dynamic_update_slice_in_dim(cache.positions, positions, index, axis=1)
-  mask = causal_attention_mask(
-    slot_mask,
-    positions,
-    slot_positions,
-    q_index=index + jnp.arange(t),
-    k_index=jnp.arange(cache.max_length),
-    sliding_window=c.sliding_window,
-  )
+  attend = self_attention(c, slot_mask, slot_positions, query_offset=index, num_queries=t)
   x = jnp.take(model.embed[...], input_ids, axis=0).astype(c.dtype)
   cos, sin = rope_cos_sin(positions, c)
   x, k, v = scan_layers_with_cache(
-    model.layers.stacked(), x, cos, sin, mask, cache.k, cache.v, index, c
+    model.layers.stacked(), x, cos, sin, attend, cache.k, cache.v, index, c
   )
   hidden = rms_norm(x, model.final_norm[...], c.rms_norm_eps)
   return hidden, KVCache(k=k, v=v, mask=slot_mask, positions=slot_positions)

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from rljax.models.attention import Attend, self_attention
+from rljax.models.attention import Attend, layer_windows, self_attention
 from rljax.models.config import ModelConfig
 from rljax.parallel.mesh import constrain
 from rljax.parallel.rules import place_by_logical_axes
@@ -241,13 +241,15 @@ def swiglu_mlp(p: dict[str, Array], x: Array, config: ModelConfig) -> Array:
 
 
 def decoder_layer(
-  p: dict[str, Array], x: Array, cos: Array, sin: Array, attend: Attend, config: ModelConfig
+  p: dict[str, Array], x: Array, cos: Array, sin: Array, attend: Attend, config: ModelConfig,
+  window: Array | None = None,
 ) -> Array:
   """One pre-norm decoder layer on x [B, T, D] with this layer's (unstacked) parameters `p`;
-  `attend(q, k, v)` is the rows' self-attention (`rljax.models.attention.self_attention`)."""
+  `attend(q, k, v, window)` is the rows' self-attention
+  (`rljax.models.attention.self_attention`), `window` this layer's sliding window."""
   h = rms_norm(x, p["attn_norm"], config.rms_norm_eps)
   q, k, v = project_qkv(p, h, cos, sin, config)
-  x = x + attention_output(p, attend(q, k, v), config)
+  x = x + attention_output(p, attend(q, k, v, window), config)
   h = rms_norm(x, p["mlp_norm"], config.rms_norm_eps)
   return constrain(x + swiglu_mlp(p, h, config), HIDDEN_AXES)
 
@@ -255,14 +257,16 @@ def decoder_layer(
 def scan_layers(
   stacked: dict[str, Array], x: Array, cos: Array, sin: Array, attend: Attend, config: ModelConfig
 ) -> Array:
-  """Applies all layers with `jax.lax.scan` over the stacked parameters (remat if configured)."""
+  """Applies all layers with `jax.lax.scan` over the stacked parameters and the per-layer
+  sliding windows (`layer_windows`; remat if configured)."""
 
-  def body(carry: Array, p: dict[str, Array]) -> tuple[Array, None]:
-    return decoder_layer(p, carry, cos, sin, attend, config), None
+  def body(carry: Array, xs: tuple[dict[str, Array], Array | None]) -> tuple[Array, None]:
+    p, window = xs
+    return decoder_layer(p, carry, cos, sin, attend, config, window), None
 
   if config.remat:
     body = jax.checkpoint(body, prevent_cse=False)
-  x, _ = jax.lax.scan(body, x, stacked, unroll=layer_unroll(config))
+  x, _ = jax.lax.scan(body, x, (stacked, layer_windows(config)), unroll=layer_unroll(config))
   return x
 
 

@@ -213,8 +213,12 @@ def test_attention_config_is_validated_at_construction():
   with pytest.raises(ValueError, match="attention_block"):
     ModelConfig(**base, attention_block=0)
   q, k, v, _, mask, positions = _inputs(8)
-  with pytest.raises(ValueError, match="self-attention"):
-    A.blockwise_attention(q, k[:, :4], v[:, :4], mask, positions)
+  with pytest.raises(ValueError, match="need S = 8"):
+    A.blockwise_attention(q, k, v[:, :4], mask, positions)
+  with pytest.raises(ValueError, match="more than the 4 keys"):
+    A.blockwise_attention(q, k[:, :4], v[:, :4], mask[:, :4], positions[:, :4])
+  with pytest.raises(ValueError, match="query_offset 3"):
+    A.blockwise_attention(q[:, :6], k, v, mask, positions, query_offset=3)
   for bad, name in ((dict(block_size=0), "block_size"), (dict(softcap=0.0), "softcap"),
                     (dict(scale=-1.0), "scale"), (dict(sliding_window=0), "sliding_window")):
     with pytest.raises(ValueError, match=name):
@@ -237,3 +241,115 @@ def test_packed_row_equals_its_sequences_run_alone(impl):
   np.testing.assert_allclose(packed[:, 5:12], model(b), atol=1e-5)
   with pytest.raises(ValueError, match="segment_ids shape"):
     model(ids, mask, segment_ids=segments[:, :8])
+
+
+@pytest.mark.parametrize("traced", [False, True])
+def test_query_chunks_at_an_offset_equal_the_rows_self_attention(traced):
+  """Queries of slots o..o+T-1 against all S keys (a prefill chunk, a context-parallel shard):
+  the chunks, at a static or a traced offset, reassemble the full self-attention."""
+  q, k, v, _, mask, positions = _inputs(48)
+  segments = jnp.asarray(np.arange(48)[None] // 20 + np.zeros((B, 1), int))
+  full = A.blockwise_attention(q, k, v, mask, positions, segments, sliding_window=19,
+                               block_size=8)
+
+  def chunk(q_chunk, offset):
+    return A.blockwise_attention(q_chunk, k, v, mask, positions, segments, query_offset=offset,
+                                 sliding_window=19, block_size=8)
+
+  run = jax.jit(chunk) if traced else chunk
+  parts = [run(q[:, o : o + 12], jnp.int32(o) if traced else o) for o in range(0, 48, 12)]
+  sees = jnp.any(_dense_mask(mask, positions, segments, 19), axis=-1)[..., None, None]
+  np.testing.assert_allclose(jnp.where(sees, jnp.concatenate(parts, axis=1), 0.0),
+                             jnp.where(sees, full, 0.0), atol=1e-5)
+
+
+def test_block_skipping_computes_only_the_pairs_packed_rows_and_windows_need():
+  """Segments and windows empty whole block pairs; skipping them (and a traced per-layer window)
+  leaves values and gradients unchanged."""
+  t, block = 64, 8
+  q, k, v, w, mask, positions = _inputs(t)
+  mask = jnp.ones_like(mask)
+  positions = positions_from_mask(mask)
+  segments = jnp.asarray(np.repeat(np.arange(4), 16)[None] + np.zeros((B, 1), int))
+  layout = A._Blocks(size=block, num_q=8, num_k=8, groups=H // KV, scale=1.0, softcap=None,
+                     has_window=True, has_segments=True, diagonal=False, skip_diagonals=True)
+
+  def blocked(x):
+    return x.reshape(B, 8, block)
+
+  inputs = A._Inputs(blocked(positions), blocked(segments), blocked(mask), blocked(positions),
+                     blocked(segments), jnp.int32(0), jnp.int32(10**6), jnp.zeros((), bool))
+  pairs = A._block_pairs(layout, inputs, True)
+  assert int(pairs.sum()) == 4 * 3  # four segments of two blocks: 3 causal pairs each (of 36)
+  assert int(A._block_pairs(layout, inputs._replace(window=jnp.int32(8)), True).sum()) == 8 + 4
+
+  def loss(q, k, v, window, skip):
+    out = A.blockwise_attention(q, k, v, mask, positions, segments, sliding_window=window,
+                                block_size=block, block_skipping=skip)
+    return jnp.sum(out * w)
+
+  grad = jax.jit(jax.value_and_grad(loss, (0, 1, 2)), static_argnums=4)
+  skipped, full = grad(q, k, v, jnp.int32(11), True), grad(q, k, v, jnp.int32(11), False)
+  static = jax.value_and_grad(loss, (0, 1, 2))(q, k, v, 11, True)
+  for a, b, c in zip(jax.tree.leaves(skipped), jax.tree.leaves(full), jax.tree.leaves(static)):
+    np.testing.assert_allclose(a, b, atol=1e-5)
+    np.testing.assert_allclose(a, c, atol=1e-5)
+
+
+def _gemma_like(attention):
+  """Two layers, a window on the first only, a custom scale and a soft-cap (Gemma 2's shape)."""
+  return ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
+                     num_heads=4, num_kv_heads=2, sliding_window=(5, None), attention_scale=0.2,
+                     attention_softcap=2.0, attention=attention, attention_block=8)
+
+
+def test_per_layer_windows_scale_and_softcap_follow_each_layer():
+  """The scanned model == a plain loop over layers, each with a dense mask of its own window
+  (the reference), under both implementations."""
+  from rljax.models import transformer as T
+
+  ids = jax.random.randint(jax.random.key(3), (2, 40), 1, 64)
+  mask = jnp.ones((2, 40), bool).at[1, :7].set(False)
+  positions = positions_from_mask(mask)
+  model = Transformer(_gemma_like("naive"), rngs=nnx.Rngs(0))
+  config, stacked = model.config, model.layers.stacked()
+  x = jnp.take(model.embed[...], ids, axis=0)
+  cos, sin = T.rope_cos_sin(positions, config)
+  for layer, window in enumerate(config.sliding_window):
+    dense = A.causal_attention_mask(mask, positions, positions, sliding_window=window)
+
+    def attend(q, k, v, _, dense=dense):
+      return A.naive_attention(q, k, v, dense, scale=0.2, softcap=2.0)
+
+    p = jax.tree.map(lambda a, layer=layer: a[layer], stacked)
+    x = T.decoder_layer(p, x, cos, sin, attend, config)
+  want = model.logits_from_hidden(T.rms_norm(x, model.final_norm[...], config.rms_norm_eps))
+  for impl in ("naive", "blockwise"):
+    model.config = model.layers.config = _gemma_like(impl)
+    np.testing.assert_allclose(jnp.where(mask[..., None], model(ids, mask), 0.0),
+                               jnp.where(mask[..., None], want, 0.0), atol=2e-5)
+  with pytest.raises(ValueError, match="2 layers"):
+    _gemma_like("auto").replace(sliding_window=(5,))
+  with pytest.raises(ValueError, match="attention_softcap"):
+    _gemma_like("auto").replace(attention_softcap=0.0)
+
+
+def test_long_prefill_runs_blockwise_and_decoding_continues_it():
+  """A prompt of five blocks is prefilled through the blockwise core (query chunk at a traced
+  cache slot); prefill + decode logits equal the full forward's."""
+  config = _gemma_like("auto")
+  model = Transformer(config, rngs=nnx.Rngs(0))
+  ids = jax.random.randint(jax.random.key(4), (2, 44), 1, 64)
+  mask = jnp.ones((2, 44), bool).at[0, :3].set(False)
+  assert A.uses_blockwise(config, 40) and not A.uses_blockwise(config, 1)
+  cache = model.init_cache(2, 48)
+  prefill, cache = jax.jit(model.forward_with_cache)(ids[:, :40], cache, 0, mask[:, :40])
+  step = jax.jit(model.forward_with_cache)
+  decoded = []
+  for t in range(40, 44):
+    logits, cache = step(ids[:, t : t + 1], cache, jnp.int32(t))
+    decoded.append(logits)
+  want = model(ids, mask)
+  got = jnp.concatenate([prefill, *decoded], axis=1)
+  np.testing.assert_allclose(jnp.where(mask[..., None], got, 0.0),
+                             jnp.where(mask[..., None], want, 0.0), atol=2e-5)
