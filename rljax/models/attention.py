@@ -17,8 +17,9 @@ in float32, where key s is visible to query t iff it is causal by slot (s ≤ t)
   recomputes each block's scores in the backward from the saved log-sum-exp instead of storing
   [T, S] residuals. Masks are built per block from [B, S]-sized inputs: no array with B·T·S
   elements exists in its forward or backward program, so memory grows linearly in T.
-* `self_attention` builds a batch's `attend(q, k, v)` by `ModelConfig.attention` (the adapter
-  where accelerator kernels will plug in, each falling back to the blockwise core).
+* `self_attention` builds a batch's `attend(q, k, v, window)` by `ModelConfig.attention`: the
+  adapter where the accelerator kernels of `rljax.models.kernels` (cuDNN, splash) plug in,
+  each checking what it supports and falling back to the pure-JAX path.
 
 A query with no visible key (a left-padding slot) gets a zero output from the blockwise core
 and a uniform average from the naive one; neither is ever read by a real position.
@@ -32,6 +33,8 @@ from typing import TYPE_CHECKING, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from rljax.models import kernels
+from rljax.models.kernels import KERNELS
 from rljax.ops._checks import check_int, check_number
 
 if TYPE_CHECKING:
@@ -43,7 +46,7 @@ Array = jax.Array
 Attend = Callable[[Array, Array, Array, "Array | None"], Array]
 NO_WINDOW = 2**30  # the window of a full-attention layer among windowed ones (> any position)
 
-ATTENTION_IMPLEMENTATIONS = ("auto", "naive", "blockwise")
+ATTENTION_IMPLEMENTATIONS = ("auto", "naive", "blockwise", *KERNELS)
 # Up to this many blocks per row the blockwise core is unrolled by block diagonals (XLA schedules
 # it best); beyond, its loops are `lax` loops (program size independent of T).
 _MAX_DIAGONAL_BLOCKS = 16
@@ -473,9 +476,10 @@ def blockwise_attention(
 
 
 def uses_blockwise(config: ModelConfig, length: int) -> bool:
-  """Whether `self_attention` runs the blockwise core on rows of `length` slots."""
+  """Whether the pure-JAX path of `self_attention` runs the blockwise core on `length` query
+  slots (a kernel aside; "cudnn" / "splash" fall back by the "auto" rule)."""
   return config.attention == "blockwise" or (
-    config.attention == "auto" and length > 2 * config.attention_block
+    config.attention != "naive" and length > 2 * config.attention_block
   )
 
 
@@ -506,7 +510,10 @@ def self_attention(
     linear in T);
   * "naive": `naive_attention` over a dense [B, T, S] mask built once for all layers (a
     windowed layer adds its window to it);
-  * "auto" (default): blockwise for more than two blocks of queries, naive up to
+  * "cudnn" / "splash": that accelerator kernel (`rljax.models.kernels`); a call it cannot run
+    is an error naming the missing feature;
+  * "auto" (default): the backend's kernel (cuDNN on GPU, splash on TPU) where it supports the
+    call, else the pure-JAX path: blockwise for more than two blocks of queries, naive up to
     `2 * attention_block` (256 by default; so a decode step is naive). At one block the
     blockwise core is the dense computation with more ops; at two, causal skipping saves a
     quarter of the score FLOPs, which on CPU did not make the GRPO benchmark's update (T = 256)
@@ -515,6 +522,44 @@ def self_attention(
   """
   s_len = attention_mask.shape[-1]
   t = s_len if num_queries is None else num_queries
+  attend = _pure_jax_attention(config, attention_mask, positions, segment_ids,
+                               query_offset=query_offset, num_queries=t)
+  kernel = kernels.kernel_for(config.attention)
+  if kernel is None:
+    return attend
+  whole = t == s_len and isinstance(query_offset, int) and query_offset == 0
+
+  def attend_kernel(q, k, v, window=None):
+    reason = kernels.unsupported(kernel, dtype=q.dtype, head_dim=q.shape[-1], num_queries=t,
+                                 num_keys=s_len, self_attention=whole,
+                                 segments=segment_ids is not None,
+                                 softcap=config.attention_softcap)
+    if reason is not None:
+      if config.attention == kernel:
+        raise ValueError(f"ModelConfig.attention={kernel!r}: {reason} (\"auto\" falls back to "
+                         "the pure-JAX path)")
+      return attend(q, k, v, window)
+    scale = q.shape[-1] ** -0.5 if config.attention_scale is None else config.attention_scale
+    return kernels.kernel_attention(
+      kernel, q, k, v, attention_mask, positions, segment_ids, windows=config.layer_windows,
+      window=window, scale=scale, softcap=config.attention_softcap,
+      fallback=lambda q, k, v: attend(q, k, v, window),
+    )
+
+  return attend_kernel
+
+
+def _pure_jax_attention(
+  config: ModelConfig,
+  attention_mask: Array,
+  positions: Array,
+  segment_ids: Array | None,
+  *,
+  query_offset: int | Array,
+  num_queries: int,
+) -> Attend:
+  """`self_attention`'s pure-JAX path: naive or blockwise by `uses_blockwise`."""
+  s_len, t = attention_mask.shape[-1], num_queries
   options = dict(scale=config.attention_scale, softcap=config.attention_softcap)
   if not uses_blockwise(config, t):
     def of_queries(x):  # the queries' own slots of a [B, S] input

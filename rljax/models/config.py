@@ -73,11 +73,12 @@ class ModelConfig:
     dtype: computation dtype of activations.
     param_dtype: dtype of parameters.
     remat: rematerialise (jax.checkpoint) each layer in the backward pass.
-    attention: the self-attention of full-sequence passes (training, log-probs, prefill without
-      a cache; `rljax.models.attention.self_attention`): "blockwise" is the flash core (memory
-      linear in T, causal block skipping), "naive" the dense reference (materialises
-      [B, H, T, T] scores), "auto" (default) naive up to 2 * attention_block slots, blockwise
-      beyond.
+    attention: the self-attention of full-sequence passes (training, log-probs, prefill;
+      `rljax.models.attention.self_attention`): "blockwise" is the flash core (memory linear in
+      T, block skipping), "naive" the dense reference (materialises [B, H, T, T] scores),
+      "cudnn" / "splash" the GPU / TPU kernels (`rljax.models.kernels`; an error where they
+      cannot run), "auto" (default) the backend's kernel where it supports the call, else naive
+      up to 2 * attention_block slots and blockwise beyond.
     attention_block: query / key block size of the blockwise core (`benchmarks/attention.py`).
     scan_unroll: layers per iteration of the layer scan (`lax.scan(unroll=...)`); None (default)
       chooses by backend when the model is traced: all layers on CPU (XLA:CPU runs the unrolled
