@@ -168,9 +168,10 @@ class RewardModel(_ScalarHeadModel):
     """
     if attention_mask is None:
       attention_mask = jnp.ones(input_ids.shape, jnp.int32)
-    hidden = self.backbone.hidden_states(input_ids, attention_mask, positions, segment_ids)
     if segment_ids is not None:
       check_int("num_segments", num_segments, 1)
+    hidden = self.backbone.hidden_states(input_ids, attention_mask, positions, segment_ids)
+    if segment_ids is not None:
       ends = segment_ends(segment_ids, attention_mask)
       return segment_sum(self._head(hidden), segment_ids, num_segments, mask=ends)
     last = last_valid_index(attention_mask)

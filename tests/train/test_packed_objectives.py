@@ -15,10 +15,12 @@ from flax import nnx
 
 from rljax.data.batching import collate_kto, collate_preference, collate_sft
 from rljax.data.packing import add_kl_completions, collate_packed
+from rljax.losses.dpo import dpo_loss
 from rljax.models.config import ModelConfig
 from rljax.models.heads import RewardModel
 from rljax.models.transformer import Transformer
 from rljax.train.objectives import dpo_objective, pair_count, sft_loss, sft_token_count
+from rljax.train.packed import example_mean
 from rljax.train.preference import (
   cpo_objective,
   example_count,
@@ -83,16 +85,20 @@ def with_reference(batch):
   return {**batch, **{k: np.asarray(v) for k, v in reference_logps(graphdef, state, batch).items()}}
 
 
-def loss_and_grad(objective, model, batch, *, count_fn=None):
+def losses_and_grads(objectives, model, batch):
+  """{name: (loss, metrics, grads)} of each (objective, count_fn), in one jitted program."""
   graphdef, state = model
 
   def f(state, batch):
-    normalizer = None if count_fn is None else count_fn(batch)
-    return objective(nnx.merge(graphdef, state), batch, normalizer=normalizer)
+    out = {}
+    for name, (objective, count_fn) in objectives.items():
+      def loss(s, objective=objective, count_fn=count_fn):
+        return objective(nnx.merge(graphdef, s), batch, normalizer=count_fn(batch))
+      (value, metrics), grads = jax.value_and_grad(loss, has_aux=True)(state)
+      out[name] = (value, metrics, grads)
+    return out
 
-  (loss, metrics), grads = jax.jit(jax.value_and_grad(f, has_aux=True),
-                                   compiler_options=FAST)(state, batch)
-  return loss, metrics, grads
+  return jax.jit(f, compiler_options=FAST)(state, batch)
 
 
 def assert_trees_close(a, b, atol=1e-5):
@@ -100,45 +106,48 @@ def assert_trees_close(a, b, atol=1e-5):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=atol)
 
 
-CASES = {
-  "sft": ("sft", sft_loss, sft_token_count, policy),
-  "dpo": ("preference", dpo_objective, pair_count, policy),
-  "rpo_ipo_norm": ("preference", functools.partial(dpo_objective, variant="ipo",
-                                                   length_normalize=True, nll_coef=0.5),
-                   pair_count, policy),
-  "dpo_sigmoid_norm": ("preference", functools.partial(dpo_objective, variant="sigmoid_norm"),
-                       pair_count, policy),
-  "orpo": ("preference", orpo_objective, pair_count, policy),
-  "simpo": ("preference", simpo_objective, pair_count, policy),
-  "cpo": ("preference", cpo_objective, pair_count, policy),
-  "kto": ("kto", kto_objective, example_count, policy),
-  "reward_pair": ("preference", functools.partial(reward_pair_objective, center_coef=0.01),
-                  pair_count, reward_model),
+PAIR_OBJECTIVES = {
+  "dpo": dpo_objective,
+  "rpo_ipo_norm": functools.partial(dpo_objective, variant="ipo", length_normalize=True,
+                                    nll_coef=0.5),
+  "orpo": orpo_objective,
+  "simpo": simpo_objective,
+  "cpo": cpo_objective,
+}
+GROUPS = {  # kind → ({name: (objective, count_fn)}, model); one compile per group and batch
+  "sft": ("sft", {"sft": (sft_loss, sft_token_count)}, policy),
+  "pairs": ("preference", {k: (v, pair_count) for k, v in PAIR_OBJECTIVES.items()}, policy),
+  "kto": ("kto", {"kto": (kto_objective, example_count)}, policy),
+  "reward_pair": ("preference", {"reward_pair": (
+    functools.partial(reward_pair_objective, center_coef=0.01), pair_count)}, reward_model),
 }
 
 
-@pytest.mark.parametrize("name", list(CASES))
-def test_packed_loss_and_gradient_equal_unpacked(name):
-  kind, objective, count_fn, model = CASES[name]
+@pytest.mark.parametrize("group", list(GROUPS))
+def test_packed_loss_and_gradient_equal_unpacked(group):
+  kind, objectives, model = GROUPS[group]
   unpacked, packed = batches(kind)
-  if objective is not sft_loss and model is policy:
+  if group in ("pairs", "kto"):
     unpacked, packed = with_reference(unpacked), with_reference(packed)
-  np.testing.assert_allclose(float(count_fn(packed)), float(count_fn(unpacked)))
-  loss_u, metrics_u, grads_u = loss_and_grad(objective, model(), unpacked, count_fn=count_fn)
-  loss_p, metrics_p, grads_p = loss_and_grad(objective, model(), packed, count_fn=count_fn)
-  np.testing.assert_allclose(float(loss_p), float(loss_u), rtol=1e-5, atol=1e-6)
-  assert_trees_close(grads_p, grads_u)
-  assert sorted(metrics_p) == sorted(metrics_u)
-  assert_trees_close(metrics_p, metrics_u)
+  unpacked_out = losses_and_grads(objectives, model(), unpacked)
+  packed_out = losses_and_grads(objectives, model(), packed)
+  for name, (_, count_fn) in objectives.items():
+    np.testing.assert_allclose(float(count_fn(packed)), float(count_fn(unpacked)))
+    loss_u, metrics_u, grads_u = unpacked_out[name]
+    loss_p, metrics_p, grads_p = packed_out[name]
+    np.testing.assert_allclose(float(loss_p), float(loss_u), rtol=1e-5, atol=1e-6, err_msg=name)
+    assert_trees_close(grads_p, grads_u)
+    assert sorted(metrics_p) == sorted(metrics_u)
+    assert_trees_close(metrics_p, metrics_u)
 
 
 def test_kto_without_kl_pairs_equals_unpacked():
   unpacked, packed = (with_reference(b) for b in batches("kto", kl_pairs=False))
   assert packed["sequence_mask"].shape == (SLOTS,) and "ref_kl_logps" not in packed
-  loss_u, _, grads_u = loss_and_grad(kto_objective, policy(), unpacked)
-  loss_p, _, grads_p = loss_and_grad(kto_objective, policy(), packed)
+  both = jax.jit(lambda model, u, p: (kto_objective(model, u), kto_objective(model, p)))
+  (loss_u, metrics_u), (loss_p, metrics_p) = both(nnx.merge(*policy()), unpacked, packed)
   np.testing.assert_allclose(float(loss_p), float(loss_u), rtol=1e-5)
-  assert_trees_close(grads_p, grads_u)
+  assert_trees_close(metrics_p, metrics_u)
 
 
 @pytest.mark.parametrize("kind", ["preference", "kto"])
@@ -155,38 +164,47 @@ def test_reference_logps_of_packed_batch_equal_unpacked(kind):
 
 def test_reward_model_reads_the_last_token_of_each_segment():
   unpacked, packed = batches("preference")
-  model = nnx.merge(*reward_model())
-  chosen = model(jnp.asarray(unpacked["chosen_input_ids"]),
-                 jnp.asarray(unpacked["chosen_attention_mask"]))
-  rewards = model(*(jnp.asarray(packed[k]) for k in ("input_ids", "attention_mask", "positions",
-                                                      "segment_ids")), num_segments=2 * SLOTS)
-  np.testing.assert_allclose(rewards[:B], chosen, rtol=1e-5, atol=1e-6)
-  assert float(rewards[B]) == 0.0  # an empty slot
+
+  @jax.jit
+  def rewards(model, unpacked, packed):
+    chosen = model(unpacked["chosen_input_ids"], unpacked["chosen_attention_mask"])
+    inputs = (packed[k] for k in ("input_ids", "attention_mask", "positions", "segment_ids"))
+    return chosen, model(*inputs, num_segments=2 * SLOTS)
+
+  chosen, per_sequence = rewards(nnx.merge(*reward_model()), unpacked, packed)
+  np.testing.assert_allclose(per_sequence[:B], chosen, rtol=1e-5, atol=1e-6)
+  assert float(per_sequence[B]) == 0.0  # an empty slot
   assert pair_accuracy(reward_model(), packed) == pair_accuracy(reward_model(), unpacked)
 
 
-@pytest.mark.parametrize("name", ["sft", "dpo", "reward_pair"])
-def test_microbatched_packed_equals_full_packed(name):
-  kind, objective, count_fn, model = CASES[name]
+@pytest.mark.parametrize("group", ["sft", "pairs"])
+def test_microbatched_packed_equals_full_packed(group):
+  kind, objectives, model = GROUPS[group]
+  objective, count_fn = next(iter(objectives.values()))
   _, packed = batches(kind)
-  if model is policy and objective is not sft_loss:
+  if group == "pairs":
     packed = with_reference(packed)
   graphdef, state = model()
-  results = []
-  for k in (1, 2):
-    grad_fn = make_grad_fn(objective, graphdef, count_fn=count_fn, num_microbatches=k)
-    loss, grads, _ = jax.jit(grad_fn, compiler_options=FAST)(state, nnx.State({}), packed)
-    results.append((loss, grads))
-  np.testing.assert_allclose(float(results[1][0]), float(results[0][0]), rtol=1e-5)
-  assert_trees_close(results[1][1], results[0][1])
+  grad_fns = [make_grad_fn(objective, graphdef, count_fn=count_fn, num_microbatches=k)
+              for k in (1, 2)]
+  both = jax.jit(lambda s, b: [g(s, nnx.State({}), b)[:2] for g in grad_fns],
+                 compiler_options=FAST)
+  (loss_1, grads_1), (loss_2, grads_2) = both(state, packed)
+  np.testing.assert_allclose(float(loss_2), float(loss_1), rtol=1e-5)
+  assert_trees_close(grads_2, grads_1)
 
 
-def test_packed_sft_jit_equals_eager():
-  _, packed = batches("sft")
-  model = nnx.merge(*policy())
-  eager, _ = sft_loss(model, packed)
-  jitted, _ = jax.jit(lambda b: sft_loss(nnx.merge(*policy()), b))(packed)
-  np.testing.assert_allclose(float(jitted), float(eager), rtol=1e-6)
+def test_example_mean_jit_equals_eager_and_drops_zero_weights():
+  rng = np.random.default_rng(0)
+  pc, pr, rc, rr = (jnp.asarray(rng.normal(size=4), jnp.float32) for _ in range(4))
+  weights = jnp.array([1.0, 0.0, 1.0, 1.0])
+  loss_fn = functools.partial(dpo_loss, beta=0.1)
+  eager = example_mean(loss_fn, weights, pc, pr, rc, rr)
+  jitted = jax.jit(lambda *a: example_mean(loss_fn, weights, *a))(pc, pr, rc, rr)
+  keep = np.array([0, 2, 3])
+  direct = loss_fn(pc[keep], pr[keep], rc[keep], rr[keep])
+  assert_trees_close(eager, direct, atol=1e-6)
+  assert_trees_close(jitted, eager, atol=1e-6)
 
 
 def test_first_token_of_a_segment_is_never_predicted():
