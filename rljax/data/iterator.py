@@ -8,6 +8,14 @@ from typing import Any
 import numpy as np
 
 
+def epoch_order(n: int, *, seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:
+  """The visiting order of n examples in epoch `epoch`: numpy's `default_rng((seed, epoch))`
+  permutation, or 0..n-1 without shuffling (shared by `BatchIterator` and the packed one)."""
+  if not shuffle:
+    return np.arange(n)
+  return np.random.default_rng([seed, epoch]).permutation(n)
+
+
 class BatchIterator:
   """Batches of `examples` in a seeded order; its position can be saved and restored exactly.
 
@@ -70,9 +78,7 @@ class BatchIterator:
 
   def order(self, epoch: int) -> np.ndarray:
     """The visiting order of epoch `epoch` (int64 indices)."""
-    if not self.shuffle:
-      return np.arange(len(self.examples))
-    return np.random.default_rng([self.seed, epoch]).permutation(len(self.examples))
+    return epoch_order(len(self.examples), seed=self.seed, epoch=epoch, shuffle=self.shuffle)
 
   @property
   def batches_per_epoch(self) -> int:

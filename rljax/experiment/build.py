@@ -11,6 +11,7 @@ from flax import nnx
 
 from rljax.data.batching import bucket_sizes, collator
 from rljax.data.iterator import BatchIterator
+from rljax.data.packing import PackedBatchIterator, add_kl_completions
 from rljax.data.jsonl import read_jsonl
 from rljax.data.tokenize import tokenize_dataset
 from rljax.experiment.config import ConfigError, Experiment, ExperimentConfig, resolve_callable
@@ -127,11 +128,26 @@ def _collate(config: ExperimentConfig, tokenizer: Any):
   return collator(config.data_kind, pad_id=pad_id_of(tokenizer), buckets=buckets)
 
 
-def train_iterator(config: ExperimentConfig, tokenizer: Any) -> BatchIterator:
-  """Endless, seeded, resumable batches of the training set."""
+def packed_iterator(config: ExperimentConfig, tokenizer: Any,
+                    records: list[dict]) -> PackedBatchIterator:
+  """Packed training batches (`data.packing`): `batch_size` rows of max_length tokens per
+  sequence a record holds (KTO records get their KL completions first)."""
+  kind = config.data_kind
+  if kind == "kto":
+    records = add_kl_completions(records)
+  per_record = 1 if kind == "sft" else 2
+  return PackedBatchIterator(records, kind=kind, row_length=per_record * config.data.max_length,
+                             num_rows=config.data.batch_size, pad_id=pad_id_of(tokenizer),
+                             seed=config.logging.seed, shuffle=config.data.shuffle)
+
+
+def train_iterator(config: ExperimentConfig, tokenizer: Any) -> BatchIterator | PackedBatchIterator:
+  """Endless, seeded, resumable batches of the training set (packed when `config.packs`)."""
   if config.data.train is None:
     raise ConfigError("data.train is required.")
   records = _records(config, tokenizer, config.data.train, "data.train")
+  if config.packs:
+    return packed_iterator(config, tokenizer, records)
   return BatchIterator(records, config.data.batch_size, seed=config.logging.seed,
                        shuffle=config.data.shuffle, collate=_collate(config, tokenizer))
 

@@ -41,6 +41,15 @@ The schema (defaults in parentheses; every field can be overridden with `--set`)
                       max_length when it is set, else each batch's own longest row)
       chat            apply the tokenizer's chat template to prompts (None: auto)
       shuffle         reshuffle every epoch (True)
+      packing         pack several records per row (`rljax.data.packing`; sft, reward_model and
+                      the dpo family): True, False, or None (auto: pack when `max_length` is set
+                      and `buckets` is not — packing needs the static row length max_length
+                      gives, and explicit buckets ask for padded batches). Packed, a batch is
+                      `batch_size` rows of T = max_length tokens (2·max_length for pairs and
+                      KTO, whose records hold two sequences), TRL's convention, filled by
+                      first-fit decreasing in data order, so a step trains on a fixed token
+                      budget instead of a fixed number of records; the runner logs each batch's
+                      `padding_fraction`. Evaluation batches stay padded. (None)
     reward          grpo / ppo: host reward function `fn(prompts, completions, **fields) ->
                     float32 [B]`, a "module:attr" string naming one, or the name of a
                     `rljax.rewards` function taking no configuration ("math_answer_reward")
@@ -125,6 +134,8 @@ from rljax.train.ppo import PPOConfig
 ALGORITHMS = ("sft", "reward_model", "dpo", "kto", "orpo", "simpo", "cpo", "grpo", "ppo")
 DATA_KINDS = ("prompt", "sft", "preference", "kto", "ranked")
 RULES = ("data", "fsdp", "fsdp_tp")
+PACKED_ALGORITHMS = ("sft", "reward_model", "dpo", "kto", "orpo", "simpo", "cpo")
+PACKED_KINDS = ("sft", "preference", "kto")
 DEFAULT_KIND = {
   "sft": "sft", "reward_model": "preference", "dpo": "preference", "kto": "kto",
   "orpo": "preference", "simpo": "preference", "cpo": "preference", "grpo": "prompt",
@@ -161,8 +172,11 @@ class DataSection:
   buckets: tuple[int, ...] | None = None
   chat: bool | None = None
   shuffle: bool = True
+  packing: bool | None = None
 
   def __post_init__(self) -> None:
+    if self.packing is not None and not isinstance(self.packing, bool):
+      raise ConfigError(f"data.packing must be True, False or None; got {self.packing!r}.")
     if self.kind is not None and self.kind not in DATA_KINDS:
       raise ConfigError(f"data.kind must be one of {list(DATA_KINDS)} or None; got {self.kind!r}.")
     if not isinstance(self.batch_size, int) or self.batch_size < 1:
@@ -225,6 +239,21 @@ class ExperimentConfig:
       raise ConfigError(f"steps must be an int >= 1; got {self.steps!r}.")
     if not isinstance(self.eval_k, int) or self.eval_k < 1:
       raise ConfigError(f"eval_k must be an int >= 1; got {self.eval_k!r}.")
+    if self.data.packing:
+      if self.algorithm not in PACKED_ALGORITHMS or self.data_kind not in PACKED_KINDS:
+        raise ConfigError(f"data.packing=True needs an algorithm of {list(PACKED_ALGORITHMS)} "
+                          f"on data.kind {list(PACKED_KINDS)}; got {self.algorithm!r} on "
+                          f"{self.data_kind!r}.")
+      if self.data.max_length is None:
+        raise ConfigError("data.packing=True needs data.max_length (the packed row length).")
+
+  @property
+  def packs(self) -> bool:
+    """Whether the training batches are packed (`data.packing`, or its auto rule)."""
+    if self.data.packing is not None:
+      return self.data.packing
+    return (self.algorithm in PACKED_ALGORITHMS and self.data_kind in PACKED_KINDS
+            and self.data.max_length is not None and self.data.buckets is None)
 
   @property
   def data_kind(self) -> str:

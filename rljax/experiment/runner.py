@@ -13,7 +13,8 @@ The loop, for every algorithm:
 with one small step function per family: `supervised_step` (sft, reward_model and the DPO
 family through `make_train_step` with the objective and its count function; DPO / KTO add the
 frozen reference's log-probs to each batch), `grpo_step` (`GRPOTrainer.step`) and `ppo_step`
-(`PPOTrainer.step`). Rollout keys are `fold_in(key(seed), step)`, so a resumed run draws the same
+(`PPOTrainer.step`). Supervised steps also log the batch's `padding_fraction` (packed batches,
+`data.packing`, or padded buckets). Rollout keys are `fold_in(key(seed), step)`, so a resumed run draws the same
 samples as an uninterrupted one; a checkpoint holds the TrainState (params, optimizer state,
 RNG, PPO critic and KL controllers; the on-policy reference policy is written once per run, see
 `Checkpointer`) and, as JSON, the data iterator's position and the run time.
@@ -37,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from rljax.data.packing import padding_fraction
 from rljax.experiment import build
 from rljax.experiment.config import ConfigError, Experiment, ExperimentConfig, load_experiment
 from rljax.experiment.config import to_jsonable
@@ -174,6 +176,7 @@ def supervised_step(run: Run, state: Any, batch: Mapping, step: int) -> tuple[An
   metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
   tokens = sum(float(np.sum(v)) for k, v in batch.items() if k.endswith("attention_mask"))
   metrics["tokens_per_second"] = tokens / max(time.perf_counter() - start, 1e-9)
+  metrics["padding_fraction"] = padding_fraction(batch)
   return state, metrics
 
 

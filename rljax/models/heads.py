@@ -7,7 +7,8 @@ D → 1 applied to the final hidden states, computed in float32:
   reward[b]    = h[b, last(b)] · w + c                 RewardModel, [B]
 
 where `last(b)` is the last position with `attention_mask[b] == 1` (right padding, left
-padding, or both). The head is `w` [D] (logical axis "embed") and `c` [] (no axes).
+padding, or both). On packed rows (`segment_ids`, `rljax.data.packing`) the reward model returns
+one reward per sequence, [N], read at the last valid token of each segment. The head is `w` [D] (logical axis "embed") and `c` [] (no axes).
 
 The backbone is built without an unembedding (a scalar head never needs the [V, D] `lm_head`:
 for an untied 7B model that is ~0.5B parameters of optimizer state saved); it is a
@@ -32,6 +33,8 @@ from flax import nnx
 
 from rljax.models.config import ModelConfig
 from rljax.models.transformer import Transformer, logical_param
+from rljax.ops._checks import check_int
+from rljax.ops.segments import segment_ends, segment_sum
 
 Array = jax.Array
 
@@ -149,12 +152,28 @@ class RewardModel(_ScalarHeadModel):
   """
 
   def __call__(
-    self, input_ids: Array, attention_mask: Array | None = None, positions: Array | None = None
+    self,
+    input_ids: Array,
+    attention_mask: Array | None = None,
+    positions: Array | None = None,
+    segment_ids: Array | None = None,
+    *,
+    num_segments: int | None = None,
   ) -> Array:
-    """Rewards [B] (float32); arguments as `Transformer.hidden_states` (mask default all ones)."""
+    """Rewards [B] (float32); arguments as `Transformer.hidden_states` (mask default all ones).
+
+    With `segment_ids` (packed rows) the rewards are [num_segments]: sequence n's reward is
+    the head at its segment's last valid token (`segment_ends`); a sequence with no token in
+    these rows gets 0. `num_segments` (N, static) is then required.
+    """
     if attention_mask is None:
       attention_mask = jnp.ones(input_ids.shape, jnp.int32)
-    hidden = self.backbone.hidden_states(input_ids, attention_mask, positions)
+    if segment_ids is not None:
+      check_int("num_segments", num_segments, 1)
+    hidden = self.backbone.hidden_states(input_ids, attention_mask, positions, segment_ids)
+    if segment_ids is not None:
+      ends = segment_ends(segment_ids, attention_mask)
+      return segment_sum(self._head(hidden), segment_ids, num_segments, mask=ends)
     last = last_valid_index(attention_mask)
     return self._head(hidden[jnp.arange(hidden.shape[0]), last])
 

@@ -13,12 +13,19 @@ losses (and gradients) of microbatches gives exactly the full-batch value. With
 
 Alignment: `input_ids[:, t + 1]` is predicted from position t, so the per-token losses use the
 hidden states of positions 0..T-2 and the tokens and `loss_mask` of positions 1..T-1.
+
+Packed batches (several sequences per row, `rljax.data.packing`; "segment_ids" in the batch
+selects the path, `rljax.train.packed` describes it) give the same losses and gradients as the
+same sequences one per row: per-sequence sums are read by segment, pairs and examples are
+averaged over the present ones.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from typing import Any
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -28,23 +35,40 @@ from rljax.losses.dpo import dpo_loss
 from rljax.ops._checks import check_ndim, check_nonnegative, check_same_shape
 from rljax.ops.fused_logprobs import logprobs_from_hidden
 from rljax.ops.logprobs import sequence_logprobs
-from rljax.ops.masking import aggregate
+from rljax.ops.masking import aggregate, safe_divide
+from rljax.train import packed
 from rljax.train.normalizers import rescale_to_normalizer
 
 Batch = dict[str, jax.Array]
 
 
 def next_token_logprobs(
-  model: Any, input_ids: jax.Array, attention_mask: jax.Array, *, chunk_size: int = 64
+  model: Any,
+  input_ids: jax.Array,
+  attention_mask: jax.Array,
+  *,
+  chunk_size: int = 64,
+  positions: jax.Array | None = None,
+  segment_ids: jax.Array | None = None,
 ) -> jax.Array:
-  """[B, T-1] log-probs of input_ids[:, 1:] under the model (fused, no [B, T, V] logits)."""
-  hidden = model.hidden_states(input_ids, attention_mask)[:, :-1]
+  """[B, T-1] log-probs of input_ids[:, 1:] under the model (fused, no [B, T, V] logits); packed
+  rows pass their `positions` and `segment_ids` to the model."""
+  extra = () if segment_ids is None else (positions, segment_ids)
+  hidden = model.hidden_states(input_ids, attention_mask, *extra)[:, :-1]
   return logprobs_from_hidden(hidden, model.unembedding, input_ids[:, 1:], chunk_size=chunk_size)
 
 
+def batch_token_logprobs(model: Any, batch: Batch, *, chunk_size: int = 64) -> jax.Array:
+  """[R, T-1] next-token log-probs of a packed batch's rows (segment ids and positions given)."""
+  ids, attention, positions, segments = packed.model_inputs(batch)
+  return next_token_logprobs(model, ids, attention, chunk_size=chunk_size, positions=positions,
+                             segment_ids=segments)
+
+
 def sft_token_count(batch: Batch) -> jax.Array:
-  """Number of response tokens that carry loss: Σ loss_mask[:, 1:] (float32 scalar)."""
-  return jnp.sum(jnp.asarray(batch["loss_mask"])[:, 1:].astype(jnp.float32))
+  """Number of response tokens that carry loss: Σ loss_mask[:, 1:] (float32 scalar); packed,
+  without the first token of each segment (`rljax.train.packed.response_mask`)."""
+  return jnp.sum(packed.response_mask(batch).astype(jnp.float32))
 
 
 def sft_loss(
@@ -57,7 +81,9 @@ def sft_loss(
   Args:
     model: a `Transformer` (anything with `hidden_states(ids, mask)` and `unembedding`).
     batch: {"input_ids" [B, T] int, "attention_mask" [B, T], "loss_mask" [B, T] (1 on the
-      response tokens that are predicted; position 0 is never predicted)}.
+      response tokens that are predicted; position 0 is never predicted)}, or a packed batch
+      (`rljax.data.packing`: + "positions", "segment_ids" [R, T], "sequence_mask" [N]; the
+      first token of each segment is never predicted).
     normalizer: the global loss-token count (`sft_token_count` of the full batch); None uses
       this batch's count. An all-zero loss mask gives loss 0 with zero gradient.
     chunk_size: positions per chunk of the fused log-prob computation.
@@ -71,15 +97,23 @@ def sft_loss(
   ids = jnp.asarray(batch["input_ids"])
   check_same_shape(input_ids=ids, attention_mask=batch["attention_mask"],
                    loss_mask=batch["loss_mask"])
-  logp = next_token_logprobs(model, ids, batch["attention_mask"], chunk_size=chunk_size)
-  mask = jnp.asarray(batch["loss_mask"])[:, 1:]
+  if packed.is_packed(batch):
+    packed.check_packed(batch, "sft_loss")
+    logp = batch_token_logprobs(model, batch, chunk_size=chunk_size)
+  else:
+    logp = next_token_logprobs(model, ids, batch["attention_mask"], chunk_size=chunk_size)
+  mask = packed.response_mask(batch)
   loss = aggregate(-logp, mask, "token-mean", normalizer=normalizer)
   nll = aggregate(jax.lax.stop_gradient(-logp), mask, "token-mean")
   return loss, {"nll": nll}
 
 
 def pair_count(batch: Batch) -> jax.Array:
-  """Number of preference pairs B in a DPO batch (float32 scalar)."""
+  """Number of preference pairs B in a DPO batch (float32 scalar); packed, the number of real
+  pair slots Σ sequence_mask[:P]."""
+  if packed.is_packed(batch):
+    chosen, _ = packed.halves(jnp.asarray(batch[packed.SEQUENCE_MASK]))
+    return jnp.sum((chosen != 0).astype(jnp.float32))
   return jnp.asarray(jnp.shape(batch["chosen_input_ids"])[0], jnp.float32)
 
 
@@ -135,7 +169,13 @@ def pair_sequence_logps(model: Any, batch: Batch, *, chunk_size: int = 64) -> di
   "rejected_avg"} (per-token means; 0 for an empty loss mask), "chosen_nll" (= −chosen_avg) and
   {"chosen_lengths", "rejected_lengths"} (numbers of loss tokens). Chosen and rejected rows of
   equal length share one forward pass.
+
+  A packed pair batch (sequences chosen_0..chosen_{P-1}, rejected_0..rejected_{P-1}) gives the
+  same [P] statistics, read by segment from one pass over its rows, plus "weights" [P] (1 for
+  a pair present in the batch, `rljax.train.packed.pair_weights`).
   """
+  if packed.is_packed(batch):
+    return packed_pair_sequence_logps(model, batch, chunk_size=chunk_size)
   check_batch_keys(batch, CHOSEN_KEYS + REJECTED_KEYS, "a preference pair batch")
   (c, c_mask), (r, r_mask) = group_token_logps(
     model, [row_group(batch, CHOSEN_KEYS), row_group(batch, REJECTED_KEYS)], chunk_size=chunk_size
@@ -149,6 +189,29 @@ def pair_sequence_logps(model: Any, batch: Batch, *, chunk_size: int = 64) -> di
     "chosen_nll": -chosen_avg,
     "chosen_lengths": jnp.sum(c_mask, axis=-1),
     "rejected_lengths": jnp.sum(r_mask, axis=-1),
+  }
+
+
+def packed_pair_sequence_logps(model: Any, batch: Batch, *, chunk_size: int = 64
+                               ) -> dict[str, jax.Array]:
+  """`pair_sequence_logps` of a packed pair batch (its docstring), + "weights"."""
+  packed.check_packed(batch, "a preference pair batch")
+  if packed.num_sequences(batch) % 2:
+    raise ValueError(f"a packed pair batch has an even number of sequence slots (chosen, then "
+                     f"rejected); `sequence_mask` has {packed.num_sequences(batch)}.")
+  logp = batch_token_logprobs(model, batch, chunk_size=chunk_size)
+  sums, counts = packed.sequence_sums(logp, packed.response_mask(batch), batch)
+  (chosen, rejected), (c_len, r_len) = packed.halves(sums), packed.halves(counts)
+  chosen_avg = safe_divide(chosen, c_len)
+  return {
+    "chosen": chosen,
+    "rejected": rejected,
+    "chosen_avg": chosen_avg,
+    "rejected_avg": safe_divide(rejected, r_len),
+    "chosen_nll": -chosen_avg,
+    "chosen_lengths": c_len,
+    "rejected_lengths": r_len,
+    "weights": packed.pair_weights(batch),
   }
 
 
@@ -185,7 +248,8 @@ def dpo_objective(
     batch: {"chosen_input_ids", "chosen_attention_mask", "chosen_loss_mask",
       "rejected_input_ids", "rejected_attention_mask", "rejected_loss_mask"} [B, T] each, and
       "ref_chosen", "ref_rejected" [B]: the reference model's sequence log-probs (summed over
-      the same loss tokens; stop-gradient inside `dpo_loss`).
+      the same loss tokens; stop-gradient inside `dpo_loss`). Or a packed pair batch
+      (`rljax.data.packing`) with "ref_chosen", "ref_rejected" [P].
     normalizer: the global number of pairs (`pair_count` of the full batch); None means B.
     beta, variant, label_smoothing: as `dpo_loss` (defaults 0.1, "sigmoid", 0.0, TRL's).
     length_normalize: pass the response lengths to `dpo_loss` for "ipo" (length-normalised
@@ -204,21 +268,17 @@ def dpo_objective(
   """
   check_nonnegative("nll_coef", nll_coef)
   s = pair_sequence_logps(model, batch, chunk_size=chunk_size)
+  weights = s.get("weights")
   lengths = {}
   if variant == "sigmoid_norm" or (variant == "ipo" and length_normalize):
     lengths = {k: s[k] for k in ("chosen_lengths", "rejected_lengths")}
-  loss, metrics = dpo_loss(
-    s["chosen"],
-    s["rejected"],
-    batch["ref_chosen"],
-    batch["ref_rejected"],
-    beta=beta,
-    variant=variant,
-    label_smoothing=label_smoothing,
-    **lengths,
-  )
-  chosen_nll = jnp.mean(s["chosen_nll"])  # seq-mean-token-mean
+  loss_fn = functools.partial(dpo_loss, beta=beta, variant=variant,
+                              label_smoothing=label_smoothing)
+  loss, metrics = packed.example_mean(
+    loss_fn, weights, s["chosen"], s["rejected"], jnp.asarray(batch["ref_chosen"]),
+    jnp.asarray(batch["ref_rejected"]), **lengths)
+  chosen_nll = packed.mean_over(s["chosen_nll"], weights)  # seq-mean-token-mean
   if nll_coef > 0:
     loss = loss + nll_coef * chosen_nll
   metrics = {**metrics, "nll": jax.lax.stop_gradient(chosen_nll)}
-  return rescale_to_normalizer(loss, s["chosen"].shape[0], normalizer), metrics
+  return rescale_to_normalizer(loss, packed.count_of(s["chosen"], weights), normalizer), metrics

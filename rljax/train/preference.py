@@ -30,6 +30,12 @@ which are scored from position 1 on, as in `sft_loss`):
             "kl_loss_mask" (each prompt with a mismatched completion, TRL's KL dataset) and
             "ref_kl_logps" [B]. Without KL rows the reference point z is 0.
 
+Packed batches (`rljax.data.packing`, selected by "segment_ids"; `rljax.train.packed`): a pair
+batch holds chosen_0..chosen_{P-1}, rejected_0..rejected_{P-1} as its N = 2P sequences; a KTO
+batch ("label" [P]) its P completions, then (N = 2P) the P KL completions, KL completion j the
+pair of prompt j. The per-sequence arrays ("ref_chosen", "ref_logps", "label", ...) are [P].
+Every objective and `reference_logps` read them by segment and equal the unpacked ones.
+
 NLL convention (ORPO, CPO): the chosen NLL is each chosen response's token-mean NLL averaged
 over pairs ("seq-mean-token-mean"), which splits exactly over microbatches of pairs. TRL uses
 the token-mean over all chosen tokens of the batch; the two agree when the chosen responses have
@@ -49,10 +55,13 @@ from flax import nnx
 
 from rljax.losses.preference import cpo_loss, kto_loss, orpo_loss, simpo_loss
 from rljax.ops.logprobs import sequence_logprobs
+from rljax.ops.masking import masked_mean, safe_divide
+from rljax.train import packed
 from rljax.train.objectives import (
   CHOSEN_KEYS,
   FIELDS,
   REJECTED_KEYS,
+  batch_token_logprobs,
   check_batch_keys,
   group_token_logps,
   pair_count,
@@ -104,6 +113,29 @@ def _reference_logps(graphdef, states, rows, *, names, chunk_size):
   }
 
 
+def _packed_reference_names(batch: Batch) -> tuple[str, ...]:
+  """The reference keys of a packed batch, one per equal part of its N sequences (module doc)."""
+  n = packed.num_sequences(batch)
+  if "label" in batch:
+    p = int(np.shape(batch["label"])[0])
+    if n not in (p, 2 * p):
+      raise ValueError(f"a packed KTO batch has N = P or 2P sequence slots for P = {p} labels; "
+                       f"`sequence_mask` has {n}.")
+    return ("ref_logps", "ref_kl_logps") if n == 2 * p else ("ref_logps",)
+  if n % 2:
+    raise ValueError(f"a packed pair batch has an even number of sequence slots; got {n}.")
+  return ("ref_chosen", "ref_rejected")
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "names", "chunk_size"))
+def _packed_reference_logps(graphdef, states, rows, *, names, chunk_size):
+  """Jitted body of `reference_logps` for a packed batch: one pass over its rows."""
+  logp = batch_token_logprobs(nnx.merge(graphdef, *states), rows, chunk_size=chunk_size)
+  sums, _ = packed.sequence_sums(logp, packed.response_mask(rows), rows)
+  return {name: jax.lax.stop_gradient(part)
+          for name, part in zip(names, jnp.split(sums, len(names)))}
+
+
 def reference_logps(
   ref_graphdef: nnx.GraphDef, ref_params: Any, batch: Batch, *, chunk_size: int = 64
 ) -> dict[str, jax.Array]:
@@ -125,7 +157,7 @@ def reference_logps(
 
   Returns:
     {"ref_chosen", "ref_rejected"} [B] float32 for a pair batch; {"ref_logps"} for a KTO batch,
-    plus "ref_kl_logps" when it has KL rows.
+    plus "ref_kl_logps" when it has KL rows. A packed batch gives the same keys, [P] each.
 
   Raises:
     ValueError: the batch holds none of the key groups.
@@ -134,8 +166,13 @@ def reference_logps(
     >>> batch = {**batch, **reference_logps(ref_graphdef, ref_params, batch)}
     >>> state, metrics = dpo_step(state, batch)
   """
-  groups = _reference_groups(batch)
   states = tuple(ref_params) if isinstance(ref_params, (tuple, list)) else (ref_params,)
+  if packed.is_packed(batch):
+    packed.check_packed(batch, "reference_logps")
+    rows = {k: batch[k] for k in packed.PACKED_KEYS}
+    return _packed_reference_logps(ref_graphdef, states, rows,
+                                   names=_packed_reference_names(batch), chunk_size=chunk_size)
+  groups = _reference_groups(batch)
   rows = {k: batch[k] for keys in groups.values() for k in keys}
   return _reference_logps(ref_graphdef, states, rows, names=tuple(groups.items()),
                           chunk_size=chunk_size)
@@ -180,8 +217,42 @@ def precompute_reference_logps(
 
 
 def example_count(batch: Batch) -> jax.Array:
-  """Number of (unpaired) examples B of a KTO batch (float32 scalar)."""
+  """Number of (unpaired) examples B of a KTO batch (float32 scalar); packed, the real example
+  slots Σ sequence_mask[:P]."""
+  if packed.is_packed(batch):
+    p = jnp.shape(batch["label"])[0]
+    return jnp.sum((jnp.asarray(batch[packed.SEQUENCE_MASK])[:p] != 0).astype(jnp.float32))
   return jnp.asarray(jnp.shape(batch["input_ids"])[0], jnp.float32)
+
+
+def _kto_sequence_logps(model: Any, batch: Batch, chunk_size: int):
+  """(policy [B], policy_kl [B'] (stop-gradient), ref_kl [B'], weights [B] or None) of a KTO
+  batch; packed, the KL terms are the present KL sequences' mean log-ratio as one entry (so
+  `kto_loss`'s reference point z is exactly the unpacked one) and `weights` marks the present
+  examples."""
+  if not packed.is_packed(batch):
+    [(logp, mask)] = group_token_logps(model, [row_group(batch, UNPAIRED_KEYS)],
+                                       chunk_size=chunk_size)
+    policy = sequence_logprobs(logp, mask)
+    if not any(k in batch for k in KL_KEYS):
+      return policy, jnp.zeros((1,), policy.dtype), jnp.zeros((1,), policy.dtype), None
+    check_batch_keys(batch, KL_KEYS + ("ref_kl_logps",), "kto_objective with KL rows")
+    [(kl_logp, kl_mask)] = group_token_logps(model, [row_group(batch, KL_KEYS)],
+                                             chunk_size=chunk_size)
+    policy_kl = jax.lax.stop_gradient(sequence_logprobs(kl_logp, kl_mask))
+    return policy, policy_kl, jnp.asarray(batch["ref_kl_logps"]), None
+  packed.check_packed(batch, "kto_objective")
+  names = _packed_reference_names(batch)
+  sums, _ = packed.sequence_sums(batch_token_logprobs(model, batch, chunk_size=chunk_size),
+                                 packed.response_mask(batch), batch)
+  parts, present = jnp.split(sums, len(names)), jnp.split(packed.present(batch), len(names))
+  zeros = jnp.zeros((1,), sums.dtype)
+  if len(names) == 1:
+    return parts[0], zeros, zeros, present[0].astype(jnp.float32)
+  check_batch_keys(batch, ("ref_kl_logps",), "kto_objective with KL sequences")
+  log_ratio = jax.lax.stop_gradient(parts[1]) - jnp.asarray(batch["ref_kl_logps"], sums.dtype)
+  z = masked_mean(log_ratio, present[1])[None]
+  return parts[0], z, zeros, present[0].astype(jnp.float32)
 
 
 def kto_objective(
@@ -220,27 +291,26 @@ def kto_objective(
     >>> step = make_train_step(kto_objective, graphdef, optimizer, count_fn=example_count)
   """
   check_batch_keys(batch, UNPAIRED_KEYS + ("label", "ref_logps"), "kto_objective")
-  has_kl = any(k in batch for k in KL_KEYS)
-  if has_kl:
-    check_batch_keys(batch, KL_KEYS + ("ref_kl_logps",), "kto_objective with KL rows")
-  [(logp, mask)] = group_token_logps(model, [row_group(batch, UNPAIRED_KEYS)], chunk_size=chunk_size)
-  policy = sequence_logprobs(logp, mask)
-  if has_kl:
-    [(kl_logp, kl_mask)] = group_token_logps(model, [row_group(batch, KL_KEYS)],
-                                             chunk_size=chunk_size)
-    policy_kl = jax.lax.stop_gradient(sequence_logprobs(kl_logp, kl_mask))
-    ref_kl = batch["ref_kl_logps"]
-  else:
-    policy_kl = ref_kl = jnp.zeros((1,), policy.dtype)
-  loss, metrics = kto_loss(
-    policy, batch["ref_logps"], batch["label"], policy_kl, ref_kl,
-    beta=beta, desirable_weight=desirable_weight, undesirable_weight=undesirable_weight,
-  )
+  policy, policy_kl, ref_kl, weights = _kto_sequence_logps(model, batch, chunk_size)
+
+  def loss_fn(logps, ref, label):
+    return kto_loss(logps, ref, label, policy_kl, ref_kl, beta=beta,
+                    desirable_weight=desirable_weight, undesirable_weight=undesirable_weight)
+
+  loss, metrics = packed.example_mean(loss_fn, weights, policy, jnp.asarray(batch["ref_logps"]),
+                                      jnp.asarray(batch["label"]))
+  if weights is not None:  # per-example "rewards_chosen" is d·r: divide by the desirable share
+    frac = metrics["desirable_fraction"]
+    chosen = safe_divide(metrics["rewards_chosen"], frac)
+    rejected = safe_divide(metrics["rewards_rejected"], 1.0 - frac)
+    metrics = {**metrics, "rewards_chosen": chosen, "rewards_rejected": rejected,
+               "reward_margin": chosen - rejected}
   ratio = jax.lax.stop_gradient(policy - jnp.asarray(batch["ref_logps"], policy.dtype))
   desirable = jnp.asarray(batch["label"]) != 0
   right_side = jnp.where(desirable, ratio > metrics["kl"], ratio < metrics["kl"])
-  metrics = {**metrics, "reward_accuracy": jnp.mean(right_side.astype(jnp.float32))}
-  return rescale_to_normalizer(loss, policy.shape[0], normalizer), metrics
+  metrics = {**metrics,
+             "reward_accuracy": packed.mean_over(right_side.astype(jnp.float32), weights)}
+  return rescale_to_normalizer(loss, packed.count_of(policy, weights), normalizer), metrics
 
 
 def orpo_objective(
@@ -273,8 +343,10 @@ def orpo_objective(
     >>> step = make_train_step(orpo_objective, graphdef, optimizer, count_fn=pair_count)
   """
   s = pair_sequence_logps(model, batch, chunk_size=chunk_size)
-  loss, metrics = orpo_loss(s["chosen_avg"], s["rejected_avg"], s["chosen_nll"], beta=beta)
-  return rescale_to_normalizer(loss, s["chosen"].shape[0], normalizer), metrics
+  loss, metrics = packed.example_mean(functools.partial(orpo_loss, beta=beta), s.get("weights"),
+                                      s["chosen_avg"], s["rejected_avg"], s["chosen_nll"])
+  return rescale_to_normalizer(loss, packed.count_of(s["chosen"], s.get("weights")),
+                               normalizer), metrics
 
 
 def simpo_objective(
@@ -305,8 +377,10 @@ def simpo_objective(
     >>> step = make_train_step(simpo_objective, graphdef, optimizer, count_fn=pair_count)
   """
   s = pair_sequence_logps(model, batch, chunk_size=chunk_size)
-  loss, metrics = simpo_loss(s["chosen_avg"], s["rejected_avg"], beta=beta, gamma=gamma)
-  return rescale_to_normalizer(loss, s["chosen"].shape[0], normalizer), metrics
+  loss, metrics = packed.example_mean(functools.partial(simpo_loss, beta=beta, gamma=gamma),
+                                      s.get("weights"), s["chosen_avg"], s["rejected_avg"])
+  return rescale_to_normalizer(loss, packed.count_of(s["chosen"], s.get("weights")),
+                               normalizer), metrics
 
 
 def cpo_objective(
@@ -336,8 +410,11 @@ def cpo_objective(
     >>> step = make_train_step(cpo_objective, graphdef, optimizer, count_fn=pair_count)
   """
   s = pair_sequence_logps(model, batch, chunk_size=chunk_size)
-  loss, metrics = cpo_loss(s["chosen"], s["rejected"], s["chosen_nll"], beta=beta, alpha=alpha)
-  return rescale_to_normalizer(loss, s["chosen"].shape[0], normalizer), metrics
+  loss, metrics = packed.example_mean(functools.partial(cpo_loss, beta=beta, alpha=alpha),
+                                      s.get("weights"), s["chosen"], s["rejected"],
+                                      s["chosen_nll"])
+  return rescale_to_normalizer(loss, packed.count_of(s["chosen"], s.get("weights")),
+                               normalizer), metrics
 
 
 __all__ = [

@@ -20,6 +20,11 @@ last position with attention_mask 1, so the rows must hold prompt + response):
   rankings  "input_ids", "attention_mask" [B, K, T], response k of prompt b at [b, k], ranked
             best first (k = 0 the best).
 
+A packed pair batch (`rljax.data.packing`: "segment_ids", chosen_0..chosen_{P-1} then
+rejected_0..rejected_{P-1}; "margin" [P]) gives the rewards at each segment's last token from
+one pass over its rows, and the loss is averaged over the present pairs
+(`rljax.train.packed`), equal to the unpacked one.
+
 `pair_accuracy(model, batches)` is the held-out evaluation: the fraction of pairs whose chosen
 response gets the strictly larger reward (ties count as wrong, TRL's convention), jitted.
 """
@@ -36,6 +41,7 @@ from flax import nnx
 
 from rljax.losses.reward_model import listwise_reward_loss, reward_model_loss
 from rljax.ops._checks import check_ndim, check_same_shape
+from rljax.train import packed
 from rljax.train.normalizers import rescale_to_normalizer
 from rljax.train.objectives import check_batch_keys, pair_count
 
@@ -67,7 +73,13 @@ def pair_rewards(model: Any, batch: Batch) -> tuple[jax.Array, jax.Array]:
   """Rewards ([B] chosen, [B] rejected) of a pair batch under a `RewardModel`.
 
   Chosen and rejected rows of equal shape go through one [2B, T] forward pass; otherwise two.
+  A packed batch gives ([P], [P]) from one pass over its rows.
   """
+  if packed.is_packed(batch):
+    packed.check_packed(batch, "a reward-model pair batch")
+    ids, attention, positions, segments = packed.model_inputs(batch)
+    rewards = model(ids, attention, positions, segments, num_segments=packed.num_sequences(batch))
+    return packed.halves(rewards)
   check_batch_keys(batch, PAIR_REWARD_KEYS, "a reward-model pair batch")
   c_ids, c_mask, r_ids, r_mask = (jnp.asarray(batch[k]) for k in PAIR_REWARD_KEYS)
   check_same_shape(chosen_input_ids=c_ids, chosen_attention_mask=c_mask)
@@ -123,10 +135,14 @@ def reward_pair_objective(
     raise ValueError("Give a per-pair batch['margin'] or the scalar `margin`, not both.")
   per_pair_margin = batch["margin"] if "margin" in batch else margin
   chosen, rejected = pair_rewards(model, batch)
-  loss, metrics = reward_model_loss(
-    chosen, rejected, margin=per_pair_margin, center_coef=center_coef
-  )
-  return rescale_to_normalizer(loss, chosen.shape[0], normalizer), metrics
+  weights = packed.pair_weights(batch) if packed.is_packed(batch) else None
+  margins = {}
+  if per_pair_margin is not None and jnp.ndim(per_pair_margin) > 0:
+    margins = {"margin": jnp.asarray(per_pair_margin)}  # [B]: one per example
+  loss_fn = functools.partial(reward_model_loss, center_coef=center_coef,
+                              **({} if margins else {"margin": per_pair_margin}))
+  loss, metrics = packed.example_mean(loss_fn, weights, chosen, rejected, **margins)
+  return rescale_to_normalizer(loss, packed.count_of(chosen, weights), normalizer), metrics
 
 
 def ranking_count(batch: Batch) -> jax.Array:
@@ -182,8 +198,13 @@ def listwise_reward_objective(
 
 @functools.partial(jax.jit, static_argnums=0)
 def _pair_wins(graphdef: nnx.GraphDef, states: tuple[Any, ...], batch: Batch) -> jax.Array:
+  """(wins, pairs) of one batch (packed: over the present pairs)."""
   chosen, rejected = pair_rewards(nnx.merge(graphdef, *states), batch)
-  return jnp.sum((chosen > rejected).astype(jnp.float32))
+  wins = (chosen > rejected).astype(jnp.float32)
+  if packed.is_packed(batch):
+    weights = packed.pair_weights(batch)
+    return jnp.sum(wins * weights), jnp.sum(weights)
+  return jnp.sum(wins), jnp.asarray(wins.shape[0], jnp.float32)
 
 
 def pair_accuracy(model: Any, batches: Batch | Iterable[Batch]) -> float:
@@ -209,9 +230,10 @@ def pair_accuracy(model: Any, batches: Batch | Iterable[Batch]) -> float:
     batches = [batches]
   wins, pairs = 0.0, 0
   for batch in batches:
-    check_batch_keys(batch, PAIR_REWARD_KEYS, "pair_accuracy")
-    wins += float(_pair_wins(graphdef, states, {k: batch[k] for k in PAIR_REWARD_KEYS}))
-    pairs += int(jnp.shape(batch["chosen_input_ids"])[0])
+    keys = packed.PACKED_KEYS if packed.is_packed(batch) else PAIR_REWARD_KEYS
+    check_batch_keys(batch, keys, "pair_accuracy")
+    batch_wins, batch_pairs = _pair_wins(graphdef, states, {k: batch[k] for k in keys})
+    wins, pairs = wins + float(batch_wins), pairs + int(batch_pairs)
   return wins / pairs if pairs else 0.0
 
 

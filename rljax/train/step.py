@@ -19,7 +19,9 @@ equal-weight microbatches).
 
 Microbatch i holds the rows i, i + k, i + 2k, ... of the batch (k = `num_microbatches`): a strided
 split keeps every microbatch spread over the data-parallel devices exactly like the batch, so
-splitting moves no data between devices.
+splitting moves no data between devices. A packed batch (`rljax.train.packed`) splits its row
+arrays ([R, T], rank >= 2) the same way and gives every microbatch its per-sequence arrays ([N],
+rank 1) whole: each microbatch reads the sequences present in its rows by segment id.
 
 Non-finite steps. If the loss or any gradient entry is NaN or ±inf, the update is not applied:
 params and opt_state are returned unchanged (so the learning-rate schedule does not advance
@@ -43,6 +45,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from rljax.parallel.rules import DATA, FSDP
+from rljax.train.packed import is_packed
 from rljax.train.optim import current_learning_rate
 from rljax.train.state import TrainState, cast_floating, state_shardings
 
@@ -53,11 +56,16 @@ GradFn = Callable[[Any, Any, Any], tuple[jax.Array, Any, dict[str, jax.Array]]]
 def split_microbatches(batch: Any, num_microbatches: int) -> Any:
   """[B, ...] leaves → [k, B / k, ...]; microbatch i holds rows i, i + k, i + 2k, ...
 
+  A packed batch's rank-1 leaves (per-sequence arrays, [N]) are repeated instead: [k, N].
+
   Raises:
     ValueError: a leaf's leading dimension is not divisible by `num_microbatches`.
   """
+  packed_batch = is_packed(batch)
 
   def split(x):
+    if packed_batch and jnp.ndim(x) == 1:
+      return jnp.broadcast_to(jnp.asarray(x), (num_microbatches, *jnp.shape(x)))
     b = x.shape[0]
     if b % num_microbatches:
       raise ValueError(

@@ -65,6 +65,21 @@ def test_bad_values_and_forms():
     apply_overrides(ExperimentConfig("sft"), ["data.batch_size=0"])
 
 
+def test_packing_option_is_validated():
+  from rljax.experiment.config import DataSection
+
+  with pytest.raises(ConfigError, match="data.packing must be"):
+    DataSection(packing="yes")
+  with pytest.raises(ConfigError, match="needs data.max_length"):
+    ExperimentConfig("dpo", data=DataSection(packing=True))
+  with pytest.raises(ConfigError, match="needs an algorithm"):
+    ExperimentConfig("grpo", data=DataSection(packing=True, max_length=64))
+  assert ExperimentConfig("simpo", data=DataSection(max_length=64)).packs  # auto
+  assert not ExperimentConfig("simpo", data=DataSection(max_length=64, buckets=(64,))).packs
+  assert not ExperimentConfig("grpo", data=DataSection(max_length=64)).packs
+  assert not ExperimentConfig("sft", data=DataSection(max_length=64, packing=False)).packs
+
+
 def test_from_dict_nested_and_unknown():
   c = from_dict(ExperimentConfig, {"algorithm": "dpo", "grpo": {"sampling": {"num_samples": 4}},
                                    "logging": {"seed": 3}, "data": {"buckets": [8]}})

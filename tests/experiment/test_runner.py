@@ -94,6 +94,17 @@ config = grpo_config({out!r})
 """
 
 
+def test_sft_packs_by_default_when_max_length_is_set(tmp_path):
+  base = sft_config(str(tmp_path), plot=False, save_model=False)
+  config = dataclasses.replace(base, steps=3, data=dataclasses.replace(
+    base.data, buckets=None, max_length=16))
+  assert config.packs and not base.packs
+  run_experiment(config)
+  records = read_metrics(str(tmp_path))
+  assert all(0.0 <= r["padding_fraction"] < 0.5 and np.isfinite(r["loss"]) for r in records)
+  assert all(r["compiles"] == 0 for r in records[1:])  # static packed shapes: one compile
+
+
 def test_grpo_through_the_cli(tmp_path, capsys):
   out = tmp_path / "grpo"
   path = tmp_path / "grpo_exp.py"
