@@ -9,6 +9,9 @@ Shared conventions (see docs/architecture.md):
     keeps every value finite for log-ratios of ±100 (its gradient is 0 beyond the clip).
   * Per-token losses are reduced by `aggregate(loss_mat, mask, agg)`; diagnostics (`clipfrac`,
     `approx_kl`, `ratio_mean`, …) are token means over the mask, whatever `agg` is.
+  * Packed rows: `segment_ids` [B, T] (each token's sequence index) and their static count
+    `num_segments` make every per-sequence quantity (the seq-mean aggregations, GSPO's sequence
+    ratio) run over sequences instead of rows (`aggregate`).
   * Every loss returns `(loss, metrics)`, ready for `jax.value_and_grad(..., has_aux=True)`.
 """
 
@@ -28,7 +31,7 @@ from rljax.ops._checks import (
     compute_dtype,
 )
 from rljax.ops.kl import kl_penalty
-from rljax.ops.masking import aggregate, masked_mean
+from rljax.ops.masking import aggregate, masked_mean, sequence_sums
 
 Metrics = dict[str, jax.Array]
 
@@ -78,7 +81,8 @@ def _k3_of_log_ratio(log_ratio) -> jax.Array:
   return clamped_exp(log_ratio) - 1.0 - jnp.clip(log_ratio, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
 
 
-def policy_gradient_loss(logp, advantages, mask, *, agg: str = "token-mean"):
+def policy_gradient_loss(logp, advantages, mask, *, agg: str = "token-mean", segment_ids=None,
+                         num_segments: int | None = None):
   """REINFORCE / vanilla policy gradient: L = agg(−A · log π_θ).
 
   ∇L = −agg(A · ∇log π_θ), the score-function estimator (Williams, 1992). With A the
@@ -98,7 +102,8 @@ def policy_gradient_loss(logp, advantages, mask, *, agg: str = "token-mean"):
   """
   check_arrays(2, logp=logp, mask=mask)
   adv = _token_advantages(advantages, logp)
-  loss = aggregate(-adv * logp.astype(adv.dtype), mask, agg)
+  loss = aggregate(-adv * logp.astype(adv.dtype), mask, agg, segment_ids=segment_ids,
+                   num_segments=num_segments)
   return loss, {
       "advantage_mean": masked_mean(adv, mask),
       "logp_mean": jax.lax.stop_gradient(masked_mean(logp, mask)),
@@ -123,7 +128,7 @@ def ppo_clip_loss(
     clip_eps: float = 0.2,
     clip_eps_high: float | None = None,
     clip_ratio_c: float | None = None,
-    agg: str = "token-mean",
+    agg: str = "token-mean", segment_ids=None, num_segments: int | None = None,
 ):
   """PPO clipped surrogate (Schulman et al., 2017), with clip-higher and dual-clip options.
 
@@ -166,11 +171,13 @@ def ppo_clip_loss(
     loss_mat = jnp.where(adv < 0, jnp.minimum(loss_mat, bound), loss_mat)
   metrics = _ratio_metrics(log_ratio, ratio, clipped, mask)
   metrics["clipfrac_lower"] = masked_mean(dual_clipped, mask)
-  return aggregate(loss_mat, mask, agg), metrics
+  return aggregate(loss_mat, mask, agg, segment_ids=segment_ids,
+                   num_segments=num_segments), metrics
 
 
 def ppo_penalty_loss(
-    logp, old_logp, advantages, mask, *, beta: float, kl_kind: str = "k1", agg: str = "token-mean"
+    logp, old_logp, advantages, mask, *, beta: float, kl_kind: str = "k1", agg: str = "token-mean",
+    segment_ids=None, num_segments: int | None = None,
 ):
   """PPO's KL-penalised surrogate (Schulman et al., 2017, §4): L = agg(−A·r + β·KL̂(π_old‖π_θ)).
 
@@ -197,7 +204,8 @@ def ppo_penalty_loss(
   log_ratio = _log_ratio(logp, old_logp)
   ratio = clamped_exp(log_ratio)
   kl = kl_penalty(-log_ratio, jnp.zeros_like(log_ratio), kind=kl_kind, clamp=None)
-  loss = aggregate(-adv * ratio + beta * kl, mask, agg)
+  loss = aggregate(-adv * ratio + beta * kl, mask, agg, segment_ids=segment_ids,
+                   num_segments=num_segments)
   metrics = _ratio_metrics(log_ratio, ratio, jnp.zeros(ratio.shape, bool), mask)
   metrics["kl"] = jax.lax.stop_gradient(masked_mean(kl, mask))
   return loss, metrics
@@ -214,7 +222,7 @@ def grpo_loss(
     clip_eps_high: float | None = None,
     beta: float = 0.04,
     kl_kind: str = "k3",
-    agg: str = "seq-mean-token-mean",
+    agg: str = "seq-mean-token-mean", segment_ids=None, num_segments: int | None = None,
 ):
   """GRPO objective (Shao et al., 2024, DeepSeekMath eq. 3): clipped surrogate + β·KL in the loss.
 
@@ -262,7 +270,8 @@ def grpo_loss(
     kl = kl_penalty(logp.astype(loss_mat.dtype), ref_logp.astype(loss_mat.dtype), kind=kl_kind)
     loss_mat = loss_mat + beta * kl
     metrics["kl"] = jax.lax.stop_gradient(masked_mean(kl, mask))
-  return aggregate(loss_mat, mask, agg), metrics
+  return aggregate(loss_mat, mask, agg, segment_ids=segment_ids,
+                   num_segments=num_segments), metrics
 
 
 def gspo_loss(
@@ -273,7 +282,7 @@ def gspo_loss(
     *,
     clip_eps: float = 3e-4,
     clip_eps_high: float | None = 4e-4,
-    agg: str = "seq-mean-token-mean",
+    agg: str = "seq-mean-token-mean", segment_ids=None, num_segments: int | None = None,
 ):
   """GSPO: PPO clipping on the length-normalised sequence ratio (Zheng et al., 2025).
 
@@ -302,15 +311,22 @@ def gspo_loss(
   low, high = _clip_bounds(clip_eps, clip_eps_high)
   adv = _token_advantages(advantages, logp)
   log_ratio = _log_ratio(logp, old_logp)
-  seq_log_ratio = masked_mean(log_ratio, mask, axis=-1)  # [B]; 0 for empty rows
+  m = jnp.asarray(mask, log_ratio.dtype)
+  sums, counts = sequence_sums(jnp.where(m != 0, log_ratio, 0.0), m, segment_ids, num_segments)
+  seq_log_ratio = jnp.where(counts != 0, sums / jnp.where(counts != 0, counts, 1.0), 0.0)
+  if segment_ids is None:  # [B] → the tokens of each row; packed: [N] → each token's sequence
+    token_seq_log_ratio = seq_log_ratio[:, None]
+  else:
+    token_seq_log_ratio = jnp.take(seq_log_ratio, segment_ids, mode="fill", fill_value=0.0)
   lp = logp.astype(log_ratio.dtype)
-  token_log_ratio = lp - jax.lax.stop_gradient(lp) + jax.lax.stop_gradient(seq_log_ratio)[:, None]
+  token_log_ratio = lp - jax.lax.stop_gradient(lp) + jax.lax.stop_gradient(token_seq_log_ratio)
   ratio = clamped_exp(token_log_ratio)
   loss_mat, clipped = clipped_surrogate(ratio, adv, low, high)
   metrics = _ratio_metrics(log_ratio, ratio, clipped, mask)
-  rows = jnp.sum(jnp.asarray(mask, adv.dtype), axis=-1) != 0
-  metrics["seq_ratio_mean"] = jax.lax.stop_gradient(masked_mean(clamped_exp(seq_log_ratio), rows))
-  return aggregate(loss_mat, mask, agg), metrics
+  metrics["seq_ratio_mean"] = jax.lax.stop_gradient(masked_mean(clamped_exp(seq_log_ratio),
+                                                                counts != 0))
+  return aggregate(loss_mat, mask, agg, segment_ids=segment_ids,
+                   num_segments=num_segments), metrics
 
 
 def cispo_loss(
@@ -321,7 +337,7 @@ def cispo_loss(
     *,
     clip_eps: float = 0.2,
     clip_eps_high: float = 0.28,
-    agg: str = "token-mean",
+    agg: str = "token-mean", segment_ids=None, num_segments: int | None = None,
 ):
   """CISPO: REINFORCE weighted by a clipped, stop-gradient importance ratio (MiniMax-M1, 2025).
 
@@ -350,7 +366,8 @@ def cispo_loss(
   weight = jax.lax.stop_gradient(jnp.clip(ratio, low, high))
   loss_mat = -weight * adv * logp.astype(adv.dtype)
   clipped = (ratio < low) | (ratio > high)
-  return aggregate(loss_mat, mask, agg), _ratio_metrics(log_ratio, ratio, clipped, mask)
+  loss = aggregate(loss_mat, mask, agg, segment_ids=segment_ids, num_segments=num_segments)
+  return loss, _ratio_metrics(log_ratio, ratio, clipped, mask)
 
 
 def ppo_ptx_loss(rl_loss_and_metrics, ptx_logp, ptx_mask, *, ptx_coef: float, agg: str = "token-mean",

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from rljax.ops._checks import as_float_mask, check_choice, check_ndim, check_same_shape, compute_dtype
+from rljax.ops.segments import segment_sum
 
 AGG_MODES = (
     "token-mean",
@@ -129,7 +130,23 @@ def masked_whiten(x, mask, *, shift_mean: bool = True, eps: float = 1e-8) -> jax
   return jnp.where(m != 0, whitened, 0)
 
 
-def aggregate(loss_mat, mask, mode: str, *, horizon: int | None = None, normalizer=None) -> jax.Array:
+def sequence_sums(x, m, segment_ids=None, num_segments: int | None = None
+                  ) -> tuple[jax.Array, jax.Array]:
+  """(Σ_t m·x, Σ_t m) per sequence: per row [B] of `[B, T]` arrays, or per packed sequence [N]
+  with `segment_ids` and `num_segments` (both or neither)."""
+  if (segment_ids is None) != (num_segments is None):
+    raise ValueError("`segment_ids` and `num_segments` go together (packed rows); got "
+                     f"segment_ids={'None' if segment_ids is None else 'an array'}, "
+                     f"num_segments={num_segments!r}.")
+  if segment_ids is None:
+    return _weighted_sum(x, m, axis=-1), jnp.sum(m, axis=-1)
+  check_same_shape(x=x, segment_ids=segment_ids)
+  return (segment_sum(x, segment_ids, num_segments, mask=m),
+          segment_sum(m, segment_ids, num_segments))
+
+
+def aggregate(loss_mat, mask, mode: str, *, horizon: int | None = None, normalizer=None,
+              segment_ids=None, num_segments: int | None = None) -> jax.Array:
   """Reduces a `[B, T]` per-token loss to a scalar.
 
   With m the mask, n_b = Σ_t m_bt and V = {b : n_b > 0} the rows with at least one valid token:
@@ -145,6 +162,11 @@ def aggregate(loss_mat, mask, mode: str, *, horizon: int | None = None, normaliz
   its gradient. `token-sum` has no denominator and rejects a normalizer. A zero denominator
   gives 0.
 
+  Packed rows (several sequences per row): with `segment_ids` [B, T] (the sequence index of each
+  token, ids outside [0, num_segments) belong to none) the sums over b run over sequences
+  instead of rows, n_b = Σ_{t ∈ b} m_t (`rljax.ops.segments.segment_sum`), so a packed batch
+  aggregates exactly as its unpacked rows do.
+
   Args:
     loss_mat: [B, T] per-token loss.
     mask: [B, T] bool or weights.
@@ -153,6 +175,7 @@ def aggregate(loss_mat, mask, mode: str, *, horizon: int | None = None, normaliz
     horizon: divisor for "seq-mean-token-sum-norm" (default T, the padded length); the same
       constant must be used across microbatches.
     normalizer: optional scalar (Python number or array) overriding the outer denominator.
+    segment_ids, num_segments: packed rows' sequence ids [B, T] and their static count N.
 
   Returns:
     Scalar loss in `promote_types(loss_mat.dtype, float32)`.
@@ -164,8 +187,7 @@ def aggregate(loss_mat, mask, mode: str, *, horizon: int | None = None, normaliz
   check_choice("aggregation mode `mode`", mode, AGG_MODES)
   check_ndim("loss_mat", loss_mat, 2)
   loss, m = _prepare(loss_mat, mask)
-  token_sums = _weighted_sum(loss, m, axis=-1)  # [B]
-  token_counts = jnp.sum(m, axis=-1)  # [B]
+  token_sums, token_counts = sequence_sums(loss, m, segment_ids, num_segments)
   if mode == "token-sum":
     if normalizer is not None:
       raise ValueError("`normalizer` is not used by mode 'token-sum' (a sum has no denominator).")

@@ -5,6 +5,9 @@ Alignment. A row is `tokens = [prompt (P, left-padded) | completion (N)]`. Compl
 of positions P−1 .. P+N−2 and the values of the same positions (the value of the state *before*
 token t; `ValueModel` gives the value after reading tokens[:, :s+1]).
 
+A packed batch (`rljax.train.experience.pack_experience`) has P = 1 and passes its segment ids,
+so the same slicing gives every packed column's log-prob.
+
 Log-probs are computed with `logprobs_from_hidden` (chunked, custom VJP): no [B, T, V] logits
 exist in the forward or the backward pass. Each pass computes only what its caller uses: the
 reference pass gives log-probs alone, entropy is computed where it is logged or trained on.
@@ -41,7 +44,8 @@ def completion_logprobs(model: Any, batch: Any, *, temperature: float = 1.0,
   Returns logp, or (logp, entropy) with `return_entropy`, as `logprobs_from_hidden`.
   """
   p = batch.prompt_length
-  hidden = model.hidden_states(batch.tokens, batch.attention_mask, batch.positions)[:, p - 1 : -1]
+  hidden = model.hidden_states(batch.tokens, batch.attention_mask, batch.positions,
+                               batch.segment_ids)[:, p - 1 : -1]
   return logprobs_from_hidden(hidden, model.unembedding, batch.tokens[:, p:],
                               temperature=temperature, chunk_size=chunk_size,
                               return_entropy=return_entropy, entropy_grad=entropy_grad)
@@ -50,7 +54,8 @@ def completion_logprobs(model: Any, batch: Any, *, temperature: float = 1.0,
 def completion_values(critic: Any, batch: Any) -> Array:
   """[B, N] critic values V(state before completion token t) = critic(...)[:, P+t−1]."""
   p = batch.prompt_length
-  return critic(batch.tokens, batch.attention_mask, batch.positions)[:, p - 1 : -1]
+  return critic(batch.tokens, batch.attention_mask, batch.positions,
+                batch.segment_ids)[:, p - 1 : -1]
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "temperature", "chunk_size",

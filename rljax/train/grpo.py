@@ -186,10 +186,10 @@ class GRPOConfig:
 # ----------------------------------------------------------------------------------------------
 
 
-@functools.partial(jax.jit, static_argnames=("kind", "group_size", "tis_cap"))
-def token_advantages(scores, loss_mask, *, kind: str, group_size: int, tis_cap: float | None,
-                     old_logp=None, rollout_logp=None, step_rewards=None, step_mask=None):
-  """[B, N] token advantages (× the TIS weight when `tis_cap` is set) and the mean TIS weight.
+@functools.partial(jax.jit, static_argnames=("kind", "group_size"))
+def token_advantages(scores, loss_mask, *, kind: str, group_size: int, step_rewards=None,
+                     step_mask=None):
+  """[B, N] token advantages (0 outside the loss mask; no gradient).
 
   kind "process" reads `step_rewards` / `step_mask` ([B, N], `Scored.step_rewards`) instead of
   `scores`; the other kinds read `scores` [B].
@@ -206,12 +206,16 @@ def token_advantages(scores, loss_mask, *, kind: str, group_size: int, tis_cap: 
   else:
     adv = reinforce_pp_baseline_advantages(scores, mask, group_size=group_size)
   adv = adv[:, None] * mask if adv.ndim == 1 else adv * mask
-  weight = jnp.ones_like(mask)
-  if tis_cap is not None:
-    weight = jnp.minimum(clamped_exp(jnp.where(loss_mask, old_logp - rollout_logp, 0.0)),
-                         tis_cap)
-    adv = adv * jax.lax.stop_gradient(weight)
-  return jax.lax.stop_gradient(adv), masked_mean(weight, mask)
+  return jax.lax.stop_gradient(adv)
+
+
+@functools.partial(jax.jit, static_argnames=("cap",))
+def tis_weighted(advantages, loss_mask, old_logp, rollout_logp, *, cap: float):
+  """(advantages · w, mean w) with the truncated importance weight of the sampler's log-probs,
+  w = min(exp(old_logp − rollout_logp), cap), token by token (no gradient)."""
+  mask = loss_mask.astype(jnp.float32)
+  weight = jnp.minimum(clamped_exp(jnp.where(loss_mask, old_logp - rollout_logp, 0.0)), cap)
+  return jax.lax.stop_gradient(advantages * weight), masked_mean(weight, mask)
 
 
 def check_reward_kind(scored: Any, advantage: str) -> None:
@@ -244,19 +248,22 @@ def grpo_objective(model: Any, batch: Experience, *, normalizer=None, config: GR
                                       entropy_grad=False)  # logged only
   old = jax.lax.stop_gradient(logp) if batch.old_logp is None else batch.old_logp
   low, high = c.clip_range
+  segments = batch.segments  # packed rows: per-sequence terms by segment
   if c.loss == "grpo":
     loss, metrics = ppo_clip_loss(logp, old, batch.advantages, mask, clip_eps=low,
-                                  clip_eps_high=high, clip_ratio_c=c.clip_ratio_c, agg=u.agg)
+                                  clip_eps_high=high, clip_ratio_c=c.clip_ratio_c, agg=u.agg,
+                                  **segments)
   else:
     fn = gspo_loss if c.loss == "gspo" else cispo_loss
     loss, metrics = fn(logp, old, batch.advantages, mask, clip_eps=low, clip_eps_high=high,
-                       agg=u.agg)
+                       agg=u.agg, **segments)
   if c.kl_coef > 0:
     kl = kl_penalty(logp, batch.ref_logp, kind=c.kl_kind)
-    loss = loss + c.kl_coef * aggregate(kl, mask, u.agg)
+    loss = loss + c.kl_coef * aggregate(kl, mask, u.agg, **segments)
     metrics = dict(metrics, kl=jax.lax.stop_gradient(masked_mean(kl, mask)))
   metrics = dict(metrics, entropy=jax.lax.stop_gradient(masked_mean(entropy, mask)))
-  return rescale_to_normalizer(loss, agg_count(mask, u.agg), normalizer), metrics
+  count = agg_count(mask, u.agg, **segments)
+  return rescale_to_normalizer(loss, count, normalizer), metrics
 
 
 def make_grpo_update(graphdef: Any, optimizer: Any, config: GRPOConfig):
@@ -265,7 +272,7 @@ def make_grpo_update(graphdef: Any, optimizer: Any, config: GRPOConfig):
   (skipped when non-finite)."""
   agg = config.update.agg
   grad_fn = make_grad_fn(functools.partial(grpo_objective, config=config), graphdef,
-                         count_fn=lambda b: agg_count(b.loss_mask, agg),
+                         count_fn=lambda b: agg_count(b.loss_mask, agg, **b.segments),
                          num_microbatches=config.update.num_microbatches)
   required = ("advantages",) + (("ref_logp",) if config.kl_coef > 0 else ())
 
@@ -339,12 +346,15 @@ class GRPOTrainer(OnPolicyTrainer):
     if c.advantage == "process":
       steps = self.shard_batch({"step_rewards": jnp.asarray(scored.step_rewards, jnp.float32),
                                 "step_mask": jnp.asarray(scored.step_mask, bool)})
+    adv = token_advantages(batch.scores, batch.loss_mask, kind=c.advantage,
+                           group_size=c.sampling.num_samples, **steps)
+    batch = self.pack(batch.replace(advantages=adv))  # update.packing: the passes below too
     old_logp = self.logprobs(state.params, state.frozen, batch) if c.recompute_old_logp \
       else None
     ref_logp = self.reference_logprobs(state, batch) if c.kl_coef > 0 else None
-    adv, tis_mean = token_advantages(
-      batch.scores, batch.loss_mask, kind=c.advantage, group_size=c.sampling.num_samples,
-      tis_cap=float(c.tis_cap) if c.use_rollout_logprobs else None, old_logp=old_logp,
-      rollout_logp=batch.rollout_logp, **steps)
+    adv, tis_mean = batch.advantages, 1.0
+    if c.use_rollout_logprobs:
+      adv, tis_mean = tis_weighted(batch.advantages, batch.loss_mask, old_logp,
+                                   batch.rollout_logp, cap=float(c.tis_cap))
     batch = batch.replace(old_logp=old_logp, ref_logp=ref_logp, advantages=adv)
     return state, batch, {"tis_weight_mean": tis_mean}

@@ -18,20 +18,25 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from rljax.ops.masking import sequence_sums
+
 Array = jax.Array
 
 TOKEN_AGGS = ("token-mean",)
 SEQ_AGGS = ("seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 
 
-def agg_count(mask: Array, agg: str) -> Array:
+def agg_count(mask: Array, agg: str, *, segment_ids: Array | None = None,
+              num_segments: int | None = None) -> Array:
   """The outer denominator `aggregate(·, mask, agg)` divides by: Σ mask for "token-mean", the
-  number of rows with a valid token for the seq-mean modes (float32 scalar)."""
+  number of rows (packed: sequences, by `segment_ids`) with a valid token for the seq-mean modes
+  (float32 scalar)."""
   m = jnp.asarray(mask).astype(jnp.float32)
   if agg in TOKEN_AGGS:
     return jnp.sum(m)
   if agg in SEQ_AGGS:
-    return jnp.sum((jnp.sum(m, axis=-1) != 0).astype(jnp.float32))
+    counts = sequence_sums(m, m, segment_ids, num_segments)[1]
+    return jnp.sum((counts != 0).astype(jnp.float32))
   raise ValueError(f"`agg` {agg!r} has no normalizer; valid: {TOKEN_AGGS + SEQ_AGGS}.")
 
 

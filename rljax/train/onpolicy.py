@@ -32,6 +32,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import dataclasses
+import math
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -44,9 +45,15 @@ from flax import nnx
 from rljax.ops._checks import check_choice, check_int, check_number
 from rljax.ops.masking import AGG_MODES
 from rljax.parallel.mesh import use_mesh
-from rljax.parallel.rules import inference_rules
+from rljax.parallel.rules import DATA, FSDP, inference_rules
 from rljax.rollout.sampling import SamplingConfig
-from rljax.train.experience import Experience, mean_metrics, minibatch_indices, take_rows
+from rljax.train.experience import (
+  Experience,
+  mean_metrics,
+  minibatch_indices,
+  pack_experience,
+  take_rows,
+)
 from rljax.train.flops import update_flops
 from rljax.train.forward import policy_logprobs
 from rljax.train.scoring import Scored, accuracy_metrics, collect_rollout, rollout_metrics
@@ -74,6 +81,11 @@ class UpdateConfig:
       DAPO uses "token-mean", Dr. GRPO "seq-mean-token-sum-norm".
     peak_flops: the machine's peak FLOP/s; when set, each step logs `mfu`, the analytic FLOPs of
       its updates (`rljax.train.flops`) per second over this peak. None skips it.
+    packing: pack the rollout's sequences end to end into fewer rows before the forward
+      passes and the update (`rljax.train.experience.pack_experience`; GRPO family): what
+      varied completion lengths leave as padding is not computed. Off by default (a rollout
+      without stop tokens has nothing to pack); not with "seq-mean-token-sum-norm", whose
+      horizon is the unpacked completion length.
   """
 
   num_epochs: int | None = None
@@ -82,6 +94,7 @@ class UpdateConfig:
   chunk_size: int = 64
   agg: str | None = None
   peak_flops: float | None = None
+  packing: bool = False
 
   def __post_init__(self) -> None:
     for name in ("num_epochs", "num_minibatches", "num_microbatches", "chunk_size"):
@@ -91,6 +104,11 @@ class UpdateConfig:
       check_choice("`agg`", self.agg, [a for a in AGG_MODES if a != "token-sum"])
     if self.peak_flops is not None:
       check_number("peak_flops", self.peak_flops, low_open=True)
+    if not isinstance(self.packing, bool):
+      raise ValueError(f"`packing` must be a bool; got {self.packing!r}.")
+    if self.packing and self.agg == "seq-mean-token-sum-norm":
+      raise ValueError("`packing` does not support agg='seq-mean-token-sum-norm' (its horizon is "
+                       "the unpacked completion length); use packing=False.")
 
   def with_defaults(self, *, num_epochs: int, agg: str) -> UpdateConfig:
     """This section with an algorithm's defaults in place of its None fields."""
@@ -235,6 +253,18 @@ class OnPolicyTrainer(abc.ABC):
       self._sampler_shardings = variable_shardings(params, self.mesh,
                                                    inference_rules(self.rules))
     return jax.device_put(params, self._sampler_shardings)
+
+  def pack(self, batch: Experience) -> Experience:
+    """`batch` packed (`pack_experience`) when `update.packing`, into a row count the data axes,
+    minibatches and microbatches divide; else unchanged."""
+    u = self.config.update
+    if not u.packing:
+      return batch
+    data = 1
+    if self.mesh is not None:
+      data = math.prod(self.mesh.shape[a] for a in (DATA, FSDP) if a in self.mesh.axis_names)
+    multiple = data * u.num_minibatches * u.num_microbatches
+    return self.shard_batch(pack_experience(batch.replace(scores=None), row_multiple=multiple))
 
   def shard_batch(self, batch: Any) -> Any:
     """On a mesh, every [B, ...] leaf placed with its rows over the data axes (the layout of the

@@ -104,6 +104,9 @@ class PPOConfig:
   def __post_init__(self) -> None:
     check_training_sampling(self.sampling)
     resolve_update(self, num_epochs=4, agg="token-mean")
+    if self.update.packing:
+      raise ValueError("PPOConfig: `update.packing` is not supported (GAE would run across the "
+                       "packed sequences of a row); use packing=False.")
     check_choice("`mode`", self.mode, ("clip", "penalty"))
     check_choice("`kl_kind`", self.kl_kind, KL_KINDS)
     check_choice("`penalty_kl_kind`", self.penalty_kl_kind, KL_KINDS)
