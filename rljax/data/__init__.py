@@ -5,6 +5,7 @@
                                    KTOExample / RankedExample (TRL conventions)
   tokenize.tokenize_dataset        examples → token-id records (prompt and response separately)
   batching.collator / collate_*    records → fixed-shape numpy batches padded to buckets
+  packing.PackedBatchIterator      records → packed batches (several sequences per row, FFD)
   iterator.BatchIterator           deterministic, resumable batches
 """
 
@@ -29,6 +30,7 @@ from rljax.data.formats import (
 )
 from rljax.data.iterator import BatchIterator
 from rljax.data.jsonl import load_dataset, read_jsonl, write_jsonl
+from rljax.data.packing import PackedBatchIterator, collate_packed, padding_fraction
 from rljax.data.tokenize import (
   encode_prompt,
   encode_response,
@@ -38,6 +40,7 @@ from rljax.data.tokenize import (
 __all__ = [
   "BatchIterator",
   "KTOExample",
+  "PackedBatchIterator",
   "PreferenceExample",
   "PromptBatch",
   "PromptExample",
@@ -47,6 +50,7 @@ __all__ = [
   "bucket_sizes",
   "collate_kto",
   "collate_listwise",
+  "collate_packed",
   "collate_preference",
   "collate_prompts",
   "collate_sft",
@@ -54,6 +58,7 @@ __all__ = [
   "encode_prompt",
   "encode_response",
   "load_dataset",
+  "padding_fraction",
   "parse_rows",
   "read_jsonl",
   "tokenize_dataset",

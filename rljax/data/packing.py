@@ -67,12 +67,22 @@ def record_length(record: dict, kind: str, *, kl_pairs: bool = True) -> int:
   return sum(prompt + len(record[field]) for field in _members(kind, kl_pairs))
 
 
-def add_kl_completions(records: Sequence[dict]) -> list[dict]:
+def add_kl_completions(records: Sequence[dict], *, max_length: int | None = None) -> list[dict]:
   """KTO records with "kl_completion_ids": the completion of the record before (cyclically), the
   mismatched pairs TRL's KL dataset makes by shifting completions (`collate_kto` shifts within a
-  batch; packing needs each record's KL length up front, so the shift is over the records)."""
-  return [{**r, "kl_completion_ids": records[i - 1]["completion_ids"]}
-          for i, r in enumerate(records)]
+  batch; packing needs each record's KL length up front, so the shift is over the records).
+
+  With `max_length` a KL completion is cut to max_length − len(prompt) tokens (at least one), so
+  prompt + KL completion fits in max_length like the record itself (`fit_length`'s rule)."""
+  if max_length is not None:
+    check_int("max_length", max_length, 2)
+  out = []
+  for i, r in enumerate(records):
+    completion = list(records[i - 1]["completion_ids"])
+    if max_length is not None:
+      completion = completion[:max(max_length - len(r["prompt_ids"]), 1)]
+    out.append({**r, "kl_completion_ids": completion})
+  return out
 
 
 def _check_fits(lengths: Sequence[int], row_length: int, names: Sequence[Any] | None = None):

@@ -134,7 +134,7 @@ def packed_iterator(config: ExperimentConfig, tokenizer: Any,
   sequence a record holds (KTO records get their KL completions first)."""
   kind = config.data_kind
   if kind == "kto":
-    records = add_kl_completions(records)
+    records = add_kl_completions(records, max_length=config.data.max_length)
   per_record = 1 if kind == "sft" else 2
   return PackedBatchIterator(records, kind=kind, row_length=per_record * config.data.max_length,
                              num_rows=config.data.batch_size, pad_id=pad_id_of(tokenizer),

@@ -20,6 +20,7 @@ from rljax.ops.logprobs import (
 )
 from rljax.ops.masking import aggregate, masked_mean, masked_sum, masked_var, masked_whiten
 from rljax.ops.returns import discounted_returns, gae
+from rljax.ops.segments import segment_sum
 from rljax.ops.trust_region import trpo_step
 
 __all__ = [
@@ -43,6 +44,7 @@ __all__ = [
     "reinforce_pp_baseline_advantages",
     "remax_advantages",
     "rloo_advantages",
+    "segment_sum",
     "sequence_logprobs",
     "shift_for_next_token",
     "token_level_rewards",

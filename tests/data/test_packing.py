@@ -105,6 +105,8 @@ def test_pairs_and_kto_order_their_sequences():
   kto = add_kl_completions([{"prompt_ids": [1], "completion_ids": [2], "label": True},
                             {"prompt_ids": [3], "completion_ids": [4, 5], "label": False}])
   assert [r["kl_completion_ids"] for r in kto] == [[4, 5], [2]]
+  cut = add_kl_completions(kto, max_length=2)  # prompt (1) + KL completion <= 2 tokens
+  assert [r["kl_completion_ids"] for r in cut] == [[4], [2]]
   batch = collate_packed("kto", kto, row_length=10, num_rows=1, max_records=3, pad_id=0)
   assert batch["label"].tolist() == [True, False, False]
   assert batch["input_ids"][batch["segment_ids"] == 3].tolist() == [1, 4, 5]  # KL of record 0

@@ -168,3 +168,26 @@ def test_masked_reductions_gradient_and_jit(x64, fn):
   x, m = _data(6)
   check_grads(lambda v: jnp.sum(jnp.sin(fn(v, m))), (x,), order=1, modes=["rev"])
   np.testing.assert_allclose(jax.jit(fn)(x, m), fn(x, m), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["token-mean", "token-sum", "seq-mean-token-mean",
+                                  "seq-mean-token-sum", "seq-mean-token-sum-norm"])
+def test_aggregate_by_segments_equals_aggregate_over_the_unpacked_rows(mode):
+  """Three sequences laid into two packed rows (ids 0..2, padding id 3) aggregate as their own
+  rows do; garbage under mask 0 and at padding never reaches the value."""
+  rng = np.random.default_rng(0)
+  rows = rng.normal(size=(3, 5)).astype(np.float32)
+  lengths = [5, 2, 3]
+  mask = np.arange(5)[None] < np.asarray(lengths)[:, None]
+  packed = np.full((2, 6), np.nan, np.float32)
+  ids = np.full((2, 6), 3)
+  packed[0, :5], ids[0, :5] = rows[0], 0
+  packed[1, :2], ids[1, :2] = rows[1, :2], 1
+  packed[1, 2:5], ids[1, 2:5] = rows[2, :3], 2
+  packed_mask = ids < 3
+  want = aggregate(jnp.where(mask, rows, 0.0), mask, mode, horizon=5)
+  got = aggregate(jnp.asarray(packed), packed_mask, mode, horizon=5,
+                  segment_ids=jnp.asarray(ids), num_segments=3)
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  with pytest.raises(ValueError, match="go together"):
+    aggregate(jnp.asarray(packed), packed_mask, mode, segment_ids=jnp.asarray(ids))
