@@ -4,8 +4,9 @@ A mesh has the three named axes of `rljax.parallel.rules.MESH_AXES`: `data` (bat
 parameters replicated), `fsdp` (batch split *and* parameters split, gathered per layer, ZeRO-3 /
 FSDP style) and `tensor` (Megatron tensor parallelism inside a layer); with context parallelism
 a fourth, `context` (activations split along T, `rljax.parallel.context`). `MeshConfig` fixes
-their sizes; −1 fills the devices that are left. Which parameter or activation dimension goes on which
-axis is not the mesh's business: the logical-axis rule sets of `rljax.parallel.rules` decide that.
+their sizes; −1 fills the devices that are left. Which parameter or activation dimension goes on
+which axis is not the mesh's business: the logical-axis rule sets of `rljax.parallel.rules`
+decide that.
 
 All axes are `jax.sharding.AxisType.Auto`: shardings of intermediate values are propagated by the
 compiler (GSPMD / Shardy), and `jax.lax.with_sharding_constraint` is a real constraint that

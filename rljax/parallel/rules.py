@@ -1,9 +1,9 @@
 """Logical axis names and the rules that map them onto mesh axes.
 
 Models name every parameter dimension with a *logical* axis (``embed``, ``vocab``, ``heads``, …).
-A *rule set* maps each logical name to a mesh axis (``data``, ``fsdp``, ``tensor``, ``context``), a
-tuple of mesh axes, or ``None`` (replicated). Changing the rule set changes the parallelism strategy without
-touching model code (docs/architecture.md: scale is placement).
+A *rule set* maps each logical name to a mesh axis (``data``, ``fsdp``, ``tensor``,
+``context``), a tuple of mesh axes, or ``None`` (replicated). Changing the rule set changes the
+parallelism strategy without touching model code (docs/architecture.md: scale is placement).
 
 Rule sets are tuples of ``(logical_name, mesh_axes)`` pairs, the format of
 ``flax.nnx.logical_axis_rules`` / ``flax.linen.logical_axis_rules``, so they can be used directly
