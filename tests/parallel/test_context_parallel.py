@@ -39,7 +39,7 @@ def _loss_fn(graphdef):
 def _batch(packed: bool):
   rng = np.random.default_rng(0)
   ids = jnp.asarray(rng.integers(1, CONFIG.vocab_size, (B, T)), jnp.int32)
-  if packed:  # three or four sequences per row, the last one's tail padding
+  if packed:  # up to four sequences per row; rows 1, 2, 3 end in 3, 6, 9 padding slots
     bounds = np.sort(rng.integers(1, T, (B, 3)), axis=1)
     segments = (np.arange(T)[None, :, None] >= bounds[:, None, :]).sum(-1)
     mask = np.arange(T)[None] < T - np.arange(B)[:, None] * 3
@@ -57,7 +57,8 @@ def _compile(grad_fn, state, batch, mesh=None, rules="data"):
 
 
 def _assert_equal_to_one_device(config, mesh_config, packed, rules="data"):
-  """Loss and gradients on the mesh == one device's (1e-5); returns both compiled programs."""
+  """Loss and gradients on the mesh == one device's (1e-5); returns both compiled programs and
+  the (function, state, batch) they were compiled for."""
   graphdef, state = nnx.split(Transformer(config, rngs=nnx.Rngs(0)))
   batch, grad_fn = _batch(packed), _loss_fn(graphdef)
   one = _compile(grad_fn, state, batch)
