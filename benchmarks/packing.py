@@ -118,6 +118,7 @@ def main() -> None:
   parser.add_argument("--batch-size", type=int, default=8, help="records per padded batch")
   parser.add_argument("--rows", type=int, default=2, help="rows of 4096 per packed batch")
   parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--parts", type=int, nargs="+", default=[1, 2, 3])
   args = parser.parse_args()
   print(f"jax {jax.__version__} on {jax.devices()[0].platform}; os.getloadavg() at start = "
         f"{tuple(round(x, 2) for x in os.getloadavg())}")
@@ -126,6 +127,17 @@ def main() -> None:
   print(f"{len(records)} records, lengths median {np.median(lengths):.0f}, mean "
         f"{lengths.mean():.0f}, min {lengths.min()}, max {lengths.max()}")
 
+  packed = list(packed_iterator(records, args.rows))
+  if 1 in args.parts:
+    padding_part(records, args)
+  if 2 in args.parts:
+    step_part(records, lengths, packed, args)
+  if 3 in args.parts:
+    attention_part(packed, args)
+  print(f"\nos.getloadavg() at end = {tuple(round(x, 2) for x in os.getloadavg())}")
+
+
+def padding_part(records, args) -> None:
   print("\n1. padding fraction (whole dataset, data order)")
   for batch_size in sorted({args.batch_size, 32}):
     print(f"  padded buckets, {batch_size:2d} records / batch : "
@@ -137,10 +149,12 @@ def main() -> None:
           f"({len(batches)} batches, largest per-batch {max(map(padding_fraction, batches)):.1%}"
           f", packing {time.perf_counter() - start:.1f} s)")
 
+
+
+def step_part(records, lengths, packed, args) -> None:
   print(f"\n2. SFT train step over the dataset, real tokens / s (per shape: median of "
         f"{args.repeats} steps, compile excluded)")
   padded = padded_batches(records, args.batch_size)
-  packed = list(packed_iterator(records, args.rows))
   real = float(lengths.sum())
   assert all(real == sum(float(b["attention_mask"].sum()) for b in bs) for bs in (padded, packed))
   results = {}
@@ -154,6 +168,8 @@ def main() -> None:
   print(f"  packed / padded tokens/s: {results['padded'] / results['packed']:.2f}x   "
         f"(goal >= 2.5x)")
 
+
+def attention_part(packed, args) -> None:
   print("\n3. attention core fwd + bwd: one packed row vs. its segments alone")
   row_ids, row_mask = packed[0]["segment_ids"][0], packed[0]["attention_mask"][0]  # data order
   n = packed[0]["sequence_mask"].shape[0]
@@ -164,7 +180,6 @@ def main() -> None:
   print(f"  row of {T} with {len(segment_lengths)} segments {segment_lengths}: {row_s * 1e3:.1f} ms;"
         f" segments alone: {alone_s * 1e3:.1f} ms")
   print(f"  packed row / sum of segments alone: {row_s / alone_s:.2f}x   (goal <= 1.2x)")
-  print(f"\nos.getloadavg() at end = {tuple(round(x, 2) for x in os.getloadavg())}")
 
 
 if __name__ == "__main__":

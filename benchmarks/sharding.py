@@ -67,7 +67,7 @@ def sft_step(graphdef, tx):
   def loss_fn(params, batch):
     model = nnx.merge(graphdef, params)
     hidden = model.hidden_states(batch["inputs"], batch["attention_mask"])
-    hidden = constrain(hidden, ("batch", "length", "act_embed"))
+    hidden = constrain(hidden, ("batch", "sequence", "act_embed"))
     logp = logprobs_from_hidden(hidden, model.unembedding, batch["targets"], chunk_size=128)
     return aggregate(-logp, batch["loss_mask"], "token-mean")
 
@@ -106,7 +106,7 @@ def compile_layout(name: str, config: ModelConfig, batch: int, seq: int) -> dict
     opt_sh = optax.tree_map_params(
       tx, lambda _, s: s, abstract_opt, param_sh, transform_non_params=lambda _: replicated
     )
-    batch_sh = NamedSharding(mesh, logical_to_mesh_spec(("batch", "length"), rules, mesh))
+    batch_sh = NamedSharding(mesh, logical_to_mesh_spec(("batch", "sequence"), rules, mesh))
     batch_abs = {k: jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=batch_sh)
                  for k in ("inputs", "attention_mask", "targets", "loss_mask")}
     params_abs = with_sharding(abstract, param_sh)

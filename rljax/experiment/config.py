@@ -60,8 +60,9 @@ The schema (defaults in parentheses; every field can be overridden with `--set`)
     ppo             `rljax.train.PPOConfig` (defaults)
     optimizer       `rljax.train.OptimizerConfig` (learning_rate=1e-5, schedule, warmup, ...)
     critic_optimizer  ppo: `OptimizerConfig` of the critic (None: same as `optimizer`)
-    mesh            `rljax.parallel.MeshConfig` (data=-1, fsdp=1, tensor=1); used when the run
-                    has more than one device (ppo runs unsharded)
+    mesh            `rljax.parallel.MeshConfig` (data=-1, fsdp=1, tensor=1, context=1; context
+                    > 1 splits rows along T: context parallelism); used when the run has more
+                    than one device (ppo runs unsharded)
     num_devices     use the first N devices (None: all); 1 runs without a mesh
     rules           logical-axis rule set: "data" | "fsdp" | "fsdp_tp" ("data")
     num_microbatches  gradient accumulation of the supervised step (1)

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 from rljax.models import kernels
 from rljax.models.kernels import KERNELS
 from rljax.ops._checks import check_int, check_number
+from rljax.parallel.context import context_parallel, context_shards
 
 if TYPE_CHECKING:
   from rljax.models.config import ModelConfig
@@ -519,9 +520,14 @@ def self_attention(
     quarter of the score FLOPs, which on CPU did not make the GRPO benchmark's update (T = 256)
     faster while its compile took ~1 s longer (`benchmarks/attention.py`, BENCHMARKS.md).
     Beyond, blockwise wins in time (3.2x at T = 2048 on CPU) and memory (linear in T).
+
+  Under a mesh and rules that split the rows along T (context parallelism), self-attention is
+  `context_parallel_attention` instead.
   """
   s_len = attention_mask.shape[-1]
   t = s_len if num_queries is None else num_queries
+  if t == s_len and context_shards() > 1:  # rows split along T over the mesh
+    return context_parallel_attention(config, attention_mask, positions, segment_ids)
   attend = _pure_jax_attention(config, attention_mask, positions, segment_ids,
                                query_offset=query_offset, num_queries=t)
   kernel = kernels.kernel_for(config.attention)
@@ -584,3 +590,30 @@ def _pure_jax_attention(
                                block_size=config.attention_block, **options)
 
   return attend_blockwise
+
+
+def context_parallel_attention(
+  config: ModelConfig, attention_mask: Array, positions: Array, segment_ids: Array | None = None
+) -> Attend:
+  """Self-attention of rows split along T over the mesh (`rljax.parallel.context`): each shard's
+  queries against every slot's keys and values (all-gathered per layer) by `blockwise_attention`
+  at the queries' slot offset, whatever `config.attention` says for short rows ("auto" and
+  "blockwise" alike). "naive" is refused: its dense [B, T, S] mask and scores are what context
+  parallelism exists to avoid.
+
+  Raises:
+    ValueError: `config.attention == "naive"`; T not divisible by the number of shards.
+  """
+  if config.attention == "naive":
+    raise ValueError(
+      'context parallelism (the mesh splits `sequence`) needs the blockwise core; '
+      'ModelConfig.attention is "naive": use "auto" or "blockwise", or a mesh without context'
+    )
+  options = dict(scale=config.attention_scale, softcap=config.attention_softcap,
+                 block_size=config.attention_block)
+
+  def attend_shard(q, k, v, query_offset, key_inputs, window):
+    return blockwise_attention(q, k, v, *key_inputs, query_offset=query_offset,
+                               sliding_window=window, **options)
+
+  return context_parallel(attend_shard, (attention_mask, positions, segment_ids))

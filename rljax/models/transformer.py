@@ -9,7 +9,7 @@ The N layers' parameters are stacked along a leading `layers` axis and applied w
 
 Every parameter carries logical axis names (`out_sharding` metadata, see `rljax.parallel.rules`),
 and the activations are annotated with theirs (`rljax.parallel.constrain`: hidden states
-(batch, length, act_embed), q / k / v per head, the MLP's hidden layer); under `use_mesh(mesh,
+(batch, sequence, act_embed), q / k / v per head, the MLP's hidden layer); under `use_mesh(mesh,
 rules)` these pin the layouts GSPMD would otherwise guess, and with no mesh they do nothing.
 Constructed with no mesh, parameters are plain single-device arrays. Constructed under
 `jax.set_mesh(mesh)` *and* logical axis rules (`rljax.parallel.logical_axis_rules(rules)`), they
@@ -33,6 +33,7 @@ from flax import nnx
 
 from rljax.models.attention import Attend, layer_windows, self_attention
 from rljax.models.config import ModelConfig
+from rljax.parallel.context import context_shards
 from rljax.parallel.mesh import constrain
 from rljax.parallel.rules import place_by_logical_axes
 
@@ -64,10 +65,10 @@ LAYER_AXES: dict[str, tuple[str, ...]] = {
 }
 
 # Logical axis names of activations (`constrain`; MaxText-style annotations).
-HIDDEN_AXES = ("batch", "length", "act_embed")
-Q_AXES = ("batch", "length", "act_heads", None)
-KV_AXES = ("batch", "length", "act_kv_heads", None)
-MLP_AXES = ("batch", "length", "act_mlp")
+HIDDEN_AXES = ("batch", "sequence", "act_embed")
+Q_AXES = ("batch", "sequence", "act_heads", None)
+KV_AXES = ("batch", "sequence", "act_kv_heads", None)
+MLP_AXES = ("batch", "sequence", "act_mlp")
 
 _INIT_STD = 0.02  # transformers' default `initializer_range`.
 
@@ -198,7 +199,11 @@ def dense(x: Array, w: Array, contract: int = 1) -> Array:
   """x [..., *in] @ w [*in, *out] over the last `contract` dims of x (the first of w), as ONE
   2D matmul [rows, in] @ [in, out] (the reshapes are free). XLA:CPU runs a 2D dot's backward
   without the layout copies a batched einsum needs (the SwiGLU MLP's forward + backward: 1.7x
-  faster); on accelerators both are the same program."""
+  faster); on accelerators both are the same program. With the rows split along T (context
+  parallelism) the [B·T] rows would not be a tiling of the devices (GSPMD would all-gather
+  them), so the lead dimensions are kept: one `tensordot`."""
+  if context_shards() > 1:
+    return jnp.tensordot(x, w.astype(x.dtype), contract)
   lead, inner, outer = x.shape[: x.ndim - contract], w.shape[:contract], w.shape[contract:]
   rows = x.reshape(-1, math.prod(inner))
   out = rows @ w.astype(x.dtype).reshape(math.prod(inner), math.prod(outer))

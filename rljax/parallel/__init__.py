@@ -1,9 +1,11 @@
 """Device meshes, logical-axis sharding rules and multi-host start-up.
 
 See `rljax.parallel.mesh` (MeshConfig, make_mesh, use_mesh, constrain), `rljax.parallel.rules`
-(logical axis names and rule sets) and `rljax.parallel.distributed` (initialize).
+(logical axis names and rule sets), `rljax.parallel.context` (context parallelism: attention of
+rows split along T) and `rljax.parallel.distributed` (initialize).
 """
 
+from rljax.parallel.context import context_parallel, context_shards, sequence_axes
 from rljax.parallel.distributed import initialize, is_initialized, launcher_detected, shutdown
 from rljax.parallel.mesh import MeshConfig, constrain, make_mesh, use_mesh
 
@@ -27,6 +29,8 @@ from rljax.parallel.rules import (
 __all__ = [
   "MeshConfig",
   "constrain",
+  "context_parallel",
+  "context_shards",
   "initialize",
   "is_initialized",
   "launcher_detected",
@@ -46,5 +50,6 @@ __all__ = [
   "mesh_and_rules",
   "named_shardings",
   "place_by_logical_axes",
+  "sequence_axes",
   "shard_state",
 ]

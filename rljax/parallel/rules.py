@@ -1,9 +1,9 @@
 """Logical axis names and the rules that map them onto mesh axes.
 
 Models name every parameter dimension with a *logical* axis (``embed``, ``vocab``, ``heads``, …).
-A *rule set* maps each logical name to a mesh axis (``data``, ``fsdp``, ``tensor``), a tuple of mesh
-axes, or ``None`` (replicated). Changing the rule set changes the parallelism strategy without
-touching model code (docs/architecture.md: scale is placement).
+A *rule set* maps each logical name to a mesh axis (``data``, ``fsdp``, ``tensor``,
+``context``), a tuple of mesh axes, or ``None`` (replicated). Changing the rule set changes the
+parallelism strategy without touching model code (docs/architecture.md: scale is placement).
 
 Rule sets are tuples of ``(logical_name, mesh_axes)`` pairs, the format of
 ``flax.nnx.logical_axis_rules`` / ``flax.linen.logical_axis_rules``, so they can be used directly
@@ -32,7 +32,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 DATA = "data"
 FSDP = "fsdp"
 TENSOR = "tensor"
-MESH_AXES = (DATA, FSDP, TENSOR)
+MESH_AXES = (DATA, FSDP, TENSOR)  # the axes of every mesh `rljax.parallel.make_mesh` builds
+# Context parallelism (`rljax.parallel.context`): activations split along T. `make_mesh` adds it
+# (between fsdp and tensor) only when `MeshConfig.context` > 1; absent, the rules' mapping of
+# `sequence` onto it is dropped, so a mesh without context parallelism is unchanged.
+CONTEXT = "context"
 
 # Logical axes of parameters.
 EMBED = "embed"  # model width D
@@ -46,7 +50,7 @@ NORM = "norm"  # reserved for scalar-per-feature parameters that should stay rep
 
 # Logical axes of activations.
 BATCH = "batch"
-LENGTH = "length"
+SEQUENCE = "sequence"  # the token axis T of activations: split over `context` (context parallelism)
 ACT_EMBED = "act_embed"
 ACT_HEADS = "act_heads"
 ACT_KV_HEADS = "act_kv_heads"
@@ -54,7 +58,7 @@ ACT_MLP = "act_mlp"
 ACT_VOCAB = "act_vocab"
 
 PARAM_AXES = (EMBED, VOCAB, HEADS, KV_HEADS, HEAD_DIM, MLP, LAYERS, NORM)
-ACTIVATION_AXES = (BATCH, LENGTH, ACT_EMBED, ACT_HEADS, ACT_KV_HEADS, ACT_MLP, ACT_VOCAB)
+ACTIVATION_AXES = (BATCH, SEQUENCE, ACT_EMBED, ACT_HEADS, ACT_KV_HEADS, ACT_MLP, ACT_VOCAB)
 
 MeshAxes = Union[str, tuple[str, ...], None]
 Rules = tuple[tuple[str, MeshAxes], ...]
@@ -64,7 +68,7 @@ _REPLICATED_PARAMS: Rules = tuple(
 )
 _BATCH_ONLY_ACTIVATIONS: Rules = (
   (BATCH, (DATA, FSDP)),
-  (LENGTH, None),
+  (SEQUENCE, CONTEXT),
   (ACT_EMBED, None),
   (ACT_HEADS, None),
   (ACT_KV_HEADS, None),
@@ -72,6 +76,7 @@ _BATCH_ONLY_ACTIVATIONS: Rules = (
   (ACT_VOCAB, None),
 )
 
+# Every rule set splits activations along T over `context` (a no-op on a mesh without that axis).
 # Pure data parallelism: every parameter replicated, the batch split over data (and fsdp) axes.
 DATA_PARALLEL_RULES: Rules = _REPLICATED_PARAMS + _BATCH_ONLY_ACTIVATIONS
 
@@ -98,7 +103,7 @@ FSDP_TP_RULES: Rules = (
   (LAYERS, None),
   (NORM, None),
   (BATCH, (DATA, FSDP)),
-  (LENGTH, None),
+  (SEQUENCE, CONTEXT),
   (ACT_EMBED, None),
   (ACT_HEADS, TENSOR),
   (ACT_KV_HEADS, TENSOR),
@@ -188,7 +193,8 @@ def logical_to_mesh_spec(
   """Maps a tuple of logical axis names to a `PartitionSpec` of mesh axes.
 
   Unknown logical names and `None` are replicated. When `mesh` is given, mesh axes absent from it
-  are dropped (so the default rules work on a mesh with only some of `data`/`fsdp`/`tensor`).
+  are dropped (so the default rules work on a mesh with only some of `data`/`fsdp`/`tensor`/
+  `context`).
   A mesh axis is used at most once per spec: a later dimension asking for an axis already taken
   is replicated along it instead (JAX rejects specs that repeat a mesh axis).
   """

@@ -89,9 +89,9 @@ def test_use_mesh_sets_mesh_and_rules_and_restores():
 @pytest.mark.parametrize(
   "rules, axes, expected",
   [
-    ("data", ("batch", "length", "act_embed"), P(("data", "fsdp"), None, None)),
-    ("fsdp", ("batch", "length", "act_embed"), P(("data", "fsdp"), None, None)),
-    ("fsdp_tp", ("batch", "length", "act_mlp"), P(("data", "fsdp"), None, "tensor")),
+    ("data", ("batch", "sequence", "act_embed"), P(("data", "fsdp"), None, None)),
+    ("fsdp", ("batch", "sequence", "act_embed"), P(("data", "fsdp"), None, None)),
+    ("fsdp_tp", ("batch", "sequence", "act_mlp"), P(("data", "fsdp"), None, "tensor")),
     ("fsdp_tp", (None, "act_vocab", None), P(None, "tensor", None)),
   ],
 )
@@ -121,7 +121,7 @@ def test_constrain_on_a_model_activation():
     @jax.jit
     def hidden(state, ids):
       h = nnx.merge(graphdef, state).hidden_states(ids)
-      return constrain(h, ("batch", "length", "act_embed"))
+      return constrain(h, ("batch", "sequence", "act_embed"))
 
     out = hidden(state, ids)
   assert out.sharding.is_equivalent_to(NamedSharding(mesh, P(("data", "fsdp"))), 3)

@@ -36,19 +36,24 @@ def abstract_state():
   return nnx.state(nnx.eval_shape(lambda: Transformer(CONFIG, rngs=nnx.Rngs(0))))
 
 
+BATCH_SEQUENCE = P(("data", "fsdp"), "context")  # rows over data × fsdp, T over context
+
+
 @pytest.mark.parametrize(
   "rules, expected",
   [
-    ("data", {"q": P(None, None, None, None), "embed": P(None, None), "batch": P(("data", "fsdp"), None)}),
-    ("fsdp", {"q": P(None, "fsdp", None, None), "embed": P(None, "fsdp"), "batch": P(("data", "fsdp"), None)}),
-    ("fsdp_tp", {"q": P(None, "fsdp", "tensor", None), "embed": P("tensor", "fsdp"),
-                 "batch": P(("data", "fsdp"), None)}),
+    ("data", {"q": P(None, None, None, None), "embed": P(None, None)}),
+    ("fsdp", {"q": P(None, "fsdp", None, None), "embed": P(None, "fsdp")}),
+    ("fsdp_tp", {"q": P(None, "fsdp", "tensor", None), "embed": P("tensor", "fsdp")}),
   ],
 )
 def test_default_rule_sets(rules, expected):
   assert logical_to_mesh_spec(("layers", "embed", "heads", "head_dim"), rules) == expected["q"]
   assert logical_to_mesh_spec(("vocab", "embed"), rules) == expected["embed"]
-  assert logical_to_mesh_spec(("batch", "length"), rules) == expected["batch"]
+  assert logical_to_mesh_spec(("batch", "sequence"), rules) == BATCH_SEQUENCE
+  # on a mesh without a context axis (no context parallelism) T is not split
+  assert logical_to_mesh_spec(("batch", "sequence"), rules, _mesh((2, 2, 2))) == P(
+    ("data", "fsdp"), None)
   assert logical_to_mesh_spec(("layers", "norm"), rules) == P(None, None)
 
 
