@@ -51,6 +51,7 @@ ATTENTION_IMPLEMENTATIONS = ("auto", "naive", "blockwise", *KERNELS)
 # Up to this many blocks per row the blockwise core is unrolled by block diagonals (XLA schedules
 # it best); beyond, its loops are `lax` loops (program size independent of T).
 _MAX_DIAGONAL_BLOCKS = 16
+_LOOP_KEY_BLOCKS = 4  # key block = this many query blocks in the loop schedule
 # The blockwise core's einsums: plain batched matmuls over (B, KV, n blocks), the G query heads
 # of a KV head stacked as rows: q [B, KV, n, G·b, Dh], k / v [B, KV, n, b, Dh], scores
 # [B, KV, n, G·b, b] (XLA:CPU runs them without layout copies).
@@ -135,9 +136,10 @@ def naive_attention(
 class _Blocks(NamedTuple):
   """Static layout of one blockwise call (hashable: a `nondiff_argnums` argument)."""
 
-  size: int  # block size of queries and keys
-  num_q: int  # query blocks (Tq padded to a multiple of `size`)
-  num_k: int  # key blocks (S padded likewise)
+  q_size: int  # query block size
+  k_size: int  # key block size (== q_size in the diagonal schedule)
+  num_q: int  # query blocks (T padded to a multiple of `q_size`)
+  num_k: int  # key blocks (S padded to a multiple of `k_size`)
   groups: int  # query heads per KV head
   scale: float
   softcap: float | None
@@ -150,11 +152,11 @@ class _Blocks(NamedTuple):
 class _Inputs(NamedTuple):
   """The blocked [B, n, b] masks of one call, its scalars and the pairs to compute (no gradient)."""
 
-  q_positions: Array  # [B, num_q, b]
-  q_segments: Array  # [B, num_q, b]
-  key_mask: Array  # [B, num_k, b] bool
-  k_positions: Array  # [B, num_k, b]
-  k_segments: Array  # [B, num_k, b]
+  q_positions: Array  # [B, num_q, q_size]
+  q_segments: Array  # [B, num_q, q_size]
+  key_mask: Array  # [B, num_k, k_size] bool
+  k_positions: Array  # [B, num_k, k_size]
+  k_segments: Array  # [B, num_k, k_size]
   offset: Array  # int32 scalar: the key slot of query 0
   window: Array  # int32 scalar: the sliding window (unused without one)
   pairs: Array  # [num_q, num_k] bool: some row has a visible (query, key) in the two blocks
@@ -173,18 +175,18 @@ def _put(x: Array, update: Array, start, axis: int) -> Array:
 
 
 def _where_visible(layout: _Blocks, qi, kj, n: int, inputs: _Inputs, s: Array, fill) -> Array:
-  """Scores s [B, KV, n, G·b, b] with `fill` where the key is hidden (see `_visible`)."""
-  b = layout.size
-  shape = (*s.shape[:3], layout.groups, b, b)
+  """Scores s [B, KV, n, G·bq, bk] with `fill` where the key is hidden (see `_visible`)."""
+  shape = (*s.shape[:3], layout.groups, layout.q_size, layout.k_size)
   return jnp.where(_visible(layout, qi, kj, n, inputs), s.reshape(shape), fill).reshape(s.shape)
 
 
 def _visible(layout: _Blocks, qi, kj, n: int, x: _Inputs) -> Array:
-  """Visibility [B, 1, n, 1, b, b] of key blocks kj..kj+n-1 to query blocks qi..qi+n-1 (pairs
-  qi + m, kj + m): causal by slot (query slot offset + qi·b + r >= key slot kj·b + c), a real
-  key, the same segment, inside the window."""
-  b = layout.size
-  causal = x.offset + (qi - kj) * b + jnp.arange(b)[:, None] >= jnp.arange(b)[None, :]  # [b, b]
+  """Visibility [B, 1, n, 1, bq, bk] of key blocks kj..kj+n-1 to query blocks qi..qi+n-1 (pairs
+  qi + m, kj + m; n > 1 only with equal block sizes): causal by slot (query slot
+  offset + qi·bq + r >= key slot kj·bk + c), a real key, the same segment, inside the window."""
+  bq, bk = layout.q_size, layout.k_size
+  causal = (x.offset + qi * bq - kj * bk + jnp.arange(bq)[:, None]
+            >= jnp.arange(bk)[None, :])  # [bq, bk]
   mask = causal[None, None] & _take(x.key_mask, kj, n, 1)[:, :, None, :]
   if layout.has_segments:
     seg_q, seg_k = _take(x.q_segments, qi, n, 1), _take(x.k_segments, kj, n, 1)
@@ -201,11 +203,10 @@ def _block_pairs(layout: _Blocks, x: _Inputs, skip: bool) -> Array:
   last slot (causal), holds no real key, shares no segment id with the query block (their id
   ranges are disjoint) or lies wholly outside the window (min query position − max key
   position >= window). `skip=False` computes every pair (the baseline without skipping)."""
-  b = layout.size
   if not skip:
     return jnp.ones((layout.num_q, layout.num_k), bool)
-  q_last = x.offset + jnp.arange(layout.num_q) * b + b - 1
-  need = (jnp.arange(layout.num_k) * b)[None, :] <= q_last[:, None]  # [nq, nk]
+  q_last = x.offset + (jnp.arange(layout.num_q) + 1) * layout.q_size - 1
+  need = (jnp.arange(layout.num_k) * layout.k_size)[None, :] <= q_last[:, None]  # [nq, nk]
   need = need[None] & jnp.any(x.key_mask, axis=-1)[:, None, :]  # [B, nq, nk]
   big = jnp.iinfo(jnp.int32).max
 
@@ -426,16 +427,21 @@ def blockwise_attention(
       check_number(name, value, low_open=True)
   if isinstance(sliding_window, int):
     check_int("sliding_window", sliding_window, minimum=1)
-  size = min(block_size, s_len)
-  num_k, num_q = -(-s_len // size), -(-t // size)
+  q_size = min(block_size, s_len)
+  num_q = -(-t // q_size)
   self_attention = t == s_len and isinstance(query_offset, int) and query_offset == 0
+  diagonal = self_attention and num_q <= _MAX_DIAGONAL_BLOCKS
+  # The loop schedule attends each query block to keys `_LOOP_KEY_BLOCKS` blocks at a time:
+  # fewer, larger iterations (a few more masked pairs at the ends of each span).
+  k_size = q_size if diagonal else min(q_size * _LOOP_KEY_BLOCKS, s_len)
+  num_k = -(-s_len // k_size)
   key_mask = key_mask.astype(bool)
   positions = jnp.zeros((b, s_len), jnp.int32) if positions is None else positions.astype(jnp.int32)
   segments = (jnp.zeros((b, s_len), jnp.int32) if segment_ids is None
               else segment_ids.astype(jnp.int32))
   offset = jnp.asarray(query_offset, jnp.int32)
 
-  def blocked(x, num, fill=0):
+  def blocked(x, num, size, fill=0):
     x = jnp.pad(x, ((0, 0), (0, num * size - x.shape[1])), constant_values=fill)
     return x.reshape(b, num, size)
 
@@ -448,32 +454,34 @@ def blockwise_attention(
     )
   has_window = sliding_window is not None
   layout = _Blocks(
-    size=size, num_q=num_q, num_k=num_k, groups=g,
+    q_size=q_size, k_size=k_size, num_q=num_q, num_k=num_k, groups=g,
     scale=float(dh**-0.5 if scale is None else scale),
     softcap=None if softcap is None else float(softcap), has_window=has_window,
     has_segments=segment_ids is not None,
-    diagonal=self_attention and num_k <= _MAX_DIAGONAL_BLOCKS,
+    diagonal=diagonal,
     skip_diagonals=block_skipping and (has_window or segment_ids is not None),
   )
   inputs = _Inputs(
-    q_positions=blocked(q_positions, num_q), q_segments=blocked(q_segments, num_q),
-    key_mask=blocked(key_mask, num_k, False), k_positions=blocked(positions, num_k),
-    k_segments=blocked(segments, num_k), offset=offset,
+    q_positions=blocked(q_positions, num_q, q_size),
+    q_segments=blocked(q_segments, num_q, q_size),
+    key_mask=blocked(key_mask, num_k, k_size, False),
+    k_positions=blocked(positions, num_k, k_size), k_segments=blocked(segments, num_k, k_size),
+    offset=offset,
     window=jnp.asarray(0 if sliding_window is None else sliding_window, jnp.int32),
     pairs=jnp.zeros((), bool),
   )
   inputs = inputs._replace(pairs=_block_pairs(layout, inputs, block_skipping))
-  # Blocks, head-major: q [B, KV, num_q, G·b, Dh], k / v [B, KV, num_k, b, Dh].
-  q = jnp.pad(q, ((0, 0), (0, num_q * size - t), (0, 0), (0, 0)))
-  q = jnp.einsum("bnskgd->bkngsd", q.reshape(b, num_q, size, kv, g, dh))
-  q = q.reshape(b, kv, num_q, g * size, dh)
+  # Blocks, head-major: q [B, KV, num_q, G·bq, Dh], k / v [B, KV, num_k, bk, Dh].
+  q = jnp.pad(q, ((0, 0), (0, num_q * q_size - t), (0, 0), (0, 0)))
+  q = jnp.einsum("bnskgd->bkngsd", q.reshape(b, num_q, q_size, kv, g, dh))
+  q = q.reshape(b, kv, num_q, g * q_size, dh)
   k, v = (
-    jnp.einsum("bnskd->bknsd", jnp.pad(x, ((0, 0), (0, num_k * size - s_len), (0, 0), (0, 0)))
-               .reshape(b, num_k, size, kv, dh))
+    jnp.einsum("bnskd->bknsd", jnp.pad(x, ((0, 0), (0, num_k * k_size - s_len), (0, 0), (0, 0)))
+               .reshape(b, num_k, k_size, kv, dh))
     for x in (k, v)
   )
-  out = _flash(layout, q, k, v, inputs).reshape(b, kv, num_q, g, size, dh)
-  return jnp.einsum("bkngsd->bnskgd", out).reshape(b, num_q * size, h, dh)[:, :t]
+  out = _flash(layout, q, k, v, inputs).reshape(b, kv, num_q, g, q_size, dh)
+  return jnp.einsum("bkngsd->bnskgd", out).reshape(b, num_q * q_size, h, dh)[:, :t]
 
 
 def uses_blockwise(config: ModelConfig, length: int) -> bool:

@@ -271,8 +271,9 @@ def test_block_skipping_computes_only_the_pairs_packed_rows_and_windows_need():
   mask = jnp.ones_like(mask)
   positions = positions_from_mask(mask)
   segments = jnp.asarray(np.repeat(np.arange(4), 16)[None] + np.zeros((B, 1), int))
-  layout = A._Blocks(size=block, num_q=8, num_k=8, groups=H // KV, scale=1.0, softcap=None,
-                     has_window=True, has_segments=True, diagonal=False, skip_diagonals=True)
+  layout = A._Blocks(q_size=block, k_size=block, num_q=8, num_k=8, groups=H // KV, scale=1.0,
+                     softcap=None, has_window=True, has_segments=True, diagonal=False,
+                     skip_diagonals=True)
 
   def blocked(x):
     return x.reshape(B, 8, block)
