@@ -9,7 +9,8 @@ from rljax.ops._checks import check_arrays, check_positive, compute_dtype
 from rljax.ops.masking import aggregate, masked_mean
 
 
-def value_loss(values, old_values, returns, mask, *, clip_eps: float | None = None, agg: str = "token-mean"):
+def value_loss(values, old_values, returns, mask, *, clip_eps: float | None = None, agg: str = "token-mean",
+               segment_ids=None, num_segments: int | None = None):
   """Squared-error value loss, optionally clipped around the rollout's values (PPO2 / verl).
 
     unclipped:  ℓ = ½ (V − R)²
@@ -27,6 +28,7 @@ def value_loss(values, old_values, returns, mask, *, clip_eps: float | None = No
     mask: [B, T] response mask.
     clip_eps: ε of the value clip (verl's `cliprange_value` default is 0.5); None disables it.
     agg: aggregation mode (default "token-mean").
+    segment_ids, num_segments: packed rows' sequence ids and count (`aggregate`).
 
   Returns:
     (loss, metrics): `vf_clipfrac` (tokens where the clipped error is the larger one),
@@ -53,4 +55,5 @@ def value_loss(values, old_values, returns, mask, *, clip_eps: float | None = No
       "value_mean": jax.lax.stop_gradient(masked_mean(v, mask)),
       "value_error": jax.lax.stop_gradient(masked_mean(jnp.square(v - target), mask)),
   }
-  return 0.5 * aggregate(err, mask, agg), metrics
+  return 0.5 * aggregate(err, mask, agg, segment_ids=segment_ids,
+                         num_segments=num_segments), metrics

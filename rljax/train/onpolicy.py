@@ -81,11 +81,12 @@ class UpdateConfig:
       DAPO uses "token-mean", Dr. GRPO "seq-mean-token-sum-norm".
     peak_flops: the machine's peak FLOP/s; when set, each step logs `mfu`, the analytic FLOPs of
       its updates (`rljax.train.flops`) per second over this peak. None skips it.
-    packing: pack the rollout's sequences end to end into fewer rows before the forward
-      passes and the update (`rljax.train.experience.pack_experience`; GRPO family): what
-      varied completion lengths leave as padding is not computed. Off by default (a rollout
-      without stop tokens has nothing to pack); not with "seq-mean-token-sum-norm", whose
-      horizon is the unpacked completion length.
+    packing: pack the rollout's sequences end to end into fewer rows
+      (`rljax.train.experience.pack_experience`), so what varied completion lengths leave as
+      padding is not computed: GRPO packs before its reference / old-log-prob passes and the
+      update, PPO after GAE (which runs along unpacked rows), so its epochs of updates run
+      packed. Off by default (a rollout without stop tokens has nothing to pack); not with
+      "seq-mean-token-sum-norm", whose horizon is the unpacked completion length.
   """
 
   num_epochs: int | None = None

@@ -104,9 +104,6 @@ class PPOConfig:
   def __post_init__(self) -> None:
     check_training_sampling(self.sampling)
     resolve_update(self, num_epochs=4, agg="token-mean")
-    if self.update.packing:
-      raise ValueError("PPOConfig: `update.packing` is not supported (GAE would run across the "
-                       "packed sequences of a row); use packing=False.")
     check_choice("`mode`", self.mode, ("clip", "penalty"))
     check_choice("`kl_kind`", self.kl_kind, KL_KINDS)
     check_choice("`penalty_kl_kind`", self.penalty_kl_kind, KL_KINDS)
@@ -164,7 +161,7 @@ def ppo_advantages(scores, loss_mask, old_logp, ref_logp, values, kl_state, *, k
 def policy_count(batch: dict, agg: str):
   """Global normalizers of the policy loss: `agg_count` of the loss mask, and with a "ptx"
   batch {"exp": that, "ptx": its number of loss tokens} (`make_grad_fn`'s dict form)."""
-  exp = agg_count(batch["exp"].loss_mask, agg)
+  exp = agg_count(batch["exp"].loss_mask, agg, **batch["exp"].segments)
   if batch.get("ptx") is None:
     return exp
   return {"exp": exp, "ptx": agg_count(batch["ptx"]["loss_mask"][:, 1:], "token-mean")}
@@ -179,7 +176,7 @@ def ppo_policy_objective(model: Any, batch: dict, *, normalizer=None, config: PP
   ptx_normalizer = None
   if isinstance(normalizer, dict):
     normalizer, ptx_normalizer = normalizer["exp"], normalizer["ptx"]
-  mask = exp.loss_mask
+  mask, segments = exp.loss_mask, exp.segments  # packed rows: per-sequence terms by segment
   logp, entropy = completion_logprobs(model, exp, temperature=c.sampling.temperature,
                                       chunk_size=u.chunk_size, return_entropy=True,
                                       entropy_grad=c.entropy_coef > 0)
@@ -187,15 +184,15 @@ def ppo_policy_objective(model: Any, batch: dict, *, normalizer=None, config: PP
   if c.mode == "clip":
     loss, metrics = ppo_clip_loss(logp, old, exp.advantages, mask, clip_eps=c.clip_eps,
                                   clip_eps_high=c.clip_eps_high, clip_ratio_c=c.clip_ratio_c,
-                                  agg=u.agg)
+                                  agg=u.agg, **segments)
   else:
     loss, metrics = ppo_penalty_loss(logp, old, exp.advantages, mask,
                                      beta=batch["penalty_kl_coef"][0], kl_kind=c.penalty_kl_kind,
-                                     agg=u.agg)
+                                     agg=u.agg, **segments)
     metrics = dict(metrics, policy_kl=metrics.pop("kl"))
   if c.entropy_coef:
-    loss = loss - c.entropy_coef * aggregate(entropy, mask, u.agg)
-  loss = rescale_to_normalizer(loss, agg_count(mask, u.agg), normalizer)
+    loss = loss - c.entropy_coef * aggregate(entropy, mask, u.agg, **segments)
+  loss = rescale_to_normalizer(loss, agg_count(mask, u.agg, **segments), normalizer)
   metrics = dict(metrics, entropy=jax.lax.stop_gradient(masked_mean(entropy, mask)))
   if batch.get("ptx") is not None:
     ptx = batch["ptx"]
@@ -210,8 +207,9 @@ def ppo_critic_objective(critic: Any, batch: dict, *, normalizer=None, config: P
   """Clipped value loss of one (micro)batch."""
   exp, agg = batch["exp"], config.update.agg
   loss, metrics = value_loss(completion_values(critic, exp), exp.values, exp.returns,
-                             exp.loss_mask, clip_eps=config.value_clip, agg=agg)
-  return rescale_to_normalizer(loss, agg_count(exp.loss_mask, agg), normalizer), metrics
+                             exp.loss_mask, clip_eps=config.value_clip, agg=agg, **exp.segments)
+  count = agg_count(exp.loss_mask, agg, **exp.segments)
+  return rescale_to_normalizer(loss, count, normalizer), metrics
 
 
 def make_ppo_update(graphdef, critic_graphdef, optimizer, critic_optimizer, config: PPOConfig):
@@ -224,7 +222,8 @@ def make_ppo_update(graphdef, critic_graphdef, optimizer, critic_optimizer, conf
                              num_microbatches=u.num_microbatches)
   critic_grad = make_grad_fn(functools.partial(ppo_critic_objective, config=config),
                              critic_graphdef,
-                             count_fn=lambda b: agg_count(b["exp"].loss_mask, u.agg),
+                             count_fn=lambda b: agg_count(b["exp"].loss_mask, u.agg,
+                                                          **b["exp"].segments),
                              num_microbatches=u.num_microbatches)
 
   def update(state: TrainState, batch: Experience, ptx: dict | None = None):
@@ -328,6 +327,7 @@ class PPOTrainer(OnPolicyTrainer):
       adaptive=c.adaptive_kl, kl_target=float(c.kl_target), kl_horizon=float(c.kl_horizon))
     batch = batch.replace(old_logp=old_logp, ref_logp=ref_logp, values=values, returns=returns,
                           advantages=advantages, rewards=rewards)
+    batch = self.pack(batch)  # update.packing: after GAE (which runs along unpacked rows)
     m = dict(m, kl_coef=state.extras["kl_ctl"].coef)
     return state.replace(extras=dict(state.extras, kl_ctl=kl_state)), batch, m
 

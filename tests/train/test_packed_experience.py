@@ -1,6 +1,6 @@
 """Packed on-policy experience: `pack_experience`'s layout against a plain-Python reference, the
 GRPO objective on packed rows == on the unpacked batch (loss and gradients, every surrogate and
-aggregation, microbatched), and a whole GRPO step with `update.packing` == without."""
+aggregation, microbatched), and whole GRPO and PPO steps with `update.packing` == without."""
 
 from __future__ import annotations
 
@@ -12,12 +12,13 @@ import pytest
 from flax import nnx
 
 from rljax.models.config import ModelConfig
+from rljax.models.heads import ValueModel
 from rljax.models.transformer import Transformer
 from rljax.rollout.sampling import SamplingConfig
 from rljax.train.experience import Experience, check_experience, pack_experience
 from rljax.train.grpo import GRPOConfig, GRPOTrainer, grpo_objective
 from rljax.train.onpolicy import UpdateConfig
-from rljax.train.ppo import PPOConfig
+from rljax.train.ppo import PPOConfig, PPOTrainer, split_critic
 from rljax.train.state import create_train_state
 from rljax.train.step import make_grad_fn
 from rljax.train.normalizers import agg_count
@@ -104,12 +105,14 @@ def test_packing_errors_name_the_problem():
     check_experience(packed.replace(scores=jnp.zeros(packed.num_rows)))
   with pytest.raises(ValueError, match="seq-mean-token-sum-norm"):
     GRPOConfig.dr_grpo(update=UpdateConfig(packing=True))
-  with pytest.raises(ValueError, match="GAE"):
-    PPOConfig(update=UpdateConfig(packing=True))
 
 
-def test_a_grpo_step_with_packing_equals_the_step_without():
-  """Same key, same rollout: the packed step's update gives the same parameters and loss."""
+@pytest.mark.parametrize("algorithm", ["grpo", "ppo"])
+def test_a_step_with_packing_equals_the_step_without(algorithm):
+  """Same key, same rollout (varied lengths: stop tokens): the packed step's updates give the
+  same parameters (the critic's too; SGD, so parameter differences are gradient differences, not
+  Adam's normalised noise) and loss. PPO: two epochs (ratios off 1 in the second),
+  seq-mean-token-mean, KL-shaped rewards; GAE runs before packing."""
   tokenizer = tiny_tokenizer()
   eos = tokenizer.eos_token_id
   config = ModelConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
@@ -118,19 +121,29 @@ def test_a_grpo_step_with_packing_equals_the_step_without():
                               fields={"answer": ["5", "hi"]})
   reward = lambda prompts, completions, **kw: np.array(  # noqa: E731
     [len(c) % 3 for c in completions], np.float32)
+  sampling = SamplingConfig(num_samples=4, max_new_tokens=8)
   results = []
   for packing in (False, True):
-    graphdef, state = create_train_state(Transformer(config, rngs=nnx.Rngs(0)),
-                                         optax.adam(1e-2), rng=0)
-    grpo = GRPOConfig(sampling=SamplingConfig(num_samples=4, max_new_tokens=8),
-                      update=UpdateConfig(chunk_size=8, packing=packing), kl_coef=0.04)
-    trainer = GRPOTrainer(graphdef, optax.adam(1e-2), grpo, reward, tokenizer,
-                          stop_tokens=[eos], pad_id=eos)
-    state = trainer.init_state(state)
+    policy = Transformer(config, rngs=nnx.Rngs(0))
+    graphdef, state = create_train_state(policy, optax.sgd(0.1), rng=0)
+    common = dict(stop_tokens=[eos], pad_id=eos)
+    if algorithm == "grpo":
+      grpo = GRPOConfig(sampling=sampling, kl_coef=0.04,
+                        update=UpdateConfig(chunk_size=8, packing=packing))
+      trainer = GRPOTrainer(graphdef, optax.sgd(0.1), grpo, reward, tokenizer, **common)
+      state = trainer.init_state(state)
+    else:
+      critic = ValueModel.from_policy(policy, rngs=nnx.Rngs(1))
+      ppo = PPOConfig(sampling=sampling, kl_coef=0.01, update=UpdateConfig(
+        chunk_size=8, num_epochs=2, agg="seq-mean-token-mean", packing=packing))
+      trainer = PPOTrainer(nnx.split(policy, nnx.Param, ...)[0], split_critic(critic)[0],
+                           optax.sgd(0.1), optax.sgd(0.1), ppo, reward, tokenizer, **common)
+      state = trainer.init_state(state, critic=critic)
     state, metrics = trainer.step(state, prompts, jax.random.key(3))
-    results.append((state.params, metrics))
-  (p0, m0), (p1, m1) = results
+    critic = state.extras.get("critic")
+    results.append((state.params, None if critic is None else critic.params, metrics))
+  (p0, c0, m0), (p1, c1, m1) = results
   assert m0["response_length"] == m1["response_length"] and m0["response_length"] < 8
   np.testing.assert_allclose(m1["loss"], m0["loss"], rtol=1e-5, atol=1e-6)
-  for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p0)):
+  for a, b in zip(jax.tree.leaves((p1, c1)), jax.tree.leaves((p0, c0))):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
