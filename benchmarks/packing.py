@@ -17,6 +17,10 @@ tokens the prompt, the rest the response (loss tokens).
 3. Attention cost of one packed row: value_and_grad of sum(attention · w) of the attention core
    the model runs (`self_attention`, "auto") on the first packed row with its segment ids vs. the
    sum over its segments each run alone (one row of its own length), same heads.
+4. On-policy experience (`UpdateConfig.packing`): the GRPO objective's value_and_grad (the
+   update's work) on a rollout-shaped batch — 64 rows of 64 prompt + 448 completion slots,
+   completion lengths geometric with mean 64 (the long tail of RL; clipped to 448) — unpacked vs.
+   `pack_experience`d (same sequences), same model; real tokens/s.
 
 Run:  .venv/bin/python benchmarks/packing.py   (about 7 minutes on 2 CPU cores shared with
 other jobs, load average ~4; most of it compiling and timing the five padded bucket shapes)
@@ -134,6 +138,8 @@ def main() -> None:
     step_part(records, lengths, packed, args)
   if 3 in args.parts:
     attention_part(packed, args)
+  if 4 in args.parts:
+    experience_part(args)
   print(f"\nos.getloadavg() at end = {tuple(round(x, 2) for x in os.getloadavg())}")
 
 
@@ -184,3 +190,36 @@ def attention_part(packed, args) -> None:
 
 if __name__ == "__main__":
   main()
+
+
+def experience_part(args) -> None:
+  from rljax.rollout.sampling import SamplingConfig
+  from rljax.train.experience import Experience, pack_experience
+  from rljax.train.grpo import GRPOConfig, grpo_objective
+  from rljax.train.normalizers import agg_count
+  from rljax.train.step import make_grad_fn
+
+  rows, p, n = 64, 64, 448
+  rng = np.random.default_rng(0)
+  lengths = np.minimum(rng.geometric(1 / 64, rows), n)
+  completion = np.arange(n)[None] < lengths[:, None]
+  mask = np.concatenate([np.ones((rows, p), bool), completion], axis=1)
+  batch = Experience(tokens=jnp.asarray(rng.integers(1, MODEL.vocab_size, (rows, p + n)),
+                                        jnp.int32),
+                     attention_mask=jnp.asarray(mask), loss_mask=jnp.asarray(completion),
+                     advantages=jnp.asarray(rng.normal(size=(rows, n)) * completion, jnp.float32))
+  packed = pack_experience(batch)
+  config = GRPOConfig(sampling=SamplingConfig(num_samples=4, max_new_tokens=n), kl_coef=0.0)
+  graphdef, state = create_train_state(Transformer(MODEL, rngs=nnx.Rngs(0)),
+                                       make_optimizer(OptimizerConfig(1e-5)), rng=0)
+  grad = jax.jit(make_grad_fn(
+    lambda m, b, normalizer=None: grpo_objective(m, b, normalizer=normalizer, config=config),
+    graphdef, count_fn=lambda b: agg_count(b.loss_mask, config.update.agg, **b.segments)))
+  real = float(mask.sum())
+  times = {name: median_seconds(lambda b=b: grad(state.params, state.frozen, b), args.repeats)
+           for name, b in (("unpacked", batch), ("packed", packed))}
+  print(f"\n4. GRPO objective value_and_grad, {rows} rows x ({p} + {n}); completions mean "
+        f"{lengths.mean():.0f}, max {lengths.max()}; packed into {packed.num_rows} rows")
+  for name, seconds in times.items():
+    print(f"  {name}: {seconds * 1e3:.0f} ms, {real / seconds:,.0f} real tokens/s")
+  print(f"  packed / unpacked tokens/s: {times['unpacked'] / times['packed']:.2f}x")
