@@ -188,9 +188,6 @@ def attention_part(packed, args) -> None:
   print(f"  packed row / sum of segments alone: {row_s / alone_s:.2f}x   (goal <= 1.2x)")
 
 
-if __name__ == "__main__":
-  main()
-
 
 def experience_part(args) -> None:
   from rljax.rollout.sampling import SamplingConfig
@@ -223,3 +220,7 @@ def experience_part(args) -> None:
   for name, seconds in times.items():
     print(f"  {name}: {seconds * 1e3:.0f} ms, {real / seconds:,.0f} real tokens/s")
   print(f"  packed / unpacked tokens/s: {times['unpacked'] / times['packed']:.2f}x")
+
+
+if __name__ == "__main__":
+  main()
