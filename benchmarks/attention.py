@@ -18,31 +18,17 @@ import os
 
 import jax
 import jax.numpy as jnp
-from bench_utils import median_seconds
-from flax import nnx
+from bench_utils import LONG_CONTEXT_MODEL, lm_training_step, median_seconds
 
 from rljax.models import attention as A
 from rljax.models.config import ModelConfig
-from rljax.models.transformer import Transformer, positions_from_mask
-from rljax.ops.fused_logprobs import logprobs_from_hidden
-
-MEMORY_MODEL = dict(vocab_size=32000, hidden_size=512, intermediate_size=1536, num_layers=4,
-                    num_heads=8, num_kv_heads=4, tie_word_embeddings=True)
-
+from rljax.models.transformer import positions_from_mask
 
 def training_temp_mib(attention: str, t: int) -> float:
   """Temp MiB of the compiled forward + backward of the memory model at B=1 and T=t."""
-  config = ModelConfig(**MEMORY_MODEL, attention=attention)
-  graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0))))
-
-  def loss(state, tokens):
-    model = nnx.merge(graphdef, state)
-    hidden = model.hidden_states(tokens)
-    return jnp.mean(logprobs_from_hidden(hidden[:, :-1], model.unembedding, tokens[:, 1:]))
-
+  step, state = lm_training_step(ModelConfig(**LONG_CONTEXT_MODEL, attention=attention))
   tokens = jax.ShapeDtypeStruct((1, t), jnp.int32)
-  compiled = jax.jit(jax.grad(loss)).lower(state, tokens).compile()
-  return compiled.memory_analysis().temp_size_in_bytes / 2**20
+  return step.lower(state, tokens).compile().memory_analysis().temp_size_in_bytes / 2**20
 
 
 def attention_seconds(impl: str, b: int, t: int, h: int, kv: int, dh: int, block: int,

@@ -1,4 +1,5 @@
-"""What the benchmark scripts share: median wall time of a jitted call, collectives in HLO.
+"""What the benchmark scripts share: median wall time of a jitted call, collectives in HLO, the
+long-context model and its training step.
 
 The scripts run as `python benchmarks/<name>.py`, so this module is imported as a sibling
 (`from bench_utils import median_seconds`); the tests import `loop_collectives` the same way
@@ -15,6 +16,16 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from rljax.models.config import ModelConfig
+from rljax.models.transformer import Transformer
+from rljax.ops.fused_logprobs import logprobs_from_hidden
+
+# Issue 11's model: V=32000, 4 layers, d=512, MLP 1536, 8 query / 4 KV heads, tied, f32.
+LONG_CONTEXT_MODEL = dict(vocab_size=32000, hidden_size=512, intermediate_size=1536,
+                          num_layers=4, num_heads=8, num_kv_heads=4, tie_word_embeddings=True)
 
 COLLECTIVE = r"\b(all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)(-start)?\("
 
@@ -44,3 +55,18 @@ def loop_collectives(hlo: str) -> tuple[int, int]:
   bodies = set(re.findall(r"body=%?([\w.\-]+)", hlo))
   inside = sum(len(re.findall(COLLECTIVE, "\n".join(computations[b]))) for b in bodies)
   return inside, len(re.findall(COLLECTIVE, hlo))
+
+
+def lm_training_step(config: ModelConfig, *, abstract: bool = True):
+  """(jit(value_and_grad(loss)), state) of loss = mean of `logprobs_from_hidden` over a
+  [B, T] token batch: one training forward + backward of a Transformer (abstract: the state is
+  `nnx.eval_shape`'s, for compile-only memory)."""
+  make = lambda: Transformer(config, rngs=nnx.Rngs(0))  # noqa: E731
+  graphdef, state = nnx.split(nnx.eval_shape(make) if abstract else make())
+
+  def loss(state, tokens):
+    model = nnx.merge(graphdef, state)
+    hidden = model.hidden_states(tokens)
+    return jnp.mean(logprobs_from_hidden(hidden[:, :-1], model.unembedding, tokens[:, 1:]))
+
+  return jax.jit(jax.value_and_grad(loss)), state

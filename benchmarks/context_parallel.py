@@ -22,34 +22,23 @@ import time  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-from flax import nnx  # noqa: E402
+from bench_utils import LONG_CONTEXT_MODEL, lm_training_step  # noqa: E402
 
 from rljax.models.config import ModelConfig  # noqa: E402
-from rljax.models.transformer import Transformer  # noqa: E402
-from rljax.ops.fused_logprobs import logprobs_from_hidden  # noqa: E402
 from rljax.parallel.mesh import MeshConfig, make_mesh, use_mesh  # noqa: E402
 
-MODEL = dict(vocab_size=32000, hidden_size=512, intermediate_size=1536, num_layers=4,
-             num_heads=8, num_kv_heads=4, tie_word_embeddings=True)
 MIB = 2**20
 
 
 def step_memory(t: int, n: int, remat: bool) -> tuple[float, float, float]:
   """(temp MiB, argument MiB, compile seconds) per device of value_and_grad of the loss at B=1,
   T=t on a mesh with a context axis of n devices."""
-  config = ModelConfig(**MODEL, remat=remat)
-  graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0))))
-
-  def loss(state, tokens):
-    model = nnx.merge(graphdef, state)
-    hidden = model.hidden_states(tokens)
-    return jnp.mean(logprobs_from_hidden(hidden[:, :-1], model.unembedding, tokens[:, 1:]))
-
+  step, state = lm_training_step(ModelConfig(**LONG_CONTEXT_MODEL, remat=remat))
   tokens = jax.ShapeDtypeStruct((1, t), jnp.int32)
   mesh = make_mesh(MeshConfig(data=1, context=n), devices=jax.devices()[:n])
   start = time.perf_counter()
   with use_mesh(mesh, "data"):
-    compiled = jax.jit(jax.value_and_grad(loss)).lower(state, tokens).compile()
+    compiled = step.lower(state, tokens).compile()
   memory = compiled.memory_analysis()
   return (memory.temp_size_in_bytes / MIB, memory.argument_size_in_bytes / MIB,
           time.perf_counter() - start)

@@ -24,37 +24,22 @@ import os
 
 import jax
 import jax.numpy as jnp
-from bench_utils import median_seconds
-from flax import nnx
+from bench_utils import LONG_CONTEXT_MODEL, lm_training_step, median_seconds
 
 from rljax.models import attention as A
 from rljax.models.config import ModelConfig
-from rljax.models.transformer import Transformer, positions_from_mask
-from rljax.ops.fused_logprobs import logprobs_from_hidden
+from rljax.models.transformer import positions_from_mask
 from rljax.train.flops import forward_flops
 
-ISSUE_MODEL = dict(vocab_size=32000, hidden_size=512, intermediate_size=1536, num_layers=4,
-                   num_heads=8, num_kv_heads=4, tie_word_embeddings=True)
+ISSUE_MODEL = LONG_CONTEXT_MODEL
 SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30,
                     num_heads=9, num_kv_heads=3, tie_word_embeddings=True, scan_unroll=1)
 GIB, MIB = 2**30, 2**20
 
 
-def _loss_and_state(config: ModelConfig, abstract: bool = True):
-  make = lambda: Transformer(config, rngs=nnx.Rngs(0))  # noqa: E731
-  graphdef, state = nnx.split(nnx.eval_shape(make) if abstract else make())
-
-  def loss(state, tokens):
-    model = nnx.merge(graphdef, state)
-    hidden = model.hidden_states(tokens)
-    return jnp.mean(logprobs_from_hidden(hidden[:, :-1], model.unembedding, tokens[:, 1:]))
-
-  return jax.jit(jax.value_and_grad(loss)), state
-
-
 def step_memory(config: ModelConfig, t: int) -> tuple[float, float]:
   """(argument bytes, temp bytes) of the compiled training step at B=1, T=t."""
-  step, state = _loss_and_state(config)
+  step, state = lm_training_step(config)
   tokens = jax.ShapeDtypeStruct((1, t), jnp.int32)
   memory = step.lower(state, tokens).compile().memory_analysis()
   return memory.argument_size_in_bytes, memory.temp_size_in_bytes
@@ -67,7 +52,7 @@ def model_flops(config: ModelConfig, t: int) -> float:
 
 
 def step_seconds(config: ModelConfig, t: int, repeats: int) -> float:
-  step, state = _loss_and_state(config, abstract=False)
+  step, state = lm_training_step(config, abstract=False)
   tokens = jax.random.randint(jax.random.key(0), (1, t), 0, config.vocab_size)
   return median_seconds(lambda: step(state, tokens), repeats)
 
