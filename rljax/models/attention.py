@@ -13,7 +13,9 @@ in float32, where key s is visible to query t iff it is causal by slot (s ≤ t)
 * `naive_attention` materialises the [B, H, T, S] scores and a dense [B, T, S] mask: the
   reference, and what the KV-cache decoder uses (one query per row).
 * `blockwise_attention` is the flash-attention algorithm in pure JAX: queries and keys in
-  blocks, an online softmax over key blocks, causal block skipping, and a custom VJP that
+  blocks, an online softmax over key blocks, block pairs skipped where no row needs them
+  (causal, padding, packed segments, sliding window), queries at any slot offset of the keys
+  (prefill into a KV cache, a context-parallel shard), and a custom VJP that
   recomputes each block's scores in the backward from the saved log-sum-exp instead of storing
   [T, S] residuals. Masks are built per block from [B, S]-sized inputs: no array with B·T·S
   elements exists in its forward or backward program, so memory grows linearly in T.
@@ -232,7 +234,7 @@ def _span(needed: Array) -> tuple[Array, Array]:
   return jnp.where(some, lo, 0), jnp.where(some, hi, 0)
 
 
-def _diagonal_needed(layout: _Blocks, x: _Inputs, d: int) -> Array:
+def _diagonal_needed(x: _Inputs, d: int) -> Array:
   """Whether some pair (d + m, m) of diagonal d is needed (a scalar bool)."""
   return jnp.any(jnp.diagonal(x.pairs, offset=-d))
 
@@ -242,7 +244,7 @@ def _on_diagonal(layout: _Blocks, x: _Inputs, d: int, compute, operand):
   needed and the layout allows it (segments or a window make far diagonals empty)."""
   if not layout.skip_diagonals:
     return compute(operand)
-  return jax.lax.cond(_diagonal_needed(layout, x, d), compute, lambda o: o, operand)
+  return jax.lax.cond(_diagonal_needed(x, d), compute, lambda o: o, operand)
 
 
 def _forward_blocks(layout: _Blocks, carry, qi, kj, n: int, q, k, v, inputs):

@@ -243,10 +243,9 @@ def test_packed_row_equals_its_sequences_run_alone():
     model(ids, mask, segment_ids=segments[:, :8])
 
 
-@pytest.mark.parametrize("traced", [False, True])
-def test_query_chunks_at_an_offset_equal_the_rows_self_attention(traced):
+def test_query_chunks_at_an_offset_equal_the_rows_self_attention():
   """Queries of slots o..o+T-1 against all S keys (a prefill chunk, a context-parallel shard):
-  the chunks, at a static or a traced offset, reassemble the full self-attention."""
+  the chunks, at a traced offset (one compile), reassemble the full self-attention."""
   q, k, v, _, mask, positions = _inputs(48)
   segments = jnp.asarray(np.arange(48)[None] // 20 + np.zeros((B, 1), int))
   full = A.blockwise_attention(q, k, v, mask, positions, segments, sliding_window=19,
@@ -256,8 +255,8 @@ def test_query_chunks_at_an_offset_equal_the_rows_self_attention(traced):
     return A.blockwise_attention(q_chunk, k, v, mask, positions, segments, query_offset=offset,
                                  sliding_window=19, block_size=8)
 
-  run = jax.jit(chunk, static_argnums=() if traced else 1)
-  parts = [run(q[:, o : o + 12], jnp.int32(o) if traced else o) for o in range(0, 48, 12)]
+  run = jax.jit(chunk)
+  parts = [run(q[:, o : o + 12], jnp.int32(o)) for o in range(0, 48, 12)]
   sees = jnp.any(_dense_mask(mask, positions, segments, 19), axis=-1)[..., None, None]
   np.testing.assert_allclose(jnp.where(sees, jnp.concatenate(parts, axis=1), 0.0),
                              jnp.where(sees, full, 0.0), atol=1e-5)
@@ -291,10 +290,10 @@ def test_block_skipping_computes_only_the_pairs_packed_rows_and_windows_need():
 
   grad = jax.jit(jax.value_and_grad(loss, (0, 1, 2)), static_argnums=4)
   skipped, full = grad(q, k, v, jnp.int32(11), True), grad(q, k, v, jnp.int32(11), False)
-  static = jax.jit(jax.value_and_grad(loss, (0, 1, 2)), static_argnums=(3, 4))(q, k, v, 11, True)
-  for a, b, c in zip(jax.tree.leaves(skipped), jax.tree.leaves(full), jax.tree.leaves(static)):
+  for a, b in zip(jax.tree.leaves(skipped), jax.tree.leaves(full)):
     np.testing.assert_allclose(a, b, atol=1e-5)
-    np.testing.assert_allclose(a, c, atol=1e-5)
+  static = jax.jit(loss, static_argnums=(3, 4))(q, k, v, 11, True)  # a Python-int window
+  np.testing.assert_allclose(static, skipped[0], rtol=1e-6)
 
 
 def _gemma_like(attention):

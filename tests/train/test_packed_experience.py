@@ -66,8 +66,7 @@ def test_pack_experience_lays_every_sequence_once_with_its_values():
   assert np.all(seg[~attn] == B) and not np.any(np.asarray(packed.loss_mask)[~attn[:, 1:]])
 
 
-@pytest.mark.parametrize("loss, agg", [("gspo", "seq-mean-token-mean"), ("cispo", "token-mean"),
-                                       ("grpo", "seq-mean-token-sum")])
+@pytest.mark.parametrize("loss, agg", [("gspo", "seq-mean-token-mean"), ("cispo", "token-mean")])
 def test_grpo_objective_on_packed_rows_equals_the_unpacked_batch(loss, agg):
   """Loss and gradients ≤ 1e-5 (old_logp ≠ logp: ratios and GSPO's sequence ratios differ from
   1; the KL term on), and the packed batch microbatched in two == whole."""
@@ -82,7 +81,9 @@ def test_grpo_objective_on_packed_rows_equals_the_unpacked_batch(loss, agg):
       m, x, normalizer=normalizer, config=config), graphdef,
       count_fn=lambda x: agg_count(x.loss_mask, agg, **x.segments),
       num_microbatches=microbatches)
-    return jax.jit(fn)(state.params, state.frozen, b)[:2]
+    args = (state.params, state.frozen, b)
+    fast = jax.jit(fn).lower(*args).compile({"xla_backend_optimization_level": 0})
+    return fast(*args)[:2]
 
   want = grads(batch, 1)
   for got in (grads(packed, 1), grads(packed, 2)):
@@ -126,7 +127,8 @@ def test_a_step_with_packing_equals_the_step_without(algorithm):
   for packing in (False, True):
     policy = Transformer(config, rngs=nnx.Rngs(0))
     graphdef, state = create_train_state(policy, optax.sgd(0.1), rng=0)
-    common = dict(stop_tokens=[eos], pad_id=eos)
+    common = dict(stop_tokens=[eos], pad_id=eos,
+                  compiler_options={"xla_backend_optimization_level": 0})
     if algorithm == "grpo":
       grpo = GRPOConfig(sampling=sampling, kl_coef=0.04,
                         update=UpdateConfig(chunk_size=8, packing=packing))
