@@ -31,7 +31,7 @@ from rljax.ops._checks import (
     compute_dtype,
 )
 from rljax.ops.kl import kl_penalty
-from rljax.ops.masking import aggregate, masked_mean, sequence_sums
+from rljax.ops.masking import aggregate, masked_mean, safe_divide, sequence_sums
 
 Metrics = dict[str, jax.Array]
 
@@ -313,7 +313,7 @@ def gspo_loss(
   log_ratio = _log_ratio(logp, old_logp)
   m = jnp.asarray(mask, log_ratio.dtype)
   sums, counts = sequence_sums(jnp.where(m != 0, log_ratio, 0.0), m, segment_ids, num_segments)
-  seq_log_ratio = jnp.where(counts != 0, sums / jnp.where(counts != 0, counts, 1.0), 0.0)
+  seq_log_ratio = safe_divide(sums, counts)  # 0 for a sequence with no valid token
   if segment_ids is None:  # [B] → the tokens of each row; packed: [N] → each token's sequence
     token_seq_log_ratio = seq_log_ratio[:, None]
   else:

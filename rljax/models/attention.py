@@ -76,8 +76,8 @@ def causal_attention_mask(
   in the query's segment).
 
   Causality is by slot index (`q_index`/`k_index`, default 0..T-1 / 0..S-1, shared by all rows),
-  so left padding works; the window is measured in positions; `segment_ids` [B, T] (packed rows)
-  applies to self-attention (S == T).
+  so left padding works; the window is measured in positions; `segment_ids` [B, S] are the key
+  slots' (packed rows), a query's own being the one at its slot `q_index`.
   """
   t, s = q_positions.shape[-1], k_positions.shape[-1]
   q_index = jnp.arange(t) if q_index is None else q_index
@@ -87,7 +87,8 @@ def causal_attention_mask(
     distance = q_positions[:, :, None] - k_positions[:, None, :]
     mask = mask & (distance < sliding_window)
   if segment_ids is not None:
-    mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
+    q_segments = segment_ids if t == s else jnp.take(segment_ids, q_index, axis=1)
+    mask = mask & (q_segments[:, :, None] == segment_ids[:, None, :])
   return mask
 
 
@@ -578,15 +579,12 @@ def _pure_jax_attention(
   s_len, t = attention_mask.shape[-1], num_queries
   options = dict(scale=config.attention_scale, softcap=config.attention_softcap)
   if not uses_blockwise(config, t):
-    def of_queries(x):  # the queries' own slots of a [B, S] input
-      return x if t == s_len else jax.lax.dynamic_slice_in_dim(x, query_offset, t, axis=1)
-
-    q_positions = of_queries(positions)
+    q_positions = (positions if t == s_len else
+                   jax.lax.dynamic_slice_in_dim(positions, query_offset, t, axis=1))
     mask = causal_attention_mask(attention_mask, q_positions, positions,
-                                 q_index=query_offset + jnp.arange(t))
-    if segment_ids is not None:
-      mask = mask & (of_queries(segment_ids)[:, :, None] == segment_ids[:, None, :])
-    distance = q_positions[:, :, None] - positions[:, None, :]
+                                 q_index=query_offset + jnp.arange(t), segment_ids=segment_ids)
+    if config.layer_windows is not None:  # each windowed layer adds its window to the mask
+      distance = q_positions[:, :, None] - positions[:, None, :]
 
     def attend_naive(q, k, v, window=None):
       visible = mask if window is None else mask & (distance < window)
