@@ -1,7 +1,9 @@
-"""Argument checks and numerical constants shared by the functional core.
+"""Argument checks and numerical constants shared by the functional core and every config.
 
 Checks run at trace time (on static shapes and Python options), so they cost nothing under
-`jax.jit`. Every failure is a `ValueError` that names the offending argument.
+`jax.jit`, and in the configs' `__post_init__` (so a bad hyper-parameter fails at construction).
+Every failure is a `ValueError` that names the offending argument or field, its value and the
+valid range.
 """
 
 from __future__ import annotations
@@ -64,23 +66,39 @@ def check_nonnegative(name: str, value: float) -> None:
     raise ValueError(f"`{name}` must be >= 0; got {value!r}.")
 
 
-def check_int(name: str, value: Any, minimum: int) -> None:
-  """ValueError naming `name` unless `value` is an int (not a bool) >= `minimum`."""
+def check_bool(name: str, value: Any, *, optional: bool = False) -> None:
+  """ValueError naming `name` unless `value` is a bool (or None when `optional`)."""
+  if not (isinstance(value, bool) or (optional and value is None)):
+    allowed = "True, False or None" if optional else "True or False"
+    raise ValueError(f"`{name}` must be {allowed}; got {value!r}.")
+
+
+def check_int(name: str, value: Any, minimum: int, *, optional: bool = False) -> None:
+  """ValueError naming `name` unless `value` is an int (not a bool) >= `minimum` (or None when
+  `optional`)."""
+  if optional and value is None:
+    return
   if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-    raise ValueError(f"`{name}` must be an int >= {minimum}; got {value!r}.")
+    none = "None or " if optional else ""
+    raise ValueError(f"`{name}` must be {none}an int >= {minimum}; got {value!r}.")
 
 
 def check_number(name: str, value: Any, *, low: float = 0.0, high: float = float("inf"),
-                 low_open: bool = False, high_open: bool = True) -> None:
+                 low_open: bool = False, high_open: bool = True, optional: bool = False) -> None:
   """ValueError naming `name` unless `value` is a real number (not NaN) in the range from `low`
-  to `high` (each end open or closed; default [0, inf))."""
+  to `high` (each end open or closed; default [0, inf), so ±inf and NaN fail), or None when
+  `optional`."""
+  if optional and value is None:
+    return
   ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
   if ok:
     ok = (value > low if low_open else value >= low) and (
       value < high if high_open else value <= high)
   if not ok:
     lo, hi = "(" if low_open else "[", ")" if high_open else "]"
-    raise ValueError(f"`{name}` must be a number in {lo}{low}, {high}{hi}; got {value!r}.")
+    none = "None or " if optional else ""
+    raise ValueError(f"`{name}` must be {none}a number in {lo}{low:g}, {high:g}{hi}; "
+                     f"got {value!r}.")
 
 
 def check_group_size(batch: int, group_size: int, *, name: str = "scores") -> int:
