@@ -38,6 +38,7 @@ from rljax.ops.logprobs import sequence_logprobs
 from rljax.ops.masking import aggregate, safe_divide
 from rljax.train import packed
 from rljax.train.normalizers import rescale_to_normalizer
+from rljax.train.supervised import DPOConfig, SFTConfig
 
 Batch = dict[str, jax.Array]
 
@@ -72,7 +73,8 @@ def sft_token_count(batch: Batch) -> jax.Array:
 
 
 def sft_loss(
-  model: Any, batch: Batch, *, normalizer: jax.Array | None = None, chunk_size: int = 64
+  model: Any, batch: Batch, *, normalizer: jax.Array | None = None,
+  chunk_size: int = SFTConfig.chunk_size,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Supervised fine-tuning: token-mean negative log-likelihood of the response tokens.
 
@@ -220,12 +222,13 @@ def dpo_objective(
   batch: Batch,
   *,
   normalizer: jax.Array | None = None,
-  beta: float = 0.1,
-  variant: str = "sigmoid",
-  label_smoothing: float = 0.0,
-  length_normalize: bool = False,
-  nll_coef: float = 0.0,
-  chunk_size: int = 64,
+  beta: float = DPOConfig.beta,
+  variant: str = DPOConfig.variant,
+  label_smoothing: float = DPOConfig.label_smoothing,
+  length_normalize: bool = DPOConfig.length_normalize,
+  nll_coef: float = DPOConfig.nll_coef,
+  discopop_tau: float = DPOConfig.discopop_tau,
+  chunk_size: int = DPOConfig.chunk_size,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """DPO (or a pairwise variant) of the policy against precomputed reference log-probs.
 
@@ -251,7 +254,8 @@ def dpo_objective(
       the same loss tokens; stop-gradient inside `dpo_loss`). Or a packed pair batch
       (`rljax.data.packing`) with "ref_chosen", "ref_rejected" [P].
     normalizer: the global number of pairs (`pair_count` of the full batch); None means B.
-    beta, variant, label_smoothing: as `dpo_loss` (defaults 0.1, "sigmoid", 0.0, TRL's).
+    beta, variant, label_smoothing, discopop_tau: as `dpo_loss` (defaults 0.1, "sigmoid",
+      0.0, TRL's; 0.05). The defaults of every option are `DPOConfig`'s.
     length_normalize: pass the response lengths to `dpo_loss` for "ipo" (length-normalised
       IPO); "sigmoid_norm" always gets them.
     nll_coef: α ≥ 0, the weight of the chosen responses' NLL (RPO); default 0.0 (plain DPO,
@@ -273,7 +277,7 @@ def dpo_objective(
   if variant == "sigmoid_norm" or (variant == "ipo" and length_normalize):
     lengths = {k: s[k] for k in ("chosen_lengths", "rejected_lengths")}
   loss_fn = functools.partial(dpo_loss, beta=beta, variant=variant,
-                              label_smoothing=label_smoothing)
+                              label_smoothing=label_smoothing, discopop_tau=discopop_tau)
   loss, metrics = packed.example_mean(
     loss_fn, weights, s["chosen"], s["rejected"], jnp.asarray(batch["ref_chosen"]),
     jnp.asarray(batch["ref_rejected"]), **lengths)

@@ -44,6 +44,7 @@ from rljax.ops._checks import check_ndim, check_same_shape
 from rljax.train import packed
 from rljax.train.normalizers import rescale_to_normalizer
 from rljax.train.objectives import check_batch_keys, pair_count
+from rljax.train.supervised import RewardModelConfig
 
 Batch = Mapping[str, Any]
 Metrics = dict[str, jax.Array]
@@ -103,8 +104,8 @@ def reward_pair_objective(
   batch: Batch,
   *,
   normalizer: jax.Array | None = None,
-  margin: float | None = None,
-  center_coef: float | None = None,
+  margin: float | None = RewardModelConfig.margin,
+  center_coef: float | None = RewardModelConfig.center_coef,
 ) -> tuple[jax.Array, Metrics]:
   """Bradley–Terry reward-model objective on preference pairs (TRL's `RewardTrainer`).
 

@@ -26,13 +26,13 @@ def test_overrides_nested_fields_and_types():
   c = apply_overrides(ExperimentConfig("grpo"), [
     "steps=7", "grpo.kl_coef=0.0", "grpo.sampling.top_k=5", "grpo.sampling.top_k=None",
     "grpo.loss=gspo", "optimizer.learning_rate=3e-4",
-    "data.buckets=[16,32]", "logging.tensorboard=false", "objective.beta=0.2",
+    "data.buckets=[16,32]", "logging.tensorboard=false",
     'model.config={"vocab_size": 19, "hidden_size": 32, "intermediate_size": 64, '
     '"num_layers": 2, "num_heads": 4}', "model.config.num_layers=3"])
   assert c.steps == 7 and c.grpo.kl_coef == 0.0 and c.grpo.sampling.top_k is None
   assert c.grpo.clip_range == (3e-4, 4e-4)  # --set grpo.loss=gspo: GSPO's own clip pair
   assert c.optimizer.learning_rate == 3e-4 and c.data.buckets == (16, 32)
-  assert c.logging.tensorboard is False and c.objective == {"beta": 0.2}
+  assert c.logging.tensorboard is False and c.objective is None  # grpo: no objective section
   assert c.model.config.num_layers == 3 and c.model.config.hidden_size == 32
   # the original is untouched (frozen dataclasses, replaced not mutated)
   assert ExperimentConfig("grpo").grpo.kl_coef == 0.04
@@ -68,7 +68,7 @@ def test_bad_values_and_forms():
 def test_packing_option_is_validated():
   from rljax.experiment.config import DataSection
 
-  with pytest.raises(ConfigError, match="data.packing must be"):
+  with pytest.raises(ConfigError, match="data.packing` must be"):
     DataSection(packing="yes")
   with pytest.raises(ConfigError, match="needs data.max_length"):
     ExperimentConfig("dpo", data=DataSection(packing=True))
