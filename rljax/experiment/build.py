@@ -16,7 +16,7 @@ from rljax.data.jsonl import read_jsonl
 from rljax.data.tokenize import tokenize_dataset
 from rljax.experiment.config import ConfigError, Experiment, ExperimentConfig, resolve_callable
 from rljax.models.heads import RewardModel, ValueModel
-from rljax.models.io import load_pretrained
+from rljax.models.io import load_pretrained, resolve_model_dir
 from rljax.models.transformer import Transformer
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, None: None}
@@ -38,7 +38,7 @@ def build_tokenizer(config: ExperimentConfig) -> Any:
     raise ConfigError("no tokenizer: set `tokenizer` (a path or a callable) or `model.path`.")
   from transformers import AutoTokenizer
 
-  return AutoTokenizer.from_pretrained(path, local_files_only=True)
+  return AutoTokenizer.from_pretrained(resolve_model_dir(path), local_files_only=True)
 
 
 def _load_policy(config: ExperimentConfig) -> Transformer:

@@ -17,14 +17,16 @@ The schema (defaults in parentheses; every field can be overridden with `--set`)
     steps           number of steps (100); a step is one optimizer update for the supervised
                     algorithms, one `trainer.step` (rollout + updates) for grpo / ppo
     model           ModelSection
-      path            Hugging Face / converted directory (config.json + safetensors) (None)
+      path            Hugging Face / converted directory (config.json + safetensors), or a Hub
+                      id such as "HuggingFaceTB/SmolLM2-135M-Instruct" (the huggingface_hub
+                      cache; HF_HUB_OFFLINE=1 reads only the cache) (None)
       config          a `rljax.models.ModelConfig` to build a model from scratch (None); in
                       YAML/JSON a mapping of ModelConfig fields
       init_seed       parameter-initialisation seed of a from-scratch model (0)
       dtype, param_dtype  "float32" | "bfloat16" | None (the model's own)
-      critic_path     ppo: directory of the reward model / critic backbone to initialise the
-                      critic from (None: a copy of the policy backbone)
-    tokenizer       a directory path (AutoTokenizer, local files only), a zero-argument callable
+      critic_path     ppo: directory (or Hub id) of the reward model / critic backbone to
+                      initialise the critic from (None: a copy of the policy backbone)
+    tokenizer       a directory path or Hub id (AutoTokenizer), a zero-argument callable
                     returning a tokenizer, or a "module:attr" string naming such a callable;
                     None: the tokenizer stored with `model.path`
     data            DataSection
@@ -36,9 +38,11 @@ The schema (defaults in parentheses; every field can be overridden with `--set`)
                       grpo / ppo → "prompt")
       batch_size      rows (prompts for grpo / ppo; pairs for the preference family) per step (8)
       eval_batch_size rows per evaluation batch (None: batch_size)
-      max_length      longest prompt (+ response) in tokens; longer rows are truncated (None)
-      buckets         static padded lengths, e.g. [32, 64] (None: powers of two up to
-                      max_length when it is set, else each batch's own longest row)
+      max_length      longest prompt (+ response) in tokens, >= 1; longer rows are truncated
+                      (None)
+      buckets         static padded lengths, e.g. [32, 64]: non-empty, each >= 1, the largest
+                      >= max_length (None: powers of two up to max_length when it is set, else
+                      each batch's own longest row)
       chat            apply the tokenizer's chat template to prompts (None: auto)
       shuffle         reshuffle every epoch (True)
       packing         pack several records per row (`rljax.data.packing`; sft, reward_model and
@@ -53,8 +57,14 @@ The schema (defaults in parentheses; every field can be overridden with `--set`)
     reward          grpo / ppo: host reward function `fn(prompts, completions, **fields) ->
                     float32 [B]`, a "module:attr" string naming one, or the name of a
                     `rljax.rewards` function taking no configuration ("math_answer_reward")
-    objective       dict of keyword arguments for the supervised objective, e.g. {"beta": 0.1,
-                    "variant": "ipo"} for dpo, {"center_coef": 0.01} for reward_model ({})
+    objective       the supervised objective's typed section (`rljax.train.supervised`), one per
+                    algorithm: sft `SFTConfig`, reward_model `RewardModelConfig` (margin,
+                    center_coef), dpo `DPOConfig` (beta, variant, label_smoothing,
+                    length_normalize, nll_coef, discopop_tau), kto `KTOConfig`, orpo
+                    `ORPOConfig`, simpo `SimPOConfig`, cpo `CPOConfig` (each + chunk_size); in
+                    YAML / JSON a mapping of its fields, e.g. {"beta": 0.1, "variant": "ipo"}
+                    for dpo. A misspelled field or an unknown DPO variant fails at load.
+                    grpo / ppo have none (None: the algorithm's defaults)
     grpo            `rljax.train.GRPOConfig` (sampling.num_samples, sampling.max_new_tokens,
                     kl_coef, update.num_epochs, ...) (defaults)
     ppo             `rljax.train.PPOConfig` (defaults)
@@ -110,10 +120,19 @@ Example (experiments/my_task.py):
   ...   optimizer=OptimizerConfig(1e-4), logging=LoggingSection(out_dir="runs/my_task_grpo"))
 
 Overrides: `--set logging.save_every=10 --set grpo.kl_coef=0.0 --set grpo.sampling.temperature=0.7
---set optimizer.learning_rate=3e-4`;
+--set optimizer.learning_rate=3e-4 --set objective.beta=0.2`;
 values parse as JSON first (ints, floats, true/false/null, lists, objects), then "None",
 "True"/"False", else a plain string. An unknown key raises `ConfigError` listing the valid keys
 at that level.
+
+Checks, all before anything runs: every value of a config file or override is checked against
+its field's declared type (an int is accepted for a float, a list for a tuple; `--set
+logging.seed=abc` names the key, the value and the expected type), then each section validates
+its values at construction (a `ConfigError` naming the field, the value and the valid range).
+A missing experiment file or module is a one-line `ConfigError`. The "module:attr" strings of
+`tokenizer`, `reward` and `data.train` / `data.eval` are imported at load, with the experiment
+file's folder importable first (so `reward: mymodule:fn` finds mymodule.py next to it; a Python
+experiment can import its neighbours too).
 """
 
 from __future__ import annotations

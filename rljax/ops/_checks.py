@@ -41,6 +41,13 @@ def check_ndim(name: str, x, ndims: int | Iterable[int]) -> None:
     raise ValueError(f"`{name}` must have rank {want}; got shape {jnp.shape(x)}.")
 
 
+def check_token_ids(name: str, ids) -> None:
+  """Raises `ValueError` naming `name` unless `ids` has an integer dtype (token ids)."""
+  dtype = jnp.result_type(ids)
+  if not jnp.issubdtype(dtype, jnp.integer):
+    raise ValueError(f"`{name}` must hold integer token ids; got dtype {dtype}.")
+
+
 def check_arrays(ndim: int, **arrays) -> None:
   """Each named array (None skipped) must have rank `ndim`, and all must have the same shape."""
   for name, x in arrays.items():

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rljax.losses.dpo import dpo_loss
-from rljax.ops._checks import check_ndim, check_nonnegative, check_same_shape
+from rljax.ops._checks import check_ndim, check_nonnegative, check_same_shape, check_token_ids
 from rljax.ops.fused_logprobs import logprobs_from_hidden
 from rljax.ops.logprobs import sequence_logprobs
 from rljax.ops.masking import aggregate, safe_divide
@@ -69,6 +69,7 @@ def batch_token_logprobs(model: Any, batch: Batch, *, chunk_size: int = 64) -> j
 def sft_token_count(batch: Batch) -> jax.Array:
   """Number of response tokens that carry loss: Σ loss_mask[:, 1:] (float32 scalar); packed,
   without the first token of each segment (`rljax.train.packed.response_mask`)."""
+  check_batch_keys(batch, ("loss_mask",), "sft_token_count")
   return jnp.sum(packed.response_mask(batch).astype(jnp.float32))
 
 
@@ -96,6 +97,7 @@ def sft_loss(
   Example:
     >>> step = make_train_step(sft_loss, graphdef, optimizer, count_fn=sft_token_count)
   """
+  check_batch_keys(batch, FIELDS, "sft_loss")
   ids = jnp.asarray(batch["input_ids"])
   check_same_shape(input_ids=ids, attention_mask=batch["attention_mask"],
                    loss_mask=batch["loss_mask"])
@@ -116,6 +118,7 @@ def pair_count(batch: Batch) -> jax.Array:
   if packed.is_packed(batch):
     chosen, _ = packed.halves(jnp.asarray(batch[packed.SEQUENCE_MASK]))
     return jnp.sum((chosen != 0).astype(jnp.float32))
+  check_batch_keys(batch, CHOSEN_KEYS[:1], "pair_count")
   return jnp.asarray(jnp.shape(batch["chosen_input_ids"])[0], jnp.float32)
 
 
@@ -140,6 +143,7 @@ def row_group(batch: Batch, keys: Sequence[str]) -> Group:
   """The (input_ids, attention_mask, loss_mask) arrays named by `keys`, shapes checked."""
   ids, attention, loss = (jnp.asarray(batch[k]) for k in keys)
   check_ndim(keys[0], ids, 2)
+  check_token_ids(keys[0], ids)
   check_same_shape(**{keys[0]: ids, keys[1]: attention, keys[2]: loss})
   return ids, attention, loss
 
@@ -271,6 +275,7 @@ def dpo_objective(
     >>> step = make_train_step(loss_fn, graphdef, optimizer, count_fn=pair_count)
   """
   check_nonnegative("nll_coef", nll_coef)
+  check_batch_keys(batch, ("ref_chosen", "ref_rejected"), "dpo_objective")
   s = pair_sequence_logps(model, batch, chunk_size=chunk_size)
   weights = s.get("weights")
   lengths = {}

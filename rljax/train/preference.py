@@ -223,6 +223,7 @@ def example_count(batch: Batch) -> jax.Array:
   if packed.is_packed(batch):
     p = jnp.shape(batch["label"])[0]
     return jnp.sum((jnp.asarray(batch[packed.SEQUENCE_MASK])[:p] != 0).astype(jnp.float32))
+  check_batch_keys(batch, ("input_ids",), "example_count")
   return jnp.asarray(jnp.shape(batch["input_ids"])[0], jnp.float32)
 
 

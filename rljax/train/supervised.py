@@ -5,13 +5,15 @@ sections' defaults), checked when the section is built, so a misspelled option o
 DPO variant fails before anything runs:
 
   algorithm      section            objective (options passed as keywords)
-  sft            SFTConfig          `rljax.train.objectives.sft_loss`
-  reward_model   RewardModelConfig  `rljax.train.reward_modeling.reward_pair_objective`
-  dpo            DPOConfig          `rljax.train.objectives.dpo_objective` (every `dpo_loss` variant)
-  kto            KTOConfig          `rljax.train.preference.kto_objective`
-  orpo           ORPOConfig         `rljax.train.preference.orpo_objective`
-  simpo          SimPOConfig        `rljax.train.preference.simpo_objective`
-  cpo            CPOConfig          `rljax.train.preference.cpo_objective`
+  sft            SFTConfig          `objectives.sft_loss`
+  reward_model   RewardModelConfig  `reward_modeling.reward_pair_objective`
+  dpo            DPOConfig          `objectives.dpo_objective` (every `dpo_loss` variant)
+  kto            KTOConfig          `preference.kto_objective`
+  orpo           ORPOConfig         `preference.orpo_objective`
+  simpo          SimPOConfig        `preference.simpo_objective`
+  cpo            CPOConfig          `preference.cpo_objective`
+
+(modules of `rljax.train`).
 
 `ExperimentConfig.objective` is the section of its algorithm (a YAML / JSON mapping is parsed
 into it); `options(section)` gives the keywords, e.g.
