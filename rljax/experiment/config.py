@@ -241,10 +241,10 @@ def check_buckets(buckets: Any, max_length: int | None) -> None:
   """ValueError unless `buckets` is a non-empty sequence of ints >= 1 whose largest is at least
   `max_length` (when given), so that every row fits a bucket."""
   if isinstance(buckets, (str, bytes)) or not isinstance(buckets, collections.abc.Sequence) \
-      or not buckets:
-    raise ValueError(f"`data.buckets` must be None or a non-empty list of ints; got {buckets!r}.")
-  for size in buckets:
-    check_int("data.buckets", size, 1)
+      or not buckets or any(isinstance(b, bool) or not isinstance(b, int) or b < 1
+                            for b in buckets):
+    raise ValueError(f"`data.buckets` must be None or a non-empty list of ints >= 1; got "
+                     f"{buckets!r}.")
   if max_length is not None and max(buckets) < max_length:
     raise ValueError(f"the largest of `data.buckets` ({max(buckets)}) is below `data.max_length` "
                      f"({max_length}); rows that long would fit no bucket.")
