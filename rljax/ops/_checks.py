@@ -8,6 +8,7 @@ valid range.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -81,23 +82,24 @@ def check_bool(name: str, value: Any, *, optional: bool = False) -> None:
 
 
 def check_int(name: str, value: Any, minimum: int, *, optional: bool = False) -> None:
-  """ValueError naming `name` unless `value` is an int (not a bool) >= `minimum` (or None when
-  `optional`)."""
+  """ValueError naming `name` unless `value` is an integer (Python or numpy, not a bool) >=
+  `minimum` (or None when `optional`)."""
   if optional and value is None:
     return
-  if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+  if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
     none = "None or " if optional else ""
     raise ValueError(f"`{name}` must be {none}an int >= {minimum}; got {value!r}.")
 
 
 def check_number(name: str, value: Any, *, low: float = 0.0, high: float = float("inf"),
                  low_open: bool = False, high_open: bool = True, optional: bool = False) -> None:
-  """ValueError naming `name` unless `value` is a real number (not NaN) in the range from `low`
+  """ValueError naming `name` unless `value` is a real number (Python or numpy, not a bool or
+  NaN) in the range from `low`
   to `high` (each end open or closed; default [0, inf), so ±inf and NaN fail), or None when
   `optional`."""
   if optional and value is None:
     return
-  ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+  ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and value == value
   if ok:
     ok = (value > low if low_open else value >= low) and (
       value < high if high_open else value <= high)

@@ -190,3 +190,17 @@ def test_module_attr_resolves_next_to_the_experiment_file(tmp_path):
   (tmp_path / "bad.json").write_text(json.dumps({"algorithm": "grpo", "reward": "nomodule:fn"}))
   with pytest.raises(ConfigError, match=r"reward: cannot import 'nomodule:fn' \(looked next to"):
     load_experiment(str(tmp_path / "bad.json"))
+
+
+def test_a_missing_model_directory_is_a_config_error(tmp_path, monkeypatch):
+  from rljax.experiment import build
+  from rljax.experiment.config import ModelSection
+
+  monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+  monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+  config = ExperimentConfig("sft", model=ModelSection(path=str(tmp_path / "nope")))
+  with pytest.raises(ConfigError, match=r"model.path: no config.json in .*nope"):
+    build.build_model(load_experiment(config), None)
+  config = ExperimentConfig("sft", model=ModelSection(path="no-org/no-model"))
+  with pytest.raises(ConfigError, match=r"tokenizer: 'no-org/no-model' is not a local directory"):
+    build.build_tokenizer(config)
