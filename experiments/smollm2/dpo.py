@@ -56,6 +56,7 @@ from rljax.experiment.evaluation import evaluate_supervised  # noqa: E402
 from rljax.rewards import math_answer_reward  # noqa: E402
 from rljax.rollout.generate import generate  # noqa: E402
 from rljax.train.optim import OptimizerConfig  # noqa: E402
+from rljax.train.supervised import DPOConfig  # noqa: E402
 
 MODEL_DIR = os.environ.get("RLJAX_SMOLLM2_DIR", "smollm2")
 NUM_EVAL = 200
@@ -120,7 +121,7 @@ config = ExperimentConfig(
   model=ModelSection(path=MODEL_DIR),
   data=DataSection(train=train_rows, eval=eval_rows, kind="preference", batch_size=32,
                    eval_batch_size=100, max_length=128, buckets=(128,), chat=True),
-  objective={"beta": 0.1},
+  objective=DPOConfig(beta=0.1),
   optimizer=OptimizerConfig(5e-7, warmup_steps=10),
   logging=LoggingSection(out_dir="runs/smollm2_dpo", eval_every=50, save_every=100),
 )

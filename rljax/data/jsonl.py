@@ -12,15 +12,21 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
   """The rows of a JSON Lines file (one JSON object per line; blank lines skipped).
 
   Raises:
-    ValueError: a line that is not a JSON object; the message names the file and line number.
+    ValueError: a line that is not UTF-8 or not a JSON object; the message names the file and
+      line number.
     FileNotFoundError: no such file.
 
   Example:
     >>> rows = read_jsonl("data/train.jsonl")        # [{"prompt": ..., "answer": ...}, ...]
   """
   rows = []
-  with open(path, encoding="utf-8") as f:
-    for lineno, line in enumerate(f, start=1):
+  with open(path, "rb") as f:  # bytes, so a bad encoding is reported with its line
+    for lineno, raw in enumerate(f, start=1):
+      try:
+        line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+      except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: line {lineno} is not valid UTF-8 (byte {err.start} of the "
+                         f"line, {raw[err.start:err.start + 1]!r}).") from err
       if not line.strip():
         continue
       try:

@@ -16,10 +16,20 @@ from rljax.data.jsonl import read_jsonl
 from rljax.data.tokenize import tokenize_dataset
 from rljax.experiment.config import ConfigError, Experiment, ExperimentConfig, resolve_callable
 from rljax.models.heads import RewardModel, ValueModel
-from rljax.models.io import load_pretrained
+from rljax.models.io import load_pretrained, resolve_model_dir
 from rljax.models.transformer import Transformer
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, None: None}
+
+
+def _pretrained(path: str, what: str, **kwargs: Any) -> Any:
+  """`load_pretrained(path)`'s model; its ValueError (no such directory or Hub id, a damaged
+  file) as a one-line `ConfigError` naming the field."""
+  try:
+    model, _ = load_pretrained(path, **kwargs)
+  except ValueError as e:
+    raise ConfigError(f"{what}: {e}") from None
+  return model
 
 
 def dtype_of(name: str | None, what: str) -> Any:
@@ -36,6 +46,10 @@ def build_tokenizer(config: ExperimentConfig) -> Any:
   path = spec if spec is not None else config.model.path
   if path is None:
     raise ConfigError("no tokenizer: set `tokenizer` (a path or a callable) or `model.path`.")
+  try:
+    path = resolve_model_dir(path)
+  except ValueError as e:
+    raise ConfigError(f"tokenizer: {e}") from None
   from transformers import AutoTokenizer
 
   return AutoTokenizer.from_pretrained(path, local_files_only=True)
@@ -47,9 +61,8 @@ def _load_policy(config: ExperimentConfig) -> Transformer:
     raise ConfigError("give exactly one of `model.path` (a pretrained directory) and "
                       "`model.config` (a ModelConfig to train from scratch), or a build_model hook.")
   if m.path is not None:
-    model, _ = load_pretrained(m.path, dtype=dtype_of(m.dtype, "model.dtype"),
-                               param_dtype=dtype_of(m.param_dtype, "model.param_dtype"))
-    return model
+    return _pretrained(m.path, "model.path", dtype=dtype_of(m.dtype, "model.dtype"),
+                       param_dtype=dtype_of(m.param_dtype, "model.param_dtype"))
   return Transformer(m.config, rngs=nnx.Rngs(m.init_seed))
 
 
@@ -71,8 +84,8 @@ def build_critic(exp: Experiment, policy: Transformer) -> ValueModel:
     return exp.build_critic(config, policy)
   rngs = nnx.Rngs(config.model.init_seed + 2)
   if config.model.critic_path is not None:
-    backbone, _ = load_pretrained(config.model.critic_path)
-    return ValueModel.from_policy(backbone, rngs=rngs)
+    return ValueModel.from_policy(_pretrained(config.model.critic_path, "model.critic_path"),
+                                  rngs=rngs)
   return ValueModel.from_policy(policy, rngs=rngs)
 
 

@@ -17,14 +17,16 @@ The schema (defaults in parentheses; every field can be overridden with `--set`)
     steps           number of steps (100); a step is one optimizer update for the supervised
                     algorithms, one `trainer.step` (rollout + updates) for grpo / ppo
     model           ModelSection
-      path            Hugging Face / converted directory (config.json + safetensors) (None)
+      path            Hugging Face / converted directory (config.json + safetensors), or a Hub
+                      id such as "HuggingFaceTB/SmolLM2-135M-Instruct" (the huggingface_hub
+                      cache; HF_HUB_OFFLINE=1 reads only the cache) (None)
       config          a `rljax.models.ModelConfig` to build a model from scratch (None); in
                       YAML/JSON a mapping of ModelConfig fields
       init_seed       parameter-initialisation seed of a from-scratch model (0)
       dtype, param_dtype  "float32" | "bfloat16" | None (the model's own)
-      critic_path     ppo: directory of the reward model / critic backbone to initialise the
-                      critic from (None: a copy of the policy backbone)
-    tokenizer       a directory path (AutoTokenizer, local files only), a zero-argument callable
+      critic_path     ppo: directory (or Hub id) of the reward model / critic backbone to
+                      initialise the critic from (None: a copy of the policy backbone)
+    tokenizer       a directory path or Hub id (AutoTokenizer), a zero-argument callable
                     returning a tokenizer, or a "module:attr" string naming such a callable;
                     None: the tokenizer stored with `model.path`
     data            DataSection
@@ -36,9 +38,11 @@ The schema (defaults in parentheses; every field can be overridden with `--set`)
                       grpo / ppo → "prompt")
       batch_size      rows (prompts for grpo / ppo; pairs for the preference family) per step (8)
       eval_batch_size rows per evaluation batch (None: batch_size)
-      max_length      longest prompt (+ response) in tokens; longer rows are truncated (None)
-      buckets         static padded lengths, e.g. [32, 64] (None: powers of two up to
-                      max_length when it is set, else each batch's own longest row)
+      max_length      longest prompt (+ response) in tokens, >= 1; longer rows are truncated
+                      (None)
+      buckets         static padded lengths, e.g. [32, 64]: non-empty, each >= 1, the largest
+                      >= max_length (None: powers of two up to max_length when it is set, else
+                      each batch's own longest row)
       chat            apply the tokenizer's chat template to prompts (None: auto)
       shuffle         reshuffle every epoch (True)
       packing         pack several records per row (`rljax.data.packing`; sft, reward_model and
@@ -53,8 +57,14 @@ The schema (defaults in parentheses; every field can be overridden with `--set`)
     reward          grpo / ppo: host reward function `fn(prompts, completions, **fields) ->
                     float32 [B]`, a "module:attr" string naming one, or the name of a
                     `rljax.rewards` function taking no configuration ("math_answer_reward")
-    objective       dict of keyword arguments for the supervised objective, e.g. {"beta": 0.1,
-                    "variant": "ipo"} for dpo, {"center_coef": 0.01} for reward_model ({})
+    objective       the supervised objective's typed section (`rljax.train.supervised`), one per
+                    algorithm: sft `SFTConfig`, reward_model `RewardModelConfig` (margin,
+                    center_coef), dpo `DPOConfig` (beta, variant, label_smoothing,
+                    length_normalize, nll_coef, discopop_tau), kto `KTOConfig`, orpo
+                    `ORPOConfig`, simpo `SimPOConfig`, cpo `CPOConfig` (each + chunk_size); in
+                    YAML / JSON a mapping of its fields, e.g. {"beta": 0.1, "variant": "ipo"}
+                    for dpo. A misspelled field or an unknown DPO variant fails at load.
+                    grpo / ppo have none (None: the algorithm's defaults)
     grpo            `rljax.train.GRPOConfig` (sampling.num_samples, sampling.max_new_tokens,
                     kl_coef, update.num_epochs, ...) (defaults)
     ppo             `rljax.train.PPOConfig` (defaults)
@@ -110,31 +120,47 @@ Example (experiments/my_task.py):
   ...   optimizer=OptimizerConfig(1e-4), logging=LoggingSection(out_dir="runs/my_task_grpo"))
 
 Overrides: `--set logging.save_every=10 --set grpo.kl_coef=0.0 --set grpo.sampling.temperature=0.7
---set optimizer.learning_rate=3e-4`;
+--set optimizer.learning_rate=3e-4 --set objective.beta=0.2`;
 values parse as JSON first (ints, floats, true/false/null, lists, objects), then "None",
 "True"/"False", else a plain string. An unknown key raises `ConfigError` listing the valid keys
 at that level.
+
+Checks, all before anything runs: every value of a config file or override is checked against
+its field's declared type (an int is accepted for a float, a list for a tuple; `--set
+logging.seed=abc` names the key, the value and the expected type), then each section validates
+its values at construction (a `ConfigError` naming the field, the value and the valid range).
+A missing experiment file or module is a one-line `ConfigError`. The "module:attr" strings of
+`tokenizer`, `reward` and `data.train` / `data.eval` are imported at load, with the experiment
+file's folder importable first (so `reward: mymodule:fn` finds mymodule.py next to it; a Python
+experiment can import its neighbours too).
 """
 
 from __future__ import annotations
 
+import collections.abc
+import contextlib
 import dataclasses
 import importlib
 import json
+import os
+import sys
 import types
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from rljax.models.config import ModelConfig
+from rljax.ops._checks import check_bool, check_choice, check_int
 from rljax.parallel.mesh import MeshConfig
 from rljax.train.grpo import GRPOConfig
 from rljax.train.optim import OptimizerConfig
 from rljax.train.ppo import PPOConfig
+from rljax.train.supervised import SUPERVISED_CONFIGS
 
 ALGORITHMS = ("sft", "reward_model", "dpo", "kto", "orpo", "simpo", "cpo", "grpo", "ppo")
 DATA_KINDS = ("prompt", "sft", "preference", "kto", "ranked")
 RULES = ("data", "fsdp", "fsdp_tp")
+DTYPE_NAMES = ("float32", "bfloat16")  # model.dtype / model.param_dtype / compute_dtype
 PACKED_ALGORITHMS = ("sft", "reward_model", "dpo", "kto", "orpo", "simpo", "cpo")
 PACKED_KINDS = ("sft", "preference", "kto")
 DEFAULT_KIND = {
@@ -148,6 +174,22 @@ class ConfigError(ValueError):
   """A bad experiment configuration or override (the message says which key and why)."""
 
 
+@contextlib.contextmanager
+def config_errors() -> Iterator[None]:
+  """Re-raises a section's `ValueError` (from the shared checks) as a `ConfigError`."""
+  try:
+    yield
+  except ConfigError:
+    raise
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+
+
+def _check_dtype_name(name: str, value: Any) -> None:
+  if value is not None:
+    check_choice(f"`{name}`", value, DTYPE_NAMES)
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelSection:
   """Where the policy comes from (see the module docstring)."""
@@ -158,6 +200,12 @@ class ModelSection:
   dtype: str | None = None
   param_dtype: str | None = None
   critic_path: str | None = None
+
+  def __post_init__(self) -> None:
+    with config_errors():
+      check_int("model.init_seed", self.init_seed, 0)
+      for name in ("dtype", "param_dtype"):
+        _check_dtype_name(f"model.{name}", getattr(self, name))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,12 +224,30 @@ class DataSection:
   packing: bool | None = None
 
   def __post_init__(self) -> None:
-    if self.packing is not None and not isinstance(self.packing, bool):
-      raise ConfigError(f"data.packing must be True, False or None; got {self.packing!r}.")
-    if self.kind is not None and self.kind not in DATA_KINDS:
-      raise ConfigError(f"data.kind must be one of {list(DATA_KINDS)} or None; got {self.kind!r}.")
-    if not isinstance(self.batch_size, int) or self.batch_size < 1:
-      raise ConfigError(f"data.batch_size must be an int >= 1; got {self.batch_size!r}.")
+    with config_errors():
+      if self.kind is not None:
+        check_choice("`data.kind`", self.kind, DATA_KINDS)
+      check_int("data.batch_size", self.batch_size, 1)
+      for name in ("eval_batch_size", "max_length"):
+        check_int(f"data.{name}", getattr(self, name), 1, optional=True)
+      for name in ("chat", "packing"):
+        check_bool(f"data.{name}", getattr(self, name), optional=True)
+      check_bool("data.shuffle", self.shuffle)
+      if self.buckets is not None:
+        check_buckets(self.buckets, self.max_length)
+
+
+def check_buckets(buckets: Any, max_length: int | None) -> None:
+  """ValueError unless `buckets` is a non-empty sequence of ints >= 1 whose largest is at least
+  `max_length` (when given), so that every row fits a bucket."""
+  if isinstance(buckets, (str, bytes)) or not isinstance(buckets, collections.abc.Sequence) \
+      or not buckets or any(isinstance(b, bool) or not isinstance(b, int) or b < 1
+                            for b in buckets):
+    raise ValueError(f"`data.buckets` must be None or a non-empty list of ints >= 1; got "
+                     f"{buckets!r}.")
+  if max_length is not None and max(buckets) < max_length:
+    raise ValueError(f"the largest of `data.buckets` ({max(buckets)}) is below `data.max_length` "
+                     f"({max_length}); rows that long would fit no bucket.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,11 +266,12 @@ class LoggingSection:
   save_model: bool = True
 
   def __post_init__(self) -> None:
-    for name in ("log_every", "eval_every", "save_every"):
-      value = getattr(self, name)
-      if not isinstance(value, int) or value < (1 if name == "log_every" else 0):
-        raise ConfigError(f"logging.{name} must be an int >= "
-                          f"{1 if name == 'log_every' else 0}; got {value!r}.")
+    with config_errors():
+      for name, minimum in (("log_every", 1), ("eval_every", 0), ("save_every", 0), ("keep", 1),
+                            ("seed", 0)):
+        check_int(f"logging.{name}", getattr(self, name), minimum)
+      for name in ("tensorboard", "progress", "plot", "save_model"):
+        check_bool(f"logging.{name}", getattr(self, name))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,7 +284,7 @@ class ExperimentConfig:
   tokenizer: Any = None
   data: DataSection = DataSection()
   reward: Any = None
-  objective: dict = dataclasses.field(default_factory=dict)
+  objective: Any = None
   grpo: GRPOConfig = GRPOConfig()
   ppo: PPOConfig = PPOConfig()
   optimizer: OptimizerConfig = OptimizerConfig(1e-5)
@@ -236,10 +303,12 @@ class ExperimentConfig:
       raise ConfigError(f"algorithm must be one of {list(ALGORITHMS)}; got {self.algorithm!r}.")
     if self.rules not in RULES:
       raise ConfigError(f"rules must be one of {list(RULES)}; got {self.rules!r}.")
-    if not isinstance(self.steps, int) or self.steps < 1:
-      raise ConfigError(f"steps must be an int >= 1; got {self.steps!r}.")
-    if not isinstance(self.eval_k, int) or self.eval_k < 1:
-      raise ConfigError(f"eval_k must be an int >= 1; got {self.eval_k!r}.")
+    with config_errors():
+      for name in ("steps", "eval_k", "num_microbatches"):
+        check_int(name, getattr(self, name), 1)
+      check_int("num_devices", self.num_devices, 1, optional=True)
+      _check_dtype_name("compute_dtype", self.compute_dtype)
+    object.__setattr__(self, "objective", objective_section(self.algorithm, self.objective))
     if self.data.packing:
       if self.algorithm not in PACKED_ALGORITHMS or self.data_kind not in PACKED_KINDS:
         raise ConfigError(f"data.packing=True needs an algorithm of {list(PACKED_ALGORITHMS)} "
@@ -262,8 +331,34 @@ class ExperimentConfig:
     return self.data.kind or DEFAULT_KIND[self.algorithm]
 
 
+def objective_section(algorithm: str, objective: Any) -> Any:
+  """The typed objective section of `algorithm` (`rljax.train.supervised`) from `objective`:
+  None (the defaults), a mapping of its fields (YAML / JSON / --set), or the section itself.
+  grpo / ppo have none (their options are the `grpo` / `ppo` sections): None or {}.
+
+  A section of another algorithm left at its defaults (e.g. after `--set algorithm=kto`) is
+  replaced by this algorithm's defaults; one with options set is an error."""
+  cls = SUPERVISED_CONFIGS.get(algorithm)
+  if cls is None:
+    if objective is None or (isinstance(objective, Mapping) and not objective):
+      return None
+    raise ConfigError(f"algorithm {algorithm!r} takes no `objective` section (its options are "
+                      f"`{algorithm}.*`); got {objective!r}.")
+  if objective is None:
+    return cls()
+  if isinstance(objective, Mapping):
+    return from_dict(cls, objective, path="objective")
+  if isinstance(objective, cls):
+    return objective
+  others = tuple(SUPERVISED_CONFIGS.values())
+  if isinstance(objective, others) and objective == type(objective)():
+    return cls()
+  raise ConfigError(f"`objective` of algorithm {algorithm!r} must be a {cls.__name__} or a "
+                    f"mapping of its fields; got {objective!r}.")
+
+
 # ----------------------------------------------------------------------------------------------
-# Mappings → dataclasses.
+# Mappings → dataclasses, each value checked against its field's declared type.
 # ----------------------------------------------------------------------------------------------
 
 
@@ -288,18 +383,85 @@ def _unknown(path: str, key: str, valid: list[str]) -> ConfigError:
   return ConfigError(f"unknown key '{key}' {where}; valid keys: {', '.join(sorted(valid))}.")
 
 
-def _coerce(annotation: Any, value: Any) -> Any:
-  """Lists → tuples for tuple-typed fields (JSON/YAML have no tuples)."""
-  if isinstance(value, list):
-    origins = {typing.get_origin(annotation)} | {
-      typing.get_origin(a) for a in typing.get_args(annotation)}
-    if tuple in origins:
-      return tuple(value)
+_MISMATCH = object()
+
+
+def _conform(annotation: Any, value: Any) -> Any:
+  """`value` as a field of type `annotation` holds it (an int for a float becomes a float, a
+  list for a tuple a tuple), or `_MISMATCH`. Annotations it does not know are not checked."""
+  if annotation is Any or annotation is object:
+    return value
+  if annotation is None or annotation is type(None):
+    return None if value is None else _MISMATCH
+  origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+  if origin in (typing.Union, types.UnionType):
+    for arg in args:
+      out = _conform(arg, value)
+      if out is not _MISMATCH:
+        return out
+    return _MISMATCH
+  if origin is typing.Literal:
+    return value if value in args else _MISMATCH
+  is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+  if annotation is bool:
+    return value if isinstance(value, bool) else _MISMATCH
+  if annotation is int:
+    return value if is_number and isinstance(value, int) else _MISMATCH
+  if annotation is float:
+    return float(value) if is_number else _MISMATCH
+  if annotation is str:
+    return value if isinstance(value, str) else _MISMATCH
+  container = origin or annotation
+  if container in (tuple, list):
+    if not isinstance(value, (list, tuple)):
+      return _MISMATCH
+    if not args:
+      return container(value)
+    if container is list or (len(args) == 2 and args[1] is Ellipsis):
+      items = [args[0]] * len(value)
+    elif len(args) == len(value):
+      items = list(args)
+    else:
+      return _MISMATCH
+    out = [_conform(a, v) for a, v in zip(items, value)]
+    return _MISMATCH if any(o is _MISMATCH for o in out) else container(out)
+  if container is dict:
+    return value if isinstance(value, Mapping) else _MISMATCH
+  if container is collections.abc.Callable:
+    return value if callable(value) else _MISMATCH
+  if isinstance(annotation, type):
+    return value if isinstance(value, annotation) else _MISMATCH
   return value
 
 
+def _type_name(annotation: Any) -> str:
+  if isinstance(annotation, type):
+    return annotation.__name__
+  return str(annotation).replace("typing.", "").replace("NoneType", "None")
+
+
+def check_type(annotation: Any, value: Any, key: str) -> Any:
+  """`value` conformed to the field type `annotation` (see `_conform`); else a `ConfigError`
+  naming the key, the value and the expected type."""
+  out = _conform(annotation, value)
+  if out is _MISMATCH:
+    raise ConfigError(f"{key}={value!r}: expected {_type_name(annotation)}, got "
+                      f"{type(value).__name__}.")
+  return out
+
+
+def _field_value(annotation: Any, value: Any, key: str) -> Any:
+  """A field's value from a config file or override: a mapping for a section becomes that
+  section (`from_dict`), anything else is type-checked."""
+  sub = _dataclass_type(annotation)
+  if sub is not None and isinstance(value, Mapping):
+    return from_dict(sub, value, path=key)
+  return check_type(annotation, value, key)
+
+
 def from_dict(cls: type, mapping: Mapping[str, Any], *, path: str = "") -> Any:
-  """Builds dataclass `cls` from a (nested) mapping; unknown keys raise `ConfigError`."""
+  """Builds dataclass `cls` from a (nested) mapping; unknown keys, values of the wrong type and
+  values the section rejects raise `ConfigError`."""
   if not isinstance(mapping, Mapping):
     raise ConfigError(f"'{path or cls.__name__}' must be a mapping; got {type(mapping).__name__}.")
   hints = _field_types(cls)
@@ -308,14 +470,12 @@ def from_dict(cls: type, mapping: Mapping[str, Any], *, path: str = "") -> Any:
   for key, value in mapping.items():
     if key not in names:
       raise _unknown(path, key, names)
-    sub = _dataclass_type(hints[key])
-    child = f"{path}.{key}" if path else key
-    if sub is not None and isinstance(value, Mapping):
-      value = from_dict(sub, value, path=child)
-    kwargs[key] = _coerce(hints[key], value)
+    kwargs[key] = _field_value(hints[key], value, f"{path}.{key}" if path else key)
   try:
     return cls(**kwargs)
-  except TypeError as e:
+  except ConfigError:
+    raise
+  except (TypeError, ValueError) as e:
     raise ConfigError(f"'{path or cls.__name__}': {e}") from None
 
 
@@ -334,7 +494,9 @@ def parse_value(text: str) -> Any:
   return {"None": None, "True": True, "False": False}.get(text, text)
 
 
-def _set(obj: Any, keys: list[str], value: Any, path: str) -> Any:
+def _set(obj: Any, keys: list[str], value: Any, path: str, text: str | None = None) -> Any:
+  """`obj` with the field at `keys` set to `value` (`text`: the override as typed, used where
+  the field is a string and `value` parsed as something else, e.g. --set logging.out_dir=2024)."""
   key, rest = keys[0], keys[1:]
   child = f"{path}.{key}" if path else key
   if isinstance(obj, dict):
@@ -342,7 +504,7 @@ def _set(obj: Any, keys: list[str], value: Any, path: str) -> Any:
       return {**obj, key: value}
     if key not in obj:
       raise _unknown(path, key, list(obj))
-    return {**obj, key: _set(obj[key], rest, value, child)}
+    return {**obj, key: _set(obj[key], rest, value, child, text)}
   if not dataclasses.is_dataclass(obj):
     raise ConfigError(f"cannot set '{child}': '{path}' is a {type(obj).__name__}, not a section.")
   hints = _field_types(type(obj))
@@ -353,15 +515,19 @@ def _set(obj: Any, keys: list[str], value: Any, path: str) -> Any:
   if rest:
     if current is None:
       sub = _dataclass_type(hints[key])
+      if isinstance(obj, ExperimentConfig) and key == "objective":
+        raise ConfigError(f"cannot set '{child}.{rest[0]}': algorithm {obj.algorithm!r} has no "
+                          f"objective section (its options are {obj.algorithm}.*).")
       if sub is None:
         raise ConfigError(f"cannot set '{child}.{rest[0]}': '{child}' is None.")
       raise ConfigError(f"'{child}' is None; set the whole section, e.g. --set "
                         f"{child}='{{...}}' with the fields of {sub.__name__}.")
-    new = _set(current, rest, value, child)
+    new = _set(current, rest, value, child, text)
+  elif text is not None and _conform(hints[key], value) is _MISMATCH \
+      and _conform(hints[key], text) is not _MISMATCH:
+    new = text
   else:
-    sub = _dataclass_type(hints[key])
-    new = from_dict(sub, value, path=child) if sub is not None and isinstance(value, Mapping) \
-      else _coerce(hints[key], value)
+    new = _field_value(hints[key], value, child)
   try:
     return dataclasses.replace(obj, **{key: new})
   except (TypeError, ValueError) as e:
@@ -370,26 +536,28 @@ def _set(obj: Any, keys: list[str], value: Any, path: str) -> Any:
 
 def apply_overrides(config: ExperimentConfig, overrides: list[str] | Mapping[str, Any]
                     ) -> ExperimentConfig:
-  """Returns `config` with each "a.b.c=value" (or mapping entry) applied in order.
+  """Returns `config` with each "a.b.c=value" (or mapping entry) applied in order; each value
+  is checked against the declared type of its field before any section is rebuilt.
 
   Raises:
     ConfigError: a malformed override, an unknown key (the valid keys at that level are
-      listed), or a value the section rejects.
+      listed), a value of the wrong type (key, value and expected type named), or a value the
+      section rejects.
   """
-  items = overrides.items() if isinstance(overrides, Mapping) else [
+  items = [(k, v, None) for k, v in overrides.items()] if isinstance(overrides, Mapping) else [
     _split_override(o) for o in overrides]
-  for key, value in items:
-    config = _set(config, key.split("."), value, "")
+  for key, value, text in items:
+    config = _set(config, key.split("."), value, "", text)
   return config
 
 
-def _split_override(text: str) -> tuple[str, Any]:
+def _split_override(text: str) -> tuple[str, Any, str]:
   if "=" not in text:
     raise ConfigError(f"override {text!r} must look like key=value (e.g. logging.seed=1).")
   key, value = text.split("=", 1)
   if not key.strip():
     raise ConfigError(f"override {text!r} has an empty key.")
-  return key.strip(), parse_value(value)
+  return key.strip(), parse_value(value), value
 
 
 # ----------------------------------------------------------------------------------------------
@@ -410,12 +578,27 @@ class Experiment:
 
 
 HOOKS = ("build_model", "build_reward", "build_critic", "evaluate")
+MAPPING_SUFFIXES = (".json", ".yaml", ".yml")
+# The fields that may name a callable as "module:attr" (resolved next to the experiment file).
+CALLABLE_FIELDS = (("tokenizer",), ("reward",), ("data", "train"), ("data", "eval"))
+
+
+@contextlib.contextmanager
+def _importable_from(folder: str | None) -> Iterator[None]:
+  """`folder` first on `sys.path` for the duration (as Python does for a script's folder)."""
+  if folder is None:
+    yield
+    return
+  sys.path.insert(0, folder)
+  try:
+    yield
+  finally:
+    sys.path.remove(folder)
 
 
 def _load_module(target: str) -> types.ModuleType:
+  """The module of an experiment file (its folder importable while it runs) or module name."""
   import importlib.util
-  import os
-  import sys
 
   if os.path.isfile(target):
     name = "rljax_experiment_" + os.path.splitext(os.path.basename(target))[0]
@@ -424,34 +607,58 @@ def _load_module(target: str) -> types.ModuleType:
       raise ConfigError(f"cannot load {target!r} as a Python file.")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
-    spec.loader.exec_module(module)
+    with _importable_from(os.path.dirname(os.path.abspath(target))):
+      spec.loader.exec_module(module)
     return module
-  return importlib.import_module(target)
+  if target.endswith(".py") or os.sep in target:
+    raise ConfigError(f"experiment file {target!r} does not exist.")
+  try:
+    return importlib.import_module(target)
+  except ModuleNotFoundError as e:
+    if e.name is not None and (target == e.name or target.startswith(e.name + ".")):
+      raise ConfigError(f"experiment {target!r} is neither a file nor an importable module.") \
+        from None
+    raise
 
 
 def load_mapping(path: str) -> dict[str, Any]:
   """The mapping of a .json / .yaml / .yml experiment file."""
-  with open(path) as f:
+  if not os.path.isfile(path):
+    raise ConfigError(f"experiment file {path!r} does not exist.")
+  with open(path, encoding="utf-8") as f:
     text = f.read()
   if path.endswith(".json"):
-    return json.loads(text)
+    try:
+      return json.loads(text)
+    except json.JSONDecodeError as e:
+      raise ConfigError(f"{path}: line {e.lineno}: invalid JSON: {e.msg}.") from None
   try:
     import yaml
   except ImportError:
     raise ConfigError(f"{path}: YAML experiments need PyYAML (`pip install pyyaml`); "
                       "or write the same fields as JSON.") from None
-  return yaml.safe_load(text) or {}
+  try:
+    return yaml.safe_load(text) or {}
+  except yaml.YAMLError as e:
+    raise ConfigError(f"{path}: invalid YAML: {e}") from None
 
 
 def load_experiment(target: str | ExperimentConfig | Experiment,
                     overrides: list[str] | Mapping[str, Any] = ()) -> Experiment:
-  """Loads a Python file / module name / JSON / YAML experiment and applies overrides."""
+  """Loads a Python file / module name / JSON / YAML experiment and applies overrides.
+
+  "module:attr" strings of `tokenizer`, `reward`, `data.train` and `data.eval` are resolved
+  here, with the experiment file's folder importable (so `reward: mymodule:fn` finds
+  mymodule.py next to the experiment), so a missing module fails before anything runs.
+  """
+  folder = None
   if isinstance(target, Experiment):
     exp = dataclasses.replace(target)
   elif isinstance(target, ExperimentConfig):
     exp = Experiment(config=target, source="<config>")
-  elif target.endswith((".json", ".yaml", ".yml")):
+  elif target.endswith(MAPPING_SUFFIXES):
     exp = Experiment(config=from_dict(ExperimentConfig, load_mapping(target)), source=target)
+    folder = os.path.dirname(os.path.abspath(target))
   else:
     module = _load_module(target)
     config = getattr(module, "config", None)
@@ -460,19 +667,42 @@ def load_experiment(target: str | ExperimentConfig | Experiment,
                         f"got {type(config).__name__}.")
     hooks = {h: getattr(module, h, None) for h in HOOKS}
     exp = Experiment(config=config, source=target, **hooks)
-  exp.config = apply_overrides(exp.config, overrides)
+    if os.path.isfile(target):
+      folder = os.path.dirname(os.path.abspath(target))
+  exp.config = resolve_callables(apply_overrides(exp.config, overrides), folder)
   return exp
 
 
-def resolve_callable(value: Any, what: str) -> Any:
-  """A "module:attr" string → that attribute; anything else unchanged."""
-  if isinstance(value, str) and ":" in value and not value.startswith(("/", ".")):
-    module, _, attr = value.partition(":")
+def resolve_callables(config: ExperimentConfig, folder: str | None = None) -> ExperimentConfig:
+  """`config` with the "module:attr" strings of its `CALLABLE_FIELDS` replaced by the
+  attributes they name (`folder`, the experiment's, importable first)."""
+  changes: dict[str, Any] = {}
+  for keys in CALLABLE_FIELDS:
+    section = config if len(keys) == 1 else getattr(config, keys[0])
+    value = getattr(section, keys[-1])
+    if is_reference(value):
+      changes[".".join(keys)] = resolve_callable(value, ".".join(keys), folder)
+  return apply_overrides(config, changes) if changes else config
+
+
+def is_reference(value: Any) -> bool:
+  """Whether `value` is a "module:attr" string (not a path such as "/data/x.jsonl")."""
+  return isinstance(value, str) and ":" in value and not value.startswith(("/", ".")) \
+    and not os.path.exists(value)
+
+
+def resolve_callable(value: Any, what: str, folder: str | None = None) -> Any:
+  """A "module:attr" string → that attribute (`folder` importable first); anything else
+  unchanged."""
+  if not is_reference(value):
+    return value
+  module, _, attr = value.partition(":")
+  with _importable_from(folder):
     try:
       return getattr(importlib.import_module(module), attr)
     except (ImportError, AttributeError) as e:
-      raise ConfigError(f"{what}: cannot import {value!r} ({e}).") from None
-  return value
+      where = f" (looked next to the experiment, in {folder}, first)" if folder else ""
+      raise ConfigError(f"{what}: cannot import {value!r}{where}: {e}.") from None
 
 
 def to_jsonable(value: Any) -> Any:

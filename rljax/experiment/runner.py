@@ -58,6 +58,7 @@ from rljax.train.preference import (
 )
 from rljax.train.reward_modeling import reward_pair_objective
 from rljax.train.state import create_train_state, state_shardings
+from rljax.train.supervised import options
 from rljax.train.compiles import count_compiles
 from rljax.train.step import make_train_step
 
@@ -137,7 +138,7 @@ def setup(exp: Experiment, out_dir: str) -> tuple[Run, Any]:
   compiler_options = dict(c.compiler_options) or None
   if c.algorithm in OBJECTIVES:
     objective, count_fn, needs_reference = OBJECTIVES[c.algorithm]
-    run.loss_fn = functools.partial(objective, **c.objective) if c.objective else objective
+    run.loss_fn = functools.partial(objective, **options(c.objective))  # the typed section
     if needs_reference:
       run.reference = _copy((state.params, state.frozen))
     shardings = None if mesh is None else state_shardings(graphdef, state, mesh, rules)

@@ -24,7 +24,7 @@ from rljax.ops._checks import (
     LOG_RATIO_CLAMP,
     check_arrays,
     check_choice,
-    check_positive,
+    check_number,
     compute_dtype,
 )
 
@@ -212,6 +212,16 @@ def _check_label_smoothing(variant: str, label_smoothing: float) -> None:
     raise ValueError(f"`label_smoothing` must lie in [0, 1]; got {label_smoothing!r}.")
 
 
+def check_dpo_options(*, beta: float, variant: str, label_smoothing: float,
+                      discopop_tau: float) -> None:
+  """ValueError naming the option unless `variant` is one of `DPO_VARIANTS`, β > 0, τ > 0 and
+  ε lies in the variant's range (the checks of `dpo_loss` and of `DPOConfig`)."""
+  check_choice("DPO `variant`", variant, DPO_VARIANTS)
+  check_number("beta", beta, low_open=True)
+  check_number("discopop_tau", discopop_tau, low_open=True)
+  _check_label_smoothing(variant, label_smoothing)
+
+
 def _normalised(log_ratio, lengths, dtype) -> jax.Array:
   """log_ratio / max(lengths, 1) (TRL clamps the token count at 1); lengths are stop-gradient."""
   n = jax.lax.stop_gradient(jnp.asarray(lengths)).astype(dtype)
@@ -311,10 +321,8 @@ def dpo_loss(
     >>> loss, _ = dpo_loss(pc, pr, rc, rr, variant="ipo", chosen_lengths=nc, rejected_lengths=nr)
     >>> grads = jax.grad(lambda p: dpo_loss(*logps(p), rc, rr)[0])(params)
   """
-  check_choice("DPO `variant`", variant, DPO_VARIANTS)
-  check_positive("beta", beta)
-  check_positive("discopop_tau", discopop_tau)
-  _check_label_smoothing(variant, label_smoothing)
+  check_dpo_options(beta=beta, variant=variant, label_smoothing=label_smoothing,
+                    discopop_tau=discopop_tau)
   check_sequence_inputs(
       policy_chosen=policy_chosen,
       policy_rejected=policy_rejected,

@@ -15,7 +15,7 @@ from typing import Any
 import jax.numpy as jnp
 
 from rljax.models.attention import ATTENTION_IMPLEMENTATIONS
-from rljax.ops._checks import check_int, check_number
+from rljax.ops._checks import check_bool, check_choice, check_int, check_number
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
@@ -38,6 +38,34 @@ def _freeze(value: Any) -> Any:
   if isinstance(value, list):
     return tuple(_freeze(v) for v in value)
   return value
+
+
+# The parameters each rope type needs (transformers' `rope_config_validation`), all > 0.
+ROPE_PARAMETERS = {
+  "default": (),
+  "linear": ("factor",),
+  "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
+
+
+def check_rope_scaling(rope_scaling: dict[str, Any] | None) -> None:
+  """ValueError unless `rope_scaling` is None or a dict with a supported "rope_type" and that
+  type's parameters, each a number > 0 (llama3: high_freq_factor > low_freq_factor)."""
+  if rope_scaling is None:
+    return
+  if not isinstance(rope_scaling, dict):
+    raise ValueError(f"`rope_scaling` must be None or a dict; got {rope_scaling!r}.")
+  rope_type = rope_scaling.get("rope_type", "default")
+  check_choice("`rope_scaling` rope_type", rope_type, SUPPORTED_ROPE_TYPES)
+  for key in ROPE_PARAMETERS[rope_type]:
+    if key not in rope_scaling:
+      raise ValueError(f"`rope_scaling` of rope_type {rope_type!r} needs {key!r}; got "
+                       f"{rope_scaling!r}.")
+    check_number(f"rope_scaling[{key!r}]", rope_scaling[key], low_open=True)
+  high, low = rope_scaling.get("high_freq_factor"), rope_scaling.get("low_freq_factor")
+  if rope_type == "llama3" and not high > low:
+    raise ValueError(f"`rope_scaling` of rope_type 'llama3' needs high_freq_factor > "
+                     f"low_freq_factor; got {rope_scaling!r}.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,51 +152,45 @@ class ModelConfig:
     return hash(tuple(_freeze(getattr(self, f.name)) for f in dataclasses.fields(self)))
 
   def __post_init__(self) -> None:
+    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                 "max_position_embeddings", "attention_block"):
+      check_int(name, getattr(self, name), 1)
+    for name in ("num_kv_heads", "head_dim", "scan_unroll"):
+      check_int(name, getattr(self, name), 1, optional=True)
     if self.num_kv_heads is None:
       object.__setattr__(self, "num_kv_heads", self.num_heads)
     if self.head_dim is None:
+      if self.hidden_size % self.num_heads:
+        raise ValueError(f"`hidden_size` ({self.hidden_size}) must be a multiple of `num_heads` "
+                         f"({self.num_heads}) unless `head_dim` is given.")
       object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(f"`num_heads` ({self.num_heads}) must be a multiple of `num_kv_heads` "
+                       f"({self.num_kv_heads}).")
+    for name in ("rope_theta", "rms_norm_eps"):
+      check_number(name, getattr(self, name), low_open=True)
+    for name in ("attention_scale", "attention_softcap"):
+      check_number(name, getattr(self, name), low_open=True, optional=True)
+    for name in ("tie_word_embeddings", "attention_bias", "attention_out_bias", "mlp_bias",
+                 "qk_norm", "remat"):
+      check_bool(name, getattr(self, name))
     for name in ("dtype", "param_dtype"):
       value = getattr(self, name)
       if isinstance(value, str):
-        if value not in _DTYPES:
-          raise ValueError(f"{name} must be one of {sorted(_DTYPES)}, got {value!r}")
+        check_choice(f"`{name}`", value, _DTYPES)
         object.__setattr__(self, name, _DTYPES[value])
-    if self.scan_unroll is not None and (isinstance(self.scan_unroll, bool)
-                                         or not isinstance(self.scan_unroll, int)
-                                         or self.scan_unroll < 1):
-      raise ValueError(f"scan_unroll must be None or an int >= 1, got {self.scan_unroll!r}")
-    if self.attention not in ATTENTION_IMPLEMENTATIONS:
-      raise ValueError(
-        f"attention must be one of {list(ATTENTION_IMPLEMENTATIONS)}, got {self.attention!r}"
-      )
-    check_int("attention_block", self.attention_block, minimum=1)
+    check_choice("`attention`", self.attention, ATTENTION_IMPLEMENTATIONS)
+    check_choice("`model_type`", self.model_type, SUPPORTED_MODEL_TYPES)
     if isinstance(self.sliding_window, list):
       object.__setattr__(self, "sliding_window", tuple(self.sliding_window))
     windows = (self.sliding_window if isinstance(self.sliding_window, tuple)
                else (self.sliding_window,))
     if isinstance(self.sliding_window, tuple) and len(windows) != self.num_layers:
-      raise ValueError(f"sliding_window has {len(windows)} per-layer entries for "
-                       f"{self.num_layers} layers")
+      raise ValueError(f"`sliding_window` has {len(windows)} per-layer entries for "
+                       f"{self.num_layers} layers.")
     for window in windows:
-      if window is not None:
-        check_int("sliding_window", window, minimum=1)
-    for name in ("attention_scale", "attention_softcap"):
-      if getattr(self, name) is not None:
-        check_number(name, getattr(self, name), low_open=True)
-    if self.num_heads % self.num_kv_heads:
-      raise ValueError(
-        f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
-      )
-    if self.model_type not in SUPPORTED_MODEL_TYPES:
-      raise ValueError(
-        f"model_type must be one of {list(SUPPORTED_MODEL_TYPES)}, got {self.model_type!r}"
-      )
-    rope_type = (self.rope_scaling or {}).get("rope_type", "default")
-    if rope_type not in SUPPORTED_ROPE_TYPES:
-      raise ValueError(
-        f"rope_scaling rope_type must be one of {list(SUPPORTED_ROPE_TYPES)}, got {rope_type!r}"
-      )
+      check_int("sliding_window", window, 1, optional=True)
+    check_rope_scaling(self.rope_scaling)
 
   @property
   def layer_windows(self) -> tuple[int | None, ...] | None:

@@ -124,11 +124,17 @@ def unpermute_qk(weights: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def open_gguf(path: str | os.PathLike) -> Any:
-  """A `gguf.GGUFReader` on `path` (memory-mapped; tensors are read lazily)."""
+  """A `gguf.GGUFReader` on `path` (memory-mapped; tensors are read lazily); a damaged or
+  truncated file (bad magic or version, a header or tensor table past its end) raises a
+  ValueError naming it."""
   gguf = import_gguf_package()
   if not os.path.isfile(path):
     raise FileNotFoundError(f"no GGUF file at {os.fspath(path)!r}")
-  return gguf.GGUFReader(os.fspath(path))
+  try:
+    return gguf.GGUFReader(os.fspath(path))
+  except (ValueError, IndexError, OSError) as e:
+    raise ValueError(f"{os.fspath(path)}: not a readable GGUF file ({e}); the download or copy "
+                     "may be incomplete.") from e
 
 
 def read_metadata(reader: Any) -> dict[str, Any]:

@@ -16,10 +16,20 @@ from typing import Any
 import jax
 import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy for safetensors' numpy reader)
 import numpy as np
+import safetensors
 from safetensors import safe_open
 
 from rljax.models.config import ModelConfig
 from rljax.models.hf_weights import TOP_NAME_TO_HF, hf_layer_name, rljax_to_hf_layout
+
+
+def open_safetensors(file: str) -> Any:
+  """`safe_open(file)` (numpy); a damaged or truncated file raises a ValueError naming it."""
+  try:
+    return safe_open(file, framework="numpy")
+  except (safetensors.SafetensorError, OSError) as e:
+    raise ValueError(f"{file}: not a readable safetensors file ({e}); the download or copy may "
+                     "be incomplete.") from e
 
 
 def _norm(index: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[slice, ...]:
@@ -67,9 +77,7 @@ class BlockReader(contextlib.ExitStack):
   def slice_of(self, hf_name: str) -> Any:
     file = self.mapping[hf_name]
     if file not in self._files:
-      self._files[file] = self.enter_context(
-        safe_open(os.path.join(self.path, file), framework="numpy")
-      )
+      self._files[file] = self.enter_context(open_safetensors(os.path.join(self.path, file)))
     return self._files[file].get_slice(hf_name)
 
   def check_shape(self, hf_name: str, expected: tuple[int, ...]) -> None:

@@ -17,6 +17,11 @@ Without a mesh, parameters are plain single-device arrays.
 
 No pickle is ever read (`*.bin` / `*.pt` checkpoints are rejected), and transformers is only used
 for tokenizers, with local files and `trust_remote_code=False`.
+
+A Hugging Face Hub id ("HuggingFaceTB/SmolLM2-135M-Instruct") in place of a directory resolves
+to its snapshot in the `huggingface_hub` cache (`resolve_model_dir`: downloaded when online and
+missing; `HF_HUB_OFFLINE=1` only reads the cache; `HF_HUB_CACHE` moves it). Only the files above
+are fetched, never pickles.
 """
 
 from __future__ import annotations
@@ -30,11 +35,10 @@ import jax
 import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, Sharding
-from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from rljax.models.config import ModelConfig
-from rljax.models.hf_blocks import BlockReader, hf_shapes
+from rljax.models.hf_blocks import BlockReader, hf_shapes, open_safetensors
 from rljax.models.hf_weights import TOP_NAME_TO_HF, expected_hf_names, to_hf_state_dict
 from rljax.models.transformer import Transformer
 from rljax.parallel.rules import Rules, current_rules, get_rules, named_shardings
@@ -55,11 +59,54 @@ DEFAULT_MAX_SHARD_SIZE = "5GB"
 # Tensors some checkpoints carry that the model recomputes (old Llama exports).
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 _SHARD_FILE = re.compile(r"model-\d{5}-of-\d{5}\.safetensors$")
+# What a Hub snapshot is fetched with: config, safetensors weights, tokenizer and chat template.
+HUB_FILE_PATTERNS = ("*.json", "*.safetensors", "*.model", "*.txt", "*.jinja")
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_TRUE = ("1", "ON", "YES", "TRUE")  # huggingface_hub's spelling of a true environment flag
 
 
 # ----------------------------------------------------------------------------------------------
 # Reading.
 # ----------------------------------------------------------------------------------------------
+
+
+def resolve_model_dir(name_or_path: str | os.PathLike) -> str:
+  """A local directory as given; else a Hub repo id ("org/name") resolved to its snapshot
+  directory through `huggingface_hub.snapshot_download`: from the cache (`HF_HUB_CACHE`, read
+  when called) and, unless `HF_HUB_OFFLINE=1`, downloaded when missing.
+
+  Raises:
+    ValueError: neither an existing directory nor a repo id whose snapshot could be had (the
+      message names it and the reason, e.g. not cached while offline).
+  """
+  path = os.fspath(name_or_path)
+  if os.path.isdir(path) or not _REPO_ID.match(path):
+    return path
+  from huggingface_hub import snapshot_download
+
+  offline = any(os.environ.get(k, "").upper() in _TRUE for k in ("HF_HUB_OFFLINE",
+                                                                  "TRANSFORMERS_OFFLINE"))
+  try:
+    return snapshot_download(path, allow_patterns=list(HUB_FILE_PATTERNS),
+                             cache_dir=os.environ.get("HF_HUB_CACHE") or None,
+                             local_files_only=offline)
+  except (OSError, ValueError) as e:
+    mode = "offline (HF_HUB_OFFLINE=1): not in the cache" if offline else "not downloadable"
+    raise ValueError(f"{path!r} is not a local directory, and as a Hugging Face Hub id it is "
+                     f"{mode} ({type(e).__name__}: {e}).") from e
+
+
+def read_json(file: str) -> dict[str, Any]:
+  """The JSON object of `file`; a damaged file raises a ValueError naming it and the line."""
+  try:
+    with open(file, encoding="utf-8") as f:
+      d = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    where = f"line {e.lineno}: " if isinstance(e, json.JSONDecodeError) else ""
+    raise ValueError(f"{file}: {where}not valid JSON ({e}).") from e
+  if not isinstance(d, dict):
+    raise ValueError(f"{file}: expected a JSON object; got {type(d).__name__}.")
+  return d
 
 
 def load_config(path: str | os.PathLike, **overrides: Any) -> ModelConfig:
@@ -72,8 +119,7 @@ def load_config(path: str | os.PathLike, **overrides: Any) -> ModelConfig:
   file = os.path.join(os.fspath(path), CONFIG_FILE)
   if not os.path.isfile(file):
     raise ValueError(f"no {CONFIG_FILE} in {os.fspath(path)!r}")
-  with open(file, encoding="utf-8") as f:
-    d = json.load(f)
+  d = read_json(file)
   for arch in d.get("architectures") or []:
     if not arch.endswith("ForCausalLM"):
       raise ValueError(
@@ -106,15 +152,14 @@ def weight_map(path: str | os.PathLike) -> dict[str, str]:
   path = os.fspath(path)
   single, index = os.path.join(path, SINGLE_FILE), os.path.join(path, INDEX_FILE)
   if os.path.isfile(single):
-    with safe_open(single, framework="numpy") as f:
+    with open_safetensors(single) as f:
       return {name: SINGLE_FILE for name in f.keys()}
   if os.path.isfile(index):
-    with open(index, encoding="utf-8") as f:
-      mapping = dict(json.load(f).get("weight_map") or {})
+    mapping = dict(read_json(index).get("weight_map") or {})
     for file in sorted(set(mapping.values())):
       if not os.path.isfile(os.path.join(path, file)):
         raise ValueError(f"{INDEX_FILE} names {file!r}, which is not in {path!r}")
-      with safe_open(os.path.join(path, file), framework="numpy") as f:
+      with open_safetensors(os.path.join(path, file)) as f:
         keys = set(f.keys())
       absent = sorted(n for n, fl in mapping.items() if fl == file and n not in keys)
       if absent:
@@ -164,7 +209,7 @@ def load_pretrained(
 
   Args:
     path: directory with config.json, model.safetensors (or sharded safetensors + index) and
-      optionally tokenizer files.
+      optionally tokenizer files, or a Hugging Face Hub id (`resolve_model_dir`).
     dtype: computation dtype (default float32).
     param_dtype: parameter dtype (default: the config's `dtype`/`torch_dtype`, else float32);
       values are cast block-wise on the host.
@@ -180,13 +225,14 @@ def load_pretrained(
 
   Raises:
     ValueError: missing config.json, unknown architecture / model_type, no safetensors
-      (pickle `.bin` files are refused), and missing, unexpected or mis-shaped tensors (the
-      message names the tensor and file).
+      (pickle `.bin` files are refused), a damaged file, and missing, unexpected or mis-shaped
+      tensors (the message names the tensor and file); a Hub id that cannot be resolved.
 
   Example:
-    >>> model, tokenizer = load_pretrained("SmolLM2-135M-Instruct", mesh=mesh, rules="fsdp")
+    >>> model, tokenizer = load_pretrained("HuggingFaceTB/SmolLM2-135M-Instruct", mesh=mesh,
+    ...                                    rules="fsdp")
   """
-  path = os.fspath(path)
+  path = resolve_model_dir(path)
   overrides = {k: v for k, v in (("dtype", dtype), ("param_dtype", param_dtype)) if v is not None}
   config = load_config(path, **overrides)
   mapping = weight_map(path)

@@ -1,11 +1,14 @@
-"""Argument checks and numerical constants shared by the functional core.
+"""Argument checks and numerical constants shared by the functional core and every config.
 
 Checks run at trace time (on static shapes and Python options), so they cost nothing under
-`jax.jit`. Every failure is a `ValueError` that names the offending argument.
+`jax.jit`, and in the configs' `__post_init__` (so a bad hyper-parameter fails at construction).
+Every failure is a `ValueError` that names the offending argument or field, its value and the
+valid range.
 """
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -39,6 +42,13 @@ def check_ndim(name: str, x, ndims: int | Iterable[int]) -> None:
     raise ValueError(f"`{name}` must have rank {want}; got shape {jnp.shape(x)}.")
 
 
+def check_token_ids(name: str, ids) -> None:
+  """Raises `ValueError` naming `name` unless `ids` has an integer dtype (token ids)."""
+  dtype = jnp.result_type(ids)
+  if not jnp.issubdtype(dtype, jnp.integer):
+    raise ValueError(f"`{name}` must hold integer token ids; got dtype {dtype}.")
+
+
 def check_arrays(ndim: int, **arrays) -> None:
   """Each named array (None skipped) must have rank `ndim`, and all must have the same shape."""
   for name, x in arrays.items():
@@ -64,23 +74,40 @@ def check_nonnegative(name: str, value: float) -> None:
     raise ValueError(f"`{name}` must be >= 0; got {value!r}.")
 
 
-def check_int(name: str, value: Any, minimum: int) -> None:
-  """ValueError naming `name` unless `value` is an int (not a bool) >= `minimum`."""
-  if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-    raise ValueError(f"`{name}` must be an int >= {minimum}; got {value!r}.")
+def check_bool(name: str, value: Any, *, optional: bool = False) -> None:
+  """ValueError naming `name` unless `value` is a bool (or None when `optional`)."""
+  if not (isinstance(value, bool) or (optional and value is None)):
+    allowed = "True, False or None" if optional else "True or False"
+    raise ValueError(f"`{name}` must be {allowed}; got {value!r}.")
+
+
+def check_int(name: str, value: Any, minimum: int, *, optional: bool = False) -> None:
+  """ValueError naming `name` unless `value` is an integer (Python or numpy, not a bool) >=
+  `minimum` (or None when `optional`)."""
+  if optional and value is None:
+    return
+  if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+    none = "None or " if optional else ""
+    raise ValueError(f"`{name}` must be {none}an int >= {minimum}; got {value!r}.")
 
 
 def check_number(name: str, value: Any, *, low: float = 0.0, high: float = float("inf"),
-                 low_open: bool = False, high_open: bool = True) -> None:
-  """ValueError naming `name` unless `value` is a real number (not NaN) in the range from `low`
-  to `high` (each end open or closed; default [0, inf))."""
-  ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+                 low_open: bool = False, high_open: bool = True, optional: bool = False) -> None:
+  """ValueError naming `name` unless `value` is a real number (Python or numpy, not a bool or
+  NaN) in the range from `low`
+  to `high` (each end open or closed; default [0, inf), so ±inf and NaN fail), or None when
+  `optional`."""
+  if optional and value is None:
+    return
+  ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and value == value
   if ok:
     ok = (value > low if low_open else value >= low) and (
       value < high if high_open else value <= high)
   if not ok:
     lo, hi = "(" if low_open else "[", ")" if high_open else "]"
-    raise ValueError(f"`{name}` must be a number in {lo}{low}, {high}{hi}; got {value!r}.")
+    none = "None or " if optional else ""
+    raise ValueError(f"`{name}` must be {none}a number in {lo}{low:g}, {high:g}{hi}; "
+                     f"got {value!r}.")
 
 
 def check_group_size(batch: int, group_size: int, *, name: str = "scores") -> int:

@@ -184,7 +184,7 @@ def aggregate(loss_mat, mask, mode: str, *, horizon: int | None = None, normaliz
     >>> loss = aggregate(per_token_loss, mask, "seq-mean-token-mean")
     >>> # microbatched, exact: sum_i aggregate(L_i, m_i, "token-mean", normalizer=total_tokens)
   """
-  check_choice("aggregation mode `mode`", mode, AGG_MODES)
+  check_choice("aggregation `agg`", mode, AGG_MODES)  # the name every loss and config uses
   check_ndim("loss_mat", loss_mat, 2)
   loss, m = _prepare(loss_mat, mask)
   token_sums, token_counts = sequence_sums(loss, m, segment_ids, num_segments)

@@ -14,7 +14,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from rljax.ops._checks import check_int
+from rljax.ops._checks import check_int, check_number
 from rljax.ops.logprobs import token_logprobs
 
 Array = jax.Array
@@ -23,17 +23,11 @@ Array = jax.Array
 def check_sampling_options(
   *, temperature: float, top_k: int | None, top_p: float | None
 ) -> None:
-  """Raises `ValueError` naming the option unless temperature >= 0, top_k >= 1, 0 < top_p <= 1."""
-  if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
-    temperature >= 0
-  ):
-    raise ValueError(f"`temperature` must be a number >= 0; got {temperature!r}.")
-  if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-    raise ValueError(f"`top_k` must be None or an int >= 1; got {top_k!r}.")
-  if top_p is not None and (
-    isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1
-  ):
-    raise ValueError(f"`top_p` must be None or a number in (0, 1]; got {top_p!r}.")
+  """Raises `ValueError` naming the option unless 0 <= temperature < inf, top_k is None or
+  >= 1, and top_p is None or in (0, 1]."""
+  check_number("temperature", temperature)
+  check_int("top_k", top_k, 1, optional=True)
+  check_number("top_p", top_p, low_open=True, high=1.0, high_open=False, optional=True)
 
 
 def check_dtype_name(name: str, value: str | None) -> None:

@@ -98,3 +98,24 @@ __all__ += [
   "policy_logprobs",
   "split_critic",
 ]
+
+# The supervised objectives' typed options (one section per algorithm, issue 10).
+from rljax.train.supervised import (  # noqa: E402
+  CPOConfig,
+  DPOConfig,
+  KTOConfig,
+  ORPOConfig,
+  RewardModelConfig,
+  SFTConfig,
+  SimPOConfig,
+)
+
+__all__ += [
+  "CPOConfig",
+  "DPOConfig",
+  "KTOConfig",
+  "ORPOConfig",
+  "RewardModelConfig",
+  "SFTConfig",
+  "SimPOConfig",
+]

@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 
 from rljax.losses.policy import cispo_loss, gspo_loss, ppo_clip_loss
-from rljax.ops._checks import check_choice, check_int, check_number, clamped_exp
+from rljax.ops._checks import check_bool, check_choice, check_int, check_number, clamped_exp
 from rljax.ops.advantages import (
   grpo_advantages,
   grpo_process_advantages,
@@ -65,6 +65,7 @@ from rljax.train.onpolicy import (
   check_training_sampling,
   resolve_update,
 )
+from rljax.train.scoring import NONFINITE_REWARDS
 from rljax.train.state import TrainState
 from rljax.train.step import apply_gradients, make_grad_fn
 
@@ -101,6 +102,9 @@ class GRPOConfig:
       None disables it. overlong_factor: its scale (1.0).
     use_rollout_logprobs: apply truncated importance sampling from the sampler's log-probs.
     tis_cap: the TIS truncation C (2.0, verl's `tis_imp_ratio_cap` example).
+    nonfinite_rewards: a non-finite reward from `reward_fn` "raise"s a ValueError naming the
+      rows (default), or with "drop" every row of its group is dropped from the step
+      (`rljax.train.scoring.drop_rows`) and counted in the `dropped_rows` metric.
   """
 
   sampling: SamplingConfig = SamplingConfig(num_samples=8)
@@ -118,6 +122,7 @@ class GRPOConfig:
   overlong_factor: float = 1.0
   use_rollout_logprobs: bool = False
   tis_cap: float = 2.0
+  nonfinite_rewards: str = "raise"
 
   def __post_init__(self) -> None:
     check_training_sampling(self.sampling, min_samples=2)
@@ -125,15 +130,17 @@ class GRPOConfig:
     check_choice("`advantage`", self.advantage, ADVANTAGES)
     check_choice("`loss`", self.loss, LOSSES)
     check_choice("`kl_kind`", self.kl_kind, KL_KINDS)
+    check_choice("`nonfinite_rewards`", self.nonfinite_rewards, NONFINITE_REWARDS)
     check_number("kl_coef", self.kl_coef)
     for name in ("clip_eps", "clip_eps_high"):
-      if getattr(self, name) is not None:
-        check_number(name, getattr(self, name), low_open=True)
+      check_number(name, getattr(self, name), low_open=True, optional=True)
     if self.clip_ratio_c is not None:
       if self.loss != "grpo":
         raise ValueError(f"`clip_ratio_c` (dual clip) applies to loss 'grpo'; got loss "
                          f"{self.loss!r}.")
       check_number("clip_ratio_c", self.clip_ratio_c, low=1.0, low_open=True)
+    for name in ("dynamic_sampling", "use_rollout_logprobs"):
+      check_bool(name, getattr(self, name))
     check_int("max_resample", self.max_resample, 0)
     check_number("tis_cap", self.tis_cap, low_open=True)
     check_number("overlong_factor", self.overlong_factor)
@@ -314,6 +321,8 @@ class GRPOTrainer(OnPolicyTrainer):
     >>> state, metrics = trainer.step(state, prompt_batch)
     >>> state, metrics = trainer.update(state, my_experience)   # bring your own batch
   """
+
+  drop_groups = True  # group advantages: a non-finite reward drops its whole group
 
   def init_extras(self, state: TrainState, **kwargs: Any) -> dict[str, Any]:
     if kwargs:

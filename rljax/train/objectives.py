@@ -32,12 +32,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from rljax.losses.dpo import dpo_loss
-from rljax.ops._checks import check_ndim, check_nonnegative, check_same_shape
+from rljax.ops._checks import check_ndim, check_nonnegative, check_same_shape, check_token_ids
 from rljax.ops.fused_logprobs import logprobs_from_hidden
 from rljax.ops.logprobs import sequence_logprobs
 from rljax.ops.masking import aggregate, safe_divide
 from rljax.train import packed
 from rljax.train.normalizers import rescale_to_normalizer
+from rljax.train.supervised import DPOConfig, SFTConfig
 
 Batch = dict[str, jax.Array]
 
@@ -68,11 +69,13 @@ def batch_token_logprobs(model: Any, batch: Batch, *, chunk_size: int = 64) -> j
 def sft_token_count(batch: Batch) -> jax.Array:
   """Number of response tokens that carry loss: Σ loss_mask[:, 1:] (float32 scalar); packed,
   without the first token of each segment (`rljax.train.packed.response_mask`)."""
+  check_batch_keys(batch, ("loss_mask",), "sft_token_count")
   return jnp.sum(packed.response_mask(batch).astype(jnp.float32))
 
 
 def sft_loss(
-  model: Any, batch: Batch, *, normalizer: jax.Array | None = None, chunk_size: int = 64
+  model: Any, batch: Batch, *, normalizer: jax.Array | None = None,
+  chunk_size: int = SFTConfig.chunk_size,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Supervised fine-tuning: token-mean negative log-likelihood of the response tokens.
 
@@ -94,6 +97,7 @@ def sft_loss(
   Example:
     >>> step = make_train_step(sft_loss, graphdef, optimizer, count_fn=sft_token_count)
   """
+  check_batch_keys(batch, FIELDS, "sft_loss")
   ids = jnp.asarray(batch["input_ids"])
   check_same_shape(input_ids=ids, attention_mask=batch["attention_mask"],
                    loss_mask=batch["loss_mask"])
@@ -114,6 +118,7 @@ def pair_count(batch: Batch) -> jax.Array:
   if packed.is_packed(batch):
     chosen, _ = packed.halves(jnp.asarray(batch[packed.SEQUENCE_MASK]))
     return jnp.sum((chosen != 0).astype(jnp.float32))
+  check_batch_keys(batch, CHOSEN_KEYS[:1], "pair_count")
   return jnp.asarray(jnp.shape(batch["chosen_input_ids"])[0], jnp.float32)
 
 
@@ -138,6 +143,7 @@ def row_group(batch: Batch, keys: Sequence[str]) -> Group:
   """The (input_ids, attention_mask, loss_mask) arrays named by `keys`, shapes checked."""
   ids, attention, loss = (jnp.asarray(batch[k]) for k in keys)
   check_ndim(keys[0], ids, 2)
+  check_token_ids(keys[0], ids)
   check_same_shape(**{keys[0]: ids, keys[1]: attention, keys[2]: loss})
   return ids, attention, loss
 
@@ -220,12 +226,13 @@ def dpo_objective(
   batch: Batch,
   *,
   normalizer: jax.Array | None = None,
-  beta: float = 0.1,
-  variant: str = "sigmoid",
-  label_smoothing: float = 0.0,
-  length_normalize: bool = False,
-  nll_coef: float = 0.0,
-  chunk_size: int = 64,
+  beta: float = DPOConfig.beta,
+  variant: str = DPOConfig.variant,
+  label_smoothing: float = DPOConfig.label_smoothing,
+  length_normalize: bool = DPOConfig.length_normalize,
+  nll_coef: float = DPOConfig.nll_coef,
+  discopop_tau: float = DPOConfig.discopop_tau,
+  chunk_size: int = DPOConfig.chunk_size,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """DPO (or a pairwise variant) of the policy against precomputed reference log-probs.
 
@@ -251,7 +258,8 @@ def dpo_objective(
       the same loss tokens; stop-gradient inside `dpo_loss`). Or a packed pair batch
       (`rljax.data.packing`) with "ref_chosen", "ref_rejected" [P].
     normalizer: the global number of pairs (`pair_count` of the full batch); None means B.
-    beta, variant, label_smoothing: as `dpo_loss` (defaults 0.1, "sigmoid", 0.0, TRL's).
+    beta, variant, label_smoothing, discopop_tau: as `dpo_loss` (defaults 0.1, "sigmoid",
+      0.0, TRL's; 0.05). The defaults of every option are `DPOConfig`'s.
     length_normalize: pass the response lengths to `dpo_loss` for "ipo" (length-normalised
       IPO); "sigmoid_norm" always gets them.
     nll_coef: α ≥ 0, the weight of the chosen responses' NLL (RPO); default 0.0 (plain DPO,
@@ -267,13 +275,14 @@ def dpo_objective(
     >>> step = make_train_step(loss_fn, graphdef, optimizer, count_fn=pair_count)
   """
   check_nonnegative("nll_coef", nll_coef)
+  check_batch_keys(batch, ("ref_chosen", "ref_rejected"), "dpo_objective")
   s = pair_sequence_logps(model, batch, chunk_size=chunk_size)
   weights = s.get("weights")
   lengths = {}
   if variant == "sigmoid_norm" or (variant == "ipo" and length_normalize):
     lengths = {k: s[k] for k in ("chosen_lengths", "rejected_lengths")}
   loss_fn = functools.partial(dpo_loss, beta=beta, variant=variant,
-                              label_smoothing=label_smoothing)
+                              label_smoothing=label_smoothing, discopop_tau=discopop_tau)
   loss, metrics = packed.example_mean(
     loss_fn, weights, s["chosen"], s["rejected"], jnp.asarray(batch["ref_chosen"]),
     jnp.asarray(batch["ref_rejected"]), **lengths)

@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from rljax.ops._checks import check_choice, check_int, check_number
+from rljax.ops._checks import check_bool, check_choice, check_int, check_number
 from rljax.ops.masking import AGG_MODES
 from rljax.parallel.mesh import use_mesh
 from rljax.parallel.rules import DATA, FSDP, inference_rules
@@ -103,10 +103,8 @@ class UpdateConfig:
         check_int(name, getattr(self, name), 1)
     if self.agg is not None:
       check_choice("`agg`", self.agg, [a for a in AGG_MODES if a != "token-sum"])
-    if self.peak_flops is not None:
-      check_number("peak_flops", self.peak_flops, low_open=True)
-    if not isinstance(self.packing, bool):
-      raise ValueError(f"`packing` must be a bool; got {self.packing!r}.")
+    check_number("peak_flops", self.peak_flops, low_open=True, optional=True)
+    check_bool("packing", self.packing)
     if self.packing and self.agg == "seq-mean-token-sum-norm":
       raise ValueError("`packing` does not support agg='seq-mean-token-sum-norm' (its horizon is "
                        "the unpacked completion length); use packing=False.")
@@ -157,6 +155,8 @@ class OnPolicyTrainer(abc.ABC):
   Subclasses implement `init_extras`, `make_update` and `prepare` (and may override `collect`
   and `finish`).
   """
+
+  drop_groups = False  # under nonfinite_rewards="drop": drop a row (False) or its whole group
 
   def __init__(self, graphdef: nnx.GraphDef, optimizer: Any, config: Any, reward_fn: Callable,
                tokenizer: Any = None, *, stop_tokens: int | Sequence[int], pad_id: int,
@@ -281,7 +281,8 @@ class OnPolicyTrainer(abc.ABC):
     return collect_rollout(
       self.graphdef, self.sampler_params(state), prompts, key, sampling or self.config.sampling,
       reward_fn=self.reward_fn, tokenizer=self.tokenizer, stop_tokens=self.stop_tokens,
-      pad_id=self.pad_id, **kwargs)
+      pad_id=self.pad_id, nonfinite_rewards=self.config.nonfinite_rewards,
+      drop_groups=self.drop_groups, **kwargs)
 
   def logprobs(self, params: Any, frozen: Any, batch: Experience, *,
                return_entropy: bool = False):

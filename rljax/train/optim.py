@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rljax.ops._checks import check_choice
+from rljax.ops._checks import check_choice, check_int, check_number
 
 SCHEDULES = ("constant", "linear", "cosine")
 NO_DECAY_NAMES = ("norm", "bias")
@@ -50,8 +50,8 @@ class OptimizerConfig:
     min_lr_ratio: final learning rate as a fraction of the peak (default 0.0, as Hugging Face's
       `get_cosine_schedule_with_warmup`; 0.1 is the LLaMA papers' choice).
     weight_decay: decoupled weight decay of AdamW (default 0.0, Hugging Face `TrainingArguments`).
-    b1, b2, eps: Adam's moment decay rates and epsilon; defaults 0.9, 0.999, 1e-8 (PyTorch /
-      optax / Hugging Face defaults; LLaMA and most LLM pre-training use b2 = 0.95).
+    b1, b2, eps: Adam's moment decay rates, in [0, 1), and epsilon (>= 0); defaults 0.9, 0.999,
+      1e-8 (PyTorch / optax / Hugging Face; LLaMA and most LLM pre-training use b2 = 0.95).
     max_grad_norm: clip gradients to this global L2 norm before Adam (default 1.0, Hugging Face
       `TrainingArguments`); None disables clipping.
     no_decay_names: a parameter whose path has a component containing one of these substrings
@@ -72,10 +72,9 @@ class OptimizerConfig:
 
   def __post_init__(self) -> None:
     check_choice("`schedule`", self.schedule, SCHEDULES)
-    if not self.learning_rate > 0:
-      raise ValueError(f"`learning_rate` must be > 0; got {self.learning_rate!r}.")
-    if self.warmup_steps < 0:
-      raise ValueError(f"`warmup_steps` must be >= 0; got {self.warmup_steps!r}.")
+    check_number("learning_rate", self.learning_rate, low_open=True)
+    check_int("warmup_steps", self.warmup_steps, 0)
+    check_int("total_steps", self.total_steps, 1, optional=True)
     if self.schedule != "constant":
       if self.total_steps is None:
         raise ValueError(f"`total_steps` is required by schedule {self.schedule!r}.")
@@ -83,12 +82,16 @@ class OptimizerConfig:
         raise ValueError(
           f"`total_steps` ({self.total_steps}) must exceed `warmup_steps` ({self.warmup_steps})."
         )
-    if not 0.0 <= self.min_lr_ratio <= 1.0:
-      raise ValueError(f"`min_lr_ratio` must be in [0, 1]; got {self.min_lr_ratio!r}.")
-    if self.max_grad_norm is not None and not self.max_grad_norm > 0:
-      raise ValueError(f"`max_grad_norm` must be > 0 or None; got {self.max_grad_norm!r}.")
-    if self.weight_decay < 0:
-      raise ValueError(f"`weight_decay` must be >= 0; got {self.weight_decay!r}.")
+    check_number("min_lr_ratio", self.min_lr_ratio, high=1.0, high_open=False)
+    check_number("weight_decay", self.weight_decay)
+    for name in ("b1", "b2"):
+      check_number(name, getattr(self, name), high=1.0)
+    check_number("eps", self.eps)
+    check_number("max_grad_norm", self.max_grad_norm, low_open=True, optional=True)
+    if isinstance(self.no_decay_names, str) or not all(
+        isinstance(n, str) for n in self.no_decay_names):
+      raise ValueError(f"`no_decay_names` must be a tuple of strings; got "
+                       f"{self.no_decay_names!r}.")
 
 
 def make_schedule(config: OptimizerConfig) -> Callable[[jax.Array], jax.Array]:

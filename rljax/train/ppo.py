@@ -33,7 +33,7 @@ from flax import nnx
 
 from rljax.losses.policy import ppo_clip_loss, ppo_penalty_loss, ppo_ptx_loss
 from rljax.losses.value import value_loss
-from rljax.ops._checks import check_choice, check_number
+from rljax.ops._checks import check_bool, check_choice, check_number
 from rljax.ops.advantages import token_level_rewards
 from rljax.ops.kl import kl_penalty
 from rljax.ops.kl_control import adaptive_kl_controller, fixed_kl_controller, ppo_kl_controller
@@ -52,6 +52,7 @@ from rljax.train.onpolicy import (
   check_training_sampling,
   resolve_update,
 )
+from rljax.train.scoring import NONFINITE_REWARDS
 from rljax.train.state import TrainState, variable_shardings
 from rljax.train.step import apply_gradients, make_grad_fn
 
@@ -78,6 +79,9 @@ class PPOConfig:
       None disables it.
     entropy_coef: entropy bonus coefficient (0.0).
     ptx_coef: PPO-ptx coefficient γ on the pretraining NLL of a `ptx_batch` (0.0).
+    nonfinite_rewards: a non-finite reward from `reward_fn` "raise"s a ValueError naming the
+      rows (default), or with "drop" those rows are dropped from the step
+      (`rljax.train.scoring.drop_rows`) and counted in the `dropped_rows` metric.
   """
 
   sampling: SamplingConfig = SamplingConfig()
@@ -100,6 +104,7 @@ class PPOConfig:
   value_clip: float | None = 0.2
   entropy_coef: float = 0.0
   ptx_coef: float = 0.0
+  nonfinite_rewards: str = "raise"
 
   def __post_init__(self) -> None:
     check_training_sampling(self.sampling)
@@ -107,6 +112,7 @@ class PPOConfig:
     check_choice("`mode`", self.mode, ("clip", "penalty"))
     check_choice("`kl_kind`", self.kl_kind, KL_KINDS)
     check_choice("`penalty_kl_kind`", self.penalty_kl_kind, KL_KINDS)
+    check_choice("`nonfinite_rewards`", self.nonfinite_rewards, NONFINITE_REWARDS)
     for name in ("kl_coef", "entropy_coef", "ptx_coef", "penalty_kl_coef"):
       check_number(name, getattr(self, name))
     for name in ("kl_target", "kl_horizon", "penalty_kl_target", "clip_eps"):
@@ -114,10 +120,10 @@ class PPOConfig:
     for name in ("gamma", "lam"):
       check_number(name, getattr(self, name), high=1.0, high_open=False)
     for name in ("clip_eps_high", "value_clip"):
-      if getattr(self, name) is not None:
-        check_number(name, getattr(self, name), low_open=True)
-    if self.clip_ratio_c is not None:
-      check_number("clip_ratio_c", self.clip_ratio_c, low=1.0, low_open=True)
+      check_number(name, getattr(self, name), low_open=True, optional=True)
+    check_number("clip_ratio_c", self.clip_ratio_c, low=1.0, low_open=True, optional=True)
+    for name in ("adaptive_kl", "whiten_advantages"):
+      check_bool(name, getattr(self, name))
 
   @property
   def recompute_old_logp(self) -> bool:

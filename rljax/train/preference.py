@@ -70,6 +70,7 @@ from rljax.train.objectives import (
 )
 from rljax.train.normalizers import rescale_to_normalizer
 from rljax.train.reward_modeling import graphdef_and_states
+from rljax.train.supervised import CPOConfig, KTOConfig, ORPOConfig, SimPOConfig
 
 Batch = dict[str, Any]
 Metrics = dict[str, jax.Array]
@@ -222,6 +223,7 @@ def example_count(batch: Batch) -> jax.Array:
   if packed.is_packed(batch):
     p = jnp.shape(batch["label"])[0]
     return jnp.sum((jnp.asarray(batch[packed.SEQUENCE_MASK])[:p] != 0).astype(jnp.float32))
+  check_batch_keys(batch, ("input_ids",), "example_count")
   return jnp.asarray(jnp.shape(batch["input_ids"])[0], jnp.float32)
 
 
@@ -260,10 +262,10 @@ def kto_objective(
   batch: Batch,
   *,
   normalizer: jax.Array | None = None,
-  beta: float = 0.1,
-  desirable_weight: float = 1.0,
-  undesirable_weight: float = 1.0,
-  chunk_size: int = 64,
+  beta: float = KTOConfig.beta,
+  desirable_weight: float = KTOConfig.desirable_weight,
+  undesirable_weight: float = KTOConfig.undesirable_weight,
+  chunk_size: int = KTOConfig.chunk_size,
 ) -> tuple[jax.Array, Metrics]:
   """KTO (Ethayarajh et al. 2024) on unpaired labelled completions; see `kto_loss`.
 
@@ -318,8 +320,8 @@ def orpo_objective(
   batch: Batch,
   *,
   normalizer: jax.Array | None = None,
-  beta: float = 0.1,
-  chunk_size: int = 64,
+  beta: float = ORPOConfig.beta,
+  chunk_size: int = ORPOConfig.chunk_size,
 ) -> tuple[jax.Array, Metrics]:
   """ORPO (Hong et al. 2024): chosen NLL + β·odds-ratio term, reference-free; see `orpo_loss`.
 
@@ -354,9 +356,9 @@ def simpo_objective(
   batch: Batch,
   *,
   normalizer: jax.Array | None = None,
-  beta: float = 2.0,
-  gamma: float = 0.5,
-  chunk_size: int = 64,
+  beta: float = SimPOConfig.beta,
+  gamma: float = SimPOConfig.gamma,
+  chunk_size: int = SimPOConfig.chunk_size,
 ) -> tuple[jax.Array, Metrics]:
   """SimPO (Meng et al. 2024), reference-free on average log-probs; see `simpo_loss`.
 
@@ -388,9 +390,9 @@ def cpo_objective(
   batch: Batch,
   *,
   normalizer: jax.Array | None = None,
-  beta: float = 0.1,
-  alpha: float = 1.0,
-  chunk_size: int = 64,
+  beta: float = CPOConfig.beta,
+  alpha: float = CPOConfig.alpha,
+  chunk_size: int = CPOConfig.chunk_size,
 ) -> tuple[jax.Array, Metrics]:
   """CPO (Xu et al. 2024), reference-free on summed log-probs plus NLL; see `cpo_loss`.
 

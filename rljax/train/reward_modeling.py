@@ -40,10 +40,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from rljax.losses.reward_model import listwise_reward_loss, reward_model_loss
-from rljax.ops._checks import check_ndim, check_same_shape
+from rljax.ops._checks import check_ndim, check_same_shape, check_token_ids
 from rljax.train import packed
 from rljax.train.normalizers import rescale_to_normalizer
 from rljax.train.objectives import check_batch_keys, pair_count
+from rljax.train.supervised import RewardModelConfig
 
 Batch = Mapping[str, Any]
 Metrics = dict[str, jax.Array]
@@ -84,8 +85,9 @@ def pair_rewards(model: Any, batch: Batch) -> tuple[jax.Array, jax.Array]:
   c_ids, c_mask, r_ids, r_mask = (jnp.asarray(batch[k]) for k in PAIR_REWARD_KEYS)
   check_same_shape(chosen_input_ids=c_ids, chosen_attention_mask=c_mask)
   check_same_shape(rejected_input_ids=r_ids, rejected_attention_mask=r_mask)
-  check_ndim("chosen_input_ids", c_ids, 2)
-  check_ndim("rejected_input_ids", r_ids, 2)
+  for name, ids in (("chosen_input_ids", c_ids), ("rejected_input_ids", r_ids)):
+    check_ndim(name, ids, 2)
+    check_token_ids(name, ids)
   if c_ids.shape[0] != r_ids.shape[0]:
     raise ValueError(
       f"`chosen_input_ids` has shape {c_ids.shape} but `rejected_input_ids` has shape "
@@ -103,8 +105,8 @@ def reward_pair_objective(
   batch: Batch,
   *,
   normalizer: jax.Array | None = None,
-  margin: float | None = None,
-  center_coef: float | None = None,
+  margin: float | None = RewardModelConfig.margin,
+  center_coef: float | None = RewardModelConfig.center_coef,
 ) -> tuple[jax.Array, Metrics]:
   """Bradley–Terry reward-model objective on preference pairs (TRL's `RewardTrainer`).
 
@@ -147,6 +149,7 @@ def reward_pair_objective(
 
 def ranking_count(batch: Batch) -> jax.Array:
   """Number of ranked lists B of a listwise batch ("input_ids" [B, K, T]; float32 scalar)."""
+  check_batch_keys(batch, ("input_ids",), "ranking_count")
   return jnp.asarray(jnp.shape(batch["input_ids"])[0], jnp.float32)
 
 

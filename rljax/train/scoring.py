@@ -3,7 +3,9 @@
   collect_rollout(...)   `rljax.rollout.generate` with a `SamplingConfig`, then the reward
                          function on the decoded completions (`Scored`, numpy arrays)
   call_reward_fn(...)    the reward call with its keywords, and its result checked: one finite
-                         score per completion, or `StepRewards` (process supervision)
+                         score per completion, or `StepRewards` (process supervision); a
+                         non-finite reward raises, naming the rows, or under
+                         `nonfinite_rewards="drop"` its rows are dropped (`drop_rows`)
   overlong_penalty(...)  DAPO's soft overlong punishment
 
 Token hygiene: completions are decoded with the tokenizer only to call the reward function; the
@@ -27,6 +29,7 @@ from rljax.rollout.generate import Rollout, generate
 from rljax.rollout.sampling import SamplingConfig
 
 Array = jax.Array
+NONFINITE_REWARDS = ("raise", "drop")  # what a non-finite outcome reward does
 
 
 class Scored(NamedTuple):
@@ -47,6 +50,7 @@ class Scored(NamedTuple):
     step_rewards: [B, N] float32 step rewards at step ends, 0 elsewhere (overlong penalty
       included, see `collect_rollout`); None for outcome rewards.
     step_mask: [B, N] bool, True at step ends; None for outcome rewards.
+    dropped: [B] bool, the rows dropped for a non-finite reward (`drop_rows`); None: none.
   """
 
   rollout: Rollout
@@ -57,6 +61,7 @@ class Scored(NamedTuple):
   seconds: float
   step_rewards: np.ndarray | None = None
   step_mask: np.ndarray | None = None
+  dropped: np.ndarray | None = None
 
 
 def repeat_rows(values: Sequence[Any], n: int) -> list:
@@ -92,7 +97,7 @@ def is_step_rewards(value: Any) -> bool:
   return hasattr(value, "rewards") and hasattr(value, "step_mask")
 
 
-def _outcome_scores(value: Any, batch: int) -> np.ndarray:
+def _outcome_scores(value: Any, batch: int, nonfinite_rewards: str = "raise") -> np.ndarray:
   if is_step_rewards(value):
     raise ValueError(
       "`reward_fn` returned per-step rewards (StepRewards) where one reward per completion is "
@@ -102,9 +107,10 @@ def _outcome_scores(value: Any, batch: int) -> np.ndarray:
   if scores.shape != (batch,):
     raise ValueError(f"`reward_fn` returned {scores.shape[0]} rewards for {batch} completions.")
   bad = np.flatnonzero(~np.isfinite(scores))
-  if bad.size:
-    raise ValueError(f"`reward_fn` returned non-finite rewards for completions {bad.tolist()[:8]} "
-                     f"(e.g. {scores[bad[0]]}); a NaN reward would silently skip the update.")
+  if bad.size and nonfinite_rewards == "raise":
+    raise ValueError(f"`reward_fn` returned non-finite rewards for rows {bad.tolist()[:8]} "
+                     f"(e.g. {scores[bad[0]]}); fix the reward function, or drop such rows "
+                     "with the config's nonfinite_rewards=\"drop\".")
   return scores
 
 
@@ -141,7 +147,7 @@ def step_reward_totals(step_rewards: np.ndarray, step_mask: np.ndarray) -> np.nd
 
 def call_reward_fn(
   reward_fn: Callable, prompts: list, completions: list, fields: dict[str, list],
-  rollout: Rollout, *, process: bool | None = False,
+  rollout: Rollout, *, process: bool | None = False, nonfinite_rewards: str = "raise",
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
   """reward_fn(prompts, completions, **fields, prompt_tokens=, prompt_mask=, completion_tokens=,
   completion_mask=, completion_lengths=); extra keywords a function does not declare (and it
@@ -150,7 +156,8 @@ def call_reward_fn(
   Returns float32 [B] scores (outcome rewards) or, for process rewards (a reward fn returning
   `StepRewards`), the checked (step_rewards float32 [B, N], step_mask bool [B, N]).
   `process`: False requires outcome rewards, True process rewards, None takes either (a
-  ValueError names the mismatch).
+  ValueError names the mismatch). A non-finite outcome reward raises a ValueError naming its
+  rows unless `nonfinite_rewards` is "drop" (then it is returned as is, for `drop_rows`).
   """
   p = rollout.prompt_mask.shape[1]
   extra = {
@@ -166,7 +173,7 @@ def call_reward_fn(
     process = is_step_rewards(out)
   if process:
     return _step_reward_arrays(out, rollout)
-  return _outcome_scores(out, len(completions))
+  return _outcome_scores(out, len(completions), nonfinite_rewards)
 
 
 def collect_rollout(
@@ -183,6 +190,8 @@ def collect_rollout(
   overlong_cache: int | None = None,
   overlong_factor: float = 1.0,
   process: bool | None = None,
+  nonfinite_rewards: str = "raise",
+  drop_groups: bool = False,
 ) -> Scored:
   """Samples `sampling.num_samples` completions per prompt with `params` (from
   `OnPolicyTrainer.sampler_params`) and scores them on the host with `reward_fn` (see
@@ -192,6 +201,9 @@ def collect_rollout(
   the score of each row; for process rewards it is added to the reward at the row's last
   completion token, which becomes a step end (rows whose penalty is 0 are left unchanged), so
   the score stays the sum of step rewards.
+
+  `nonfinite_rewards="drop"` drops the rows whose outcome reward is not finite (`drop_rows`;
+  with `drop_groups`, every row of their prompt's group); process rewards always raise.
   """
   n = sampling.num_samples
   start = time.perf_counter()
@@ -202,7 +214,8 @@ def collect_rollout(
   completions = decode_completions(tokenizer, rollout)
   texts = repeat_rows(list(prompts.texts), n)
   fields = {k: repeat_rows(list(v), n) for k, v in dict(prompts.fields).items()}
-  raw = call_reward_fn(reward_fn, texts, completions, fields, rollout, process=process)
+  raw = call_reward_fn(reward_fn, texts, completions, fields, rollout, process=process,
+                       nonfinite_rewards=nonfinite_rewards)
   step_rewards = step_mask = None
   if isinstance(raw, tuple):
     step_rewards, step_mask = raw
@@ -217,8 +230,29 @@ def collect_rollout(
                                                   penalty)
       scores = step_reward_totals(step_rewards, step_mask)
   index = np.repeat(np.arange(rollout.tokens.shape[0] // n), n)
-  return Scored(rollout, scores.astype(np.float32), raw, index, completions, seconds,
-                step_rewards, step_mask)
+  scored = Scored(rollout, scores.astype(np.float32), raw, index, completions, seconds,
+                  step_rewards, step_mask)
+  if step_rewards is None and nonfinite_rewards == "drop":
+    scored = drop_rows(scored, ~np.isfinite(raw), group_size=n if drop_groups else 1)
+  return scored
+
+
+def drop_rows(scored: Scored, rows: np.ndarray, *, group_size: int = 1) -> Scored:
+  """`scored` with `rows` ([B] bool; with `group_size` > 1, every row of a group holding one)
+  dropped without changing its shape: their completion mask (hence loss and attention masks)
+  is cleared and their scores are 0, so they add nothing to a loss, an advantage or a masked
+  statistic, and a dropped group has zero variance (advantage 0; dynamic sampling resamples
+  it). `Scored.dropped` records them for the metrics."""
+  rows = np.asarray(rows, bool)
+  if group_size > 1:
+    rows = np.repeat(rows.reshape(-1, group_size).any(axis=1), group_size)
+  if not rows.any():
+    return scored._replace(dropped=rows)
+  r = scored.rollout
+  rollout = r._replace(completion_mask=np.asarray(r.completion_mask) & ~rows[:, None])
+  zero = lambda x: np.where(rows, 0.0, x).astype(np.float32)  # noqa: E731
+  return scored._replace(rollout=rollout, scores=zero(scored.scores),
+                         raw_scores=zero(scored.raw_scores), dropped=rows)
 
 
 def add_at_last_token(step_rewards: np.ndarray, step_mask: np.ndarray, lengths: np.ndarray,
@@ -234,17 +268,23 @@ def add_at_last_token(step_rewards: np.ndarray, step_mask: np.ndarray, lengths: 
 
 
 def rollout_metrics(scored: Scored) -> dict[str, float]:
-  """Host metrics of one rollout: reward mean/std, response length, truncation rate, tok/s."""
+  """Host metrics of one rollout: reward mean/std (over the rows kept: `Scored.dropped`),
+  response length, truncation rate, tok/s, and `dropped_rows` when rows were dropped."""
   r = scored.rollout
   lengths = np.asarray(r.lengths, np.float64)
-  return {
-    "reward_mean": float(np.mean(scored.scores)),
-    "reward_std": float(np.std(scored.scores)),
-    "raw_reward_mean": float(np.mean(scored.raw_scores)),
+  kept = slice(None) if scored.dropped is None else ~scored.dropped
+  scores, raw = np.asarray(scored.scores)[kept], np.asarray(scored.raw_scores)[kept]
+  metrics = {
+    "reward_mean": float(np.mean(scores)) if scores.size else 0.0,
+    "reward_std": float(np.std(scores)) if scores.size else 0.0,
+    "raw_reward_mean": float(np.mean(raw)) if raw.size else 0.0,
     "response_length": float(lengths.mean()),
     "truncation_rate": float(1.0 - np.mean(r.finished)),
     "tokens_per_second": float(lengths.sum() / max(scored.seconds, 1e-9)),
   }
+  if scored.dropped is not None:
+    metrics["dropped_rows"] = float(np.sum(scored.dropped))
+  return metrics
 
 
 def accuracy_metrics(scored: Any, k: int) -> dict[str, float]:

@@ -27,6 +27,16 @@ def test_blank_lines_skipped_and_errors_name_the_line(tmp_path):
     read_jsonl(path)
 
 
+def test_non_utf8_line_names_file_and_line_and_a_bom_is_accepted(tmp_path):
+  path = tmp_path / "latin1.jsonl"
+  path.write_bytes('{"a": 1}\n{"a": "café"}\n'.encode("latin-1"))
+  with pytest.raises(ValueError, match=r"latin1\.jsonl: line 2 is not valid UTF-8 "
+                                       r"\(byte 10 of the line, b'\\xe9'\)"):
+    read_jsonl(path)
+  path.write_bytes('\ufeff{"a": "é"}\r\n{"b": 2}\r\n'.encode("utf-8"))
+  assert read_jsonl(path) == [{"a": "é"}, {"b": 2}]
+
+
 @pytest.mark.skipif(importlib.util.find_spec("datasets") is not None, reason="datasets installed")
 def test_hf_loader_needs_datasets():
   with pytest.raises(ImportError, match="datasets"):

@@ -297,7 +297,7 @@ def test_bad_inputs_name_the_argument():
     ppo_clip_loss(logp, old[:, :3], adv, mask)
   with pytest.raises(ValueError, match="`advantages`"):
     ppo_clip_loss(logp, old, adv[:2, 0], mask)
-  with pytest.raises(ValueError, match="seq-mean-token-mean"):
+  with pytest.raises(ValueError, match="`agg` 'mean'; valid choices: .*seq-mean-token-mean"):
     ppo_clip_loss(logp, old, adv, mask, agg="mean")
   with pytest.raises(ValueError, match="clip_ratio_c"):
     ppo_clip_loss(logp, old, adv, mask, clip_ratio_c=0.5)

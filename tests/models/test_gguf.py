@@ -373,3 +373,13 @@ def test_bad_dtype_unsupported_tokenizer_and_missing_file(tmp_path):
     hf_tokenizer_from_gguf(_metadata("gpt2", **{"tokenizer.ggml.model": "llama"}))
   with pytest.raises(FileNotFoundError, match="nope.gguf"):
     convert_gguf(tmp_path / "nope.gguf", tmp_path / "hf")
+
+
+def test_damaged_file_is_named(tmp_path):
+  data = open(write_gguf(tmp_path / "m.gguf", random_hf_tensors("llama", tied=True)), "rb").read()
+  for name, damaged in (("truncated", data[: len(data) - 100]), ("header", data[:40]),
+                        ("garbage", b"\x13" * 200)):
+    path = tmp_path / f"{name}.gguf"
+    path.write_bytes(damaged)
+    with pytest.raises(ValueError, match=rf"{name}\.gguf: not a readable GGUF file"):
+      convert_gguf(path, tmp_path / "hf")

@@ -20,7 +20,9 @@ from tiny_tokenizer import tiny_tokenizer
 from rljax.models import hf_blocks
 from rljax.models.config import ModelConfig
 from rljax.models.hf_weights import hf_to_rljax_layout, to_hf_state_dict
-from rljax.models.io import load_pretrained, parse_size, save_pretrained, weight_map
+from rljax.models.io import (
+  load_pretrained, parse_size, resolve_model_dir, save_pretrained, weight_map,
+)
 from rljax.models.transformer import Transformer
 from rljax.parallel.rules import MESH_AXES, mesh_and_rules
 
@@ -297,6 +299,50 @@ def test_weight_file_errors(saved, tmp_path):
     json.dump(index, f)
   with pytest.raises(ValueError, match=rf"{name}.*{files[1]}"):
     load_pretrained(d)
+
+
+def test_damaged_files_are_named(saved, tmp_path):
+  _, _, single, sharded, _, files = saved
+  d = _copy(single, tmp_path / "truncated")
+  data = (d / "model.safetensors").read_bytes()
+  (d / "model.safetensors").write_bytes(data[: len(data) // 2])  # an interrupted download
+  with pytest.raises(ValueError, match=r"truncated/model\.safetensors: not a readable "
+                                       r"safetensors file \(.*incomplete"):
+    load_pretrained(d)
+  d = _copy(sharded, tmp_path / "shard")
+  (d / files[1]).write_bytes(b"\x13" * 64)
+  with pytest.raises(ValueError, match=rf"shard/{files[1]}: not a readable safetensors file"):
+    load_pretrained(d)
+  (d / "model.safetensors.index.json").write_text('{"weight_map": {')
+  with pytest.raises(ValueError, match=r"model\.safetensors\.index\.json: line 1: not valid"):
+    load_pretrained(d)
+  (d / "config.json").write_text("{")
+  with pytest.raises(ValueError, match=r"shard/config\.json: line 1: not valid JSON"):
+    load_pretrained(d)
+
+
+def _hub_cache(root, repo_id, model_dir, sha="0123456789abcdef0123456789abcdef01234567"):
+  """The huggingface_hub cache layout: models--org--name/{refs/main, snapshots/<sha>/...}."""
+  repo = root / ("models--" + repo_id.replace("/", "--"))
+  shutil.copytree(model_dir, repo / "snapshots" / sha)
+  (repo / "refs").mkdir()
+  (repo / "refs" / "main").write_text(sha)
+  return repo / "snapshots" / sha
+
+
+def test_load_by_hub_id_offline_from_the_cache(saved, tmp_path, monkeypatch):
+  model, _, single, _, _, _ = saved
+  snapshot = _hub_cache(tmp_path / "hub", "tiny-org/tiny-model", single)
+  monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+  monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+  assert os.path.samefile(resolve_model_dir("tiny-org/tiny-model"), snapshot)
+  loaded, tok = load_pretrained("tiny-org/tiny-model")
+  _assert_bitwise_equal(model, loaded)
+  assert tok is not None and tok.eos_token_id == tiny_tokenizer().eos_token_id
+  with pytest.raises(ValueError, match=r"'tiny-org/absent' is not a local directory, and as a "
+                                       r"Hugging Face Hub id it is offline .*not in the cache"):
+    load_pretrained("tiny-org/absent")
+  assert resolve_model_dir(single) == str(single)  # a local directory is used as it is
 
 
 def test_parse_size():

@@ -13,15 +13,18 @@ from flax import nnx
 
 from rljax.models.config import ModelConfig
 from rljax.models.transformer import Transformer
+from rljax.ops.advantages import grpo_advantages
 from rljax.ops.masking import aggregate
 from rljax.ops.overlong import soft_overlong_penalty
+from rljax.rollout.generate import Rollout
 from rljax.rollout.sampling import SamplingConfig
 from rljax.train.compiles import count_compiles
-from rljax.train.dynamic_sampling import group_has_variance
+from rljax.train.dynamic_sampling import group_has_variance, select_rows
 from rljax.train.grpo import GRPOConfig, GRPOTrainer
 from rljax.train.normalizers import agg_count, rescale_to_normalizer
 from rljax.train.onpolicy import UpdateConfig
 from rljax.train.optim import OptimizerConfig, make_optimizer
+from rljax.train.scoring import Scored, drop_rows, rollout_metrics
 from rljax.train.state import create_train_state
 
 from tiny_tokenizer import tiny_prompt_batch, tiny_tokenizer
@@ -132,6 +135,47 @@ def test_dynamic_sampling_fills_with_zero_variance_when_it_cannot_refill():
   scored, m = trainer.collect(state, prompt_batch(), jax.random.key(0))
   assert m["zero_variance_groups"] == 1.0 and m["resamples"] == 2.0
   assert scored.rollout.tokens.shape == (8, 6 + N)
+
+
+def nan_in_row_one(prompts, completions, **fields):
+  rewards = five_reward(prompts, completions, **fields)
+  rewards[1] = np.nan
+  return rewards
+
+
+def test_nonfinite_reward_raises_naming_rows_or_drops_its_group():
+  prompts = prompt_batch()
+  trainer, state = make(base_config(), reward_fn=nan_in_row_one)
+  with pytest.raises(ValueError, match=r"non-finite rewards for rows \[1\].*nonfinite_rewards"):
+    trainer.collect(state, prompts, jax.random.key(0))
+  trainer, state = make(base_config(nonfinite_rewards="drop"), reward_fn=nan_in_row_one)
+  scored, m = trainer.collect(state, prompts, jax.random.key(0))
+  np.testing.assert_array_equal(scored.dropped, [True] * 4 + [False] * 4)  # the whole group
+  kept = np.array([c.split().count("5") / N for c in scored.completions[4:]], np.float32)
+  assert m["dropped_rows"] == 4 and m["reward_mean"] == pytest.approx(kept.mean())
+  _, batch, _ = trainer.prepare(state, scored)
+  mask, adv = np.asarray(batch.loss_mask), np.asarray(batch.advantages)
+  assert not mask[:4].any() and not adv[:4].any()
+  assert (mask[4:].sum(axis=1) == scored.rollout.lengths[4:]).all()
+  want = np.asarray(grpo_advantages(jnp.asarray(kept), group_size=4))  # the kept group alone
+  np.testing.assert_allclose(adv[4:], want[:, None] * mask[4:], atol=1e-6)
+
+
+def test_drop_rows_keeps_the_shape_and_dynamic_sampling_carries_it():
+  rows = 4
+  rollout = Rollout(np.zeros((rows, 3), np.int32), np.ones((rows, 1), bool),
+                    np.ones((rows, 2), bool), np.zeros((rows, 2), np.float32),
+                    np.full(rows, 2), np.ones(rows, bool))
+  scores = np.array([1.0, np.inf, 0.5, 0.0], np.float32)
+  scored = Scored(rollout, scores, scores, np.arange(rows), ["a"] * rows, 1.0)
+  dropped = drop_rows(scored, ~np.isfinite(scores))  # PPO: the row alone
+  np.testing.assert_array_equal(dropped.dropped, [False, True, False, False])
+  np.testing.assert_array_equal(dropped.rollout.completion_mask.any(axis=1), [1, 0, 1, 1])
+  assert dropped.scores[1] == 0 and rollout_metrics(dropped)["reward_mean"] == 0.5
+  grouped = drop_rows(scored, ~np.isfinite(scores), group_size=2)  # GRPO: its group
+  np.testing.assert_array_equal(grouped.dropped, [True, True, False, False])
+  both = select_rows([grouped, scored], [(0, np.array([0, 2])), (1, np.array([1]))])
+  np.testing.assert_array_equal(both.dropped, [True, False, False])
 
 
 @pytest.mark.parametrize("config", [
