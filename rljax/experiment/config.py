@@ -647,9 +647,11 @@ def load_experiment(target: str | ExperimentConfig | Experiment,
                     overrides: list[str] | Mapping[str, Any] = ()) -> Experiment:
   """Loads a Python file / module name / JSON / YAML experiment and applies overrides.
 
-  "module:attr" strings of `tokenizer`, `reward`, `data.train` and `data.eval` are resolved
+  "module:attr" strings of `tokenizer`, `reward`, `data.train` and `data.eval` are imported
   here, with the experiment file's folder importable (so `reward: mymodule:fn` finds
-  mymodule.py next to the experiment), so a missing module fails before anything runs.
+  mymodule.py next to the experiment), so a missing module fails before anything runs. The
+  config keeps the strings (config.json records them as written); the builders resolve them
+  later from `sys.modules`, where this import left the module.
   """
   folder = None
   if isinstance(target, Experiment):
@@ -669,20 +671,17 @@ def load_experiment(target: str | ExperimentConfig | Experiment,
     exp = Experiment(config=config, source=target, **hooks)
     if os.path.isfile(target):
       folder = os.path.dirname(os.path.abspath(target))
-  exp.config = resolve_callables(apply_overrides(exp.config, overrides), folder)
+  exp.config = apply_overrides(exp.config, overrides)
+  import_references(exp.config, folder)
   return exp
 
 
-def resolve_callables(config: ExperimentConfig, folder: str | None = None) -> ExperimentConfig:
-  """`config` with the "module:attr" strings of its `CALLABLE_FIELDS` replaced by the
-  attributes they name (`folder`, the experiment's, importable first)."""
-  changes: dict[str, Any] = {}
+def import_references(config: ExperimentConfig, folder: str | None = None) -> None:
+  """Imports the module of each "module:attr" string in `config`'s `CALLABLE_FIELDS` (`folder`,
+  the experiment's, importable first); raises `ConfigError` naming the field if one fails."""
   for keys in CALLABLE_FIELDS:
     section = config if len(keys) == 1 else getattr(config, keys[0])
-    value = getattr(section, keys[-1])
-    if is_reference(value):
-      changes[".".join(keys)] = resolve_callable(value, ".".join(keys), folder)
-  return apply_overrides(config, changes) if changes else config
+    resolve_callable(getattr(section, keys[-1]), ".".join(keys), folder)
 
 
 def is_reference(value: Any) -> bool:

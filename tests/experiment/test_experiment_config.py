@@ -179,14 +179,19 @@ def test_module_attr_resolves_next_to_the_experiment_file(tmp_path):
   (tmp_path / "my_rows.py").write_text("def rows():\n  return [{'prompt': 'a'}]\n")
   (tmp_path / "exp.json").write_text(json.dumps({
     "algorithm": "grpo", "reward": "my_reward_module:fn", "data": {"train": "my_rows:rows"}}))
+  from rljax.experiment import build
+
   exp = load_experiment(str(tmp_path / "exp.json"))
-  assert exp.config.reward.__name__ == "fn" and exp.config.data.train() == [{"prompt": "a"}]
+  assert exp.config.reward == "my_reward_module:fn"  # config.json records what was written
+  assert build.build_reward(exp, None).__name__ == "fn"
+  assert build.load_rows(exp.config.data.train, "data.train") == [{"prompt": "a"}]
   # A Python experiment can import its neighbours, and its own references resolve there too.
   (tmp_path / "exp.py").write_text(
     "import my_rows\nfrom rljax.experiment.config import DataSection, ExperimentConfig\n"
     "config = ExperimentConfig('grpo', reward='my_reward_module:fn',\n"
     "                          data=DataSection(train=my_rows.rows))\n")
-  assert load_experiment(str(tmp_path / "exp.py")).config.reward.__name__ == "fn"
+  exp = load_experiment(str(tmp_path / "exp.py"))
+  assert build.build_reward(exp, None).__name__ == "fn"
   (tmp_path / "bad.json").write_text(json.dumps({"algorithm": "grpo", "reward": "nomodule:fn"}))
   with pytest.raises(ConfigError, match=r"reward: cannot import 'nomodule:fn' \(looked next to"):
     load_experiment(str(tmp_path / "bad.json"))
