@@ -115,31 +115,24 @@ def _leaf_fingerprint(x: jax.Array) -> jax.Array:
   return jnp.sum(mixed, dtype=jnp.uint32)
 
 
-@jax.jit
-def _fingerprints(leaves: list[jax.Array]) -> list[jax.Array]:
-  return [_leaf_fingerprint(x) for x in leaves]
+_jitted_leaf_fingerprint = jax.jit(_leaf_fingerprint)
 
 
 def tree_fingerprints(tree: Any) -> dict[str, int]:
   """Per-leaf uint32 fingerprints of a pytree of arrays, keyed by the leaf's path.
 
   Integer (wrap-around) sums are exact and order-free, so the fingerprint of an array does not
-  depend on its sharding: a checkpoint saved on one mesh verifies on another. Computed on device
-  in one jitted program; only the scalars are fetched.
+  depend on its sharding: a checkpoint saved on one mesh verifies on another. Computed on device,
+  one small program per leaf shape, dtype and sharding (compiled once, shared by every tree with
+  such leaves: the policy, its reference copy, the optimizer moments); only the scalars are
+  fetched.
   """
   paths_and_leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
   paths = [jax.tree_util.keystr(path) for path, _ in paths_and_leaves]
-  leaves = [leaf if isinstance(leaf, jax.Array) else jnp.asarray(leaf)
-            for _, leaf in paths_and_leaves]
-  # One program per set of devices (a jitted computation cannot mix device sets).
-  groups: dict[frozenset, list[int]] = {}
-  for i, leaf in enumerate(leaves):
-    groups.setdefault(frozenset(leaf.sharding.device_set), []).append(i)
-  values: list[int] = [0] * len(leaves)
-  for indices in groups.values():
-    for i, value in zip(indices, jax.device_get(_fingerprints([leaves[i] for i in indices]))):
-      values[i] = int(value)
-  return dict(zip(paths, values))
+  values = jax.device_get([
+    _jitted_leaf_fingerprint(leaf if isinstance(leaf, jax.Array) else jnp.asarray(leaf))
+    for _, leaf in paths_and_leaves])
+  return dict(zip(paths, map(int, values)))
 
 
 def _default_sharding() -> jax.sharding.Sharding:

@@ -1,4 +1,4 @@
-"""The tiny SFT experiment of the interrupt / resume test (a file for `rljax train`): 60 steps,
+"""The tiny SFT experiment of the interrupt / resume test (a file for `rljax train`): 40 steps,
 no evaluation, TensorBoard on, and a `build_model` hook whose preamble is a `cached_stage` that records each
 time it is computed (in `<run dir>/preamble_runs`)."""
 
@@ -14,7 +14,7 @@ from tiny_experiment import MODEL, sft_config  # noqa: E402
 from rljax.experiment.stage import cached_stage  # noqa: E402
 from rljax.models.transformer import Transformer  # noqa: E402
 
-STEPS = 60
+STEPS = 40
 _base = sft_config("runs/interruptible", tensorboard=True, plot=False, save_model=False)
 config = dataclasses.replace(_base, steps=STEPS, data=dataclasses.replace(_base.data, eval=None))
 

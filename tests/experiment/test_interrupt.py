@@ -1,6 +1,7 @@
 """A real `rljax train` process interrupted with SIGINT mid-run, then resumed with the command it
-prints (run through `rljax.cli.main` in the test's process): every step exactly once in metrics.jsonl and TensorBoard, the experiment's preamble
-computed once, and a final train state bitwise equal to an uninterrupted run's."""
+prints (through `rljax.cli.main`, in the test's process): every step exactly once in
+metrics.jsonl and TensorBoard, the experiment's preamble computed once, and a final train state
+bitwise equal to an uninterrupted run's."""
 
 from __future__ import annotations
 
@@ -15,15 +16,17 @@ import jax
 import numpy as np
 import pytest
 
-from rljax.cli import main
-from rljax.experiment.config import load_experiment
-from rljax.experiment.logging import read_metrics, read_tensorboard
-from rljax.experiment.runner import run_experiment, saved_steps, setup
-from rljax.train.checkpoint import Checkpointer
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from interruptible_experiment import STEPS  # noqa: E402
+
+from rljax.cli import main  # noqa: E402
+from rljax.experiment.config import load_experiment  # noqa: E402
+from rljax.experiment.logging import read_metrics, read_tensorboard  # noqa: E402
+from rljax.experiment.runner import run_experiment, saved_steps, setup  # noqa: E402
+from rljax.train.checkpoint import Checkpointer  # noqa: E402
 
 EXPERIMENT = str(Path(__file__).resolve().parent / "interruptible_experiment.py")
-STEPS = 60       # interruptible_experiment.STEPS
-SIGNAL_AT = 5    # SIGINT once metrics.jsonl shows this step
+SIGNAL_AT = 3  # SIGINT once metrics.jsonl shows this step
 TIMING = {"time", "tokens_per_second", "compiles"}
 
 
