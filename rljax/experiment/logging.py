@@ -186,8 +186,9 @@ class MetricsLogger:
               "(pip install tensorboardX).", file=sys.stderr)
       else:
         self._writer = SummaryWriter(tb_dir)
-    self._wandb = None if wandb is None else _wandb_run(out_dir, wandb, config,
-                                                        resume_step is not None)
+    # the W&B run (None without `wandb`): `wandb_run.log(...)` adds to it
+    self.wandb_run = None if wandb is None else _wandb_run(out_dir, wandb, config,
+                                                           resume_step is not None)
 
   def log(self, step: int, metrics: dict[str, Any], *, time: float) -> dict[str, Any]:
     """Writes one record; returns it."""
@@ -200,8 +201,8 @@ class MetricsLogger:
       for k, v in scalars.items():
         self._writer.add_scalar(k, v, int(step))
       self._writer.flush()
-    if self._wandb is not None:
-      self._wandb.log(scalars, step=int(step))
+    if self.wandb_run is not None:
+      self.wandb_run.log(scalars, step=int(step))
     return record
 
   def log_samples(self, step: int, samples: list[dict[str, Any]]) -> None:
@@ -213,20 +214,20 @@ class MetricsLogger:
     if self._writer is not None:
       self._writer.add_text("samples", _samples_markdown(samples), int(step))
       self._writer.flush()
-    if self._wandb is not None:
+    if self.wandb_run is not None:
       import wandb
 
       columns = list(dict.fromkeys(k for s in samples for k in s))
       table = wandb.Table(columns=columns, data=[[s.get(k) for k in columns] for s in samples])
-      self._wandb.log({"samples": table}, step=int(step))
+      self.wandb_run.log({"samples": table}, step=int(step))
 
   def close(self) -> None:
     self._file.close()
     self._samples.close()
     if self._writer is not None:
       self._writer.close()
-    if self._wandb is not None:
-      self._wandb.finish()
+    if self.wandb_run is not None:
+      self.wandb_run.finish()
 
   def __enter__(self) -> MetricsLogger:
     return self

@@ -111,11 +111,9 @@ def test_wandb_offline_resumed_logger_continues_the_run(tmp_path, monkeypatch):
       logger.log(step, {"loss": 1.0 / step}, time=step)
     logger.log_samples(2, [{"prompt": "p", "completion": "c", "reward": 1.0}])
   run_id = (tmp_path / "wandb_run_id").read_text()
+  assert list((tmp_path / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))
   with MetricsLogger(str(tmp_path), resume_step=2, tensorboard=False, wandb="rljax-test") as logger:
+    assert logger.wandb_run.id == run_id  # the same W&B run, continued
     logger.log(3, {"loss": 0.3}, time=3)
-  assert (tmp_path / "wandb_run_id").read_text() == run_id  # the same W&B run, continued
-  runs = list((tmp_path / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))
-  assert runs and all(b"loss" in path.read_bytes() for path in runs)
-  with MetricsLogger(str(tmp_path), tensorboard=False, wandb="rljax-test"):
-    pass  # a fresh run in the same directory: a new W&B run
-  assert (tmp_path / "wandb_run_id").read_text() != run_id
+  with MetricsLogger(str(tmp_path), tensorboard=False, wandb="rljax-test") as logger:
+    assert logger.wandb_run.id != run_id  # a fresh run in the same directory: a new W&B run
