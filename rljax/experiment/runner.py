@@ -25,9 +25,9 @@ through `make_train_step` with the objective and its count function; DPO / KTO a
 reference's log-probs to each batch), `grpo_step` (`GRPOTrainer.step`) and `ppo_step`
 (`PPOTrainer.step`). Supervised steps also log the batch's `padding_fraction` (packed batches,
 `data.packing`, or padded buckets). Rollout keys are `fold_in(key(seed), step)`, so a resumed
-run draws the same samples as an uninterrupted one; a checkpoint holds the TrainState (params, optimizer state,
-RNG, PPO critic and KL controllers; the on-policy reference policy is written once per run, see
-`Checkpointer`) and, as JSON, the data iterator's position and the run time.
+run draws the same samples as an uninterrupted one; a checkpoint holds the TrainState (params,
+optimizer state, RNG, PPO critic and KL controllers; the on-policy reference policy is written
+once per run, see `Checkpointer`) and, as JSON, the data iterator's position and the run time.
 
 Every logged record also has "compiles": the number of XLA compilations during that step
 (from `jax.monitoring`), 0 once the shapes have settled.
