@@ -1,16 +1,19 @@
-"""The `rljax` command line: `rljax <command> ...`.
+"""The `rljax` command line: `rljax <command> ...` (or `python -m rljax <command> ...`).
 
 Commands:
   convert <file.gguf> <out_dir> [--dtype float32|bfloat16]
       GGUF → Hugging Face directory (`rljax.models.convert`).
   train <experiment> [--set key=value ...] [--resume] [--out DIR]
       runs an experiment (a Python file / module defining `config`, or a YAML / JSON file;
-      schema in `rljax.experiment.config`).
+      schema in `rljax.experiment.config`). Ctrl-C (SIGINT) or SIGTERM checkpoints the step in
+      flight and exits (130 / 143) printing the command that resumes the run; a second Ctrl-C
+      exits at once. Exit status 2: a bad config.
 """
 
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 
 from rljax.models import convert
@@ -27,15 +30,25 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--out", default=None, help="run directory (overrides logging.out_dir)")
 
 
+def resume_command(args: argparse.Namespace, out_dir: str) -> str:
+  """The `rljax train ... --resume --out DIR` line that continues an interrupted run."""
+  sets = [part for override in args.overrides for part in ("--set", override)]
+  return shlex.join(["rljax", "train", args.experiment, *sets, "--resume", "--out", out_dir])
+
+
 def _run_train(args: argparse.Namespace) -> int:
   from rljax.experiment.config import ConfigError
-  from rljax.experiment.runner import run_experiment
+  from rljax.experiment.runner import RunInterrupted, run_experiment
 
   try:
     run_experiment(args.experiment, args.overrides, resume=args.resume, out_dir=args.out)
   except ConfigError as e:
     print(f"rljax train: error: {e}", file=sys.stderr)
     return 2
+  except RunInterrupted as e:
+    how = "" if e.step is None else f"; resume with: {resume_command(args, e.out_dir)}"
+    print(f"rljax train: {e}{how}", file=sys.stderr)
+    return e.exit_code
   return 0
 
 

@@ -1,11 +1,12 @@
 """The addition main job as a runner experiment: `rljax train experiments/addition/grpo.py`.
 
-The `build_model` hook runs the SFT stage of `pipeline.py` (careless demonstrations) and hands
-the SFT policy to the runner, which then runs GRPO with the exact-match verifier. The `evaluate`
-hook reports the runner's default evaluation (greedy accuracy on the held-out problems,
-`eval/accuracy`) every `logging.eval_every` steps and at the end, plus, computed once, the greedy
-accuracy of the SFT policy the run started from (`eval/accuracy_before`, from the runner's frozen
-reference). `python experiments/addition/main.py` is the same pipeline as a plain script.
+The `build_model` hook runs the SFT stage of `pipeline.py` (careless demonstrations; ~3 min, kept
+in the run directory so that `--resume` does not redo it) and hands the SFT policy to the
+runner, which then runs GRPO with the exact-match verifier. The `evaluate` hook reports the
+runner's default evaluation (greedy accuracy on the held-out problems, `eval/accuracy`) every
+`logging.eval_every` steps and at the end, plus, computed once, the greedy accuracy of the SFT
+policy the run started from (`eval/accuracy_before`). `python experiments/addition/main.py` is
+the same pipeline as a plain script.
 
 Measured (seed 0, 2-core CPU shared with other jobs): eval/accuracy_before 0.283 →
 eval/accuracy 0.959 after 60 GRPO steps.
@@ -21,7 +22,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from experiments.addition.pipeline import AdditionConfig, build_data, run_sft  # noqa: E402
+from experiments.addition.pipeline import (  # noqa: E402
+  AdditionConfig,
+  build_data,
+  new_policy,
+  run_sft,
+)
 from experiments.addition.task import (  # noqa: E402
   char_tokenizer,
   exact_match_reward,
@@ -34,7 +40,9 @@ from rljax.experiment.config import (  # noqa: E402
   LoggingSection,
 )
 from rljax.experiment.evaluation import default_evaluate  # noqa: E402
+from rljax.experiment.stage import cached_stage  # noqa: E402
 from rljax.train.optim import OptimizerConfig  # noqa: E402
+from rljax.train.state import split_model  # noqa: E402
 
 TASK = AdditionConfig()
 
@@ -57,10 +65,14 @@ def eval_rows() -> list[dict[str, str]]:
 
 
 def build_model(config: ExperimentConfig, tokenizer) -> nnx.Module:
-  """The SFT policy: trains the from-scratch transformer on the careless demonstrations."""
-  del config, tokenizer
-  graphdef, state = run_sft(TASK, build_data(TASK))
-  return nnx.merge(graphdef, state.params, state.frozen)
+  """The SFT policy: trains the from-scratch transformer on the careless demonstrations (once
+  per run: `--resume` restores it from the run directory instead of training it again)."""
+
+  def sft() -> nnx.Module:
+    graphdef, state = run_sft(TASK, build_data(TASK))
+    return nnx.merge(graphdef, state.params, state.frozen)
+
+  return cached_stage(config, "sft", sft, template=lambda: new_policy(TASK, len(tokenizer)))
 
 
 _BEFORE: dict[int, float] = {}  # id(run) → greedy accuracy of the initial (SFT) policy
@@ -68,9 +80,10 @@ _BEFORE: dict[int, float] = {}  # id(run) → greedy accuracy of the initial (SF
 
 def evaluate(run, state) -> dict[str, float]:
   """The default evaluation (greedy accuracy on the held-out problems) of `state`, and once per
-  run the same evaluation of the initial policy (`run.reference`) as "accuracy_before"."""
+  run the same evaluation of the policy the run started from (the SFT policy, `run.model`) as
+  "accuracy_before"."""
   if id(run) not in _BEFORE:
-    params, frozen = run.reference
+    _, params, frozen = split_model(run.model)
     _BEFORE[id(run)] = default_evaluate(run, state.replace(params=params,
                                                            frozen=frozen))["accuracy"]
   return {**default_evaluate(run, state), "accuracy_before": _BEFORE[id(run)]}

@@ -81,14 +81,21 @@ The schema (defaults in parentheses; every field can be overridden with `--set`)
     compiler_options  XLA options of the jitted steps, e.g. {"xla_backend_optimization_level":
                     0} for fast CPU tests ({})
     logging         LoggingSection
-      out_dir         run directory: metrics.jsonl, tensorboard/, checkpoints/, model/,
-                      curves.png, summary.json ("runs/experiment")
+      out_dir         run directory: metrics.jsonl, samples.jsonl, tensorboard/,
+                      checkpoints/, preamble/, model/, curves.png, summary.json
+                      ("runs/experiment")
       log_every       write metrics every N steps (1)
-      eval_every      evaluate every N steps and at the end; 0 disables (0)
-      save_every      checkpoint every N steps and at the end; 0 disables (0)
-      keep            checkpoints kept (2)
+      eval_every      evaluate every N steps; there is always an evaluation at the last step
+                      when the run has an eval set or an `evaluate` hook; 0: only there (0)
+      save_every      checkpoint every N steps; 0: only when interrupted (SIGINT / SIGTERM) and
+                      at the last step (0)
+      keep            checkpoints kept, >= 2 (2)
       seed            seed of the train state RNG, the data order and the rollouts (0)
+      samples         sample completions (prompt, completion, reward) of the grpo / ppo
+                      evaluation written to samples.jsonl and TensorBoard, per evaluation (4)
       tensorboard     also write TensorBoard events when tensorboardX is installed (True)
+      wandb           Weights & Biases project to log to (`pip install rljax[wandb]`); a
+                      resumed run continues the same W&B run (None: off)
       progress        console progress bar (True)
       plot            write curves.png at the end when matplotlib is installed (True)
       save_model      write the final model as a Hugging Face directory `out_dir/model`
@@ -97,7 +104,9 @@ The schema (defaults in parentheses; every field can be overridden with `--set`)
 Hooks (optional module-level functions of a Python experiment; each replaces a default):
 
   build_model(config, tokenizer) -> nnx.Module
-      the policy (or the `RewardModel` for reward_model) instead of `config.model`.
+      the policy (or the `RewardModel` for reward_model) instead of `config.model`; an
+      expensive stage inside it (e.g. SFT before GRPO) wrapped in
+      `rljax.experiment.stage.cached_stage` runs once per run, not again on --resume.
   build_reward(config, tokenizer) -> reward_fn
       the grpo / ppo reward (e.g. a learned reward model) instead of `config.reward`.
   build_critic(config, policy) -> ValueModel
@@ -252,7 +261,7 @@ def check_buckets(buckets: Any, max_length: int | None) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class LoggingSection:
-  """Run directory, logging / evaluation / checkpoint intervals and the seed."""
+  """Run directory, logging / evaluation / checkpoint intervals, samples, W&B and the seed."""
 
   out_dir: str = "runs/experiment"
   log_every: int = 1
@@ -260,18 +269,22 @@ class LoggingSection:
   save_every: int = 0
   keep: int = 2
   seed: int = 0
+  samples: int = 4
   tensorboard: bool = True
+  wandb: str | None = None
   progress: bool = True
   plot: bool = True
   save_model: bool = True
 
   def __post_init__(self) -> None:
     with config_errors():
-      for name, minimum in (("log_every", 1), ("eval_every", 0), ("save_every", 0), ("keep", 1),
-                            ("seed", 0)):
+      for name, minimum in (("log_every", 1), ("eval_every", 0), ("save_every", 0), ("keep", 2),
+                            ("samples", 0), ("seed", 0)):
         check_int(f"logging.{name}", getattr(self, name), minimum)
       for name in ("tensorboard", "progress", "plot", "save_model"):
         check_bool(f"logging.{name}", getattr(self, name))
+    if self.wandb is not None and not (isinstance(self.wandb, str) and self.wandb):
+      raise ConfigError(f"logging.wandb must be a W&B project name or None; got {self.wandb!r}.")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -3,13 +3,16 @@
   supervised (sft, reward_model, dpo family)   the objective's metrics on the held-out batches,
       without an update: eval/loss, eval/nll (sft), eval/reward_accuracy (pairs), ...;
       rows-weighted means over the batches
-  grpo / ppo                                   `trainer.evaluate` on the held-out prompts:
+  grpo / ppo                                   rollouts of the held-out prompts:
       eval/accuracy (greedy: mean of reward > 0.5), eval/reward_mean, and eval/pass@k when
-      `config.eval_k` > 1 (k samples at the sampling temperature)
+      `config.eval_k` > 1 (k samples at the sampling temperature); the first
+      `logging.samples` greedy completions (prompt, completion, reward) are left in
+      `run.samples` for the runner to log (a custom hook may set `run.samples` too)
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -17,6 +20,7 @@ import numpy as np
 from flax import nnx
 
 from rljax.train.preference import add_reference_logps
+from rljax.train.scoring import accuracy_metrics
 
 
 def _rows(batch: Any) -> int:
@@ -55,17 +59,35 @@ def evaluate_supervised(run: Any, state: Any) -> dict[str, float]:
   return _weighted_mean(results)
 
 
+def sample_records(prompts: Any, scored: Any, n: int) -> list[dict[str, Any]]:
+  """The first `n` rows of a scored rollout as `{"prompt", "completion", "reward", **fields}`
+  (the prompt as the model saw it, chat template included; the row's scalar dataset fields)."""
+  records = []
+  for row in range(min(n, len(scored.completions))):
+    p = int(scored.prompt_index[row])
+    fields = {k: v[p] for k, v in prompts.fields.items()
+              if isinstance(v[p], (str, int, float, bool))}
+    records.append({**fields, "prompt": prompts.texts[p], "completion": scored.completions[row],
+                    "reward": float(scored.raw_scores[row])})
+  return records
+
+
 def evaluate_generation(run: Any, state: Any) -> dict[str, float]:
-  """Greedy accuracy (and pass@k) of the policy on `run.eval_batches` of prompts."""
+  """Greedy accuracy (and pass@k) of the policy on `run.eval_batches` of prompts; the first
+  `logging.samples` greedy completions go to `run.samples`."""
   key = jax.random.key(run.config.logging.seed + 1)
-  results = []
+  trainer = run.trainer
+  greedy = dataclasses.replace(trainer.config.sampling, num_samples=1, temperature=0.0)
+  results, run.samples = [], []
   for i, prompts in enumerate(run.eval_batches):
-    metrics = run.trainer.evaluate(state, prompts, jax.random.fold_in(key, i), k=1,
-                                   temperature=0.0)
-    metrics.pop("pass@1", None)
+    with trainer.scope():
+      scored = trainer.rollout(state, prompts, jax.random.fold_in(key, i), greedy)
+    metrics = accuracy_metrics(scored, 1)
+    metrics.pop("pass@1")
+    run.samples += sample_records(prompts, scored, run.config.logging.samples - len(run.samples))
     k = run.config.eval_k
     if k > 1:
-      sampled = run.trainer.evaluate(state, prompts, jax.random.fold_in(key, 10_000 + i), k=k)
+      sampled = trainer.evaluate(state, prompts, jax.random.fold_in(key, 10_000 + i), k=k)
       metrics[f"pass@{k}"] = sampled[f"pass@{k}"]
     results.append((_rows(prompts), metrics))
   return _weighted_mean(results)

@@ -2,22 +2,32 @@
 
 The loop, for every algorithm:
 
-    state, iterator ← build (or restore the latest checkpoint with --resume)
+    state, iterator ← build (or restore the newest checkpoint with --resume)
     for step in start+1 .. steps:
         batch ← next(iterator)
         state, metrics ← STEP[algorithm family](run, state, batch, step)
-        log metrics (JSONL / TensorBoard / progress bar) every log_every steps
-        evaluate every eval_every steps; checkpoint every save_every steps
-    final evaluation, checkpoint, model, plot and summary
+        evaluate every eval_every steps and at the last step (sample completions too)
+        log metrics (JSONL / TensorBoard / W&B / progress bar) every log_every steps
+        checkpoint every save_every steps, at the last step, and when interrupted
+    final model, plot and summary
 
-with one small step function per family: `supervised_step` (sft, reward_model and the DPO
-family through `make_train_step` with the objective and its count function; DPO / KTO add the
-frozen reference's log-probs to each batch), `grpo_step` (`GRPOTrainer.step`) and `ppo_step`
+Interruption: the first SIGINT / SIGTERM lets the step in flight finish (with its logging and
+evaluation), checkpoints it, waits for the asynchronous save, flushes the logs and raises
+`RunInterrupted` (the CLI prints how to resume and exits with 130 / 143); a second one exits at
+once, keeping the last complete checkpoint. `resume=True` restores the newest checkpoint and
+continues with the next step: the logs are cut back to that step first (`MetricsLogger`), so
+every step is logged exactly once, and the rest of the run is the one an uninterrupted run
+would have had (the same data order, rollout keys and updates). Resuming a run directory
+without checkpoints is an error, and resuming a finished one returns its summary untouched.
+
+One small step function per family: `supervised_step` (sft, reward_model and the DPO family
+through `make_train_step` with the objective and its count function; DPO / KTO add the frozen
+reference's log-probs to each batch), `grpo_step` (`GRPOTrainer.step`) and `ppo_step`
 (`PPOTrainer.step`). Supervised steps also log the batch's `padding_fraction` (packed batches,
-`data.packing`, or padded buckets). Rollout keys are `fold_in(key(seed), step)`, so a resumed run draws the same
-samples as an uninterrupted one; a checkpoint holds the TrainState (params, optimizer state,
-RNG, PPO critic and KL controllers; the on-policy reference policy is written once per run, see
-`Checkpointer`) and, as JSON, the data iterator's position and the run time.
+`data.packing`, or padded buckets). Rollout keys are `fold_in(key(seed), step)`, so a resumed
+run draws the same samples as an uninterrupted one; a checkpoint holds the TrainState (params,
+optimizer state, RNG, PPO critic and KL controllers; the on-policy reference policy is written
+once per run, see `Checkpointer`) and, as JSON, the data iterator's position and the run time.
 
 Every logged record also has "compiles": the number of XLA compilations during that step
 (from `jax.monitoring`), 0 once the shapes have settled.
@@ -27,8 +37,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.util
 import json
 import os
+import shutil
+import signal
+import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -46,6 +60,7 @@ from rljax.experiment.evaluation import default_evaluate
 from rljax.experiment.logging import MetricsLogger, read_metrics
 from rljax.experiment.plots import plot_curves
 from rljax.experiment.progress import Progress
+from rljax.experiment.stage import PREAMBLE_DIR
 from rljax.models.transformer import Transformer
 from rljax.train.checkpoint import Checkpointer
 from rljax.train.grpo import GRPOTrainer
@@ -73,6 +88,8 @@ OBJECTIVES: dict[str, tuple[Callable, Callable, bool]] = {
   "cpo": (cpo_objective, pair_count, False),
 }
 SUMMARY_KEYS = ("loss", "nll", "reward_mean", "kl", "reward_accuracy", "grad_norm")
+CHECKPOINTS_DIR = "checkpoints"
+SUMMARY_FILE = "summary.json"
 
 # ----------------------------------------------------------------------------------------------
 # The run.
@@ -98,6 +115,7 @@ class Run:
   trainer: Any = None              # GRPOTrainer / PPOTrainer
   key: jax.Array | None = None
   out_dir: str = ""
+  samples: list = dataclasses.field(default_factory=list)  # the latest evaluation's completions
 
 
 def _copy(tree: Any) -> Any:
@@ -201,9 +219,8 @@ def step_function(algorithm: str) -> Callable:
 
 
 def _evaluate(run: Run, state: Any) -> dict[str, float]:
+  run.samples = []
   hook = run.experiment.evaluate
-  if hook is None and not run.eval_batches:
-    return {}
   results = hook(run, state) if hook is not None else default_evaluate(run, state)
   return {(k if k.startswith("eval/") else f"eval/{k}"): float(v) for k, v in results.items()}
 
@@ -219,11 +236,13 @@ def _save_final_model(run: Run, state: Any) -> str | None:
   return path
 
 
-def summarize(records: list[dict], evals: dict[str, float], seconds: float, steps: int
-              ) -> dict[str, Any]:
-  """{"steps", "seconds", "first": {...}, "last": {...}, "eval": {...}} of the key metrics."""
+def summarize(records: list[dict], seconds: float, steps: int) -> dict[str, Any]:
+  """{"steps", "seconds", "first": {...}, "last": {...}, "eval": {...}} of the key metrics;
+  "eval" holds the evaluation of the last step."""
   train = [r for r in records if any(k in r for k in SUMMARY_KEYS)]
   pick = lambda r: {k: r[k] for k in SUMMARY_KEYS if k in r}  # noqa: E731
+  final = next((r for r in reversed(records) if r["step"] == steps), {})
+  evals = {k: v for k, v in final.items() if k.startswith("eval/") and isinstance(v, float)}
   return {"steps": steps, "seconds": round(seconds, 2),
           "first": pick(train[0]) if train else {}, "last": pick(train[-1]) if train else {},
           "eval": evals}
@@ -239,6 +258,128 @@ def _format_summary(summary: dict[str, Any]) -> str:
   return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------------------------
+# Interruption.
+# ----------------------------------------------------------------------------------------------
+
+
+class RunInterrupted(Exception):
+  """The run stopped at SIGINT / SIGTERM. `step` is its newest checkpoint (None: it has none,
+  nothing to resume), from which `resume=True` continues; `exit_code` is the shell's 128 +
+  the signal number (130 for SIGINT, 143 for SIGTERM)."""
+
+  def __init__(self, signum: int, step: int | None, out_dir: str):
+    self.signum, self.step, self.out_dir = int(signum), step, out_dir
+    self.exit_code = 128 + self.signum
+    name = signal.Signals(self.signum).name
+    super().__init__(f"{name} before the first checkpoint; nothing to resume" if step is None
+                     else f"{name}: stopped at step {step}, checkpoint saved in {out_dir}")
+
+
+def _write_stderr(text: str) -> None:
+  os.write(2, (text + "\n").encode())  # unbuffered: safe inside a signal handler
+
+
+class StopRequests:
+  """While active (a context manager; a no-op outside the main thread), the first SIGINT /
+  SIGTERM only records `signum`, so the loop stops after the step in flight (Python runs
+  handlers between XLA calls); a second one calls `exit(128 + signum)` at once (default
+  `os._exit`: no cleanup), keeping the last complete checkpoint — orbax commits a step by an
+  atomic rename, so a save cut short leaves nothing behind."""
+
+  def __init__(self, *, exit: Callable[[int], Any] = os._exit,
+               say: Callable[[str], None] = _write_stderr):
+    self.signum: int | None = None
+    self._exit, self._say = exit, say
+    self._previous: dict[int, Any] = {}
+
+  def handle(self, signum: int, frame: Any = None) -> None:
+    del frame
+    if self.signum is not None:
+      self._say("rljax: second interrupt; exiting now (the last complete checkpoint is kept).")
+      self._exit(128 + signum)
+      return
+    self.signum = signum
+    self._say(f"rljax: {signal.Signals(signum).name}: stopping after the step in flight, then "
+              "checkpointing (interrupt again to exit at once).")
+
+  def __enter__(self) -> StopRequests:
+    if threading.current_thread() is threading.main_thread():
+      for s in (signal.SIGINT, signal.SIGTERM):
+        self._previous[s] = signal.signal(s, self.handle)
+    return self
+
+  def __exit__(self, *exc: Any) -> None:
+    for s, handler in self._previous.items():
+      signal.signal(s, handler)
+    self._previous.clear()
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop.
+# ----------------------------------------------------------------------------------------------
+
+
+def saved_steps(out_dir: str) -> list[int]:
+  """The steps of the committed checkpoints of a run directory, ascending."""
+  directory = os.path.join(out_dir, CHECKPOINTS_DIR)
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(n) for n in os.listdir(directory) if n.isdigit())
+
+
+def train_loop(run: Run, state: Any, start_step: int, *, checkpointer: Checkpointer,
+               logger: MetricsLogger, progress: Progress, stop: StopRequests, t0: float
+               ) -> tuple[Any, int]:
+  """Steps `start_step + 1 .. config.steps` (module docstring): log, evaluate (every
+  `eval_every` steps and at the last), checkpoint (every `save_every` steps, at the last and
+  when `stop` records a signal, after which it returns). Returns (state, the last step run)."""
+  c, log = run.config, run.config.logging
+  step_fn = step_function(c.algorithm)
+  has_eval = bool(run.eval_batches) or run.experiment.evaluate is not None
+  step = start_step
+  for step in range(start_step + 1, c.steps + 1):
+    batch = next(run.train_iter)
+    with count_compiles() as compiles:
+      state, metrics = step_fn(run, state, batch, step)
+    metrics["compiles"] = compiles.count
+    last = step == c.steps
+    evaluated = has_eval and (last or (log.eval_every > 0 and step % log.eval_every == 0))
+    if evaluated:
+      metrics.update(_evaluate(run, state))
+    if step % log.log_every == 0 or last or evaluated:
+      logger.log(step, metrics, time=time.perf_counter() - t0)
+    if evaluated:
+      logger.log_samples(step, run.samples)
+    progress.update(step, metrics)
+    if last or stop.signum is not None or (log.save_every and step % log.save_every == 0):
+      checkpointer.save(step, state, force=True, data_state={
+        "iterator": run.train_iter.state_dict(), "step": step,
+        "time": time.perf_counter() - t0})
+    if stop.signum is not None:
+      break
+  return state, step
+
+
+def _check_run_directory(out_dir: str, config: ExperimentConfig, resume: bool
+                         ) -> dict[str, Any] | None:
+  """Refuses a fresh run over checkpoints and a resume without any; the saved summary when
+  resuming a run that has already finished."""
+  steps = saved_steps(out_dir)
+  if not resume and steps:
+    raise ConfigError(f"{out_dir} already holds checkpoints (step {steps[-1]}); pass --resume to "
+                      "continue that run or --out for a new directory.")
+  if resume and not steps:
+    raise ConfigError(f"nothing to resume in {out_dir}: it holds no checkpoint (a run saves one "
+                      "every logging.save_every steps, when interrupted and at its last step); "
+                      "start the run without --resume.")
+  summary_path = os.path.join(out_dir, SUMMARY_FILE)
+  if resume and steps[-1] >= config.steps and os.path.exists(summary_path):
+    with open(summary_path) as f:
+      return json.load(f)
+  return None
+
+
 def run_experiment(target: str | ExperimentConfig | Experiment, overrides: Any = (), *,
                    resume: bool = False, out_dir: str | None = None) -> dict[str, Any]:
   """Runs an experiment end to end and returns its summary (also printed and written to
@@ -246,7 +387,10 @@ def run_experiment(target: str | ExperimentConfig | Experiment, overrides: Any =
   `rljax.experiment.config` for the experiment format.
 
   Raises:
-    ConfigError: a bad config, or `out_dir` already holds checkpoints and `resume` is False.
+    ConfigError: a bad config; `out_dir` already holds checkpoints and `resume` is False; or
+      `resume` is True and it holds none.
+    RunInterrupted: SIGINT / SIGTERM (after checkpointing the step in flight when it came
+      during the loop).
   """
   exp = load_experiment(target, overrides)
   c = exp.config
@@ -255,63 +399,61 @@ def run_experiment(target: str | ExperimentConfig | Experiment, overrides: Any =
                                                                         out_dir=out_dir))
   log = c.logging
   out_dir = os.path.abspath(log.out_dir)
-  ckpt_dir = os.path.join(out_dir, "checkpoints")
-  has_checkpoints = os.path.isdir(ckpt_dir) and any(
-    n.isdigit() for n in os.listdir(ckpt_dir))
-  if has_checkpoints and not resume:
-    raise ConfigError(f"{out_dir} already holds checkpoints; pass --resume to continue that run "
-                      "or --out for a new directory.")
+  finished = _check_run_directory(out_dir, c, resume)
+  if finished is not None:
+    print(f"rljax: {out_dir} has already finished its {c.steps} steps; nothing to resume (its "
+          f"summary: {os.path.join(out_dir, SUMMARY_FILE)}; raise `steps` to train on).")
+    return finished
+  if log.wandb is not None and importlib.util.find_spec("wandb") is None:
+    raise ConfigError(f"logging.wandb={log.wandb!r} needs the wandb package: "
+                      "pip install 'rljax[wandb]'.")
   os.makedirs(out_dir, exist_ok=True)
+  if not resume:
+    shutil.rmtree(os.path.join(out_dir, PREAMBLE_DIR), ignore_errors=True)
   with open(os.path.join(out_dir, "config.json"), "w") as f:
     json.dump(to_jsonable(c), f, indent=1)
+  try:
+    return _run(exp, out_dir, resume)
+  except KeyboardInterrupt:  # outside the loop (setup, the final model and plot)
+    steps = saved_steps(out_dir)
+    raise RunInterrupted(signal.SIGINT, steps[-1] if steps else None, out_dir) from None
+
+
+def _run(exp: Experiment, out_dir: str, resume: bool) -> dict[str, Any]:
+  c = exp.config
+  log = c.logging
   run, state = setup(exp, out_dir)
-  checkpointer = None
-  if log.save_every > 0 or resume:
-    checkpointer = Checkpointer(ckpt_dir, save_every=max(log.save_every, 1), keep=log.keep,
-                                metadata={"algorithm": c.algorithm})
+  checkpointer = Checkpointer(os.path.join(out_dir, CHECKPOINTS_DIR), keep=log.keep,
+                              metadata={"algorithm": c.algorithm})
   start_step, elapsed = 0, 0.0
-  if resume and checkpointer is not None and checkpointer.latest_step() is not None:
+  if resume:
     state, data_state, _ = checkpointer.restore(state)
     run.train_iter.load_state_dict(data_state["iterator"])
     start_step, elapsed = int(data_state["step"]), float(data_state["time"])
   logger = MetricsLogger(out_dir, resume_step=start_step if resume else None,
-                         tensorboard=log.tensorboard)
+                         tensorboard=log.tensorboard, wandb=log.wandb, config=to_jsonable(c))
   progress = Progress(c.steps, initial=start_step, enabled=log.progress)
-  step_fn = step_function(c.algorithm)
-  evals: dict[str, float] = {}
+  stop = StopRequests()
   t0 = time.perf_counter() - elapsed
   try:
-    for step in range(start_step + 1, c.steps + 1):
-      batch = next(run.train_iter)
-      with count_compiles() as compiles:
-        state, metrics = step_fn(run, state, batch, step)
-      metrics["compiles"] = compiles.count
-      evaluated = bool(log.eval_every) and (step % log.eval_every == 0 or step == c.steps)
-      if evaluated:
-        evals = _evaluate(run, state)
-        metrics.update(evals)
-      if step % log.log_every == 0 or step == c.steps or evaluated:
-        logger.log(step, metrics, time=time.perf_counter() - t0)
-      progress.update(step, metrics)
-      if checkpointer is not None:
-        checkpointer.save(step, state, force=step == c.steps, data_state={
-          "iterator": run.train_iter.state_dict(), "step": step,
-          "time": time.perf_counter() - t0})
+    with stop:
+      state, step = train_loop(run, state, start_step, checkpointer=checkpointer, logger=logger,
+                               progress=progress, stop=stop, t0=t0)
+      checkpointer.wait()
   finally:
     progress.close()
     logger.close()
-    if checkpointer is not None:
-      checkpointer.close()
+    checkpointer.close()
+  if stop.signum is not None:
+    raise RunInterrupted(stop.signum, step, out_dir)
   seconds = time.perf_counter() - t0
-  if not evals and not log.eval_every:
-    evals = _evaluate(run, state) if (run.eval_batches or exp.evaluate) else {}
   if log.save_model:
     _save_final_model(run, state)
   records = read_metrics(out_dir)
   if log.plot:
     plot_curves(records, os.path.join(out_dir, "curves.png"), title=f"{c.algorithm}: {exp.source}")
-  summary = summarize(records, evals, seconds, c.steps)
-  with open(os.path.join(out_dir, "summary.json"), "w") as f:
+  summary = summarize(records, seconds, c.steps)
+  with open(os.path.join(out_dir, SUMMARY_FILE), "w") as f:
     json.dump(summary, f, indent=1)
   print(_format_summary(summary))
   return summary

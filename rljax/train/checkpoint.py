@@ -25,7 +25,8 @@ Constant sub-states are written once. A `TrainState`'s `extras[k]` for `k` in `o
 never changes during a run, so `save` writes it once, to `<directory>/once/<k>` (with its own
 fingerprints), and each step's checkpoint holds the rest of the state; `restore` reads both and
 puts it back, so a resumed run trains against the same reference without every checkpoint
-doubling in size.
+doubling in size. `save_value` / `restore_value` are that write-once storage for any pytree
+(the runner caches an experiment's expensive preamble with them, `rljax.experiment.stage`).
 
 Restoring onto a different mesh is a property of the target: `restore(target)` takes an abstract
 pytree (`jax.ShapeDtypeStruct`s with `.sharding`, e.g. from `jax.eval_shape` plus the shardings of
@@ -58,7 +59,8 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax import lax
 
-__all__ = ["Checkpointer", "CheckpointRestoreError", "abstract_target", "tree_fingerprints"]
+__all__ = ["Checkpointer", "CheckpointRestoreError", "abstract_target", "restore_value", "save_value",
+           "tree_fingerprints", "value_saved"]
 
 _STATE, _DATA, _META = "state", "data", "meta"
 _ONCE = "once"
@@ -113,31 +115,24 @@ def _leaf_fingerprint(x: jax.Array) -> jax.Array:
   return jnp.sum(mixed, dtype=jnp.uint32)
 
 
-@jax.jit
-def _fingerprints(leaves: list[jax.Array]) -> list[jax.Array]:
-  return [_leaf_fingerprint(x) for x in leaves]
+_jitted_leaf_fingerprint = jax.jit(_leaf_fingerprint)
 
 
 def tree_fingerprints(tree: Any) -> dict[str, int]:
   """Per-leaf uint32 fingerprints of a pytree of arrays, keyed by the leaf's path.
 
   Integer (wrap-around) sums are exact and order-free, so the fingerprint of an array does not
-  depend on its sharding: a checkpoint saved on one mesh verifies on another. Computed on device
-  in one jitted program; only the scalars are fetched.
+  depend on its sharding: a checkpoint saved on one mesh verifies on another. Computed on device,
+  one small program per leaf shape, dtype and sharding (compiled once, shared by every tree with
+  such leaves: the policy, its reference copy, the optimizer moments); only the scalars are
+  fetched.
   """
   paths_and_leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
   paths = [jax.tree_util.keystr(path) for path, _ in paths_and_leaves]
-  leaves = [leaf if isinstance(leaf, jax.Array) else jnp.asarray(leaf)
-            for _, leaf in paths_and_leaves]
-  # One program per set of devices (a jitted computation cannot mix device sets).
-  groups: dict[frozenset, list[int]] = {}
-  for i, leaf in enumerate(leaves):
-    groups.setdefault(frozenset(leaf.sharding.device_set), []).append(i)
-  values: list[int] = [0] * len(leaves)
-  for indices in groups.values():
-    for i, value in zip(indices, jax.device_get(_fingerprints([leaves[i] for i in indices]))):
-      values[i] = int(value)
-  return dict(zip(paths, values))
+  values = jax.device_get([
+    _jitted_leaf_fingerprint(leaf if isinstance(leaf, jax.Array) else jnp.asarray(leaf))
+    for _, leaf in paths_and_leaves])
+  return dict(zip(paths, map(int, values)))
 
 
 def _default_sharding() -> jax.sharding.Sharding:
@@ -166,6 +161,46 @@ def _rljax_version() -> str:
   import rljax  # the package root; imported lazily to keep this module light to import
 
   return str(getattr(rljax, "__version__", "unknown"))
+
+
+_FINGERPRINTS_FILE = "fingerprints.json"
+
+
+def value_saved(path: str | os.PathLike) -> bool:
+  """Whether `save_value` finished writing a value to `path`."""
+  return (epath.Path(path) / _FINGERPRINTS_FILE).exists()
+
+
+def save_value(path: str | os.PathLike, value: Any) -> None:
+  """Writes a pytree of arrays to the directory `path` (synchronously, overwriting) with its
+  per-leaf fingerprints; the fingerprints file is written last, so it marks a complete value."""
+  path = epath.Path(path)
+  with ocp.StandardCheckpointer() as writer:
+    writer.save(path / "value", value, force=True)
+    writer.wait_until_finished()
+  if jax.process_index() == 0:
+    (path / _FINGERPRINTS_FILE).write_text(json.dumps(tree_fingerprints(value)))
+
+
+def restore_value(path: str | os.PathLike, target: Any) -> Any:
+  """The value `save_value` wrote to `path`, restored onto `target` (abstract or concrete, see
+  `Checkpointer.restore`) and verified against its fingerprints.
+
+  Raises:
+    FileNotFoundError: nothing (complete) was saved at `path`.
+    CheckpointRestoreError: a leaf's fingerprint does not match (a damaged file).
+  """
+  path = epath.Path(path)
+  if not value_saved(path):
+    raise FileNotFoundError(f"no value saved at {path}")
+  with ocp.StandardCheckpointer() as reader:
+    value = reader.restore(path / "value", abstract_target(target))
+  expected = json.loads((path / _FINGERPRINTS_FILE).read_text())
+  actual = tree_fingerprints(value)
+  bad = sorted(k for k in set(expected) | set(actual) if expected.get(k) != actual.get(k))
+  if bad:
+    raise CheckpointRestoreError(f"checksum mismatch in {path} for leaves {bad[:5]}")
+  return value
 
 
 class Checkpointer:
@@ -277,27 +312,15 @@ class Checkpointer:
 
   def _save_once(self, key: str, value: Any) -> None:
     path = self._once_path(key)
-    if (path / "fingerprints.json").exists():
-      return  # written by an earlier save of this run (or of the run being resumed)
-    with ocp.StandardCheckpointer() as writer:
-      writer.save(path / "value", value, force=True)
-      writer.wait_until_finished()
-    if jax.process_index() == 0:  # written last: its presence marks a complete value
-      (path / "fingerprints.json").write_text(json.dumps(tree_fingerprints(value)))
+    if not value_saved(path):  # else written by an earlier save of this run (or the resumed one)
+      save_value(path, value)
 
   def _restore_once(self, key: str, abstract: Any) -> Any:
     path = self._once_path(key)
-    if not (path / "fingerprints.json").exists():
+    if not value_saved(path):
       raise FileNotFoundError(f"the restore target holds extras[{key!r}], but {path} (written "
                               "once per run by `save`) does not exist")
-    with ocp.StandardCheckpointer() as reader:
-      value = reader.restore(path / "value", abstract)
-    expected = json.loads((path / "fingerprints.json").read_text())
-    actual = tree_fingerprints(value)
-    bad = sorted(k for k in set(expected) | set(actual) if expected.get(k) != actual.get(k))
-    if bad:
-      raise CheckpointRestoreError(f"checksum mismatch in {path} for leaves {bad[:5]}")
-    return value
+    return restore_value(path, abstract)
 
   def wait(self) -> None:
     """Blocks until pending asynchronous saves are committed."""

@@ -1,10 +1,12 @@
 """The runner end to end on a tiny from-scratch model: SFT writes metrics and the plot, resume
-continues the curve exactly, no recompilation after the first steps, GRPO through the CLI."""
+continues the curve exactly (and refuses to resume nothing or a finished run), no recompilation
+after the first steps, GRPO through the CLI with its sample completions."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -12,12 +14,12 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tiny_experiment import grpo_config, sft_config  # noqa: E402
+from tiny_experiment import five_reward, grpo_config, prompt_rows, sft_config  # noqa: E402
 
 from rljax.cli import main  # noqa: E402
 from rljax.experiment.config import ConfigError, LoggingSection  # noqa: E402
-from rljax.experiment.logging import read_metrics  # noqa: E402
-from rljax.experiment.runner import run_experiment  # noqa: E402
+from rljax.experiment.logging import read_metrics, read_samples, read_tensorboard  # noqa: E402
+from rljax.experiment.runner import run_experiment, saved_steps  # noqa: E402
 from rljax.rollout.sampling import SamplingConfig  # noqa: E402
 from rljax.train.onpolicy import UpdateConfig  # noqa: E402
 from rljax.train.ppo import PPOConfig  # noqa: E402
@@ -26,8 +28,9 @@ TIMING = {"time", "tokens_per_second", "compiles"}
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def _values(record):
-  return {k: v for k, v in record.items() if k not in TIMING}
+def _values(record, *, evals=True):
+  return {k: v for k, v in record.items()
+          if k not in TIMING and (evals or not k.startswith("eval/"))}
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +44,7 @@ def test_sft_run_writes_metrics_plot_and_summary(uninterrupted):
   out, summary = uninterrupted
   records = read_metrics(str(out))
   assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+  assert saved_steps(str(out)) == [6]  # save_every=0: one checkpoint, at the end
   for r in records:
     assert {"loss", "nll", "grad_norm", "learning_rate", "time", "tokens_per_second"} <= set(r)
   assert records[-1]["loss"] < records[0]["loss"]  # SFT at lr 1e-2 on 6 rows learns
@@ -61,29 +65,58 @@ def test_no_recompilation_after_first_steps(uninterrupted):
 def test_resume_continues_the_curve(uninterrupted, tmp_path):
   full = read_metrics(str(uninterrupted[0]))
   out = str(tmp_path / "run")
-  run_experiment(sft_config(out, save_every=2), ["steps=4"])
+  run_experiment(sft_config(out, save_every=3), ["steps=4"])
   assert [r["step"] for r in read_metrics(out)] == [1, 2, 3, 4]
+  assert saved_steps(out) == [3, 4]  # every save_every steps, and at the end
   with pytest.raises(ConfigError, match="--resume"):
-    run_experiment(sft_config(out, save_every=2))
-  run_experiment(sft_config(out, save_every=2), resume=True)
+    run_experiment(sft_config(out, save_every=3))
+  run_experiment(sft_config(out, save_every=3), resume=True)  # steps=6: trains on
   resumed = read_metrics(out)
   assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]
   assert resumed[4]["time"] >= resumed[3]["time"]  # wall time continues too
-  for a, b in zip(resumed, full):
-    got, want = _values(a), _values(b)
-    assert got.keys() == want.keys()
-    np.testing.assert_allclose([got[k] for k in sorted(got)], [want[k] for k in sorted(want)],
-                               rtol=1e-5, err_msg=f"step {a['step']}")
+  assert {k for k in resumed[3] if k.startswith("eval/")} == {"eval/loss", "eval/nll"}  # steps=4
+  for a, b in zip(resumed, full, strict=True):  # bitwise: the same updates
+    assert _values(a, evals=a["step"] != 4) == _values(b), f"step {a['step']}"
 
 
-def test_resume_cuts_lines_logged_after_the_checkpoint(tmp_path):
+def test_resume_needs_a_checkpoint(tmp_path):
+  out = tmp_path / "run"
+  out.mkdir()
+  (out / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')  # a run stopped in setup
+  with pytest.raises(ConfigError, match="nothing to resume.*no checkpoint"):
+    run_experiment(sft_config(str(out)), resume=True)
+  assert (out / "metrics.jsonl").read_text() == '{"step": 1, "loss": 1.0}\n'  # untouched
+
+
+def test_resuming_a_finished_run_keeps_its_summary(uninterrupted, capsys):
+  out, summary = uninterrupted
+  files = {p: p.read_bytes() for p in out.glob("*.json*")}
+  assert run_experiment(sft_config(str(out)), resume=True) == json.loads(
+    (out / "summary.json").read_text())
+  assert "already finished" in capsys.readouterr().out
+  assert {p: p.read_bytes() for p in out.glob("*.json*")} == files
+  assert summary["eval"]["eval/nll"] > 0
+
+
+def test_resume_cuts_records_logged_after_the_checkpoint(tmp_path):
+  """A run killed at once (a second Ctrl-C) logged step 3 after its last checkpoint, step 2: on
+  resume step 3 is in metrics.jsonl and TensorBoard once, with the resumed run's values."""
+  from tensorboardX import SummaryWriter
+
   out = str(tmp_path / "run")
-  run_experiment(sft_config(out, save_every=2, plot=False), ["steps=2"])
-  with open(Path(out) / "metrics.jsonl", "a") as f:  # an interrupted run logged step 3
+  config = sft_config(out, save_every=2, plot=False, save_model=False, tensorboard=True)
+  run_experiment(config, ["steps=3"])
+  shutil.rmtree(Path(out) / "checkpoints" / "3")
+  with open(Path(out) / "metrics.jsonl", "a") as f:
     f.write(json.dumps({"step": 3, "time": 1.0, "loss": 123.0}) + "\n")
-  run_experiment(sft_config(out, save_every=2, plot=False), ["steps=3"], resume=True)
+  with SummaryWriter(str(Path(out) / "tensorboard")) as writer:
+    writer.add_scalar("loss", 123.0, 3)
+  run_experiment(config, ["steps=3"], resume=True)
   records = read_metrics(out)
   assert [r["step"] for r in records] == [1, 2, 3] and records[-1]["loss"] != 123.0
+  loss = sorted((step, value) for step, tag, value in read_tensorboard(out) if tag == "loss")
+  assert [step for step, _ in loss] == [1, 2, 3]
+  assert loss[-1][1] == pytest.approx(records[-1]["loss"])
 
 
 EXPERIMENT_FILE = """
@@ -112,6 +145,15 @@ def test_grpo_through_the_cli(tmp_path, capsys):
   assert main(["train", str(path), "--set", "grpo.update.num_epochs=1", "--out", str(out)]) == 0
   records = read_metrics(str(out))
   assert [r["step"] for r in records] == [1, 2, 3]
+  samples = read_samples(str(out))  # logging.samples=4 greedy completions per evaluation
+  assert [s["step"] for s in samples] == [2] * 4 + [3] * 4
+  prompts = {r["prompt"] for r in prompt_rows()}
+  for s in samples:
+    assert s["prompt"] in prompts and s["answer"] == "5"
+    assert s["reward"] == pytest.approx(float(five_reward([s["prompt"]], [s["completion"]],
+                                                          answer=["5"])[0]))
+  text = [(step, value) for step, tag, value in read_tensorboard(str(out)) if tag == "samples"]
+  assert [step for step, _ in text] == [2, 3] and samples[-1]["completion"] in text[-1][1]
   for key in ("reward_mean", "reward_std", "response_length", "truncation_rate", "entropy", "kl",
               "clipfrac", "zero_variance_groups", "grad_norm", "learning_rate",
               "tokens_per_second"):

@@ -46,7 +46,8 @@ def sft_config(out_dir: str, **logging) -> ExperimentConfig:
     algorithm="sft", steps=6, model=ModelSection(config=MODEL), tokenizer=tiny_tokenizer,
     data=DataSection(train=sft_rows, eval=sft_rows, batch_size=2, buckets=(16,)),
     optimizer=OptimizerConfig(1e-2), compiler_options=FAST, num_devices=1,
-    logging=LoggingSection(out_dir=out_dir, progress=False, tensorboard=False, **logging))
+    logging=LoggingSection(**{"out_dir": out_dir, "progress": False, "tensorboard": False,
+                              **logging}))
 
 
 def grpo_config(out_dir: str) -> ExperimentConfig:

@@ -1,0 +1,119 @@
+"""The runner's parts without a run: which curves are plotted, the signal handling of the loop,
+the once-per-run preamble cache and the W&B run a resumed logger continues."""
+
+from __future__ import annotations
+
+import signal
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tiny_experiment import sft_config  # noqa: E402
+
+from rljax.experiment.logging import MetricsLogger  # noqa: E402
+from rljax.experiment.plots import is_constant, plot_curves, select_panels  # noqa: E402
+from rljax.experiment.runner import RunInterrupted, StopRequests  # noqa: E402
+from rljax.experiment.stage import cached_stage, stage_path  # noqa: E402
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _records(n=8):
+  """GRPO-like records: KL 0 (β = 0), a loss of ±1e-7, accuracy equal to the eval reward."""
+  rng = np.random.default_rng(0)
+  records = []
+  for step in range(1, n + 1):
+    accuracy = float(step) / n
+    records.append({
+      "step": step, "time": 0.1 * step, "reward_mean": float(rng.uniform()),
+      "kl": 0.0, "loss": 1e-7 * (-1) ** step, "entropy": 2.0 - 0.1 * step,
+      "response_length": float(rng.integers(3, 9)), "clipfrac": 0.0,
+      "grad_norm": float(rng.uniform(0.5, 2)), "skipped": 0.0,
+      "eval/accuracy": accuracy, "eval/pass@4": accuracy, "eval/reward_mean": accuracy,
+      "eval/custom": float(step % 3)})
+  return records
+
+
+def test_curves_skip_constant_series_and_merge_identical_ones(tmp_path):
+  panels = dict(select_panels(_records()))
+  assert list(panels) == ["reward", "accuracy", "entropy", "response length", "grad norm",
+                          "evaluation"]  # no KL, loss or clip-fraction panel: all flat
+  assert [label for label, _, _ in panels["reward"]] == ["reward_mean", "eval/reward_mean"]
+  assert [label for label, _, _ in panels["accuracy"]] == ["eval/accuracy = eval/pass@4"]
+  assert [label for label, _, _ in panels["evaluation"]] == ["eval/custom"]
+  assert plot_curves(_records(), str(tmp_path / "curves.png"), title="t")
+  assert (tmp_path / "curves.png").read_bytes()[:8] == PNG_MAGIC
+  assert not plot_curves([{"step": 1, "kl": 0.0}], str(tmp_path / "none.png"))
+
+
+def test_is_constant():
+  assert is_constant([0.0, 0.0]) and is_constant([1e-7, -1e-7]) and is_constant([5.0])
+  assert is_constant([1e6, 1e6 + 0.5])  # relative to the magnitude
+  assert not is_constant([1e-4, 2e-4]) and not is_constant([1.0, 1.1])
+
+
+def test_stop_requests_first_signal_stops_the_loop_second_exits_at_once():
+  said, exits = [], []
+  stop = StopRequests(exit=exits.append, say=said.append)
+  with stop:
+    assert signal.getsignal(signal.SIGINT) == stop.handle
+    assert signal.getsignal(signal.SIGTERM) == stop.handle
+    stop.handle(signal.SIGINT)
+    assert stop.signum == signal.SIGINT and exits == [] and "stopping" in said[0]
+    stop.handle(signal.SIGINT)
+    assert exits == [130] and "exiting now" in said[1]
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+
+
+def test_run_interrupted_exit_codes_and_messages():
+  e = RunInterrupted(signal.SIGTERM, 7, "/runs/a")
+  assert e.exit_code == 143 and "step 7" in str(e) and "/runs/a" in str(e)
+  assert "nothing to resume" in str(RunInterrupted(signal.SIGINT, None, "/runs/a"))
+
+
+def test_cached_stage_computes_once_and_restores_bitwise(tmp_path):
+  config = sft_config(str(tmp_path))
+  calls = []
+
+  def compute():  # the expensive stage: here, a module whose values the template lacks
+    calls.append(1)
+    return nnx.Linear(3, 2, rngs=nnx.Rngs(3))
+
+  def template():
+    return nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+
+  first = cached_stage(config, "sft", compute, template)
+  second = cached_stage(config, "sft", compute, template)  # e.g. on --resume
+  assert calls == [1] and isinstance(second, nnx.Linear)
+  assert not np.array_equal(second.kernel[...], template().kernel[...])
+  a, b = nnx.state(first), nnx.state(second)
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    assert np.asarray(x).tobytes() == np.asarray(y).tobytes()
+  tree = {"w": jax.numpy.arange(3.0)}
+  assert cached_stage(config, "tree", lambda: tree, lambda: tree)["w"].tolist() == [0, 1, 2]
+  with pytest.raises(ValueError, match="stage name"):
+    stage_path(config, "../x")
+
+
+def test_wandb_offline_resumed_logger_continues_the_run(tmp_path, monkeypatch):
+  pytest.importorskip("wandb")
+  monkeypatch.setenv("WANDB_MODE", "offline")
+  monkeypatch.setenv("WANDB_SILENT", "true")
+  with MetricsLogger(str(tmp_path), tensorboard=False, wandb="rljax-test",
+                     config={"steps": 3}) as logger:
+    for step in (1, 2):
+      logger.log(step, {"loss": 1.0 / step}, time=step)
+    logger.log_samples(2, [{"prompt": "p", "completion": "c", "reward": 1.0}])
+  run_id = (tmp_path / "wandb_run_id").read_text()
+  assert list((tmp_path / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))
+  with MetricsLogger(str(tmp_path), resume_step=2, tensorboard=False, wandb="rljax-test") as logger:
+    assert logger.wandb_run.id == run_id  # the same W&B run, continued
+    logger.log(3, {"loss": 0.3}, time=3)
+  with MetricsLogger(str(tmp_path), tensorboard=False, wandb="rljax-test") as logger:
+    assert logger.wandb_run.id != run_id  # a fresh run in the same directory: a new W&B run
