@@ -1,15 +1,37 @@
-"""Test configuration: 8 emulated CPU devices (set before jax is imported) and hypothesis profiles."""
+"""Test configuration: 8 emulated CPU devices (set before jax is imported), compile-time
+savings, and hypothesis profiles.
+
+Most of the suite's time is XLA compiling tiny programs that then run in microseconds, so the
+tests share one persistent compilation cache per run (created by the first process, inherited
+by the pytest-xdist workers, removed at the end): a program that several tests build (the same
+tiny model's forward, the same loss) is compiled once. `rljax.train.count_compiles` counts cache
+hits as well as compilations, so the tests that assert "no new program" see both.
+"""
 
 import os
+import shutil
+import tempfile
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+_OWN_CACHE = "RLJAX_TEST_COMPILATION_CACHE" not in os.environ
+_CACHE = os.environ.setdefault("RLJAX_TEST_COMPILATION_CACHE",
+                               tempfile.mkdtemp(prefix="rljax-test-xla-cache-"))
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
+
+jax.config.update("jax_compilation_cache_dir", _CACHE)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+
+
+def pytest_unconfigure(config):
+  if _OWN_CACHE:
+    shutil.rmtree(_CACHE, ignore_errors=True)
 
 # Few examples, no deadline (the first example of each test pays for compilation).
 settings.register_profile(

@@ -21,6 +21,7 @@ from rljax.models.transformer import Transformer
 from rljax.ops.logprobs import token_logprobs
 from rljax.rollout.generate import _generate_jit, generate
 from rljax.rollout.sampling import sample_next_token, top_p_keep
+from rljax.train.compiles import count_compiles
 
 CONFIG = ModelConfig(
   vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
@@ -219,27 +220,19 @@ def test_per_row_stop_with_pad_equal_to_eos_and_top_k_one_is_greedy(model, greed
 
 
 def test_same_shapes_and_options_compile_once(model):
-  compiles: list[str] = []
-
-  def listener(event: str, duration: float, **kwargs) -> None:
-    if event == "/jax/core/compile/backend_compile_duration":
-      compiles.append(event)
-
   _generate(model, key=0)  # compiles unless an earlier test already did
   size = _generate_jit._cache_size()
-  jax.monitoring.register_event_duration_secs_listener(listener)
-  try:
+  with count_compiles() as compiles:
     with jax.default_matmul_precision("highest"):  # part of the jit cache key, as in _generate
       again = generate(
         model, (PROMPTS + 1) % 64, ~PROMPT_MASK, jax.random.key(3),
         max_new_tokens=N, stop_tokens=(), pad_id=0, num_samples=2,
       )
     jax.block_until_ready(again)
-    assert compiles == [] and _generate_jit._cache_size() == size
-    jax.jit(lambda x: x * 3)(np.zeros(17))  # the listener does see a compilation
-    assert len(compiles) == 1
-  finally:
-    jax.monitoring.unregister_event_duration_listener(listener)
+  assert compiles.count == 0 and _generate_jit._cache_size() == size
+  with count_compiles() as compiles:
+    jax.jit(lambda x: x * 3)(np.zeros(17))  # the counter does see a new program
+  assert compiles.count == 1
 
 
 def test_bf16_model_and_every_row_stopping_at_once():
