@@ -347,7 +347,12 @@ def test_top_p_keep_numpy_reference():
     (dict(top_p=1.5), "top_p"),
     (dict(num_samples=0), "num_samples"),
     (dict(stop_tokens=["a"]), "stop_tokens"),
+    (dict(stop_tokens=[3, CONFIG.vocab_size]), r"stop_tokens.*\[0, 64\)"),
     (dict(pad_id=-1), "pad_id"),
+    (dict(pad_id=CONFIG.vocab_size), r"pad_id.*\[0, 64\).*got 64"),
+    (dict(prompt_tokens=np.where(PROMPTS == 9, 64, PROMPTS)), r"prompt_tokens.*got 64 at row 0"),
+    (dict(prompt_tokens=jnp.asarray(np.where(PROMPTS == 40, -3, PROMPTS))),
+     r"prompt_tokens.*got -3 at row 2, column 4"),
     (dict(model="not a model"), "model"),
     (dict(model=nnx.Linear(2, 2, rngs=nnx.Rngs(0))), "model"),
   ],
@@ -360,3 +365,15 @@ def test_bad_inputs_name_the_argument(model, change, name):
   args.update(change)
   with pytest.raises(ValueError, match=name):
     generate(**args)
+
+
+def test_padding_ids_of_prompts_are_never_read(model):
+  """Any id (>= V, negative) in the prompts' padding slots gives the rollout of pad id 0."""
+  garbage = np.where(PROMPT_MASK, PROMPTS, np.array([64, -1, 2**31 - 1])[:, None])
+  out = jax.device_get(generate(model, garbage, PROMPT_MASK, jax.random.key(3), max_new_tokens=2,
+                                stop_tokens=(), pad_id=0))
+  valid = jax.device_get(generate(model, np.where(PROMPT_MASK, PROMPTS, 0), PROMPT_MASK,
+                                  jax.random.key(3), max_new_tokens=2, stop_tokens=(), pad_id=0))
+  np.testing.assert_array_equal(out.tokens[:, P:], valid.tokens[:, P:])
+  np.testing.assert_array_equal(out.logprobs, valid.logprobs)
+  assert np.all(np.isfinite(out.logprobs))
