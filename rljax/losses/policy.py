@@ -113,7 +113,7 @@ def policy_gradient_loss(logp, advantages, mask, *, agg: str = "token-mean", seg
   """
   check_arrays(2, logp=logp, mask=mask)
   adv = _token_advantages(advantages, logp, mask)
-  (logp,) = _valid(mask, logp)
+  logp = where_valid(logp, mask)
   loss = aggregate(-adv * logp.astype(adv.dtype), mask, agg, segment_ids=segment_ids,
                    num_segments=num_segments)
   return loss, {
@@ -413,7 +413,7 @@ def ppo_ptx_loss(rl_loss_and_metrics, ptx_logp, ptx_mask, *, ptx_coef: float, ag
   rl_loss, metrics = rl_loss_and_metrics
   check_arrays(2, ptx_logp=ptx_logp, ptx_mask=ptx_mask)
   check_nonnegative("ptx_coef", ptx_coef)
-  (ptx_logp,) = _valid(ptx_mask, ptx_logp)
+  ptx_logp = where_valid(ptx_logp, ptx_mask)
   nll = aggregate(-ptx_logp, ptx_mask, agg, normalizer=normalizer)
   own = nll if normalizer is None else aggregate(-ptx_logp, ptx_mask, agg)
   metrics = dict(metrics, ptx_nll=jax.lax.stop_gradient(own), rl_loss=jax.lax.stop_gradient(rl_loss))

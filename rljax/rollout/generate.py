@@ -171,7 +171,7 @@ def _is_token_id(value: Any, vocab_size: int | None) -> bool:
           and (vocab_size is None or value < vocab_size))
 
 
-def vocab_size_of(model: Any) -> int | None:
+def _vocab_size(model: Any) -> int | None:
   """V of a module or graphdef (`config_of`), None when it has no `ModelConfig`."""
   config = config_of(model)
   return None if config is None else config.vocab_size
@@ -187,7 +187,7 @@ def check_token_ids(model: Any, *, pad_id: Any, stop_tokens: Any) -> tuple[int, 
   Example:
     >>> check_token_ids(graphdef, pad_id=eos, stop_tokens=[eos])  # (eos,)
   """
-  vocab_size = vocab_size_of(model)
+  vocab_size = _vocab_size(model)
   if not _is_token_id(pad_id, vocab_size):
     raise ValueError(f"`pad_id` must be a token id in {_id_range(vocab_size)}; got {pad_id!r}.")
   one = isinstance(stop_tokens, (numbers.Number, str, bytes)) or not hasattr(stop_tokens,
@@ -319,7 +319,7 @@ def generate(
     raise ValueError(f"give the sampling options either in `sampling` or as keywords, not "
                      f"both (got `sampling` and {sorted(given)}).")
   graphdef, state = _split_model(model)
-  tokens, mask = _check_prompts(prompt_tokens, prompt_mask, vocab_size_of(graphdef))
+  tokens, mask = _check_prompts(prompt_tokens, prompt_mask, _vocab_size(graphdef))
   _check_key(key)
   stop_tokens = check_token_ids(graphdef, pad_id=pad_id, stop_tokens=stop_tokens)
   options = _Options(
