@@ -313,8 +313,8 @@ def _ppo_batch(garbage: bool) -> dict:
 
 
 # name → (objective, model (kind, attention), batch(garbage)).
-POLICY, BLOCKWISE, CRITIC, REWARD = ("policy", "auto"), ("policy", "blockwise"), ("value", "auto"), (
-  "reward", "auto")
+POLICY, BLOCKWISE = ("policy", "auto"), ("policy", "blockwise")  # naive / blockwise attention
+CRITIC, REWARD = ("value", "auto"), ("reward", "auto")
 OBJECTIVES = {
   "grpo_kl_dual_clip": (_grpo(kl_coef=0.04, clip_ratio_c=3.0), POLICY, experience),
   "grpo_blockwise": (_grpo(kl_coef=0.04, kl_kind="k2"), BLOCKWISE, experience),
@@ -349,11 +349,13 @@ GROUPS = {
 
 @pytest.mark.parametrize("group", sorted(GROUPS))
 def test_objectives_ignore_padding_ids_and_masked_fields(group):
+  """Loss, metrics and parameter gradients of each objective of the group (left-padded prompts
+  give fully masked attention rows, in the naive and the blockwise core)."""
   names = GROUPS[group]
   models = {OBJECTIVES[n][1] for n in names}
   split = {key: model(*key) for key in models}
 
-  def losses(params, batches):
+  def objectives(params, batches):
     out = {}
     for name in names:
       objective, key, _ = OBJECTIVES[name]
@@ -363,7 +365,7 @@ def test_objectives_ignore_padding_ids_and_masked_fields(group):
       )(params[key], batches[name])
     return out
 
-  run = jax.jit(losses, compiler_options=FAST)
+  run = jax.jit(objectives, compiler_options=FAST)
   params = {key: s[1] for key, s in split.items()}
   garbage, zeros = (run(params, {n: OBJECTIVES[n][2](g) for n in names}) for g in (True, False))
   assert_all_identical_and_finite(garbage, zeros)
