@@ -9,6 +9,9 @@ Shared conventions (see docs/architecture.md):
     keeps every value finite for log-ratios of ±100 (its gradient is 0 beyond the clip).
   * Per-token losses are reduced by `aggregate(loss_mat, mask, agg)`; diagnostics (`clipfrac`,
     `approx_kl`, `ratio_mean`, …) are token means over the mask, whatever `agg` is.
+  * Masked positions are never read: every [B, T] input is 0 there (`where_valid`) before
+    anything is computed from it, so garbage under mask 0 (NaN, ±inf) changes neither the loss,
+    the metrics nor the gradient.
   * Packed rows: `segment_ids` [B, T] (each token's sequence index) and their static count
     `num_segments` make every per-sequence quantity (the seq-mean aggregations, GSPO's sequence
     ratio) run over sequences instead of rows (`aggregate`).
@@ -29,6 +32,7 @@ from rljax.ops._checks import (
     check_same_shape,
     clamped_exp,
     compute_dtype,
+    where_valid,
 )
 from rljax.ops.kl import kl_penalty
 from rljax.ops.masking import aggregate, masked_mean, safe_divide, sequence_sums
@@ -36,19 +40,26 @@ from rljax.ops.masking import aggregate, masked_mean, safe_divide, sequence_sums
 Metrics = dict[str, jax.Array]
 
 
-def _token_advantages(advantages, logp) -> jax.Array:
-  """Stop-gradient advantages as [B, T]: a [B] array is broadcast over each row's tokens."""
+def _token_advantages(advantages, logp, mask) -> jax.Array:
+  """Stop-gradient advantages as [B, T], 0 where masked: a [B] array is broadcast over each
+  row's tokens."""
   check_ndim("advantages", advantages, (1, 2))
   a = jax.lax.stop_gradient(jnp.asarray(advantages))
   if a.ndim == 1:
-    if a.shape[0] != logp.shape[0]:
+    if a.shape[0] != jnp.shape(logp)[0]:
       raise ValueError(
-          f"`advantages` has shape {a.shape} but `logp` has shape {logp.shape}; a per-sequence "
-          "advantage must have shape [B]."
+          f"`advantages` has shape {a.shape} but `logp` has shape {jnp.shape(logp)}; a "
+          "per-sequence advantage must have shape [B]."
       )
-    a = jnp.broadcast_to(a[:, None], logp.shape)
+    a = jnp.broadcast_to(a[:, None], jnp.shape(logp))
   check_same_shape(logp=logp, advantages=a)
-  return a.astype(compute_dtype(logp, a))
+  return where_valid(a, mask).astype(compute_dtype(logp, a))
+
+
+def _valid(mask, *arrays) -> tuple:
+  """The [B, T] inputs with 0 at masked positions (`where_valid`; None stays None): what a
+  loss computes from, so garbage there never reaches its value, metrics or gradient."""
+  return tuple(None if x is None else where_valid(x, mask) for x in arrays)
 
 
 def _log_ratio(logp, old_logp) -> jax.Array:
@@ -101,7 +112,8 @@ def policy_gradient_loss(logp, advantages, mask, *, agg: str = "token-mean", seg
     >>> loss, metrics = policy_gradient_loss(logp, returns - baseline, mask)
   """
   check_arrays(2, logp=logp, mask=mask)
-  adv = _token_advantages(advantages, logp)
+  adv = _token_advantages(advantages, logp, mask)
+  logp = where_valid(logp, mask)
   loss = aggregate(-adv * logp.astype(adv.dtype), mask, agg, segment_ids=segment_ids,
                    num_segments=num_segments)
   return loss, {
@@ -158,8 +170,8 @@ def ppo_clip_loss(
   """
   check_arrays(2, logp=logp, old_logp=old_logp, mask=mask)
   low, high = _clip_bounds(clip_eps, clip_eps_high)
-  adv = _token_advantages(advantages, logp)
-  log_ratio = _log_ratio(logp, old_logp)
+  adv = _token_advantages(advantages, logp, mask)
+  log_ratio = _log_ratio(*_valid(mask, logp, old_logp))
   ratio = clamped_exp(log_ratio)
   loss_mat, clipped = clipped_surrogate(ratio, adv, low, high)
   dual_clipped = jnp.zeros_like(clipped)
@@ -200,8 +212,8 @@ def ppo_penalty_loss(
     >>> kl_state = ppo_kl_controller(1.0, target=0.01).update(kl_state, m["kl"], 1)
   """
   check_arrays(2, logp=logp, old_logp=old_logp, mask=mask)
-  adv = _token_advantages(advantages, logp)
-  log_ratio = _log_ratio(logp, old_logp)
+  adv = _token_advantages(advantages, logp, mask)
+  log_ratio = _log_ratio(*_valid(mask, logp, old_logp))
   ratio = clamped_exp(log_ratio)
   kl = kl_penalty(-log_ratio, jnp.zeros_like(log_ratio), kind=kl_kind, clamp=None)
   loss = aggregate(-adv * ratio + beta * kl, mask, agg, segment_ids=segment_ids,
@@ -259,7 +271,8 @@ def grpo_loss(
   if ref_logp is None and beta != 0:
     raise ValueError("`ref_logp` is required when `beta` != 0.")
   low, high = _clip_bounds(clip_eps, clip_eps_high)
-  adv = _token_advantages(advantages, logp)
+  adv = _token_advantages(advantages, logp, mask)
+  logp, old_logp, ref_logp = _valid(mask, logp, old_logp, ref_logp)
   log_ratio = _log_ratio(logp, old_logp)
   ratio = clamped_exp(log_ratio)
   loss_mat, clipped = clipped_surrogate(ratio, adv, low, high)
@@ -309,10 +322,11 @@ def gspo_loss(
   """
   check_arrays(2, logp=logp, old_logp=old_logp, mask=mask)
   low, high = _clip_bounds(clip_eps, clip_eps_high)
-  adv = _token_advantages(advantages, logp)
+  adv = _token_advantages(advantages, logp, mask)
+  logp, old_logp = _valid(mask, logp, old_logp)
   log_ratio = _log_ratio(logp, old_logp)
   m = jnp.asarray(mask, log_ratio.dtype)
-  sums, counts = sequence_sums(jnp.where(m != 0, log_ratio, 0.0), m, segment_ids, num_segments)
+  sums, counts = sequence_sums(log_ratio, m, segment_ids, num_segments)
   seq_log_ratio = safe_divide(sums, counts)  # 0 for a sequence with no valid token
   if segment_ids is None:  # [B] → the tokens of each row; packed: [N] → each token's sequence
     token_seq_log_ratio = seq_log_ratio[:, None]
@@ -360,7 +374,8 @@ def cispo_loss(
   """
   check_arrays(2, logp=logp, old_logp=old_logp, mask=mask)
   low, high = _clip_bounds(clip_eps, clip_eps_high)
-  adv = _token_advantages(advantages, logp)
+  adv = _token_advantages(advantages, logp, mask)
+  logp, old_logp = _valid(mask, logp, old_logp)
   log_ratio = _log_ratio(logp, old_logp)
   ratio = clamped_exp(log_ratio)
   weight = jax.lax.stop_gradient(jnp.clip(ratio, low, high))
@@ -398,6 +413,7 @@ def ppo_ptx_loss(rl_loss_and_metrics, ptx_logp, ptx_mask, *, ptx_coef: float, ag
   rl_loss, metrics = rl_loss_and_metrics
   check_arrays(2, ptx_logp=ptx_logp, ptx_mask=ptx_mask)
   check_nonnegative("ptx_coef", ptx_coef)
+  ptx_logp = where_valid(ptx_logp, ptx_mask)
   nll = aggregate(-ptx_logp, ptx_mask, agg, normalizer=normalizer)
   own = nll if normalizer is None else aggregate(-ptx_logp, ptx_mask, agg)
   metrics = dict(metrics, ptx_nll=jax.lax.stop_gradient(own), rl_loss=jax.lax.stop_gradient(rl_loss))

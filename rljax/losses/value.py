@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from rljax.ops._checks import check_arrays, check_positive, compute_dtype
+from rljax.ops._checks import check_arrays, check_positive, compute_dtype, where_valid
 from rljax.ops.masking import aggregate, masked_mean
 
 
@@ -40,6 +40,9 @@ def value_loss(values, old_values, returns, mask, *, clip_eps: float | None = No
   """
   check_arrays(2, values=values, old_values=old_values, returns=returns, mask=mask)
   dtype = compute_dtype(values, returns)
+  # Masked positions are 0 before anything is computed (garbage there never reaches the loss
+  # or the gradient).
+  values, old_values, returns = (where_valid(x, mask) for x in (values, old_values, returns))
   v = values.astype(dtype)
   target = jax.lax.stop_gradient(returns).astype(dtype)
   err = jnp.square(v - target)

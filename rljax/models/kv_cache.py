@@ -28,6 +28,7 @@ from rljax.models.attention import Attend, layer_windows, self_attention
 from rljax.models.config import ModelConfig
 from rljax.models.transformer import (
   attention_output,
+  embed_tokens,
   positions_from_mask,
   project_qkv,
   rms_norm,
@@ -216,7 +217,7 @@ def hidden_states_with_cache(
   slot_mask = jax.lax.dynamic_update_slice_in_dim(cache.mask, attention_mask, index, axis=1)
   slot_positions = jax.lax.dynamic_update_slice_in_dim(cache.positions, positions, index, axis=1)
   attend = self_attention(c, slot_mask, slot_positions, query_offset=index, num_queries=t)
-  x = jnp.take(model.embed[...], input_ids, axis=0).astype(c.dtype)
+  x = embed_tokens(model.embed[...], input_ids, c.dtype)
   cos, sin = rope_cos_sin(positions, c)
   x, k, v = scan_layers_with_cache(
     model.layers.stacked(), x, cos, sin, attend, cache.k, cache.v, index, c

@@ -180,6 +180,31 @@ def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
   return x * cos + rotated * sin
 
 
+def config_of(model: Any) -> ModelConfig | None:
+  """The `ModelConfig` of a module (its `config`) or of its graphdef, where NNX keeps it as a
+  static attribute (the root's, or a backbone's); None when there is none."""
+  if isinstance(model, nnx.Module):
+    config = getattr(model, "config", None)
+    return config if isinstance(config, ModelConfig) else None
+  for key, attribute in getattr(model, "attributes", ()):
+    value = getattr(attribute, "value", None)
+    if key == "config" and isinstance(value, ModelConfig):
+      return value
+  return None
+
+
+def embed_tokens(table: Array, input_ids: Array, dtype: Any) -> Array:
+  """Rows of the [V, D] embedding `table` for `input_ids` [B, T], in `dtype`.
+
+  Ids outside [0, V) are clipped into range (`mode="clip"`). Such ids can only stand at padding
+  (the entry points check real ones), where any finite row does: no real token attends to a
+  padding slot, and a loss that selects its valid positions sends a gradient of exactly 0 there.
+  `jnp.take`'s default for out-of-range ids is a NaN row instead, and one NaN activation makes
+  every weight gradient NaN (xᵀg is NaN where g = 0).
+  """
+  return jnp.take(table, input_ids, axis=0, mode="clip").astype(dtype)
+
+
 def positions_from_mask(attention_mask: Array) -> Array:
   """Position ids for (left-)padded rows: cumsum(mask) - 1, clipped at 0. [B, T] int32."""
   mask = attention_mask.astype(jnp.int32)
@@ -375,7 +400,7 @@ class Transformer(nnx.Module):
     if positions is None:
       positions = (positions_from_mask(attention_mask) if segment_ids is None
                    else positions_from_segments(segment_ids))
-    x = constrain(jnp.take(self.embed[...], input_ids, axis=0).astype(c.dtype), HIDDEN_AXES)
+    x = constrain(embed_tokens(self.embed[...], input_ids, c.dtype), HIDDEN_AXES)
     cos, sin = rope_cos_sin(positions, c)
     x = self.layers(x, cos, sin, self_attention(c, attention_mask, positions, segment_ids))
     return rms_norm(x, self.final_norm[...], c.rms_norm_eps)

@@ -131,6 +131,22 @@ def as_float_mask(mask, dtype) -> jax.Array:
   return jnp.asarray(mask).astype(dtype)
 
 
+def where_valid(x, mask) -> jax.Array:
+  """x where `mask` != 0, else 0 (in x's dtype; `mask` broadcasts against x).
+
+  A select, not a product: entries under mask 0 are never read, so a NaN, ±inf or 1e30 there
+  reaches neither the value nor the gradient. (With x·mask, or with the mask applied only after
+  a nonlinear function of x, the backward forms 0·NaN = NaN at those entries.) Every masked
+  reduction and loss of rljax applies it to its inputs first, so that garbage at masked
+  positions gives exactly the values and gradients of zeros there.
+
+  Example:
+    >>> where_valid(jnp.array([1., jnp.nan]), jnp.array([1, 0]))  # [1., 0.]
+  """
+  x = jnp.asarray(x)
+  return jnp.where(jnp.asarray(mask) != 0, x, jnp.zeros((), x.dtype))
+
+
 def clamped_exp(log_ratio) -> jax.Array:
   """exp(clip(log_ratio, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)); finite for any finite input."""
   return jnp.exp(jnp.clip(log_ratio, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))

@@ -70,7 +70,7 @@ def grpo_advantages(scores, *, group_size: int, normalize_std: bool = True, eps:
 
   Returns:
     [B] advantages (sum to zero in each group), stop-gradient. A zero-variance group gives
-    exactly 0. Broadcast to tokens with `adv[:, None] * mask`.
+    exactly 0. Broadcast to tokens with `jnp.where(mask, adv[:, None], 0)`.
 
   Example:
     >>> grpo_advantages(jnp.array([1., 0., 0., 0.]), group_size=2)  # ≈ [0.707, -0.707, 0, 0]

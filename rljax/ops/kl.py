@@ -90,6 +90,9 @@ def kl_penalty(logp, ref_logp, *, kind: str = "k3", clamp: float | None = 10.0) 
 
   Numerics: computed in `promote_types(dtype, float32)` (bf16 inputs give float32 results,
   float64 stays float64). Finite values and gradients for any finite log-ratio (±100 included).
+  The estimate is elementwise and reads every entry: where masked entries may hold garbage
+  (NaN, ±inf), select them first (`where_valid(x, mask)`), since a later mask keeps the value
+  but not the gradient finite.
 
   Args:
     logp: [B, T] (any shape) log-probs of the sampled tokens under the policy π.

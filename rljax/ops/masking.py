@@ -3,7 +3,8 @@
 A `mask` is bool or numeric, broadcast-compatible with `x` after `check_same_shape`; 1 (or True)
 marks a token that counts, and numeric masks act as weights. Every reduction runs in
 `promote_types(x.dtype, float32)` and is safe on an all-zero mask: the result is 0 and the
-gradient is finite (0), never NaN.
+gradient is finite (0), never NaN. Masked entries are selected away before anything is computed
+from them (`where_valid`), so a NaN or ±inf under mask 0 changes neither a result nor a gradient.
 """
 
 from __future__ import annotations
@@ -11,7 +12,14 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from rljax.ops._checks import as_float_mask, check_choice, check_ndim, check_same_shape, compute_dtype
+from rljax.ops._checks import (
+    as_float_mask,
+    check_choice,
+    check_ndim,
+    check_same_shape,
+    compute_dtype,
+    where_valid,
+)
 from rljax.ops.segments import segment_sum
 
 AGG_MODES = (
@@ -31,13 +39,15 @@ def safe_divide(numerator, denominator) -> jax.Array:
 
 def _weighted_sum(x, m, axis=None, keepdims=False) -> jax.Array:
   """Σ m·x, where masked entries of x are never read (a NaN or inf under mask 0 stays out)."""
-  return jnp.sum(jnp.where(m != 0, x * m, 0), axis=axis, keepdims=keepdims)
+  return jnp.sum(where_valid(x, m) * m, axis=axis, keepdims=keepdims)
 
 
 def _prepare(x, mask):
+  """(x in the compute dtype with its masked entries 0, the mask as float weights)."""
   check_same_shape(x=x, mask=mask)
   dtype = compute_dtype(x)
-  return jnp.asarray(x).astype(dtype), as_float_mask(mask, dtype)
+  m = as_float_mask(mask, dtype)
+  return where_valid(jnp.asarray(x).astype(dtype), m), m
 
 
 def masked_sum(x, mask, axis=None) -> jax.Array:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from rljax.ops._checks import check_int, check_ndim, check_same_shape, compute_dtype
+from rljax.ops._checks import check_int, check_ndim, check_same_shape, compute_dtype, where_valid
 
 
 def segment_sum(x, segment_ids, num_segments: int, *, mask=None) -> jax.Array:
@@ -42,7 +42,7 @@ def segment_sum(x, segment_ids, num_segments: int, *, mask=None) -> jax.Array:
   x = jnp.asarray(x).astype(dtype)
   if mask is not None:
     m = jnp.asarray(mask).astype(dtype)
-    x = jnp.where(m != 0, x * m, 0)
+    x = where_valid(x, m) * m
   ids = jnp.asarray(segment_ids).astype(jnp.int32)
   return jax.ops.segment_sum(x.reshape(-1), ids.reshape(-1), num_segments=num_segments)
 

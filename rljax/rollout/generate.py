@@ -14,11 +14,11 @@ from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from rljax.models.kv_cache import KVCache, hidden_states_with_cache, init_kv_cache
-from rljax.models.transformer import Transformer
-from rljax.ops._checks import check_int
+from rljax.models.transformer import Transformer, config_of
 from rljax.rollout.sampling import SamplingConfig, sample_next_token
 
 Array = jax.Array
@@ -162,27 +162,75 @@ def _split_model(model: Any) -> tuple[Any, Any]:
   )
 
 
-def _stop_tuple(stop_tokens: int | Sequence[int]) -> tuple[int, ...]:
-  values = (stop_tokens,) if isinstance(stop_tokens, numbers.Integral) else tuple(stop_tokens)
-  valid = (isinstance(t, numbers.Integral) and not isinstance(t, bool) and t >= 0 for t in values)
-  if not all(valid):
-    raise ValueError(
-      f"`stop_tokens` must be an int or a sequence of ints >= 0; got {stop_tokens!r}."
-    )
+def _id_range(vocab_size: int | None) -> str:
+  return "[0, inf)" if vocab_size is None else f"[0, {vocab_size}) (the model's vocab_size)"
+
+
+def _is_token_id(value: Any, vocab_size: int | None) -> bool:
+  return (isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 0
+          and (vocab_size is None or value < vocab_size))
+
+
+def _vocab_size(model: Any) -> int | None:
+  """V of a module or graphdef (`config_of`), None when it has no `ModelConfig`."""
+  config = config_of(model)
+  return None if config is None else config.vocab_size
+
+
+def check_token_ids(model: Any, *, pad_id: Any, stop_tokens: Any) -> tuple[int, ...]:
+  """Checks `pad_id` and `stop_tokens` (an id or a sequence of ids) as token ids in [0, V), V
+  the vocab_size of `model` (a module or its graphdef; only >= 0 when it has no
+  `ModelConfig`), and returns the stop tokens as a tuple of ints; a ValueError names the
+  argument, the value and the range. `generate` and the on-policy trainers (at construction)
+  call it.
+
+  Example:
+    >>> check_token_ids(graphdef, pad_id=eos, stop_tokens=[eos])  # (eos,)
+  """
+  vocab_size = _vocab_size(model)
+  if not _is_token_id(pad_id, vocab_size):
+    raise ValueError(f"`pad_id` must be a token id in {_id_range(vocab_size)}; got {pad_id!r}.")
+  one = isinstance(stop_tokens, (numbers.Number, str, bytes)) or not hasattr(stop_tokens,
+                                                                              "__iter__")
+  values = (stop_tokens,) if one else tuple(stop_tokens)
+  bad = [t for t in values if not _is_token_id(t, vocab_size)]
+  if bad:
+    raise ValueError(f"`stop_tokens` must be a token id or a sequence of token ids in "
+                     f"{_id_range(vocab_size)}; got {stop_tokens!r} ({bad[0]!r} is not).")
   return tuple(int(t) for t in values)
 
 
-def _check_prompts(prompt_tokens: Any, prompt_mask: Any) -> tuple[Array, Array]:
-  tokens, mask = jnp.asarray(prompt_tokens), jnp.asarray(prompt_mask)
-  if tokens.ndim != 2 or tokens.shape[1] < 1:
-    raise ValueError(f"`prompt_tokens` must be [B, P] with P >= 1; got shape {tokens.shape}.")
-  if not jnp.issubdtype(tokens.dtype, jnp.integer):
-    raise ValueError(f"`prompt_tokens` must be an integer array; got dtype {tokens.dtype}.")
-  if mask.shape != tokens.shape:
-    raise ValueError(
-      f"`prompt_mask` has shape {mask.shape} but `prompt_tokens` has shape {tokens.shape}."
-    )
-  return tokens.astype(jnp.int32), mask.astype(bool)
+def _check_prompt_ids(prompt_tokens: Any, prompt_mask: Any, vocab_size: int | None) -> None:
+  """ValueError unless every real prompt token (`prompt_mask` 1) of the [B, P] arrays is an id
+  in [0, vocab_size). Padding slots may hold any id: they are never attended to, and their
+  (clipped) embedding is finite. Traced prompts (a caller's `jit`) are not checked."""
+  if vocab_size is None or any(isinstance(x, jax.core.Tracer) for x in (prompt_tokens,
+                                                                         prompt_mask)):
+    return
+  ids = prompt_tokens  # numpy or device arrays (a device array is checked on its device)
+  bad = (prompt_mask != 0) & ((ids < 0) | (ids >= vocab_size))
+  count = int(bad.sum())
+  if count:
+    row, column = divmod(int(bad.reshape(-1).argmax()), ids.shape[1])
+    raise ValueError(f"`prompt_tokens` must hold token ids in {_id_range(vocab_size)} where "
+                     f"`prompt_mask` is 1; got {int(ids[row, column])} at row {row}, column "
+                     f"{column} ({count} such ids).")
+
+
+def _check_prompts(prompt_tokens: Any, prompt_mask: Any, vocab_size: int | None
+                   ) -> tuple[Array, Array]:
+  prompt_tokens, prompt_mask = (x if isinstance(x, jax.Array) else np.asarray(x)
+                                for x in (prompt_tokens, prompt_mask))
+  tokens, mask = jnp.shape(prompt_tokens), jnp.shape(prompt_mask)
+  if len(tokens) != 2 or tokens[1] < 1:
+    raise ValueError(f"`prompt_tokens` must be [B, P] with P >= 1; got shape {tokens}.")
+  if not jnp.issubdtype(jnp.result_type(prompt_tokens), jnp.integer):
+    raise ValueError(f"`prompt_tokens` must be an integer array; got dtype "
+                     f"{jnp.result_type(prompt_tokens)}.")
+  if mask != tokens:
+    raise ValueError(f"`prompt_mask` has shape {mask} but `prompt_tokens` has shape {tokens}.")
+  _check_prompt_ids(prompt_tokens, prompt_mask, vocab_size)
+  return jnp.asarray(prompt_tokens).astype(jnp.int32), jnp.asarray(prompt_mask).astype(bool)
 
 
 def _check_key(key: Any) -> None:
@@ -226,7 +274,8 @@ def generate(
   Args:
     model: a `rljax.models.transformer.Transformer`, or its `(graphdef, state)` pair from
       `nnx.split` (e.g. with re-sharded parameters).
-    prompt_tokens: [B0, P] int token ids, left-padded to a common length P.
+    prompt_tokens: [B0, P] int token ids, left-padded to a common length P; the real ones
+      (`prompt_mask` 1) in [0, V), V the model's vocab_size (padding slots may hold any id).
     prompt_mask: [B0, P] bool/0-1, 1 marks a real prompt token. Every row needs at least one
       (an all-padding row gives finite but meaningless samples).
     key: a PRNG key; the result is a deterministic function of it.
@@ -238,9 +287,10 @@ def generate(
     top_k: None or an int >= 1 (static): sample among the k most likely tokens.
     top_p: None or a float in (0, 1] (static): sample from the smallest set of most likely
       tokens (after top-k) whose probability reaches top_p; the top token is always kept.
-    stop_tokens: an id or a sequence of ids (e.g. EOS and end-of-turn); may be empty.
-    pad_id: the id written after a row's stop token; it may equal a stop token (masks come from
-      lengths).
+    stop_tokens: an id or a sequence of ids in [0, V) (e.g. EOS and end-of-turn); may be
+      empty.
+    pad_id: the id in [0, V) written after a row's stop token; it may equal a stop token
+      (masks come from lengths).
     num_samples: completions per prompt (static), default 1; those of prompt i are the
       contiguous rows i * num_samples + j.
 
@@ -248,7 +298,8 @@ def generate(
     A `Rollout` with B = B0 * num_samples rows (see its fields).
 
   Raises:
-    ValueError: a bad argument (named in the message): shapes, dtypes, option ranges, model.
+    ValueError: a bad argument (named in the message): shapes, dtypes, option ranges, token
+      ids outside [0, V) (`check_token_ids`, the real prompt tokens), model.
 
   Example:
     >>> out = generate(model, prompts, prompt_mask, jax.random.key(0), max_new_tokens=64,
@@ -268,16 +319,16 @@ def generate(
     raise ValueError(f"give the sampling options either in `sampling` or as keywords, not "
                      f"both (got `sampling` and {sorted(given)}).")
   graphdef, state = _split_model(model)
-  tokens, mask = _check_prompts(prompt_tokens, prompt_mask)
+  tokens, mask = _check_prompts(prompt_tokens, prompt_mask, _vocab_size(graphdef))
   _check_key(key)
-  check_int("pad_id", pad_id, 0)
+  stop_tokens = check_token_ids(graphdef, pad_id=pad_id, stop_tokens=stop_tokens)
   options = _Options(
     max_new_tokens=sampling.max_new_tokens,
     temperature=float(sampling.temperature),
     top_k=sampling.top_k,
     top_p=None if sampling.top_p is None else float(sampling.top_p),
-    stop_tokens=_stop_tuple(stop_tokens),
-    pad_id=pad_id,
+    stop_tokens=stop_tokens,
+    pad_id=int(pad_id),
     num_samples=sampling.num_samples,
   )
   return _generate_jit(graphdef, state, tokens, mask, key, options)

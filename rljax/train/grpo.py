@@ -42,7 +42,9 @@ import jax
 import jax.numpy as jnp
 
 from rljax.losses.policy import cispo_loss, gspo_loss, ppo_clip_loss
-from rljax.ops._checks import check_bool, check_choice, check_int, check_number, clamped_exp
+from rljax.ops._checks import (
+  check_bool, check_choice, check_int, check_number, clamped_exp, where_valid,
+)
 from rljax.ops.advantages import (
   grpo_advantages,
   grpo_process_advantages,
@@ -212,8 +214,7 @@ def token_advantages(scores, loss_mask, *, kind: str, group_size: int, step_rewa
     adv = reinforce_pp_advantages(token_level_rewards(scores, mask), mask, gamma=1.0)
   else:
     adv = reinforce_pp_baseline_advantages(scores, mask, group_size=group_size)
-  adv = adv[:, None] * mask if adv.ndim == 1 else adv * mask
-  return jax.lax.stop_gradient(adv)
+  return jax.lax.stop_gradient(where_valid(adv[:, None] if adv.ndim == 1 else adv, mask))
 
 
 @functools.partial(jax.jit, static_argnames=("cap",))
@@ -221,7 +222,9 @@ def tis_weighted(advantages, loss_mask, old_logp, rollout_logp, *, cap: float):
   """(advantages · w, mean w) with the truncated importance weight of the sampler's log-probs,
   w = min(exp(old_logp − rollout_logp), cap), token by token (no gradient)."""
   mask = loss_mask.astype(jnp.float32)
-  weight = jnp.minimum(clamped_exp(jnp.where(loss_mask, old_logp - rollout_logp, 0.0)), cap)
+  advantages, old_logp, rollout_logp = (where_valid(x, mask)
+                                        for x in (advantages, old_logp, rollout_logp))
+  weight = jnp.minimum(clamped_exp(old_logp - rollout_logp), cap)
   return jax.lax.stop_gradient(advantages * weight), masked_mean(weight, mask)
 
 
@@ -265,7 +268,7 @@ def grpo_objective(model: Any, batch: Experience, *, normalizer=None, config: GR
     loss, metrics = fn(logp, old, batch.advantages, mask, clip_eps=low, clip_eps_high=high,
                        agg=u.agg, **segments)
   if c.kl_coef > 0:
-    kl = kl_penalty(logp, batch.ref_logp, kind=c.kl_kind)
+    kl = kl_penalty(where_valid(logp, mask), where_valid(batch.ref_logp, mask), kind=c.kl_kind)
     loss = loss + c.kl_coef * aggregate(kl, mask, u.agg, **segments)
     metrics = dict(metrics, kl=jax.lax.stop_gradient(masked_mean(kl, mask)))
   metrics = dict(metrics, entropy=jax.lax.stop_gradient(masked_mean(entropy, mask)))

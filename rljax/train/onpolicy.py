@@ -46,6 +46,7 @@ from rljax.ops._checks import check_bool, check_choice, check_int, check_number
 from rljax.ops.masking import AGG_MODES
 from rljax.parallel.mesh import use_mesh
 from rljax.parallel.rules import DATA, FSDP, inference_rules
+from rljax.rollout.generate import check_token_ids
 from rljax.rollout.sampling import SamplingConfig
 from rljax.train.experience import (
   Experience,
@@ -148,7 +149,7 @@ class OnPolicyTrainer(abc.ABC):
     reward_fn: host callable `fn(prompts, completions, **fields) -> float32 [B]` (see
       `rljax.train.scoring.call_reward_fn` for the fields offered).
     tokenizer: decodes completions for the reward function (None: token-id lists are passed).
-    stop_tokens, pad_id: as `generate`.
+    stop_tokens, pad_id: as `generate`: ids in [0, V), checked here (`check_token_ids`).
     mesh, rules: the training mesh and logical-axis rules; None trains and samples unsharded.
     compiler_options: XLA options of the compiled update.
 
@@ -166,10 +167,9 @@ class OnPolicyTrainer(abc.ABC):
       raise ValueError("`mesh` and `rules` must be given together (or neither).")
     if not callable(reward_fn):
       raise ValueError(f"`reward_fn` must be callable; got {type(reward_fn).__name__}.")
-    check_int("pad_id", pad_id, 0)
+    self.stop_tokens = check_token_ids(graphdef, pad_id=pad_id, stop_tokens=stop_tokens)
     self.graphdef, self.optimizer, self.config = graphdef, optimizer, config
     self.reward_fn, self.tokenizer = reward_fn, tokenizer
-    self.stop_tokens = (stop_tokens,) if isinstance(stop_tokens, int) else tuple(stop_tokens)
     self.pad_id, self.mesh, self.rules = pad_id, mesh, rules
     self.compiler_options = compiler_options
     self._sampler_shardings = None

@@ -31,6 +31,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from rljax.ops._checks import where_valid
 from rljax.ops.masking import masked_mean
 from rljax.ops.segments import same_segment_as_previous, segment_sum
 
@@ -110,7 +111,9 @@ def example_mean(loss_fn: Callable[..., tuple[jax.Array, dict]], weights: jax.Ar
   value on the one-example batch (a `jax.vmap` over singletons), so for every loss that is a
   mean of per-example terms (the DPO variants, ORPO, SimPO, CPO, Bradley–Terry, KTO with a
   given reference point) this equals the loss of the batch of the weighted examples alone.
-  `weights=None` calls `loss_fn` on the whole batch unchanged (the unpacked path).
+  The inputs of weight-0 examples are set to 0 first (`where_valid`), so whatever an absent
+  slot holds never reaches the loss or its gradient. `weights=None` calls `loss_fn` on the
+  whole batch unchanged (the unpacked path).
 
   Args:
     loss_fn: `(arrays..., **per_example) -> (loss, metrics)` over [B] arrays.
@@ -123,8 +126,10 @@ def example_mean(loss_fn: Callable[..., tuple[jax.Array, dict]], weights: jax.Ar
   def one(*xs, **kw):
     return loss_fn(*(x[None] for x in xs), **{k: v[None] for k, v in kw.items()})
 
-  losses, metrics = jax.vmap(one)(*arrays, **per_example)
   w = jnp.asarray(weights, jnp.float32)
+  arrays = [where_valid(x, w) for x in arrays]
+  per_example = {k: where_valid(v, w) for k, v in per_example.items()}
+  losses, metrics = jax.vmap(one)(*arrays, **per_example)
   return masked_mean(losses, w), {k: masked_mean(v, w) for k, v in metrics.items()}
 
 

@@ -53,11 +53,11 @@ def _full_logits(m, ids, mask):
   return m(ids, mask)
 
 
-def _generate(model, key=0, **kw):
+def _generate(model, key=0, prompts=PROMPTS, **kw):
   options = dict(max_new_tokens=N, stop_tokens=(), pad_id=0, num_samples=2, temperature=1.0)
   options.update(kw)
   with jax.default_matmul_precision("highest"):
-    return jax.device_get(generate(model, PROMPTS, PROMPT_MASK, jax.random.key(key), **options))
+    return jax.device_get(generate(model, prompts, PROMPT_MASK, jax.random.key(key), **options))
 
 
 def _teacher_forced_logits(model, out):
@@ -340,7 +340,12 @@ def test_top_p_keep_numpy_reference():
     (dict(top_p=1.5), "top_p"),
     (dict(num_samples=0), "num_samples"),
     (dict(stop_tokens=["a"]), "stop_tokens"),
+    (dict(stop_tokens=[3, CONFIG.vocab_size]), r"stop_tokens.*\[0, 64\)"),
     (dict(pad_id=-1), "pad_id"),
+    (dict(pad_id=CONFIG.vocab_size), r"pad_id.*\[0, 64\).*got 64"),
+    (dict(prompt_tokens=np.where(PROMPTS == 9, 64, PROMPTS)), r"prompt_tokens.*got 64 at row 0"),
+    (dict(prompt_tokens=jnp.asarray(np.where(PROMPTS == 40, -3, PROMPTS))),
+     r"prompt_tokens.*got -3 at row 2, column 4"),
     (dict(model="not a model"), "model"),
     (dict(model=nnx.Linear(2, 2, rngs=nnx.Rngs(0))), "model"),
   ],
@@ -353,3 +358,13 @@ def test_bad_inputs_name_the_argument(model, change, name):
   args.update(change)
   with pytest.raises(ValueError, match=name):
     generate(**args)
+
+
+def test_padding_ids_of_prompts_are_never_read(model):
+  """Any id (>= V, negative) in the prompts' padding slots gives the rollout of pad id 0."""
+  garbage = np.where(PROMPT_MASK, PROMPTS, np.array([64, -1, 2**31 - 1])[:, None])
+  out = _generate(model, 3, garbage)  # the options of the other tests: no new compile
+  valid = _generate(model, 3, np.where(PROMPT_MASK, PROMPTS, 0))
+  np.testing.assert_array_equal(out.tokens[:, P:], valid.tokens[:, P:])
+  np.testing.assert_array_equal(out.logprobs, valid.logprobs)
+  assert np.all(np.isfinite(out.logprobs))

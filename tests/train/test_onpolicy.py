@@ -22,6 +22,7 @@ from rljax.train.experience import Experience
 from rljax.train.grpo import GRPOConfig, GRPOTrainer, grpo_objective
 from rljax.train.normalizers import agg_count
 from rljax.train.onpolicy import UpdateConfig
+from rljax.train.ppo import PPOConfig, PPOTrainer
 from rljax.train.optim import OptimizerConfig, make_optimizer
 from rljax.train.state import create_train_state
 from rljax.train.step import make_grad_fn
@@ -128,6 +129,22 @@ def test_update_names_missing_and_misshapen_fields():
                                                ref_logp=jnp.zeros((B, N))))
   with pytest.raises(ValueError, match="rljax.train.Experience"):
     trainer.update(state, {"tokens": user_batch().tokens})
+
+
+@pytest.mark.parametrize("ids, name", [
+  (dict(pad_id=CONFIG.vocab_size), "pad_id"), (dict(pad_id=-1), "pad_id"),
+  (dict(stop_tokens=[EOS, CONFIG.vocab_size + 3]), "stop_tokens"),
+  (dict(stop_tokens=-2), "stop_tokens")])
+def test_token_ids_outside_the_vocabulary_fail_at_construction(ids, name):
+  """GRPO and PPO (the shared constructor), before anything is compiled."""
+  graphdef = nnx.split(Transformer(CONFIG, rngs=nnx.Rngs(0)))[0]
+  kwargs = {"stop_tokens": [EOS], "pad_id": EOS, **ids}
+  match = rf"`{name}` must be a token id.*\[0, {CONFIG.vocab_size}\)"
+  with pytest.raises(ValueError, match=match):
+    GRPOTrainer(graphdef, OPTIMIZER, config(), reward, TOKENIZER, **kwargs)
+  with pytest.raises(ValueError, match=match):
+    PPOTrainer(graphdef, graphdef, OPTIMIZER, OPTIMIZER, PPOConfig(), reward, TOKENIZER,
+               **kwargs)
 
 
 @pytest.mark.parametrize("loss", ["gspo", "cispo"])
