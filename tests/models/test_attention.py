@@ -208,7 +208,7 @@ def test_model_logits_and_gradients_equal_under_both_implementations():
 
 def test_attention_config_is_validated_at_construction():
   base = dict(vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1, num_heads=2)
-  with pytest.raises(ValueError, match="attention must be one of"):
+  with pytest.raises(ValueError, match="`attention` .flash.; valid choices"):
     ModelConfig(**base, attention="flash")
   with pytest.raises(ValueError, match="attention_block"):
     ModelConfig(**base, attention_block=0)
