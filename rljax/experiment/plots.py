@@ -97,6 +97,7 @@ def plot_curves(records: list[dict[str, Any]], path: str, *, title: str = "",
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
   except ImportError:
     print("rljax: matplotlib is not installed; no plot written (pip install matplotlib).",
           file=sys.stderr)
@@ -113,6 +114,7 @@ def plot_curves(records: list[dict[str, Any]], path: str, *, title: str = "",
               linewidth=1.4, label=label)
     ax.set_title(name, fontsize=11)
     ax.set_xlabel("step", fontsize=9)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
     ax.tick_params(labelsize=8)
     ax.grid(alpha=0.3)
     ax.spines[["top", "right"]].set_visible(False)
