@@ -7,8 +7,9 @@ tests (and the subprocesses they start, which inherit the environment) compile w
 machine-code optimisation: the clean-clone suite 711 → 623 s, though the long addition run
 takes 150 → 199 s), and share one persistent compilation cache per run (created by the first
 process, inherited by the pytest-xdist workers, removed at the end): a program that several
-tests build (the same tiny model's forward, the same loss) is compiled once. `rljax.train.count_compiles` counts cache
-hits as well as compilations, so the tests that assert "no new program" see both.
+tests build (the same tiny model's forward, the same loss) is compiled once.
+`rljax.train.count_compiles` counts cache hits as well as compilations, so the tests that
+assert "no new program" see both.
 """
 
 import os
