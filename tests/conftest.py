@@ -4,8 +4,8 @@ savings, and hypothesis profiles.
 Most of the suite's time is XLA compiling tiny programs that then run in microseconds, so the
 tests (and the subprocesses they start, which inherit the environment) compile with LLVM at -O0
 (`--xla_backend_optimization_level=0`: the same HLO and the same IEEE arithmetic, less
-machine-code optimisation: the clean-clone suite 711 → 623 s, though the long addition run
-takes 150 → 199 s), and share one persistent compilation cache per run (created by the first
+machine-code optimisation: the clean-clone suite 711 → 623 s; the execution-bound addition run
+drops the flag in its own process), and share one persistent compilation cache per run (created by the first
 process, inherited by the pytest-xdist workers, removed at the end): a program that several
 tests build (the same tiny model's forward, the same loss) is compiled once.
 `rljax.train.count_compiles` counts cache hits as well as compilations, so the tests that
