@@ -5,11 +5,11 @@ Most of the suite's time is XLA compiling tiny programs that then run in microse
 tests (and the subprocesses they start, which inherit the environment) compile with LLVM at -O0
 (`--xla_backend_optimization_level=0`: the same HLO and the same IEEE arithmetic, less
 machine-code optimisation: the clean-clone suite 711 → 623 s; the execution-bound addition run
-drops the flag in its own process), and share one persistent compilation cache per run (created by the first
-process, inherited by the pytest-xdist workers, removed at the end): a program that several
-tests build (the same tiny model's forward, the same loss) is compiled once.
-`rljax.train.count_compiles` counts cache hits as well as compilations, so the tests that
-assert "no new program" see both.
+drops the flag in its own process), and share one persistent compilation cache per run
+(created by the first process, inherited by the pytest-xdist workers and every subprocess,
+removed at the end): a program that several tests build (the same tiny model's forward, the
+same loss) is compiled once. `rljax.train.count_compiles` counts cache hits as well as
+compilations, so the tests that assert "no new program" see both.
 """
 
 import os
@@ -24,14 +24,17 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 _OWN_CACHE = "RLJAX_TEST_COMPILATION_CACHE" not in os.environ
 _CACHE = os.environ.setdefault("RLJAX_TEST_COMPILATION_CACHE",
                                tempfile.mkdtemp(prefix="rljax-test-xla-cache-"))
+# JAX reads its options from JAX_* variables, so subprocesses (a resumed run, the multi-process
+# workers) use the cache too: a resumed process loads the programs its first run compiled.
+os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
+os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "-1"
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
-jax.config.update("jax_compilation_cache_dir", _CACHE)
-jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+assert jax.config.jax_compilation_cache_dir == _CACHE
 
 
 def pytest_unconfigure(config):
