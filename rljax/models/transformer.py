@@ -33,7 +33,7 @@ from flax import nnx
 
 from rljax.models.attention import Attend, layer_windows, self_attention
 from rljax.models.config import ModelConfig
-from rljax.ops._checks import check_token_ids
+from rljax.ops._checks import check_integer_ids
 from rljax.parallel.context import context_shards
 from rljax.parallel.mesh import constrain
 from rljax.parallel.rules import place_by_logical_axes
@@ -386,7 +386,7 @@ class Transformer(nnx.Module):
     c = self.config
     if input_ids.ndim != 2:
       raise ValueError(f"input_ids must be [B, T], got shape {input_ids.shape}")
-    check_token_ids("input_ids", input_ids)
+    check_integer_ids("input_ids", input_ids)
     if attention_mask is None:
       attention_mask = jnp.ones(input_ids.shape, jnp.int32)
     if attention_mask.shape != input_ids.shape:

@@ -42,7 +42,7 @@ def check_ndim(name: str, x, ndims: int | Iterable[int]) -> None:
     raise ValueError(f"`{name}` must have rank {want}; got shape {jnp.shape(x)}.")
 
 
-def check_token_ids(name: str, ids) -> None:
+def check_integer_ids(name: str, ids) -> None:
   """Raises `ValueError` naming `name` unless `ids` has an integer dtype (token ids)."""
   dtype = jnp.result_type(ids)
   if not jnp.issubdtype(dtype, jnp.integer):

@@ -19,6 +19,7 @@ from flax import nnx
 
 from rljax.models.kv_cache import KVCache, hidden_states_with_cache, init_kv_cache
 from rljax.models.transformer import Transformer, config_of
+from rljax.ops._checks import check_integer_ids
 from rljax.rollout.sampling import SamplingConfig, sample_next_token
 
 Array = jax.Array
@@ -224,9 +225,7 @@ def _check_prompts(prompt_tokens: Any, prompt_mask: Any, vocab_size: int | None
   tokens, mask = jnp.shape(prompt_tokens), jnp.shape(prompt_mask)
   if len(tokens) != 2 or tokens[1] < 1:
     raise ValueError(f"`prompt_tokens` must be [B, P] with P >= 1; got shape {tokens}.")
-  if not jnp.issubdtype(jnp.result_type(prompt_tokens), jnp.integer):
-    raise ValueError(f"`prompt_tokens` must be an integer array; got dtype "
-                     f"{jnp.result_type(prompt_tokens)}.")
+  check_integer_ids("prompt_tokens", prompt_tokens)
   if mask != tokens:
     raise ValueError(f"`prompt_mask` has shape {mask} but `prompt_tokens` has shape {tokens}.")
   _check_prompt_ids(prompt_tokens, prompt_mask, vocab_size)

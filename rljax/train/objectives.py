@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rljax.losses.dpo import dpo_loss
-from rljax.ops._checks import check_ndim, check_nonnegative, check_same_shape, check_token_ids
+from rljax.ops._checks import check_ndim, check_nonnegative, check_same_shape, check_integer_ids
 from rljax.ops.fused_logprobs import logprobs_from_hidden
 from rljax.ops.logprobs import sequence_logprobs
 from rljax.ops.masking import aggregate, safe_divide
@@ -143,7 +143,7 @@ def row_group(batch: Batch, keys: Sequence[str]) -> Group:
   """The (input_ids, attention_mask, loss_mask) arrays named by `keys`, shapes checked."""
   ids, attention, loss = (jnp.asarray(batch[k]) for k in keys)
   check_ndim(keys[0], ids, 2)
-  check_token_ids(keys[0], ids)
+  check_integer_ids(keys[0], ids)
   check_same_shape(**{keys[0]: ids, keys[1]: attention, keys[2]: loss})
   return ids, attention, loss
 

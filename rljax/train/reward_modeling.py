@@ -40,7 +40,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from rljax.losses.reward_model import listwise_reward_loss, reward_model_loss
-from rljax.ops._checks import check_ndim, check_same_shape, check_token_ids
+from rljax.ops._checks import check_ndim, check_same_shape, check_integer_ids
 from rljax.train import packed
 from rljax.train.normalizers import rescale_to_normalizer
 from rljax.train.objectives import check_batch_keys, pair_count
@@ -87,7 +87,7 @@ def pair_rewards(model: Any, batch: Batch) -> tuple[jax.Array, jax.Array]:
   check_same_shape(rejected_input_ids=r_ids, rejected_attention_mask=r_mask)
   for name, ids in (("chosen_input_ids", c_ids), ("rejected_input_ids", r_ids)):
     check_ndim(name, ids, 2)
-    check_token_ids(name, ids)
+    check_integer_ids(name, ids)
   if c_ids.shape[0] != r_ids.shape[0]:
     raise ValueError(
       f"`chosen_input_ids` has shape {c_ids.shape} but `rejected_input_ids` has shape "
