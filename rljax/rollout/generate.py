@@ -20,7 +20,7 @@ from flax import nnx
 from rljax.models.kv_cache import KVCache, hidden_states_with_cache, init_kv_cache
 from rljax.models.transformer import Transformer, config_of
 from rljax.ops._checks import check_integer_ids
-from rljax.rollout.sampling import SamplingConfig, sample_next_token
+from rljax.rollout.sampling import SamplingConfig, request_keys, sample_next_token
 
 Array = jax.Array
 
@@ -81,9 +81,9 @@ def _is_stop(tokens: Array, stop_tokens: tuple[int, ...]) -> Array:
 
 
 def _sample(logits: Array, key: Array, step: Array | int, o: _Options) -> tuple[Array, Array]:
-  return sample_next_token(
-    logits, jax.random.fold_in(key, step), temperature=o.temperature, top_k=o.top_k, top_p=o.top_p
-  )
+  """Token `step` of every row r (the request id) with key fold_in(fold_in(key, r), step)."""
+  keys = request_keys(key, jnp.arange(logits.shape[0]), step)
+  return sample_next_token(logits, keys, temperature=o.temperature, top_k=o.top_k, top_p=o.top_p)
 
 
 def _decode_step(model: Transformer, key: Array, prompt_len: int, o: _Options):
@@ -242,6 +242,29 @@ def _check_key(key: Any) -> None:
     )
 
 
+_SAMPLING_KEYWORDS = ("max_new_tokens", "temperature", "top_k", "top_p", "num_samples")
+
+
+def sampling_from_arguments(sampling: SamplingConfig | None, keywords: dict[str, Any]
+                            ) -> SamplingConfig:
+  """The `SamplingConfig` of a sampler call: `sampling`, or one built (and validated) from the
+  keyword options that are not None; a ValueError when both or neither are given."""
+  unknown = sorted(set(keywords) - set(_SAMPLING_KEYWORDS))
+  if unknown:
+    raise ValueError(f"unknown sampling options {unknown}; expected {list(_SAMPLING_KEYWORDS)}.")
+  given = {k: v for k, v in keywords.items() if v is not None}
+  if sampling is None:
+    if "max_new_tokens" not in given:
+      raise ValueError("`max_new_tokens` is required (or pass a `sampling=SamplingConfig(...)`).")
+    return SamplingConfig(**given)  # validates every option, naming it
+  if given:
+    raise ValueError(f"give the sampling options either in `sampling` or as keywords, not "
+                     f"both (got `sampling` and {sorted(given)}).")
+  if not isinstance(sampling, SamplingConfig):
+    raise ValueError(f"`sampling` must be a SamplingConfig; got {type(sampling).__name__}.")
+  return sampling
+
+
 def generate(
   model: Any,
   prompt_tokens: Array,
@@ -263,7 +286,8 @@ def generate(
   the cache (P + max_new_tokens slots) is repeated `num_samples` times, then a
   `lax.while_loop` decodes one token per step for all rows. Step t draws
     token ~ softmax(logits / temperature) restricted by top_k / top_p   (argmax if temperature 0)
-  with key `fold_in(key, t)`, and records logp = log_softmax(logits / temperature)[token]
+  with key `fold_in(fold_in(key, r), t)` for row r (`request_keys`: the continuous-batching
+  engine draws the same tokens), and records logp = log_softmax(logits / temperature)[token]
   (untruncated; temperature 1 when greedy), which equals
   `token_logprobs(model(rollout.tokens, rollout.attention_mask)[:, P-1:-1], completion,
   temperature=T)` — the log-probs a trainer recomputes (verl / TRL convention). A row that emits
@@ -307,16 +331,9 @@ def generate(
     >>> logits = model(out.tokens, out.attention_mask)[:, P - 1 : -1]
     >>> logp = token_logprobs(logits, out.tokens[:, P:], temperature=0.7)  # == out.logprobs
   """
-  keywords = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k,
-              "top_p": top_p, "num_samples": num_samples}
-  given = {k: v for k, v in keywords.items() if v is not None}
-  if sampling is None:
-    if max_new_tokens is None:
-      raise ValueError("`max_new_tokens` is required (or pass a `sampling=SamplingConfig(...)`).")
-    sampling = SamplingConfig(**given)  # validates every option, naming it
-  elif given:
-    raise ValueError(f"give the sampling options either in `sampling` or as keywords, not "
-                     f"both (got `sampling` and {sorted(given)}).")
+  sampling = sampling_from_arguments(sampling, {
+    "max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k,
+    "top_p": top_p, "num_samples": num_samples})
   graphdef, state = _split_model(model)
   tokens, mask = _check_prompts(prompt_tokens, prompt_mask, _vocab_size(graphdef))
   _check_key(key)

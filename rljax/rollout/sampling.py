@@ -94,6 +94,29 @@ def top_p_keep(sorted_logits: Array, top_p: float) -> Array:
   return keep.at[..., 0].set(True)
 
 
+def request_keys(key: Array, requests: Array, steps: Array) -> Array:
+  """[B] keys fold_in(fold_in(key, r), t) for request ids r [B] and token indices t [B] (or a
+  scalar t): the draw of token t of request r depends on nothing else, so a static batch
+  (`generate`) and the continuous-batching engine, which serve requests in different rows and
+  at different times, sample the same tokens."""
+  steps = jnp.broadcast_to(jnp.asarray(steps, jnp.int32), jnp.shape(requests))
+  return jax.vmap(lambda r, t: jax.random.fold_in(jax.random.fold_in(key, r), t))(
+    jnp.asarray(requests, jnp.int32), steps)
+
+
+def _is_batch_of_keys(key: Array, rows: int) -> bool:
+  """True for [rows] typed keys or [rows, 2] raw uint32 keys (one per row)."""
+  typed = jnp.issubdtype(jnp.result_type(key), jax.dtypes.prng_key)
+  return jnp.ndim(key) == (1 if typed else 2) and jnp.shape(key)[0] == rows
+
+
+def _categorical(key: Array, logits: Array) -> Array:
+  """One draw per row from softmax(logits [B, K]): one key for the batch, or one key per row."""
+  if _is_batch_of_keys(key, logits.shape[0]):
+    return jax.vmap(jax.random.categorical)(key, logits)
+  return jax.random.categorical(key, logits, axis=-1)
+
+
 def sample_next_token(
   logits: Array,
   key: Array,
@@ -111,7 +134,8 @@ def sample_next_token(
 
   Args:
     logits: [B, V] next-token logits (any float dtype; computed in at least float32).
-    key: a PRNG key (unused when greedy).
+    key: a PRNG key for the batch, or [B] keys, one per row (`request_keys`); unused when
+      greedy.
     temperature: >= 0; 0 means greedy. Default 1.0.
     top_k: None (off) or keep the k most likely tokens (exactly k: ties at the k-th value are
       broken by index, as `jax.lax.top_k`). A k >= V is off.
@@ -136,9 +160,9 @@ def sample_next_token(
     values, indices = jax.lax.top_k(z, k)  # decreasing order
     if nucleus:
       values = jnp.where(top_p_keep(values, top_p), values, -jnp.inf)
-    choice = jax.random.categorical(key, values, axis=-1)
+    choice = _categorical(key, values)
     tokens = jnp.take_along_axis(indices, choice[:, None], axis=-1)[:, 0]
   else:
-    tokens = jax.random.categorical(key, z, axis=-1)
+    tokens = _categorical(key, z)
   tokens = tokens.astype(jnp.int32)
   return tokens, token_logprobs(logits[:, None, :], tokens[:, None], temperature=temperature)[:, 0]

@@ -1,0 +1,211 @@
+"""A paged key/value cache: fixed-size blocks from one pool, a block table per decode slot.
+
+The pool holds every layer's keys and values in `num_blocks` blocks of `block_size` tokens,
+`k, v: [L, num_blocks, block_size, KV, Dh]`. A slot's tokens 0, 1, … live in the blocks its
+row of the block table names, token p at offset p % block_size of block `table[p //
+block_size]`; several slots may name the same block (the prompt blocks that the samples of one
+prompt share, never written after the prefill). Block 0 is the *null block*: the table entries
+past a slot's blocks and idle slots point at it, so their writes land there and nothing reads
+it as a real key.
+
+Positions are contiguous: a slot's cached tokens have positions 0 … length − 1 (prompts are
+stored without their padding, whose positions `Transformer.hidden_states` skips too), so a key
+is visible to the query at position `length` iff its position is < length and inside the
+layer's sliding window. `paged_attention` runs an online softmax (the flash-attention update)
+over the query's own key and `blocks_per_step` blocks at a time in a `lax.while_loop` whose
+bound is the largest number of blocks any active slot holds: a decode step's cost follows the
+longest live sequence, never the pool size or the maximum length.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from rljax.models.attention import layer_windows
+from rljax.models.config import ModelConfig
+from rljax.models.transformer import (
+  attention_output,
+  embed_tokens,
+  layer_unroll,
+  project_qkv,
+  rms_norm,
+  rope_cos_sin,
+  swiglu_mlp,
+)
+from rljax.ops._checks import check_int
+
+if TYPE_CHECKING:
+  from rljax.models.transformer import Transformer
+
+Array = jax.Array
+NULL_BLOCK = 0
+
+
+class PagedKV(NamedTuple):
+  """The key / value pool (a pytree): k, v [L, num_blocks, block_size, KV, Dh]."""
+
+  k: Array
+  v: Array
+
+  @property
+  def num_blocks(self) -> int:
+    return self.k.shape[1]
+
+  @property
+  def block_size(self) -> int:
+    return self.k.shape[2]
+
+
+def init_paged_kv(config: ModelConfig, num_blocks: int, block_size: int, *,
+                  dtype: Any = None) -> PagedKV:
+  """An all-zero pool of `num_blocks` blocks (block 0 the null block) of `block_size` tokens,
+  in `dtype` (default `config.dtype`, the activations')."""
+  check_int("num_blocks", num_blocks, 2)
+  check_int("block_size", block_size, 1)
+  shape = (config.num_layers, num_blocks, block_size, config.num_kv_heads, config.head_dim)
+  dtype = config.dtype if dtype is None else dtype
+  return PagedKV(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
+
+
+def _soft_capped(s: Array, softcap: float | None) -> Array:
+  return s if softcap is None else softcap * jnp.tanh(s / softcap)
+
+
+def paged_attention(
+  q: Array, k_self: Array, v_self: Array, pool: PagedKV, layer: Array | int, table: Array,
+  lengths: Array, *, scale: float | None = None, softcap: float | None = None,
+  window: Array | None = None, blocks_per_step: int = 4,
+) -> Array:
+  """One query per slot against its own key and its `lengths` cached keys in the pool.
+
+    out_s = Σ_j softmax_j(c·tanh(scale·q_s·k_j / c)) v_j   over j ∈ {self} ∪ {cached p : p <
+            lengths_s, lengths_s − p < window}
+
+  in float32 with an online softmax over `blocks_per_step` blocks per iteration, from the first
+  block any slot's window reaches to the last block any slot holds (a slot with length 0 reads
+  none: idle slots pass 0).
+
+  Args:
+    q: [S, H, Dh] queries at positions `lengths` (RoPE applied).
+    k_self, v_self: [S, KV, Dh] the queries' own keys / values (not yet in the pool).
+    pool: the `PagedKV` pool; `layer` the layer to read (an int or a traced index).
+    table: [S, MB] int32 block table, MB a multiple of `blocks_per_step` (null-padded).
+    lengths: [S] int32 cached tokens per slot.
+    scale: score scale (default Dh ** -0.5); softcap: None or c > 0; window: None or this
+      layer's sliding window (a traced int32 scalar).
+
+  Returns:
+    [S, H, Dh] in q's dtype.
+  """
+  s_count, h, dh = q.shape
+  kv = k_self.shape[1]
+  g = h // kv
+  bs = pool.block_size
+  span = blocks_per_step * bs
+  if table.shape[1] % blocks_per_step:
+    raise ValueError(f"the block table's width {table.shape[1]} must be a multiple of "
+                     f"`blocks_per_step` {blocks_per_step}.")
+  scale = dh**-0.5 if scale is None else scale
+  qg = q.reshape(s_count, kv, g, dh).astype(jnp.float32)
+
+  def scores(keys):  # keys [S, n, KV, Dh] -> [S, KV, G, n]
+    raw = jnp.einsum("skgd,snkd->skgn", qg, keys.astype(jnp.float32)) * scale
+    return _soft_capped(raw, softcap)
+
+  own = scores(k_self[:, None])  # [S, KV, G, 1]
+  m = own[..., 0]
+  l = jnp.ones_like(m)
+  acc = jnp.broadcast_to(v_self.astype(jnp.float32)[:, :, None, :], (s_count, kv, g, dh))
+
+  first = jnp.zeros((), jnp.int32)
+  if window is not None:
+    earliest = jnp.where(lengths > 0, jnp.maximum(lengths - window + 1, 0), 2**30)
+    first = jnp.minimum(jnp.min(earliest), jnp.max(lengths)) // span
+  last = (jnp.max(lengths) + span - 1) // span  # block-steps holding any cached token
+
+  def body(carry):
+    j, m, l, acc = carry
+    ids = jax.lax.dynamic_slice_in_dim(table, j * blocks_per_step, blocks_per_step, axis=1)
+    keys = pool.k[layer, ids].reshape(s_count, span, kv, dh)
+    values = pool.v[layer, ids].reshape(s_count, span, kv, dh)
+    p = j * span + jnp.arange(span)
+    visible = p[None, :] < lengths[:, None]
+    if window is not None:
+      visible &= lengths[:, None] - p[None, :] < window
+    s = jnp.where(visible[:, None, None, :], scores(keys), -jnp.inf)
+    m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+    probs = jnp.exp(s - m_new[..., None])
+    correction = jnp.exp(m - m_new)
+    l = l * correction + jnp.sum(probs, axis=-1)
+    acc = acc * correction[..., None] + jnp.einsum("skgn,snkd->skgd", probs,
+                                                   values.astype(jnp.float32))
+    return j + 1, m_new, l, acc
+
+  _, m, l, acc = jax.lax.while_loop(lambda c: c[0] < last, body, (first, m, l, acc))
+  return (acc / l[..., None]).reshape(s_count, h, dh).astype(q.dtype)
+
+
+def decode_hidden(
+  model: Transformer, tokens: Array, pool: PagedKV, table: Array, lengths: Array, *,
+  blocks_per_step: int = 4,
+) -> tuple[Array, Array, Array]:
+  """One decode step of every slot: `tokens` [S] at positions `lengths` [S] (the cached
+  tokens per slot; 0 for an idle slot) attending to their blocks.
+
+  Returns:
+    (hidden [S, D] final-normed, k_new, v_new [L, S, KV, Dh] the tokens' keys / values, to be
+    written with `write_tokens`).
+  """
+  c = model.config
+  x = embed_tokens(model.embed[...], tokens[:, None], c.dtype)
+  cos, sin = rope_cos_sin(lengths[:, None], c)
+  options = dict(scale=c.attention_scale, softcap=c.attention_softcap,
+                 blocks_per_step=blocks_per_step)
+
+  def body(x, xs):
+    p, window, layer = xs
+    h = rms_norm(x, p["attn_norm"], c.rms_norm_eps)
+    q, k, v = project_qkv(p, h, cos, sin, c)
+    k, v = k[:, 0].astype(pool.k.dtype), v[:, 0].astype(pool.v.dtype)
+    attn = paged_attention(q[:, 0], k, v, pool, layer, table, lengths, window=window, **options)
+    x = x + attention_output(p, attn[:, None], c)
+    h = rms_norm(x, p["mlp_norm"], c.rms_norm_eps)
+    return x + swiglu_mlp(p, h, c), (k, v)
+
+  xs = (model.layers.stacked(), layer_windows(c), jnp.arange(c.num_layers))
+  x, (k_new, v_new) = jax.lax.scan(body, x, xs, unroll=layer_unroll(c))
+  return rms_norm(x, model.final_norm[...], c.rms_norm_eps)[:, 0], k_new, v_new
+
+
+def write_tokens(pool: PagedKV, k_new: Array, v_new: Array, table: Array, lengths: Array,
+                 active: Array) -> PagedKV:
+  """The pool with each active slot's new key / value [L, S, KV, Dh] at its position
+  `lengths` (block table[s, lengths // bs], offset lengths % bs); idle slots write the null
+  block."""
+  bs = pool.block_size
+  block = jnp.take_along_axis(table, (lengths // bs)[:, None], axis=1, mode="clip")[:, 0]
+  block = jnp.where(active, block, NULL_BLOCK)
+  offset = jnp.where(active, lengths % bs, 0)
+  return PagedKV(k=pool.k.at[:, block, offset].set(k_new),
+                 v=pool.v.at[:, block, offset].set(v_new))
+
+
+def write_blocks(pool: PagedKV, k: Array, v: Array, blocks: Array) -> PagedKV:
+  """The pool with contiguous keys / values k, v [L, R, n·bs, KV, Dh] (a prefill's) stored in
+  `blocks` [R, n] (null for rows or blocks to discard)."""
+  layers, rows, length, kv, dh = k.shape
+  bs = pool.block_size
+  ids = blocks.reshape(-1)
+  shape = (layers, rows * (length // bs), bs, kv, dh)
+  return PagedKV(k=pool.k.at[:, ids].set(k.reshape(shape).astype(pool.k.dtype)),
+                 v=pool.v.at[:, ids].set(v.reshape(shape).astype(pool.v.dtype)))
+
+
+def copy_blocks(pool: PagedKV, source: Array, target: Array) -> PagedKV:
+  """The pool with block `source[i]` copied to `target[i]` for every i ([n] int32; a pair of
+  null blocks is a no-op)."""
+  return PagedKV(k=pool.k.at[:, target].set(pool.k[:, source]),
+                 v=pool.v.at[:, target].set(pool.v[:, source]))

@@ -1,0 +1,495 @@
+"""The rollout engine: continuous batching over a fixed number of decode slots with a paged,
+prefix-shared KV cache.
+
+`engine_generate` returns the `Rollout` of `generate` for the same arguments (the same tokens
+for the same key: token t of request r is drawn with fold_in(fold_in(key, r), t) by both), but
+it never decodes a finished row. R = B·G requests (prompt i, sample j → request i·G + j) are
+served by `num_slots` decode slots; when a request stops (a stop token or its budget), its slot
+takes the next pending request. The host runs the schedule between device calls, three jitted
+programs with static shapes (compiled once per shape and options):
+
+  prefill   `prefill_rows` prompts (padding stripped, right-aligned to a multiple of the block
+            size) through the model, their keys / values written into blocks of the pool and
+            the last hidden state kept per prompt;
+  admit     new requests take free slots: the first token is sampled from the prompt's last
+            hidden state, the slot's block table names the prompt's full blocks (shared by the
+            G samples, never written again) and blocks of its own (a copy of the prompt's
+            partial last block, then fresh ones);
+  decode    up to `sync_every` steps of every slot (`rljax.models.paged_kv.decode_hidden`:
+            attention over a slot's blocks only) in a `lax.while_loop` that returns to the host
+            as soon as `refill_slots` slots are free and requests wait.
+
+Blocks are reserved at admission for the request's whole budget (prompt + max new tokens), so a
+running request never waits for or loses a block; a request that does not fit waits until
+enough blocks are free (first come, first served). The pool is sized by the tokens in flight
+(`EngineConfig.num_blocks`), not by R · (P + N).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+from typing import Any, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from rljax.models.kv_cache import hidden_states_with_cache, init_kv_cache
+from rljax.models.paged_kv import (
+  NULL_BLOCK,
+  PagedKV,
+  copy_blocks,
+  decode_hidden,
+  init_paged_kv,
+  write_blocks,
+  write_tokens,
+)
+from rljax.models.transformer import config_of
+from rljax.ops._checks import check_int
+from rljax.rollout.generate import (
+  Rollout,
+  _check_key,
+  _check_prompts,
+  _is_stop,
+  _split_model,
+  _vocab_size,
+  check_token_ids,
+  sampling_from_arguments,
+)
+from rljax.rollout.sampling import SamplingConfig, request_keys, sample_next_token
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+  """Sizes of the rollout engine (`engine_generate`); every field None takes a default from the
+  call (R requests, P prompt slots, N = max_new_tokens, G samples per prompt).
+
+  Attributes:
+    num_slots: decode rows run at once (None: min(R, 32)).
+    block_size: tokens per KV block (16).
+    num_blocks: blocks in the pool, the null block included (None: enough for every slot to
+      hold a request of P + N tokens besides the prompts of ⌈num_slots / G⌉ + 1 groups).
+    sync_every: decode steps per device call at most (32): how often the host looks at the
+      slots when none frees up.
+    refill_slots: slots freed since the last admission that send the decode loop back to the
+      host to admit waiting requests (None: max(1, num_slots // 8)).
+    prefill_rows: prompts per prefill call (None: ⌈num_slots / G⌉).
+    blocks_per_step: KV blocks read per iteration of the decode attention loop (4).
+  """
+
+  num_slots: int | None = None
+  block_size: int = 16
+  num_blocks: int | None = None
+  sync_every: int = 32
+  refill_slots: int | None = None
+  prefill_rows: int | None = None
+  blocks_per_step: int = 4
+
+  def __post_init__(self) -> None:
+    for name in ("num_slots", "num_blocks", "refill_slots", "prefill_rows"):
+      check_int(name, getattr(self, name), 2 if name == "num_blocks" else 1, optional=True)
+    for name in ("block_size", "sync_every", "blocks_per_step"):
+      check_int(name, getattr(self, name), 1)
+
+
+class _Options(NamedTuple):
+  """Static (hashable) options of the compiled programs."""
+
+  temperature: float
+  top_k: int | None
+  top_p: float | None
+  stop_tokens: tuple[int, ...]
+  blocks_per_step: int
+
+
+class _Slots(NamedTuple):
+  """Device state of the decode slots ([S] each; `table` [S, MB])."""
+
+  tokens: Array  # the token each slot feeds next (its last sampled one)
+  lengths: Array  # cached tokens = the position of `tokens`
+  steps: Array  # completion tokens sampled so far
+  budgets: Array  # the request's max new tokens
+  requests: Array  # request id (R when idle)
+  active: Array  # bool
+  table: Array  # block table
+
+
+class _Outputs(NamedTuple):
+  """Per-request results: tokens, logprobs [R, N]; lengths, finished [R]."""
+
+  tokens: Array
+  logprobs: Array
+  lengths: Array
+  finished: Array
+
+
+def _sample(model, hidden: Array, key: Array, requests: Array, steps: Array, o: _Options):
+  logits = model.logits_from_hidden(hidden[:, None])[:, 0]
+  return sample_next_token(logits, request_keys(key, requests, steps),
+                           temperature=o.temperature, top_k=o.top_k, top_p=o.top_p)
+
+
+def _record(out: _Outputs, requests: Array, steps: Array, token: Array, logp: Array,
+            write: Array, done: Array, stopped: Array) -> _Outputs:
+  """`out` with token `steps` of each writing slot's request recorded, and the lengths /
+  finished flags of the requests that are done (rows of other slots are dropped)."""
+  rows = out.tokens.shape[0]
+  at = jnp.where(write, requests, rows)
+  end = jnp.where(done, requests, rows)
+  return _Outputs(
+    tokens=out.tokens.at[at, steps].set(token, mode="drop"),
+    logprobs=out.logprobs.at[at, steps].set(logp.astype(out.logprobs.dtype), mode="drop"),
+    lengths=out.lengths.at[end].set(steps + 1, mode="drop"),
+    finished=out.finished.at[end].set(stopped, mode="drop"),
+  )
+
+
+@functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(2, 3))
+def _prefill(graphdef, params, pool: PagedKV, last_hidden: Array, tokens: Array,
+             lengths: Array, blocks: Array, prompts: Array):
+  """Prompts [R, Pb] (right-padded; `lengths` real tokens) into the pool's `blocks` [R, Pb/bs]
+  and their last hidden state into `last_hidden[prompts]` (rows with prompt id out of range
+  are dropped)."""
+  model = nnx.merge(graphdef, params)
+  rows, length = tokens.shape
+  mask = jnp.arange(length)[None, :] < lengths[:, None]
+  cache = init_kv_cache(model.config, rows, length, dtype=pool.k.dtype)
+  hidden, cache = hidden_states_with_cache(model, tokens, cache, 0, mask)
+  last = jnp.take_along_axis(hidden, jnp.maximum(lengths - 1, 0)[:, None, None], axis=1)[:, 0]
+  pool = write_blocks(pool, cache.k, cache.v, blocks)
+  return pool, last_hidden.at[prompts].set(last.astype(last_hidden.dtype), mode="drop")
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(3, 4, 5))
+def _admit(graphdef, o: _Options, params, pool: PagedKV, slots: _Slots, out: _Outputs,
+           last_hidden: Array, key: Array, admit: Array, requests: Array, prompts: Array,
+           budgets: Array, lengths: Array, table: Array, copy_source: Array,
+           copy_target: Array):
+  """New requests into the slots where `admit` [S]: copy their private blocks, sample token 0
+  from the prompt's last hidden state, set the slot state."""
+  model = nnx.merge(graphdef, params)
+  pool = copy_blocks(pool, copy_source, copy_target)
+  zero = jnp.zeros_like(requests)
+  token, logp = _sample(model, last_hidden[prompts], key, requests, zero, o)
+  stopped = _is_stop(token, o.stop_tokens)
+  done = admit & (stopped | (budgets <= 1))
+  out = _record(out, requests, zero, token, logp, admit, done, stopped)
+
+  def pick(new, old):
+    return jnp.where(admit.reshape(admit.shape + (1,) * (new.ndim - 1)), new, old)
+
+  slots = _Slots(tokens=pick(token, slots.tokens), lengths=pick(lengths, slots.lengths),
+                 steps=pick(jnp.ones_like(zero), slots.steps), budgets=pick(budgets, slots.budgets),
+                 requests=pick(requests, slots.requests), active=pick(~done, slots.active),
+                 table=pick(table, slots.table))
+  return pool, slots, out
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(3, 4, 5))
+def _decode(graphdef, o: _Options, params, pool: PagedKV, slots: _Slots, out: _Outputs,
+            key: Array, max_steps: Array, want_free: Array):
+  """Decode steps of every active slot until `max_steps` steps, no active slot, or at least
+  `want_free` free slots; returns (pool, slots, out, steps run)."""
+  model = nnx.merge(graphdef, params)
+
+  def step(carry):
+    i, pool, s, out = carry
+    lengths = jnp.where(s.active, s.lengths, 0)
+    hidden, k_new, v_new = decode_hidden(model, s.tokens, pool, s.table, lengths,
+                                         blocks_per_step=o.blocks_per_step)
+    pool = write_tokens(pool, k_new, v_new, s.table, lengths, s.active)
+    token, logp = _sample(model, hidden, key, s.requests, s.steps, o)
+    stopped = _is_stop(token, o.stop_tokens)
+    done = s.active & (stopped | (s.steps + 1 >= s.budgets))
+    out = _record(out, s.requests, s.steps, token, logp, s.active, done, stopped)
+    grow = s.active.astype(jnp.int32)
+    s = s._replace(tokens=jnp.where(s.active, token, s.tokens), lengths=s.lengths + grow,
+                   steps=s.steps + grow, active=s.active & ~done)
+    return i + 1, pool, s, out
+
+  def running(carry):
+    i, _, s, _ = carry
+    free = jnp.sum(~s.active)
+    return (i < max_steps) & jnp.any(s.active) & (free < want_free)
+
+  i, pool, slots, out = jax.lax.while_loop(running, step, (jnp.zeros((), jnp.int32), pool,
+                                                           slots, out))
+  return pool, slots, out, i
+
+
+# ----------------------------------------------------------------------------------------------
+# The host side: block allocation and the schedule.
+# ----------------------------------------------------------------------------------------------
+
+
+def _blocks(tokens: int, block_size: int) -> int:
+  return -(-tokens // block_size)
+
+
+class _Layout(NamedTuple):
+  """The static sizes of one `engine_generate` call."""
+
+  slots: int
+  block_size: int
+  num_blocks: int
+  table_width: int  # MB: blocks per slot, a multiple of blocks_per_step
+  prompt_width: int  # Pb: prompt tokens per prefill row, a multiple of block_size
+  prefill_rows: int
+  refill_slots: int
+  sync_every: int
+
+
+def engine_layout(engine: EngineConfig, *, requests: int, prompt_length: int,
+                  max_new_tokens: int, num_samples: int) -> _Layout:
+  """The engine's sizes for R = `requests` requests of prompts padded to `prompt_length` with
+  up to `max_new_tokens` new tokens (defaults of `EngineConfig` filled in); raises ValueError
+  when the pool cannot hold one request."""
+  bs = engine.block_size
+  slots = engine.num_slots or min(requests, 32)
+  per_request = _blocks(prompt_length + max_new_tokens - 1, bs) + 1  # + a partial-block copy
+  groups = _blocks(slots, num_samples) + 1
+  num_blocks = engine.num_blocks or 1 + slots * _blocks(max_new_tokens - 1 + bs, bs) + (
+    groups * _blocks(prompt_length, bs))
+  if num_blocks - 1 < per_request:
+    raise ValueError(f"EngineConfig.num_blocks={num_blocks} cannot hold one request of "
+                     f"{prompt_length} + {max_new_tokens} tokens in blocks of {bs} (it needs "
+                     f"{per_request} besides the null block).")
+  width = _blocks(prompt_length + max_new_tokens, bs)
+  width = _blocks(width, engine.blocks_per_step) * engine.blocks_per_step
+  return _Layout(
+    slots=slots, block_size=bs, num_blocks=num_blocks, table_width=width,
+    prompt_width=_blocks(prompt_length, bs) * bs,
+    prefill_rows=engine.prefill_rows or _blocks(slots, num_samples),
+    refill_slots=engine.refill_slots or max(1, slots // 8), sync_every=engine.sync_every)
+
+
+class _Prompt:
+  """Host bookkeeping of one prompt: its tokens, its blocks once prefilled, and the samples
+  still holding them."""
+
+  def __init__(self, tokens: np.ndarray, samples: int):
+    self.tokens = tokens
+    self.blocks: list[int] | None = None
+    self.live = samples  # samples not yet finished
+
+  @property
+  def length(self) -> int:
+    return len(self.tokens)
+
+
+class _Schedule:
+  """First-come-first-served admission of requests into slots and of their blocks into the
+  pool; the device state stays on the device, the host keeps what the schedule needs."""
+
+  def __init__(self, layout: _Layout, prompts: list[_Prompt], budgets: np.ndarray,
+               num_samples: int):
+    self.layout, self.prompts, self.budgets, self.g = layout, prompts, budgets, num_samples
+    self.pending = collections.deque(range(len(budgets)))
+    self.free_blocks = list(range(layout.num_blocks - 1, NULL_BLOCK, -1))
+    self.slot_request = [-1] * layout.slots
+    self.slot_blocks: list[list[int]] = [[] for _ in range(layout.slots)]
+
+  def _take(self, count: int) -> list[int]:
+    taken, self.free_blocks = self.free_blocks[-count:], self.free_blocks[:-count]
+    return taken
+
+  def need(self, request: int) -> int:
+    """Blocks request `request` takes at admission (its prompt's too if not yet prefilled)."""
+    prompt = self.prompts[request // self.g]
+    bs = self.layout.block_size
+    own = _blocks(prompt.length + int(self.budgets[request]) - 1, bs) - prompt.length // bs
+    return own + (_blocks(prompt.length, bs) if prompt.blocks is None else 0)
+
+  def admissions(self) -> tuple[list[tuple[int, int, list[int], int]], list[int]]:
+    """[(slot, request, table, copy source)] for the waiting requests that fit now, and the
+    prompts among them to prefill first."""
+    bs = self.layout.block_size
+    admitted, to_prefill = [], []
+    free_slots = [s for s, r in enumerate(self.slot_request) if r < 0]
+    while self.pending and free_slots and self.need(self.pending[0]) <= len(self.free_blocks):
+      request, slot = self.pending.popleft(), free_slots.pop(0)
+      index = request // self.g
+      prompt = self.prompts[index]
+      if prompt.blocks is None:
+        prompt.blocks = self._take(_blocks(prompt.length, bs))
+        to_prefill.append(index)
+      shared = prompt.blocks[: prompt.length // bs]
+      own = self._take(_blocks(prompt.length + int(self.budgets[request]) - 1, bs) - len(shared))
+      partial = prompt.length % bs != 0
+      source = prompt.blocks[-1] if partial else NULL_BLOCK
+      self.slot_request[slot], self.slot_blocks[slot] = request, own
+      admitted.append((slot, request, shared + own, source))
+    return admitted, to_prefill
+
+  def release(self, active: np.ndarray) -> None:
+    """Frees the slots (and blocks) of requests that finished: `active` [S] from the device."""
+    for slot, request in enumerate(self.slot_request):
+      if request >= 0 and not active[slot]:
+        self.free_blocks.extend(self.slot_blocks[slot])
+        self.slot_request[slot], self.slot_blocks[slot] = -1, []
+        prompt = self.prompts[request // self.g]
+        prompt.live -= 1
+        if prompt.live == 0:
+          self.free_blocks.extend(prompt.blocks)
+          prompt.blocks = []
+
+  @property
+  def busy(self) -> bool:
+    return any(r >= 0 for r in self.slot_request)
+
+
+def _check_budgets(budgets: Any, requests: int, max_new_tokens: int) -> np.ndarray:
+  if budgets is None:
+    return np.full((requests,), max_new_tokens, np.int64)
+  values = np.asarray(budgets)
+  if values.shape != (requests,) or not np.issubdtype(values.dtype, np.integer):
+    raise ValueError(f"`budgets` must be [{requests}] ints (one per request, B * num_samples); "
+                     f"got shape {values.shape} dtype {values.dtype}.")
+  if values.min() < 1 or values.max() > max_new_tokens:
+    raise ValueError(f"`budgets` must lie in [1, {max_new_tokens}] (max_new_tokens); got "
+                     f"values in [{values.min()}, {values.max()}].")
+  return values.astype(np.int64)
+
+
+def engine_generate(
+  model: Any,
+  prompt_tokens: Array,
+  prompt_mask: Array,
+  key: Array,
+  sampling: SamplingConfig | None = None,
+  *,
+  stop_tokens: int | Sequence[int],
+  pad_id: int,
+  engine: EngineConfig | None = None,
+  budgets: Any = None,
+  **sampling_options: Any,
+) -> Rollout:
+  """`generate` by continuous batching (see the module docstring): the same arguments, the same
+  `Rollout` (greedy and sampled tokens equal for the same key, up to float rounding of the
+  logits), plus `engine` (an `EngineConfig`) and per-request budgets.
+
+  Args:
+    model, prompt_tokens, prompt_mask, key, sampling, stop_tokens, pad_id: as `generate` (the
+      sampling options may be keywords instead of `sampling`).
+    engine: the engine's sizes (default `EngineConfig()`).
+    budgets: None, or [B * num_samples] ints in [1, max_new_tokens]: request r's own
+      max_new_tokens (a row that reaches it without a stop token is truncated:
+      `finished` False).
+
+  Returns:
+    A `Rollout` with B * num_samples rows, samples of prompt i in rows i·G … i·G + G − 1.
+
+  Example:
+    >>> out = engine_generate(model, prompts, mask, key, SamplingConfig(max_new_tokens=512,
+    ...                       num_samples=8), stop_tokens=[eos], pad_id=eos,
+    ...                       engine=EngineConfig(num_slots=32))
+  """
+  sampling = sampling_from_arguments(sampling, sampling_options)
+  engine = EngineConfig() if engine is None else engine
+  if not isinstance(engine, EngineConfig):
+    raise ValueError(f"`engine` must be an EngineConfig; got {type(engine).__name__}.")
+  graphdef, params = _split_model(model)
+  tokens, mask = _check_prompts(prompt_tokens, prompt_mask, _vocab_size(graphdef))
+  _check_key(key)
+  stops = check_token_ids(graphdef, pad_id=pad_id, stop_tokens=stop_tokens)
+  g, n = sampling.num_samples, sampling.max_new_tokens
+  b, p = tokens.shape
+  requests = b * g
+  budget = _check_budgets(budgets, requests, n)
+  layout = engine_layout(engine, requests=requests, prompt_length=p, max_new_tokens=n,
+                         num_samples=g)
+  o = _Options(temperature=float(sampling.temperature), top_k=sampling.top_k,
+               top_p=None if sampling.top_p is None else float(sampling.top_p),
+               stop_tokens=stops, blocks_per_step=engine.blocks_per_step)
+  host_tokens, host_mask = np.asarray(tokens), np.asarray(mask)
+  prompts = [_Prompt(host_tokens[i][host_mask[i]], g) for i in range(b)]
+  if any(prompt.length == 0 for prompt in prompts):
+    raise ValueError("every prompt needs at least one real token (`prompt_mask` 1).")
+  config = config_of(graphdef)
+  if config is None:
+    raise ValueError("`model` must be a rljax Transformer (its graphdef has no ModelConfig).")
+  schedule = _Schedule(layout, prompts, budget, g)
+
+  s, mb = layout.slots, layout.table_width
+  pool = init_paged_kv(config, layout.num_blocks, layout.block_size)
+  last_hidden = jnp.zeros((b, config.hidden_size), config.dtype)
+  slots = _Slots(tokens=jnp.zeros((s,), jnp.int32), lengths=jnp.zeros((s,), jnp.int32),
+                 steps=jnp.zeros((s,), jnp.int32), budgets=jnp.ones((s,), jnp.int32),
+                 requests=jnp.full((s,), requests, jnp.int32), active=jnp.zeros((s,), bool),
+                 table=jnp.zeros((s, mb), jnp.int32))
+  out = _Outputs(tokens=jnp.full((requests, n), pad_id, jnp.int32),
+                 logprobs=jnp.zeros((requests, n), jnp.float32),
+                 lengths=jnp.zeros((requests,), jnp.int32),
+                 finished=jnp.zeros((requests,), bool))
+
+  while schedule.pending or schedule.busy:
+    admitted, to_prefill = schedule.admissions()
+    if not admitted and not schedule.busy:  # cannot happen: engine_layout checked the pool
+      raise RuntimeError("the rollout engine's pool cannot admit the next request.")
+    for start in range(0, len(to_prefill), layout.prefill_rows):
+      pool, last_hidden = _prefill(graphdef, params, pool, last_hidden,
+                                   *_prefill_inputs(prompts, to_prefill[start:start +
+                                                    layout.prefill_rows], layout, b))
+    if admitted:
+      pool, slots, out = _admit(graphdef, o, params, pool, slots, out, last_hidden, key,
+                                *_admit_inputs(admitted, prompts, budget, layout, g, requests))
+    if not schedule.busy and not schedule.pending:
+      break
+    # Back to the host once `refill_slots` more slots are free than now (none wait: never).
+    free = s - sum(r >= 0 for r in schedule.slot_request)
+    want_free = free + layout.refill_slots if schedule.pending else s + 1
+    pool, slots, out, _ = _decode(graphdef, o, params, pool, slots, out, key,
+                                  np.int32(layout.sync_every), np.int32(want_free))
+    schedule.release(np.asarray(slots.active))
+
+  completion_mask = jnp.arange(n)[None, :] < out.lengths[:, None]
+  return Rollout(
+    tokens=jnp.concatenate([jnp.repeat(tokens, g, axis=0), out.tokens], axis=1),
+    prompt_mask=jnp.repeat(mask, g, axis=0), completion_mask=completion_mask,
+    logprobs=jnp.where(completion_mask, out.logprobs, 0.0), lengths=out.lengths,
+    finished=out.finished)
+
+
+def _prefill_inputs(prompts: list[_Prompt], indices: list[int], layout: _Layout, b: int):
+  """(tokens [rows, Pb], lengths, blocks [rows, Pb/bs], prompt ids) of one prefill call; the
+  rows past `indices` are padding (null blocks, prompt id b: dropped)."""
+  rows, width, bs = layout.prefill_rows, layout.prompt_width, layout.block_size
+  tokens = np.zeros((rows, width), np.int32)
+  lengths = np.zeros((rows,), np.int32)
+  blocks = np.full((rows, width // bs), NULL_BLOCK, np.int32)
+  ids = np.full((rows,), b, np.int32)
+  for row, index in enumerate(indices):
+    prompt = prompts[index]
+    tokens[row, : prompt.length] = prompt.tokens
+    lengths[row] = prompt.length
+    blocks[row, : len(prompt.blocks)] = prompt.blocks
+    ids[row] = index
+  return tokens, lengths, blocks, ids
+
+
+def _admit_inputs(admitted, prompts: list[_Prompt], budgets: np.ndarray, layout: _Layout,
+                  g: int, requests: int):
+  """The [S]-shaped arguments of `_admit` for `admitted` [(slot, request, table, source)]."""
+  s, mb = layout.slots, layout.table_width
+  admit = np.zeros((s,), bool)
+  ids = np.full((s,), requests, np.int32)
+  prompt_ids = np.zeros((s,), np.int32)
+  budget = np.ones((s,), np.int32)
+  lengths = np.zeros((s,), np.int32)
+  table = np.full((s, mb), NULL_BLOCK, np.int32)
+  source = np.full((s,), NULL_BLOCK, np.int32)
+  target = np.full((s,), NULL_BLOCK, np.int32)
+  bs = layout.block_size
+  for slot, request, blocks, copy_from in admitted:
+    prompt = prompts[request // g]
+    admit[slot], ids[slot], prompt_ids[slot] = True, request, request // g
+    budget[slot], lengths[slot] = budgets[request], prompt.length
+    table[slot, : len(blocks)] = blocks
+    if copy_from != NULL_BLOCK:
+      source[slot], target[slot] = copy_from, blocks[prompt.length // bs]
+  return admit, ids, prompt_ids, budget, lengths, table, source, target
