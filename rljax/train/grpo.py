@@ -55,6 +55,7 @@ from rljax.ops.advantages import (
 )
 from rljax.ops.kl import kl_penalty
 from rljax.ops.masking import aggregate, masked_mean
+from rljax.rollout.engine import EngineConfig
 from rljax.rollout.sampling import SamplingConfig
 from rljax.train.dynamic_sampling import sample_informative
 from rljax.train.experience import Experience, check_experience, experience_from_rollout
@@ -64,6 +65,7 @@ from rljax.train.onpolicy import (
   KL_KINDS,
   OnPolicyTrainer,
   UpdateConfig,
+  check_engine,
   check_training_sampling,
   resolve_update,
 )
@@ -83,6 +85,9 @@ class GRPOConfig:
 
   Attributes:
     sampling: `SamplingConfig`; `num_samples` is the group size G (8, >= 2); temperature > 0.
+    engine: `EngineConfig` of the continuous-batching rollout engine (default sizes); None
+      samples with the static `generate` (the same rollouts, every row decoded to the longest).
+      On a mesh the rollout is `generate`'s.
     update: `UpdateConfig` (epochs — GRPO's μ, default 1 —, minibatches, microbatches, chunk
       size, agg — default "seq-mean-token-mean", the GRPO paper).
     kl_coef: β of the KL to the reference, a term of the LOSS, β·agg(KL̂) (0.04, DeepSeekMath);
@@ -111,6 +116,7 @@ class GRPOConfig:
 
   sampling: SamplingConfig = SamplingConfig(num_samples=8)
   update: UpdateConfig = UpdateConfig()
+  engine: EngineConfig | None = EngineConfig()
   kl_coef: float = 0.04
   kl_kind: str = "k3"
   loss: str = "grpo"
@@ -127,6 +133,7 @@ class GRPOConfig:
   nonfinite_rewards: str = "raise"
 
   def __post_init__(self) -> None:
+    check_engine(self.engine)
     check_training_sampling(self.sampling, min_samples=2)
     resolve_update(self, num_epochs=1, agg="seq-mean-token-mean")
     check_choice("`advantage`", self.advantage, ADVANTAGES)

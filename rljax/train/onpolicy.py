@@ -46,6 +46,7 @@ from rljax.ops._checks import check_bool, check_choice, check_int, check_number
 from rljax.ops.masking import AGG_MODES
 from rljax.parallel.mesh import use_mesh
 from rljax.parallel.rules import DATA, FSDP, inference_rules
+from rljax.rollout.engine import EngineConfig
 from rljax.rollout.generate import check_token_ids
 from rljax.rollout.sampling import SamplingConfig
 from rljax.train.experience import (
@@ -128,6 +129,12 @@ def resolve_update(config: Any, *, num_epochs: int, agg: str) -> None:
     raise ValueError(f"`update` must be an UpdateConfig; got {type(config.update).__name__}.")
   object.__setattr__(config, "update", config.update.with_defaults(num_epochs=num_epochs,
                                                                    agg=agg))
+
+
+def check_engine(engine: Any) -> None:
+  """ValueError unless `engine` is an `EngineConfig` or None (the static `generate`)."""
+  if engine is not None and not isinstance(engine, EngineConfig):
+    raise ValueError(f"`engine` must be an EngineConfig or None; got {type(engine).__name__}.")
 
 
 def check_training_sampling(sampling: SamplingConfig, min_samples: int = 1) -> None:
@@ -274,6 +281,12 @@ class OnPolicyTrainer(abc.ABC):
       return batch
     return jax.device_put(batch, default_batch_sharding(self.mesh))
 
+  @property
+  def engine(self) -> EngineConfig | None:
+    """The rollout engine's config (`config.engine`); None — the static `generate` — on a mesh,
+    where the engine does not yet run one pool per data shard."""
+    return None if self.mesh is not None else self.config.engine
+
   def rollout(self, state: TrainState, prompts: Any, key: jax.Array,
               sampling: SamplingConfig | None = None, **kwargs: Any) -> Scored:
     """Completions of `prompts` from the current policy, scored on the host (`sampling`
@@ -282,7 +295,7 @@ class OnPolicyTrainer(abc.ABC):
       self.graphdef, self.sampler_params(state), prompts, key, sampling or self.config.sampling,
       reward_fn=self.reward_fn, tokenizer=self.tokenizer, stop_tokens=self.stop_tokens,
       pad_id=self.pad_id, nonfinite_rewards=self.config.nonfinite_rewards,
-      drop_groups=self.drop_groups, **kwargs)
+      drop_groups=self.drop_groups, engine=self.engine, **kwargs)
 
   def logprobs(self, params: Any, frozen: Any, batch: Experience, *,
                return_entropy: bool = False):

@@ -15,6 +15,7 @@ come from the rollout's lengths (pad may equal EOS) and include the stop token.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import time
 from collections.abc import Callable, Sequence
@@ -25,6 +26,7 @@ import numpy as np
 from flax import nnx
 
 from rljax.ops.overlong import soft_overlong_penalty
+from rljax.rollout.engine import EngineConfig, engine_generate
 from rljax.rollout.generate import Rollout, generate
 from rljax.rollout.sampling import SamplingConfig
 
@@ -192,10 +194,13 @@ def collect_rollout(
   process: bool | None = None,
   nonfinite_rewards: str = "raise",
   drop_groups: bool = False,
+  engine: EngineConfig | None = None,
 ) -> Scored:
   """Samples `sampling.num_samples` completions per prompt with `params` (from
   `OnPolicyTrainer.sampler_params`) and scores them on the host with `reward_fn` (see
   `call_reward_fn`; `process` as there, default: whichever kind the reward fn returns).
+  `engine` (an `EngineConfig`) samples with the continuous-batching engine
+  (`engine_generate`), None with the static `generate`; both give the same rollout.
 
   The overlong penalty (`overlong_cache`, DAPO's L_cache; `soft_overlong_penalty`) is added to
   the score of each row; for process rewards it is added to the reward at the row's last
@@ -207,8 +212,9 @@ def collect_rollout(
   """
   n = sampling.num_samples
   start = time.perf_counter()
-  out = generate((graphdef, params), prompts.tokens, prompts.mask, key, sampling,
-                 stop_tokens=stop_tokens, pad_id=pad_id)
+  sampler = generate if engine is None else functools.partial(engine_generate, engine=engine)
+  out = sampler((graphdef, params), prompts.tokens, prompts.mask, key, sampling,
+                stop_tokens=stop_tokens, pad_id=pad_id)
   rollout = Rollout(*jax.device_get(tuple(out)))
   seconds = time.perf_counter() - start
   completions = decode_completions(tokenizer, rollout)
