@@ -110,11 +110,50 @@ def _is_batch_of_keys(key: Array, rows: int) -> bool:
   return jnp.ndim(key) == (1 if typed else 2) and jnp.shape(key)[0] == rows
 
 
+def _uniform(key: Array, rows: int) -> Array:
+  """[rows] uniforms in [0, 1): one draw of the batch key, or one per row from [rows] keys."""
+  if _is_batch_of_keys(key, rows):
+    return jax.vmap(lambda k: jax.random.uniform(k, ()))(key)
+  return jax.random.uniform(key, (rows,))
+
+
+def _first_true(x: Array) -> Array:
+  """Index of the first True along the last axis ([..., K] bool; K where none): a max and a
+  min (XLA:CPU runs `argmax`'s variadic (value, index) reduction ~3x slower)."""
+  k = x.shape[-1]
+  return jnp.min(jnp.where(x, jnp.arange(k, dtype=jnp.int32), k), axis=-1)
+
+
+def _argmax(x: Array) -> Array:
+  """`jnp.argmax(x, -1)` (the first maximal index) as two plain reductions."""
+  return _first_true(x == jnp.max(x, axis=-1, keepdims=True))
+
+
+_CDF_BLOCK = 128  # tokens per block of the two-level inverse CDF
+
+
 def _categorical(key: Array, logits: Array) -> Array:
-  """One draw per row from softmax(logits [B, K]): one key for the batch, or one key per row."""
-  if _is_batch_of_keys(key, logits.shape[0]):
-    return jax.vmap(jax.random.categorical)(key, logits)
-  return jax.random.categorical(key, logits, axis=-1)
+  """One draw per row from softmax(logits [B, K]) (−inf entries are never drawn) by inverting
+  the CDF at one uniform u per row: the first token whose cumulative probability exceeds
+  u·Σp, p = exp(logits − max). The cumulative sums are two-level — over blocks of 128 tokens,
+  then inside the chosen block — so a step makes one pass over the logits and draws one random
+  number per row (`jax.random.categorical`'s Gumbel-max draws K, which dominated a CPU decode
+  step). The key is one key for the batch or one per row (`request_keys`)."""
+  rows, k = logits.shape
+  block = min(_CDF_BLOCK, k)
+  padded = -(-k // block) * block
+  p = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
+  p = jnp.pad(p, ((0, 0), (0, padded - k))).reshape(rows, padded // block, block)
+  sums = jnp.cumsum(jnp.sum(p, axis=-1), axis=-1)  # [B, blocks]
+  target = _uniform(key, rows) * sums[:, -1]
+  last_block = _first_true(sums >= sums[:, -1:])  # the last block holding any mass
+  b = jnp.minimum(jnp.sum(sums <= target[:, None], axis=-1), last_block)
+  before = jnp.where(b > 0, jnp.take_along_axis(sums, jnp.maximum(b - 1, 0)[:, None], 1)[:, 0], 0)
+  inside = jnp.take_along_axis(p, b[:, None, None], axis=1)[:, 0]  # [B, block]
+  cumulative = before[:, None] + jnp.cumsum(inside, axis=-1)
+  last = block - 1 - _first_true(inside[:, ::-1] > 0)  # the block's last token with mass
+  i = jnp.minimum(jnp.sum(cumulative <= target[:, None], axis=-1), last)
+  return b * block + i
 
 
 def sample_next_token(
@@ -151,7 +190,7 @@ def sample_next_token(
   check_sampling_options(temperature=temperature, top_k=top_k, top_p=top_p)
   vocab = logits.shape[-1]
   if temperature == 0:
-    tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    tokens = _argmax(logits).astype(jnp.int32)
     return tokens, token_logprobs(logits[:, None, :], tokens[:, None])[:, 0]
   z = logits.astype(jnp.promote_types(logits.dtype, jnp.float32)) / temperature
   k = vocab if top_k is None else min(top_k, vocab)

@@ -368,3 +368,31 @@ def test_padding_ids_of_prompts_are_never_read(model):
   np.testing.assert_array_equal(out.tokens[:, P:], valid.tokens[:, P:])
   np.testing.assert_array_equal(out.logprobs, valid.logprobs)
   assert np.all(np.isfinite(out.logprobs))
+
+
+def test_inverse_cdf_draw_matches_numpy_float64():
+  """`_categorical` against the float64 inverse CDF at the same uniforms: the first token whose
+  cumulative probability exceeds u (−inf logits never drawn; blocks of 128 and a ragged tail)."""
+  from rljax.rollout.sampling import _categorical, _uniform, request_keys
+
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(64, 300)) * 3
+  logits[rng.random(logits.shape) < 0.3] = -np.inf
+  logits[:, 0] = 0.0  # every row keeps some mass
+  keys = request_keys(jax.random.key(5), jnp.arange(64), 3)
+  tokens = np.asarray(jax.jit(_categorical)(keys, jnp.asarray(logits, jnp.float32)))
+  u = np.asarray(jax.jit(_uniform, static_argnums=1)(keys, 64), np.float64)
+  p = np.exp(logits - logits.max(-1, keepdims=True))
+  cdf = np.cumsum(p, -1) / p.sum(-1, keepdims=True)
+  expected = (cdf <= u[:, None]).sum(-1)
+  near = np.abs(cdf - u[:, None]).min(-1) < 1e-5  # float32 rounding may move a boundary draw
+  assert np.isfinite(logits[np.arange(64), tokens]).all()
+  np.testing.assert_array_equal(tokens[~near], expected[~near])
+
+
+def test_full_vocabulary_frequencies_match_softmax():
+  logits = np.array([[2.0, 1.5, 1.0, 0.0, -1.0, 3.0, -np.inf]], np.float32)
+  tokens, _ = _sample_many(logits, jax.random.split(jax.random.key(1), 4000), None, None)
+  counts = np.bincount(np.asarray(tokens).ravel(), minlength=7) / 4000
+  z = logits[0] / 0.8
+  np.testing.assert_allclose(counts, np.exp(z) / np.exp(z).sum(), atol=0.03)
