@@ -1,7 +1,9 @@
 """A paged key/value cache: fixed-size blocks from one pool, a block table per decode slot.
 
 The pool holds every layer's keys and values in `num_blocks` blocks of `block_size` tokens,
-`k, v: [L, num_blocks, block_size, KV, Dh]`. A slot's tokens 0, 1, … live in the blocks its
+`k, v: [L, KV, num_blocks, block_size, Dh]` — heads before blocks, the layout of JAX's Pallas
+paged-attention kernels, and the one in which a decode step's score and value products are
+plain batched matmuls over (head, slot) with no layout copy of the gathered blocks. A slot's tokens 0, 1, … live in the blocks its
 row of the block table names, token p at offset p % block_size of block `table[p //
 block_size]`; several slots may name the same block (the prompt blocks that the samples of one
 prompt share, never written after the prefill). Block 0 is the *null block*: the table entries
@@ -45,18 +47,18 @@ NULL_BLOCK = 0
 
 
 class PagedKV(NamedTuple):
-  """The key / value pool (a pytree): k, v [L, num_blocks, block_size, KV, Dh]."""
+  """The key / value pool (a pytree): k, v [L, KV, num_blocks, block_size, Dh]."""
 
   k: Array
   v: Array
 
   @property
   def num_blocks(self) -> int:
-    return self.k.shape[1]
+    return self.k.shape[2]
 
   @property
   def block_size(self) -> int:
-    return self.k.shape[2]
+    return self.k.shape[3]
 
 
 def init_paged_kv(config: ModelConfig, num_blocks: int, block_size: int, *,
@@ -65,7 +67,7 @@ def init_paged_kv(config: ModelConfig, num_blocks: int, block_size: int, *,
   in `dtype` (default `config.dtype`, the activations')."""
   check_int("num_blocks", num_blocks, 2)
   check_int("block_size", block_size, 1)
-  shape = (config.num_layers, num_blocks, block_size, config.num_kv_heads, config.head_dim)
+  shape = (config.num_layers, config.num_kv_heads, num_blocks, block_size, config.head_dim)
   dtype = config.dtype if dtype is None else dtype
   return PagedKV(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
 
@@ -109,16 +111,17 @@ def paged_attention(
     raise ValueError(f"the block table's width {table.shape[1]} must be a multiple of "
                      f"`blocks_per_step` {blocks_per_step}.")
   scale = dh**-0.5 if scale is None else scale
-  qg = q.reshape(s_count, kv, g, dh).astype(jnp.float32)
+  qg = jnp.swapaxes(q.reshape(s_count, kv, g, dh), 0, 1).astype(jnp.float32)  # [KV, S, G, Dh]
 
-  def scores(keys):  # keys [S, n, KV, Dh] -> [S, KV, G, n]
-    raw = jnp.einsum("skgd,snkd->skgn", qg, keys.astype(jnp.float32)) * scale
+  def scores(keys):  # keys [KV, S, n, Dh] -> [KV, S, G, n]
+    raw = jnp.einsum("ksgd,ksnd->ksgn", qg, keys.astype(jnp.float32)) * scale
     return _soft_capped(raw, softcap)
 
-  own = scores(k_self[:, None])  # [S, KV, G, 1]
+  own = scores(jnp.swapaxes(k_self, 0, 1)[:, :, None])  # [KV, S, G, 1]
   m = own[..., 0]
   l = jnp.ones_like(m)
-  acc = jnp.broadcast_to(v_self.astype(jnp.float32)[:, :, None, :], (s_count, kv, g, dh))
+  acc = jnp.broadcast_to(jnp.swapaxes(v_self, 0, 1).astype(jnp.float32)[:, :, None, :],
+                         (kv, s_count, g, dh))
 
   first = jnp.zeros((), jnp.int32)
   if window is not None:
@@ -129,31 +132,45 @@ def paged_attention(
   def body(carry):
     j, m, l, acc = carry
     ids = jax.lax.dynamic_slice_in_dim(table, j * blocks_per_step, blocks_per_step, axis=1)
-    keys = pool.k[layer, ids].reshape(s_count, span, kv, dh)
-    values = pool.v[layer, ids].reshape(s_count, span, kv, dh)
+    keys = pool.k[layer][:, ids].reshape(kv, s_count, span, dh)
+    values = pool.v[layer][:, ids].reshape(kv, s_count, span, dh)
     p = j * span + jnp.arange(span)
     visible = p[None, :] < lengths[:, None]
     if window is not None:
       visible &= lengths[:, None] - p[None, :] < window
-    s = jnp.where(visible[:, None, None, :], scores(keys), -jnp.inf)
+    s = jnp.where(visible[None, :, None, :], scores(keys), -jnp.inf)
     m_new = jnp.maximum(m, jnp.max(s, axis=-1))
     probs = jnp.exp(s - m_new[..., None])
     correction = jnp.exp(m - m_new)
     l = l * correction + jnp.sum(probs, axis=-1)
-    acc = acc * correction[..., None] + jnp.einsum("skgn,snkd->skgd", probs,
+    acc = acc * correction[..., None] + jnp.einsum("ksgn,ksnd->ksgd", probs,
                                                    values.astype(jnp.float32))
     return j + 1, m_new, l, acc
 
   _, m, l, acc = jax.lax.while_loop(lambda c: c[0] < last, body, (first, m, l, acc))
-  return (acc / l[..., None]).reshape(s_count, h, dh).astype(q.dtype)
+  out = jnp.swapaxes(acc / l[..., None], 0, 1)  # [S, KV, G, Dh]
+  return out.reshape(s_count, h, dh).astype(q.dtype)
+
+
+def unstacked_layers(model: Transformer) -> tuple[dict[str, Array], ...] | None:
+  """Each layer's parameters sliced out of the stack once, for a decode loop that runs the
+  layers unrolled (`layer_unroll` = L, the CPU default): built before the loop, they are
+  loop-invariant operands, where slicing the stack inside every step copied all the weights
+  per step. None when the layers are scanned (accelerators)."""
+  c = model.config
+  if layer_unroll(c) < c.num_layers:
+    return None
+  stacked = model.layers.stacked()
+  return tuple({name: w[i] for name, w in stacked.items()} for i in range(c.num_layers))
 
 
 def decode_hidden(
   model: Transformer, tokens: Array, pool: PagedKV, table: Array, lengths: Array, *,
-  blocks_per_step: int = 4,
+  blocks_per_step: int = 4, layers: tuple[dict[str, Array], ...] | None = None,
 ) -> tuple[Array, Array, Array]:
   """One decode step of every slot: `tokens` [S] at positions `lengths` [S] (the cached
-  tokens per slot; 0 for an idle slot) attending to their blocks.
+  tokens per slot; 0 for an idle slot) attending to their blocks; `layers` from
+  `unstacked_layers` (None scans the stacked parameters).
 
   Returns:
     (hidden [S, D] final-normed, k_new, v_new [L, S, KV, Dh] the tokens' keys / values, to be
@@ -175,8 +192,16 @@ def decode_hidden(
     h = rms_norm(x, p["mlp_norm"], c.rms_norm_eps)
     return x + swiglu_mlp(p, h, c), (k, v)
 
-  xs = (model.layers.stacked(), layer_windows(c), jnp.arange(c.num_layers))
-  x, (k_new, v_new) = jax.lax.scan(body, x, xs, unroll=layer_unroll(c))
+  windows = layer_windows(c)
+  if layers is None:
+    xs = (model.layers.stacked(), windows, jnp.arange(c.num_layers))
+    x, (k_new, v_new) = jax.lax.scan(body, x, xs, unroll=layer_unroll(c))
+  else:
+    new = []
+    for i, p in enumerate(layers):
+      x, kv = body(x, (p, None if windows is None else windows[i], i))
+      new.append(kv)
+    k_new, v_new = (jnp.stack(parts) for parts in zip(*new))
   return rms_norm(x, model.final_norm[...], c.rms_norm_eps)[:, 0], k_new, v_new
 
 
@@ -189,8 +214,9 @@ def write_tokens(pool: PagedKV, k_new: Array, v_new: Array, table: Array, length
   block = jnp.take_along_axis(table, (lengths // bs)[:, None], axis=1, mode="clip")[:, 0]
   block = jnp.where(active, block, NULL_BLOCK)
   offset = jnp.where(active, lengths % bs, 0)
-  return PagedKV(k=pool.k.at[:, block, offset].set(k_new),
-                 v=pool.v.at[:, block, offset].set(v_new))
+  k_new, v_new = jnp.swapaxes(k_new, 1, 2), jnp.swapaxes(v_new, 1, 2)  # [L, KV, S, Dh]
+  return PagedKV(k=pool.k.at[:, :, block, offset].set(k_new.astype(pool.k.dtype)),
+                 v=pool.v.at[:, :, block, offset].set(v_new.astype(pool.v.dtype)))
 
 
 def write_blocks(pool: PagedKV, k: Array, v: Array, blocks: Array) -> PagedKV:
@@ -199,13 +225,16 @@ def write_blocks(pool: PagedKV, k: Array, v: Array, blocks: Array) -> PagedKV:
   layers, rows, length, kv, dh = k.shape
   bs = pool.block_size
   ids = blocks.reshape(-1)
-  shape = (layers, rows * (length // bs), bs, kv, dh)
-  return PagedKV(k=pool.k.at[:, ids].set(k.reshape(shape).astype(pool.k.dtype)),
-                 v=pool.v.at[:, ids].set(v.reshape(shape).astype(pool.v.dtype)))
+
+  def laid_out(x):  # [L, R, n·bs, KV, Dh] -> [L, KV, R·n, bs, Dh]
+    x = x.reshape(layers, rows * (length // bs), bs, kv, dh)
+    return jnp.moveaxis(x, 3, 1).astype(pool.k.dtype)
+
+  return PagedKV(k=pool.k.at[:, :, ids].set(laid_out(k)), v=pool.v.at[:, :, ids].set(laid_out(v)))
 
 
 def copy_blocks(pool: PagedKV, source: Array, target: Array) -> PagedKV:
   """The pool with block `source[i]` copied to `target[i]` for every i ([n] int32; a pair of
   null blocks is a no-op)."""
-  return PagedKV(k=pool.k.at[:, target].set(pool.k[:, source]),
-                 v=pool.v.at[:, target].set(pool.v[:, source]))
+  return PagedKV(k=pool.k.at[:, :, target].set(pool.k[:, :, source]),
+                 v=pool.v.at[:, :, target].set(pool.v[:, :, source]))

@@ -44,6 +44,7 @@ from rljax.models.paged_kv import (
   copy_blocks,
   decode_hidden,
   init_paged_kv,
+  unstacked_layers,
   write_blocks,
   write_tokens,
 )
@@ -79,7 +80,8 @@ class EngineConfig:
     refill_slots: slots freed since the last admission that send the decode loop back to the
       host to admit waiting requests (None: max(1, num_slots // 8)).
     prefill_rows: prompts per prefill call (None: ⌈num_slots / G⌉).
-    blocks_per_step: KV blocks read per iteration of the decode attention loop (4).
+    blocks_per_step: KV blocks read per iteration of the decode attention loop (8: 128 keys
+      of 16-token blocks; fewer, larger reads were faster on CPU, `benchmarks/rollout_engine.py`).
   """
 
   num_slots: int | None = None
@@ -88,7 +90,7 @@ class EngineConfig:
   sync_every: int = 32
   refill_slots: int | None = None
   prefill_rows: int | None = None
-  blocks_per_step: int = 4
+  blocks_per_step: int = 8
 
   def __post_init__(self) -> None:
     for name in ("num_slots", "num_blocks", "refill_slots", "prefill_rows"):
@@ -196,12 +198,13 @@ def _decode(graphdef, o: _Options, params, pool: PagedKV, slots: _Slots, out: _O
   """Decode steps of every active slot until `max_steps` steps, no active slot, or at least
   `want_free` free slots; returns (pool, slots, out, steps run)."""
   model = nnx.merge(graphdef, params)
+  layers = unstacked_layers(model)  # sliced once, outside the loop (None: scanned layers)
 
   def step(carry):
     i, pool, s, out = carry
     lengths = jnp.where(s.active, s.lengths, 0)
     hidden, k_new, v_new = decode_hidden(model, s.tokens, pool, s.table, lengths,
-                                         blocks_per_step=o.blocks_per_step)
+                                         blocks_per_step=o.blocks_per_step, layers=layers)
     pool = write_tokens(pool, k_new, v_new, s.table, lengths, s.active)
     token, logp = _sample(model, hidden, key, s.requests, s.steps, o)
     stopped = _is_stop(token, o.stop_tokens)

@@ -21,8 +21,8 @@ S, H, KV, DH, BS, NB, MB = 5, 4, 2, 8, 4, 48, 8
 
 def _case(seed: int):
   rng = np.random.default_rng(seed)
-  pool = PagedKV(k=jnp.asarray(rng.normal(size=(2, NB, BS, KV, DH)), jnp.float32),
-                 v=jnp.asarray(rng.normal(size=(2, NB, BS, KV, DH)), jnp.float32))
+  pool = PagedKV(k=jnp.asarray(rng.normal(size=(2, KV, NB, BS, DH)), jnp.float32),
+                 v=jnp.asarray(rng.normal(size=(2, KV, NB, BS, DH)), jnp.float32))
   blocks = rng.permutation(np.arange(1, NB))[: S * MB].reshape(S, MB).astype(np.int32)
   lengths = np.array([0, 1, 7, 16, 29], np.int32)  # idle, one key, partial, full, long
   q = jnp.asarray(rng.normal(size=(S, H, DH)), jnp.float32)
@@ -36,8 +36,8 @@ def _reference(pool, layer, blocks, lengths, q, k_self, v_self, *, window, softc
   outs = []
   for s, length in enumerate(lengths):
     ids = blocks[s]
-    keys = np.asarray(pool.k[layer])[ids].reshape(-1, KV, DH)[:length]
-    values = np.asarray(pool.v[layer])[ids].reshape(-1, KV, DH)[:length]
+    keys = np.moveaxis(np.asarray(pool.k[layer])[:, ids], 0, 2).reshape(-1, KV, DH)[:length]
+    values = np.moveaxis(np.asarray(pool.v[layer])[:, ids], 0, 2).reshape(-1, KV, DH)[:length]
     keys = np.concatenate([keys, np.asarray(k_self[s])[None]], 0)[None]
     values = np.concatenate([values, np.asarray(v_self[s])[None]], 0)[None]
     positions = np.arange(length + 1)
@@ -73,7 +73,7 @@ def test_paged_attention_reads_only_the_blocks_of_live_tokens():
   k = np.array(pool.k)
   live = {int(b) for s, n in enumerate(lengths) for b in blocks[s, : -(-n // BS)]}
   for block in set(range(NB)) - live:
-    k[:, block] = np.nan  # keys only: a NaN key is masked by a select, never multiplied
+    k[:, :, block] = np.nan  # keys only: a NaN key is masked by a select, never multiplied
   poisoned = paged_attention(q, k_self, v_self, PagedKV(k=jnp.asarray(k), v=pool.v), 0,
                              jnp.asarray(blocks), jnp.asarray(lengths))
   np.testing.assert_array_equal(np.asarray(poisoned), np.asarray(clean))
@@ -87,11 +87,12 @@ def test_paged_attention_rejects_a_table_not_a_multiple_of_the_step():
 
 
 def test_write_and_copy_blocks_move_whole_blocks():
-  pool = PagedKV(k=jnp.zeros((2, 6, BS, KV, DH)), v=jnp.zeros((2, 6, BS, KV, DH)))
+  pool = PagedKV(k=jnp.zeros((2, KV, 6, BS, DH)), v=jnp.zeros((2, KV, 6, BS, DH)))
   k = jnp.arange(2 * 1 * 2 * BS * KV * DH, dtype=jnp.float32).reshape(2, 1, 2 * BS, KV, DH)
   pool = write_blocks(pool, k, -k, jnp.asarray([[3, 5]], jnp.int32))
-  np.testing.assert_array_equal(np.asarray(pool.k[:, 3]), np.asarray(k[:, 0, :BS]))
-  np.testing.assert_array_equal(np.asarray(pool.v[:, 5]), -np.asarray(k[:, 0, BS:]))
+  heads_first = np.moveaxis(np.asarray(k[:, 0]), 2, 1)  # [L, KV, 2·BS, Dh]
+  np.testing.assert_array_equal(np.asarray(pool.k[:, :, 3]), heads_first[:, :, :BS])
+  np.testing.assert_array_equal(np.asarray(pool.v[:, :, 5]), -heads_first[:, :, BS:])
   pool = copy_blocks(pool, jnp.asarray([5, 0], jnp.int32), jnp.asarray([1, 0], jnp.int32))
-  np.testing.assert_array_equal(np.asarray(pool.k[:, 1]), np.asarray(pool.k[:, 5]))
-  assert not np.asarray(pool.k[:, 2]).any() and not np.asarray(pool.k[:, 0]).any()
+  np.testing.assert_array_equal(np.asarray(pool.k[:, :, 1]), np.asarray(pool.k[:, :, 5]))
+  assert not np.asarray(pool.k[:, :, 2]).any() and not np.asarray(pool.k[:, :, 0]).any()
