@@ -298,7 +298,8 @@ class _Schedule:
     self.slot_blocks: list[list[int]] = [[] for _ in range(layout.slots)]
 
   def _take(self, count: int) -> list[int]:
-    taken, self.free_blocks = self.free_blocks[-count:], self.free_blocks[:-count]
+    split = len(self.free_blocks) - count
+    taken, self.free_blocks = self.free_blocks[split:], self.free_blocks[:split]
     return taken
 
   def need(self, request: int) -> int:

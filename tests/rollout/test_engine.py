@@ -117,6 +117,18 @@ def test_per_request_budgets_cut_generates_rows(model):
   np.testing.assert_allclose(out.logprobs, np.where(keep, ref.logprobs, 0), atol=1e-5)
 
 
+def test_a_request_that_needs_no_block_of_its_own(model):
+  """Budget 1 with a prompt of exactly one block: the request holds only shared blocks."""
+  prompts = np.tile(np.arange(1, 5, dtype=np.int32), (2, 1))  # 4 tokens = one block of 4
+  sampling = SamplingConfig(max_new_tokens=4, num_samples=2)
+  budgets = np.array([1, 4, 1, 1])
+  out = _run(engine_generate, model, sampling, prompts=prompts, budgets=budgets,
+             engine=EngineConfig(num_slots=2, block_size=4, num_blocks=5))
+  ref = _run(generate, model, sampling, prompts=prompts)
+  np.testing.assert_array_equal(out.lengths, np.minimum(ref.lengths, budgets))
+  np.testing.assert_array_equal(out.tokens[:, 4], ref.tokens[:, 4])
+
+
 def test_sliding_window_and_softcap_models_match_generate():
   config = dataclasses.replace(CONFIG, sliding_window=(5, None),
                                attention_softcap=3.0)
