@@ -117,18 +117,6 @@ def test_per_request_budgets_cut_generates_rows(model):
   np.testing.assert_allclose(out.logprobs, np.where(keep, ref.logprobs, 0), atol=1e-5)
 
 
-def test_a_request_that_needs_no_block_of_its_own(model):
-  """Budget 1 with a prompt of exactly one block: the request holds only shared blocks."""
-  prompts = np.tile(np.arange(1, 5, dtype=np.int32), (2, 1))  # 4 tokens = one block of 4
-  sampling = SamplingConfig(max_new_tokens=4, num_samples=2)
-  budgets = np.array([1, 4, 1, 1])
-  out = _run(engine_generate, model, sampling, prompts=prompts, budgets=budgets,
-             engine=EngineConfig(num_slots=2, block_size=4, num_blocks=5))
-  ref = _run(generate, model, sampling, prompts=prompts)
-  np.testing.assert_array_equal(out.lengths, np.minimum(ref.lengths, budgets))
-  np.testing.assert_array_equal(out.tokens[:, 4], ref.tokens[:, 4])
-
-
 def test_sliding_window_and_softcap_models_match_generate():
   config = dataclasses.replace(CONFIG, sliding_window=(5, None),
                                attention_softcap=3.0)
@@ -154,6 +142,7 @@ def test_schedule_never_shares_a_written_block():
   lengths = [4, 9, 2, 5, 16, 1]
   prompts = [_Prompt(np.arange(1, n + 1), G) for n in lengths]
   budgets = rng.integers(1, N + 1, size=G * len(prompts))
+  budgets[[0, 12]] = 1  # prompts of 4 and 16 tokens: these requests need no block of their own
   layout = engine_layout(EngineConfig(num_slots=4, block_size=4, num_blocks=14),
                          requests=len(budgets), prompt_length=16, max_new_tokens=N,
                          num_samples=G)
@@ -164,6 +153,7 @@ def test_schedule_never_shares_a_written_block():
       prompt = prompts[request // G]
       shared = table[: prompt.length // 4]
       assert shared == prompt.blocks[: len(shared)]
+      assert len(table) == -(-(prompt.length + budgets[request] - 1) // 4)  # no block more
       assert source == (prompt.blocks[-1] if prompt.length % 4 else 0)
       served.append(request)
     live = [set(b) for b in schedule.slot_blocks if b]
