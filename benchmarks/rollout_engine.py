@@ -9,7 +9,8 @@ jax < 0.11.1, so it must never become an rljax dependency):
   python3 -m venv /work/tunix-venv
   /work/tunix-venv/bin/pip install google-tunix==0.1.7
 
-Run (from the repo root, in rljax's venv; about 10-14 min with the defaults on 2 CPU cores):
+Run (from the repo root, in rljax's venv; the defaults take about 15 min on a quiet 2-core CPU,
+most of it the static samplers on (b), ~4 x 30 s per repetition; `--cases` runs a subset):
 
   .venv/bin/python benchmarks/rollout_engine.py --tunix-python /work/tunix-venv/bin/python \\
       --json rollout_engine.json
@@ -67,6 +68,7 @@ import statistics
 import sys
 import tempfile
 import time
+import traceback
 from typing import Any
 
 import jax
@@ -290,8 +292,11 @@ def _run(args, workdir: str) -> dict:
         return tunix_call(worker, case, seed)
       return rljax_call(model, case, sampler, prompts, seed, pad_id)
 
+    failures = result["failures"] = {}
+
     def active(case: Case):
-      return [s for s in case.samplers if s != "tunix" or worker]
+      return [s for s in case.samplers if (s != "tunix" or worker)
+              and f"{case.name}/{sampler_name(s)}" not in failures]
 
     seconds: dict[str, list[float]] = {}
     useful: dict[str, list[int]] = {}
@@ -301,7 +306,12 @@ def _run(args, workdir: str) -> dict:
     for case in cases:  # warm-up (compiles), seed args.seed
       for sampler in active(case):
         key = f"{case.name}/{sampler_name(sampler)}"
-        first[key], lengths, rollout = call(case, sampler, args.seed)
+        try:
+          first[key], lengths, rollout = call(case, sampler, args.seed)
+        except Exception as e:  # noqa: BLE001 - reported, the other samplers still run
+          failures[key] = f"{type(e).__name__}: {e}"
+          print(f"{key} failed; left out:\n{traceback.format_exc()}", file=sys.stderr)
+          continue
         warm[key] = (lengths, rollout)
         seconds[key], useful[key], longest[key] = [], [], []
     result["first_call_seconds"] = first
@@ -349,8 +359,10 @@ def checks(cases: list[Case], warm: dict) -> dict:
     for sampler in case.samplers:
       if isinstance(sampler, str) or "generate" not in case.samplers:
         continue
-      mine = warm[f"{case.name}/{sampler_name(sampler)}"]
-      ref = warm[f"{case.name}/generate"]
+      mine = warm.get(f"{case.name}/{sampler_name(sampler)}")
+      ref = warm.get(f"{case.name}/generate")
+      if mine is None or ref is None:
+        continue
       if case.name == "a":
         n = case.max_new_tokens
         a, b = np.asarray(mine[1].tokens)[:, -n:], np.asarray(ref[1].tokens)[:, -n:]
@@ -417,8 +429,9 @@ def report(r: dict) -> str:
   for case in r["cases"]:
     for e in (s for s in case["samplers"] if s.startswith("engine")):
       n = case["name"]
-      u = r["useful_tokens"][f"{n}/{e}"]["median"]
-      rows.append((case["label"], e.split("@")[1], f"{u:.0f}", rate(f"{n}/generate"),
+      u = r["useful_tokens"].get(f"{n}/{e}", {}).get("median")
+      rows.append((case["label"], e.split("@")[1], NA if u is None else f"{u:.0f}",
+                   rate(f"{n}/generate"),
                    rate(f"{n}/{e}"), rate(f"{n}/tunix"), ratio(f"{n}/{e}:generate"),
                    ratio(f"{n}/{e}:tunix"), ratio(f"{n}/{e}:fixed")))
   lines = ["| " + " | ".join(row) + " |" for row in rows]
@@ -451,6 +464,8 @@ def report(r: dict) -> str:
                  f"{m['num_blocks']} x {m['block_size']} | "
                  f"{m['pool_bytes'] / 2**20:.1f} + {m['table_bytes'] / 2**10:.1f} | "
                  f"{m['static_bytes'] / 2**20:.1f} | {m['ratio']:.3f} |")
+  for key, error in r["failures"].items():
+    lines.append(f"FAILED (left out): {key}: {error}")
   lines += ["", "Goals of issue 12: " + "; ".join(goals(r))]
   for name, check in r["checks"].items():
     what = ("Tunix greedy vs generate greedy ((a)'s prompts)" if name == "tunix_greedy"
