@@ -126,9 +126,9 @@ def geometric_budgets(requests: int, mean: float, cap: int, seed: int) -> np.nda
   return np.minimum(np.random.default_rng(seed).geometric(1.0 / mean, requests), cap)
 
 
-def make_cases(args, vocab: int) -> list[Case]:
-  slots = args.slots
-  engines = tuple(("engine", s) for s in slots)
+def make_cases(args) -> list[Case]:
+  """The cases of the module docstring selected by --cases, sized by the command line."""
+  engines = tuple(("engine", s) for s in args.slots)
   requests = args.prompts * args.samples
   budgets = geometric_budgets(requests, args.mean_length, args.max_new_tokens, args.seed)
   stops = tuple(range(args.stop_ids))
@@ -275,7 +275,7 @@ def _run(args, workdir: str) -> dict:
   np.savez(os.path.join(workdir, "weights.npz"), **flatten_params(params))
   prompts = np.random.default_rng(args.seed).integers(
     1, vocab, (args.prompts, args.prompt_length)).astype(np.int32)
-  cases = make_cases(args, vocab)
+  cases = make_cases(args)
   result["rljax"] = {"params": num_params, "versions": key_versions(), "freeze": pip_freeze(),
                      "backend": jax.default_backend(), "python": sys.executable}
   result["budgets"] = next((c.budgets.tolist() for c in cases if c.budgets is not None), None)
