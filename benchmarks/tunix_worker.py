@@ -1,7 +1,8 @@
-"""Tunix side of `benchmarks/grpo_step.py`: a persistent worker that times Tunix's own code.
+"""Tunix side of `benchmarks/grpo_step.py` and `benchmarks/rollout_engine.py`: a persistent
+worker that times Tunix's own code.
 
 Runs under the Tunix interpreter (its own venv, never rljax's; see the install commands in
-`grpo_step.py`) and never imports rljax. `grpo_step.py` starts it once and sends one JSON
+`grpo_step.py`) and never imports rljax. The driver starts it once and sends one JSON
 command per line on stdin; the worker answers one JSON line per command on stdout and is idle
 (blocked on stdin) otherwise, so the two processes never run at the same time:
 
@@ -13,6 +14,10 @@ command per line on stdin; the worker answers one JSON line per command on stdou
   {"op": "update"}          one call of that jitted train step (PeftTrainer's train_step)
   {"op": "gae"}             the "gae" advantage estimator (algo_core.compute_gae_advantages)
   {"op": "dump"}            write ref log-probs / GAE advantages to workdir for checks
+  {"op": "setup_sampler", "workdir": ..., "config": {...}}  only the Qwen3 (rollout_engine.py)
+  {"op": "sampler_case", "name": ..., "prompts": [[ids]], "max_new_tokens": N,
+   "eos_tokens": [...], "top_p": ...}  a `tunix.generate.sampler.Sampler` for one case
+  {"op": "sample", "name": ..., "seed": ...}  one Sampler call: seconds and completion lengths
   {"op": "quit"}
 
 Every timed reply carries "seconds": wall time of one call up to `jax.block_until_ready`.
@@ -34,20 +39,27 @@ import jax.numpy as jnp
 import numpy as np
 
 
-class _Tokenizer:
-  """The tokenizer interface RLCluster / the rollout need (nothing is decoded here)."""
+class IdTokenizer:
+  """Token ids as text, the tokenizer interface Tunix's `Sampler` (and RLCluster's rollout)
+  call: encode("5 17 3") == [5, 17, 3] and decode([5, 17, 3]) == "5 17 3", so the sampler reads
+  and returns exactly the ids it is given; no BOS (`bos_id()` None: `Sampler.tokenize`
+  prepends nothing)."""
 
   def __init__(self, pad_id: int, eos_id: int):
     self._pad, self._eos = pad_id, eos_id
 
+  @staticmethod
+  def text(ids) -> str:
+    return " ".join(str(int(i)) for i in ids)
+
   def encode(self, text, **kwargs):
-    return [self._eos]
+    return [int(t) for t in text.split()]
 
   def decode(self, ids, **kwargs):
-    return ""
+    return self.text(ids)
 
   def bos_id(self):
-    return self._eos
+    return None
 
   def eos_id(self):
     return self._eos
@@ -97,6 +109,50 @@ def pip_freeze() -> list[str]:
     return sorted(f"{d.metadata['Name']}=={d.version}" for d in metadata.distributions())
 
 
+def qwen3_model(c: dict, weights):
+  """A Tunix `Qwen3` of the benchmark configuration `c` (grpo_step.CONFIG's keys) holding the
+  rljax weights (`load_rljax_weights`)."""
+  from flax import nnx
+  from tunix.models.qwen3 import model as qwen3
+
+  config = qwen3.ModelConfig(
+    num_layers=c["num_layers"], vocab_size=c["vocab_size"], embed_dim=c["d_model"],
+    hidden_dim=c["d_mlp"], num_heads=c["num_heads"], head_dim=c["head_dim"],
+    num_kv_heads=c["num_kv_heads"], rope_theta=int(c["rope_theta"]), norm_eps=c["norm_eps"],
+    use_tied_embedding=True, dtype=jnp.float32, param_dtype=jnp.float32,
+  )
+  model = qwen3.Qwen3(config, rngs=nnx.Rngs(0))
+  load_rljax_weights(model, weights)
+  return model
+
+
+def count_params(model) -> int:
+  from flax import nnx
+
+  return int(sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))))
+
+
+def environment() -> dict:
+  """Backend, devices, key versions, pip freeze and interpreter of this process."""
+  import flax
+  import optax
+  import tunix
+
+  try:
+    tunix_version = __import__("importlib.metadata").metadata.version("google-tunix")
+  except Exception:  # noqa: BLE001
+    tunix_version = getattr(tunix, "__version__", "?")
+  return {
+    "backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()],
+    "versions": {"google-tunix": tunix_version, "jax": jax.__version__,
+                 "jaxlib": __import__("jaxlib").__version__, "flax": flax.__version__,
+                 "optax": optax.__version__, "numpy": np.__version__,
+                 "python": sys.version.split()[0]},
+    "freeze": pip_freeze(),
+    "python": sys.executable,
+  }
+
+
 class Worker:
   def __init__(self):
     self.cluster = self.learner = self.trainer = None
@@ -110,8 +166,6 @@ class Worker:
     absl_logging.set_verbosity(absl_logging.ERROR)
     import optax
     from flax import nnx
-    import tunix
-    from tunix.models.qwen3 import model as qwen3
     from tunix.rl import function_registry
     from tunix.rl import rl_cluster as rl_cluster_lib
     from tunix.rl.grpo import grpo_learner
@@ -123,17 +177,8 @@ class Worker:
     weights = dict(np.load(os.path.join(workdir, "weights.npz")))
     data = dict(np.load(os.path.join(workdir, "batch.npz")))
 
-    model_config = qwen3.ModelConfig(
-      num_layers=c["num_layers"], vocab_size=c["vocab_size"], embed_dim=c["d_model"],
-      hidden_dim=c["d_mlp"], num_heads=c["num_heads"], head_dim=c["head_dim"],
-      num_kv_heads=c["num_kv_heads"], rope_theta=int(c["rope_theta"]), norm_eps=c["norm_eps"],
-      use_tied_embedding=True, dtype=jnp.float32, param_dtype=jnp.float32,
-    )
-    actor = qwen3.Qwen3(model_config, rngs=nnx.Rngs(0))
-    reference = qwen3.Qwen3(model_config, rngs=nnx.Rngs(1))
-    load_rljax_weights(actor, weights)
-    load_rljax_weights(reference, weights)
-    num_params = int(sum(x.size for x in jax.tree.leaves(nnx.state(actor, nnx.Param))))
+    actor, reference = qwen3_model(c, weights), qwen3_model(c, weights)
+    num_params = count_params(actor)
 
     mesh = jax.make_mesh((1, 1), ("fsdp", "tp"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
     role = rl_cluster_lib.Role
@@ -148,7 +193,7 @@ class Worker:
         kv_cache_size=c["prompt_len"] + c["completion_len"], temperature=1.0),
     )
     self.cluster = rl_cluster_lib.RLCluster(
-      actor=actor, reference=reference, tokenizer=_Tokenizer(c["pad_id"], c["eos_id"]),
+      actor=actor, reference=reference, tokenizer=IdTokenizer(c["pad_id"], c["eos_id"]),
       cluster_config=cluster_config)
     algo = grpo_learner.GRPOConfig(
       num_generations=c["group_size"], num_iterations=1, beta=c["beta"], epsilon=c["clip_eps"],
@@ -177,24 +222,11 @@ class Worker:
       # What PeftTrainer.train does before its loop (cache_nnx_graph=True there).
       self.train_step, _ = self.trainer.jit_train_and_eval_step(skip_jit=False,
                                                                 cache_nnx_graph=True)
-    try:
-      tunix_version = __import__("importlib.metadata").metadata.version("google-tunix")
-    except Exception:  # noqa: BLE001
-      tunix_version = getattr(tunix, "__version__", "?")
-    import flax
-
     return {
       "params": num_params,
       "kl_loss_mode": algo.kl_loss_mode, "kl_clamp_value": algo.kl_clamp_value,
       "epsilon_high": getattr(algo, "epsilon_high", None), "temperature": algo.temperature,
-      "loss_agg_mode": algo.loss_agg_mode,
-      "backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()],
-      "versions": {"google-tunix": tunix_version, "jax": jax.__version__,
-                   "jaxlib": __import__("jaxlib").__version__, "flax": flax.__version__,
-                   "optax": optax.__version__, "numpy": np.__version__,
-                   "python": sys.version.split()[0]},
-      "freeze": pip_freeze(),
-      "python": sys.executable,
+      "loss_agg_mode": algo.loss_agg_mode, **environment(),
     }
 
   def _actor_mesh(self):
@@ -276,6 +308,60 @@ class Worker:
     path = os.path.join(self.workdir, "tunix_out.npz")
     np.savez(path, **arrays)
     return {"path": path}
+
+
+  # -- sampling (benchmarks/rollout_engine.py) -----------------------------------------------
+
+  def setup_sampler(self, cmd):
+    """The Qwen3 of workdir/weights.npz for `sampler_case` / `sample` (no RL cluster)."""
+    from absl import logging as absl_logging
+
+    absl_logging.set_verbosity(absl_logging.ERROR)
+    self.c, self.workdir = cmd["config"], cmd["workdir"]
+    self.model = qwen3_model(self.c, dict(np.load(os.path.join(self.workdir, "weights.npz"))))
+    self.cases = {}
+    return {"params": count_params(self.model), **environment()}
+
+  def sampler_case(self, cmd):
+    """A `tunix.generate.sampler.Sampler` for case `name`: `prompts` (lists of ids, no padding
+    id inside), `max_new_tokens` N, `eos_tokens`, `top_p` (1.0: plain categorical sampling over
+    the full vocabulary; None: Tunix's greedy mode), temperature 1, KV cache of P + N slots. One Sampler per case: its
+    jitted functions read `eos_tokens` when first traced and keep them."""
+    from tunix.generate import sampler as sampler_lib
+
+    c = self.c
+    prompts = [list(map(int, p)) for p in cmd["prompts"]]
+    length = max(map(len, prompts))
+    cache = sampler_lib.CacheConfig(cache_size=length + cmd["max_new_tokens"],
+                                    num_layers=c["num_layers"], num_kv_heads=c["num_kv_heads"],
+                                    head_dim=c["head_dim"])
+    tokenizer = IdTokenizer(c["pad_id"], cmd["eos_tokens"][0])
+    self.cases[cmd["name"]] = dict(
+      cmd, sampler=sampler_lib.Sampler(self.model, tokenizer, cache), prompt_length=length,
+      prompt_ids=prompts, texts=[IdTokenizer.text(p) for p in prompts])
+    return {"cache_size": cache.cache_size}
+
+  def sample(self, cmd):
+    """One `Sampler.__call__` of case `name` with `seed` (the strings built beforehand).
+    Replies its seconds, the completion lengths (up to and including the first eos token, else
+    N), whether every prompt came back as the same ids (no BOS, no padding added) and every
+    completion decoded to its ids; with `tokens` true also the completions."""
+    case = self.cases[cmd["name"]]
+    n = case["max_new_tokens"]
+    start = time.perf_counter()
+    out = case["sampler"](
+      case["texts"], max_generation_steps=n, max_prompt_length=case["prompt_length"],
+      echo=False, eos_tokens=case["eos_tokens"], temperature=1.0, top_p=case["top_p"],
+      top_k=None, seed=int(cmd["seed"]))
+    seconds = time.perf_counter() - start
+    completions = [np.asarray(t).tolist() for t in out.tokens]
+    lengths = [len(t) + (len(t) < n) for t in completions]  # + the eos token where one came
+    same_ids = (np.array_equal(np.asarray(out.padded_prompt_tokens), case["prompt_ids"])
+                and all(text == IdTokenizer.text(t) for text, t in zip(out.text, completions)))
+    reply = {"seconds": seconds, "lengths": lengths, "same_ids": bool(same_ids)}
+    if cmd.get("tokens"):
+      reply["tokens"] = completions
+    return reply
 
 
 def _dot_shapes(hlo: str) -> list[str]:
