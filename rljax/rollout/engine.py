@@ -19,9 +19,11 @@ programs with static shapes (compiled once per shape and options):
             attention over a slot's blocks only) in a `lax.while_loop` that returns to the host
             as soon as `refill_slots` slots are free and requests wait.
 
-Blocks are reserved at admission for the request's whole budget (prompt + max new tokens), so a
-running request never waits for or loses a block; a request that does not fit waits until
-enough blocks are free (first come, first served). The pool is sized by the tokens in flight
+Requests are admitted longest budget first (the order of the requests among equal budgets, so
+without per-request budgets first come, first served): the longest ones do not start last and
+run alone at the end. Blocks are reserved at admission for the request's whole budget (prompt +
+max new tokens), so a running request never waits for or loses a block; a request that does not
+fit waits until enough blocks are free. The pool is sized by the tokens in flight
 (`EngineConfig.num_blocks`), not by R · (P + N).
 """
 
@@ -286,13 +288,16 @@ class _Prompt:
 
 
 class _Schedule:
-  """First-come-first-served admission of requests into slots and of their blocks into the
-  pool; the device state stays on the device, the host keeps what the schedule needs."""
+  """Admission of requests into slots — longest budget first, then request order — and of
+  their blocks into the pool; the device state stays on the device, the host keeps what the
+  schedule needs."""
 
   def __init__(self, layout: _Layout, prompts: list[_Prompt], budgets: np.ndarray,
                num_samples: int):
     self.layout, self.prompts, self.budgets, self.g = layout, prompts, budgets, num_samples
-    self.pending = collections.deque(range(len(budgets)))
+    # Longest budget first (stable: request order among equal budgets), so that the longest
+    # requests do not start last and run alone at the end; with equal budgets, first come.
+    self.pending = collections.deque(np.argsort(-budgets, kind="stable").tolist())
     self.free_blocks = list(range(layout.num_blocks - 1, NULL_BLOCK, -1))
     self.slot_request = [-1] * layout.slots
     self.slot_blocks: list[list[int]] = [[] for _ in range(layout.slots)]
