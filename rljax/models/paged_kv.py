@@ -79,12 +79,19 @@ def _soft_capped(s: Array, softcap: float | None) -> Array:
 def paged_attention(
   q: Array, k_self: Array, v_self: Array, pool: PagedKV, layer: Array | int, table: Array,
   lengths: Array, *, scale: float | None = None, softcap: float | None = None,
-  window: Array | None = None, blocks_per_step: int = 4,
+  window: Array | None = None, blocks_per_step: int = 4, recent_k: Array | None = None,
+  recent_v: Array | None = None, recent_count: Array | None = None,
 ) -> Array:
-  """One query per slot against its own key and its `lengths` cached keys in the pool.
+  """One query per slot against its own key, its `recent_count` recent keys and its `lengths`
+  cached keys in the pool.
 
-    out_s = Σ_j softmax_j(c·tanh(scale·q_s·k_j / c)) v_j   over j ∈ {self} ∪ {cached p : p <
-            lengths_s, lengths_s − p < window}
+    out_s = Σ_j softmax_j(c·tanh(scale·q_s·k_j / c)) v_j   over j ∈ {self} ∪ {recent r <
+            recent_count_s} ∪ {cached p : p < lengths_s}, inside the window (q_s at position
+            lengths_s + recent_count_s, recent key r at lengths_s + r)
+
+  The recent keys are the tokens decoded since the pool was last written (`recent_k, recent_v`
+  [S, M, KV, Dh]): the engine's decode loop keeps them apart and writes the pool once per call,
+  so that the pool is an invariant of the loop (written inside it, every step copied it).
 
   in float32 with an online softmax over `blocks_per_step` blocks per iteration, from the first
   block any slot's window reaches to the last block any slot holds (a slot with length 0 reads
@@ -118,14 +125,33 @@ def paged_attention(
     return _soft_capped(raw, softcap)
 
   own = scores(jnp.swapaxes(k_self, 0, 1)[:, :, None])  # [KV, S, G, 1]
+  position = lengths if recent_count is None else lengths + recent_count  # the query's
   m = own[..., 0]
   l = jnp.ones_like(m)
   acc = jnp.broadcast_to(jnp.swapaxes(v_self, 0, 1).astype(jnp.float32)[:, :, None, :],
                          (kv, s_count, g, dh))
 
+  def update(carry, s, values):  # one online-softmax step over keys of scores s [KV, S, G, n]
+    m, l, acc = carry
+    m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+    probs = jnp.exp(s - m_new[..., None])
+    correction = jnp.exp(m - m_new)
+    l = l * correction + jnp.sum(probs, axis=-1)
+    acc = acc * correction[..., None] + jnp.einsum("ksgn,ksnd->ksgd", probs,
+                                                   values.astype(jnp.float32))
+    return m_new, l, acc
+
+  if recent_k is not None:
+    r = jnp.arange(recent_k.shape[1])
+    visible = r[None, :] < recent_count[:, None]
+    if window is not None:
+      visible &= recent_count[:, None] - r[None, :] < window
+    s = jnp.where(visible[None, :, None, :], scores(jnp.moveaxis(recent_k, 2, 0)), -jnp.inf)
+    m, l, acc = update((m, l, acc), s, jnp.moveaxis(recent_v, 2, 0))
+
   first = jnp.zeros((), jnp.int32)
   if window is not None:
-    earliest = jnp.where(lengths > 0, jnp.maximum(lengths - window + 1, 0), 2**30)
+    earliest = jnp.where(lengths > 0, jnp.maximum(position - window + 1, 0), 2**30)
     first = jnp.minimum(jnp.min(earliest), jnp.max(lengths)) // span
   last = (jnp.max(lengths) + span - 1) // span  # block-steps holding any cached token
 
@@ -137,15 +163,9 @@ def paged_attention(
     p = j * span + jnp.arange(span)
     visible = p[None, :] < lengths[:, None]
     if window is not None:
-      visible &= lengths[:, None] - p[None, :] < window
+      visible &= position[:, None] - p[None, :] < window
     s = jnp.where(visible[None, :, None, :], scores(keys), -jnp.inf)
-    m_new = jnp.maximum(m, jnp.max(s, axis=-1))
-    probs = jnp.exp(s - m_new[..., None])
-    correction = jnp.exp(m - m_new)
-    l = l * correction + jnp.sum(probs, axis=-1)
-    acc = acc * correction[..., None] + jnp.einsum("ksgn,ksnd->ksgd", probs,
-                                                   values.astype(jnp.float32))
-    return j + 1, m_new, l, acc
+    return (j + 1, *update((m, l, acc), s, values))
 
   _, m, l, acc = jax.lax.while_loop(lambda c: c[0] < last, body, (first, m, l, acc))
   out = jnp.swapaxes(acc / l[..., None], 0, 1)  # [S, KV, G, Dh]
@@ -167,56 +187,68 @@ def unstacked_layers(model: Transformer) -> tuple[dict[str, Array], ...] | None:
 def decode_hidden(
   model: Transformer, tokens: Array, pool: PagedKV, table: Array, lengths: Array, *,
   blocks_per_step: int = 4, layers: tuple[dict[str, Array], ...] | None = None,
+  recent: PagedKV | None = None, recent_count: Array | None = None,
 ) -> tuple[Array, Array, Array]:
-  """One decode step of every slot: `tokens` [S] at positions `lengths` [S] (the cached
-  tokens per slot; 0 for an idle slot) attending to their blocks; `layers` from
-  `unstacked_layers` (None scans the stacked parameters).
+  """One decode step of every slot: `tokens` [S] at positions `lengths` + `recent_count` [S]
+  attending to their `lengths` tokens in the pool's blocks (0 for an idle slot) and their
+  `recent_count` recent tokens (`recent`: k, v [L, S, M, KV, Dh], see `paged_attention`; None:
+  none); `layers` from `unstacked_layers` (None scans the stacked parameters).
 
   Returns:
     (hidden [S, D] final-normed, k_new, v_new [L, S, KV, Dh] the tokens' keys / values, to be
-    written with `write_tokens`).
+    written with `write_recent`).
   """
   c = model.config
   x = embed_tokens(model.embed[...], tokens[:, None], c.dtype)
-  cos, sin = rope_cos_sin(lengths[:, None], c)
+  position = lengths if recent_count is None else lengths + recent_count
+  cos, sin = rope_cos_sin(position[:, None], c)
   options = dict(scale=c.attention_scale, softcap=c.attention_softcap,
                  blocks_per_step=blocks_per_step)
 
   def body(x, xs):
-    p, window, layer = xs
+    p, window, layer, recent_k, recent_v = xs
     h = rms_norm(x, p["attn_norm"], c.rms_norm_eps)
     q, k, v = project_qkv(p, h, cos, sin, c)
     k, v = k[:, 0].astype(pool.k.dtype), v[:, 0].astype(pool.v.dtype)
-    attn = paged_attention(q[:, 0], k, v, pool, layer, table, lengths, window=window, **options)
+    attn = paged_attention(q[:, 0], k, v, pool, layer, table, lengths, window=window,
+                           recent_k=recent_k, recent_v=recent_v, recent_count=recent_count,
+                           **options)
     x = x + attention_output(p, attn[:, None], c)
     h = rms_norm(x, p["mlp_norm"], c.rms_norm_eps)
     return x + swiglu_mlp(p, h, c), (k, v)
 
   windows = layer_windows(c)
+  recent_k, recent_v = (None, None) if recent is None else recent
   if layers is None:
-    xs = (model.layers.stacked(), windows, jnp.arange(c.num_layers))
+    xs = (model.layers.stacked(), windows, jnp.arange(c.num_layers), recent_k, recent_v)
     x, (k_new, v_new) = jax.lax.scan(body, x, xs, unroll=layer_unroll(c))
   else:
     new = []
     for i, p in enumerate(layers):
-      x, kv = body(x, (p, None if windows is None else windows[i], i))
+      pick = lambda a: None if a is None else a[i]  # noqa: E731
+      x, kv = body(x, (p, pick(windows), i, pick(recent_k), pick(recent_v)))
       new.append(kv)
     k_new, v_new = (jnp.stack(parts) for parts in zip(*new))
   return rms_norm(x, model.final_norm[...], c.rms_norm_eps)[:, 0], k_new, v_new
 
 
-def write_tokens(pool: PagedKV, k_new: Array, v_new: Array, table: Array, lengths: Array,
-                 active: Array) -> PagedKV:
-  """The pool with each active slot's new key / value [L, S, KV, Dh] at its position
-  `lengths` (block table[s, lengths // bs], offset lengths % bs); idle slots write the null
-  block."""
+def write_recent(pool: PagedKV, recent: PagedKV, table: Array, lengths: Array,
+                 count: Array) -> PagedKV:
+  """The pool with each slot's first `count` [S] recent tokens (k, v [L, S, M, KV, Dh]) at
+  positions lengths, lengths + 1, … (the rest go to the null block)."""
   bs = pool.block_size
-  block = jnp.take_along_axis(table, (lengths // bs)[:, None], axis=1, mode="clip")[:, 0]
-  block = jnp.where(active, block, NULL_BLOCK)
-  offset = jnp.where(active, lengths % bs, 0)
-  k_new, v_new = jnp.swapaxes(k_new, 1, 2), jnp.swapaxes(v_new, 1, 2)  # [L, KV, S, Dh]
-  return PagedKV(k=pool.k.at[:, :, block, offset].set(k_new.astype(pool.k.dtype)),
-                 v=pool.v.at[:, :, block, offset].set(v_new.astype(pool.v.dtype)))
+  layers, slots, m = recent.k.shape[:3]
+  positions = lengths[:, None] + jnp.arange(m)[None, :]  # [S, M]
+  valid = jnp.arange(m)[None, :] < count[:, None]
+  block = jnp.take_along_axis(table, positions // bs, axis=1, mode="clip")
+  block = jnp.where(valid, block, NULL_BLOCK).reshape(-1)
+  offset = jnp.where(valid, positions % bs, 0).reshape(-1)
+
+  def put(x, new):  # new [L, S, M, KV, Dh] -> [L, KV, S·M, Dh] at (block, offset)
+    new = jnp.moveaxis(new.reshape(layers, slots * m, *new.shape[3:]), 2, 1)
+    return x.at[:, :, block, offset].set(new.astype(x.dtype))
+
+  return PagedKV(k=put(pool.k, recent.k), v=put(pool.v, recent.v))
 
 
 def write_blocks(pool: PagedKV, k: Array, v: Array, blocks: Array) -> PagedKV:

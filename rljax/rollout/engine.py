@@ -48,7 +48,7 @@ from rljax.models.paged_kv import (
   init_paged_kv,
   unstacked_layers,
   write_blocks,
-  write_tokens,
+  write_recent,
 )
 from rljax.models.transformer import config_of
 from rljax.ops._checks import check_int
@@ -194,20 +194,28 @@ def _admit(graphdef, o: _Options, params, pool: PagedKV, slots: _Slots, out: _Ou
   return pool, slots, out
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(3, 4, 5))
-def _decode(graphdef, o: _Options, params, pool: PagedKV, slots: _Slots, out: _Outputs,
-            key: Array, max_steps: Array, want_free: Array):
+@functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=(4, 5, 6))
+def _decode(graphdef, o: _Options, max_steps: int, params, pool: PagedKV, slots: _Slots,
+            out: _Outputs, key: Array, want_free: Array):
   """Decode steps of every active slot until `max_steps` steps, no active slot, or at least
-  `want_free` free slots; returns (pool, slots, out, steps run)."""
+  `want_free` free slots; returns (pool, slots, out, steps run). The new tokens' keys and values
+  are kept in a [L, S, max_steps, KV, Dh] buffer and written into the pool once at the end:
+  the pool is an invariant of the loop (written inside it, XLA copied it at every step)."""
   model = nnx.merge(graphdef, params)
+  c = model.config
   layers = unstacked_layers(model)  # sliced once, outside the loop (None: scanned layers)
+  start = jnp.where(slots.active, slots.lengths, 0)  # the tokens in the pool
+  shape = (c.num_layers, slots.tokens.shape[0], max_steps, c.num_kv_heads, c.head_dim)
+  recent = PagedKV(k=jnp.zeros(shape, pool.k.dtype), v=jnp.zeros(shape, pool.v.dtype))
 
   def step(carry):
-    i, pool, s, out = carry
-    lengths = jnp.where(s.active, s.lengths, 0)
-    hidden, k_new, v_new = decode_hidden(model, s.tokens, pool, s.table, lengths,
-                                         blocks_per_step=o.blocks_per_step, layers=layers)
-    pool = write_tokens(pool, k_new, v_new, s.table, lengths, s.active)
+    i, recent, s, out = carry
+    count = jnp.where(s.active, s.lengths - start, 0)
+    hidden, k_new, v_new = decode_hidden(model, s.tokens, pool, s.table, start,
+                                         blocks_per_step=o.blocks_per_step, layers=layers,
+                                         recent=recent, recent_count=count)
+    recent = PagedKV(*(jax.lax.dynamic_update_index_in_dim(r, new, i, axis=2)
+                       for r, new in zip(recent, (k_new, v_new))))
     token, logp = _sample(model, hidden, key, s.requests, s.steps, o)
     stopped = _is_stop(token, o.stop_tokens)
     done = s.active & (stopped | (s.steps + 1 >= s.budgets))
@@ -215,16 +223,17 @@ def _decode(graphdef, o: _Options, params, pool: PagedKV, slots: _Slots, out: _O
     grow = s.active.astype(jnp.int32)
     s = s._replace(tokens=jnp.where(s.active, token, s.tokens), lengths=s.lengths + grow,
                    steps=s.steps + grow, active=s.active & ~done)
-    return i + 1, pool, s, out
+    return i + 1, recent, s, out
 
   def running(carry):
     i, _, s, _ = carry
-    free = jnp.sum(~s.active)
-    return (i < max_steps) & jnp.any(s.active) & (free < want_free)
+    return (i < max_steps) & jnp.any(s.active) & (jnp.sum(~s.active) < want_free)
 
-  i, pool, slots, out = jax.lax.while_loop(running, step, (jnp.zeros((), jnp.int32), pool,
-                                                           slots, out))
-  return pool, slots, out, i
+  active = slots.active
+  i, recent, slots, out = jax.lax.while_loop(running, step, (jnp.zeros((), jnp.int32), recent,
+                                                             slots, out))
+  count = jnp.where(active, slots.lengths - start, 0)
+  return write_recent(pool, recent, slots.table, start, count), slots, out, i
 
 
 # ----------------------------------------------------------------------------------------------
@@ -452,8 +461,8 @@ def engine_generate(
     # Back to the host once `refill_slots` more slots are free than now (none wait: never).
     free = s - sum(r >= 0 for r in schedule.slot_request)
     want_free = free + layout.refill_slots if schedule.pending else s + 1
-    pool, slots, out, _ = _decode(graphdef, o, params, pool, slots, out, key,
-                                  np.int32(layout.sync_every), np.int32(want_free))
+    pool, slots, out, _ = _decode(graphdef, o, layout.sync_every, params, pool, slots, out,
+                                  key, np.int32(want_free))
     schedule.release(np.asarray(slots.active))
 
   completion_mask = jnp.arange(n)[None, :] < out.lengths[:, None]
