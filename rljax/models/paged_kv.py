@@ -17,6 +17,11 @@ layer's sliding window. `paged_attention` runs an online softmax (the flash-atte
 over the query's own key and `blocks_per_step` blocks at a time in a `lax.while_loop` whose
 bound is the largest number of blocks any active slot holds: a decode step's cost follows the
 longest live sequence, never the pool size or the maximum length.
+
+Within one device call of the engine's decode loop the pool is read-only: each step's new keys
+and values go to a small per-call buffer (`recent`, attended to densely) and `write_recent`
+stores them into their blocks once when the call returns (a pool written inside the loop is
+copied by XLA at every step).
 """
 
 from __future__ import annotations
