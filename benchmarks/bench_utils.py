@@ -8,6 +8,7 @@ The scripts run as `python benchmarks/<name>.py`, so this module is imported as 
 
 from __future__ import annotations
 
+import json
 import re
 import statistics
 import time
@@ -70,3 +71,19 @@ def lm_training_step(config: ModelConfig, *, abstract: bool = True):
     return jnp.mean(logprobs_from_hidden(hidden[:, :-1], model.unembedding, tokens[:, 1:]))
 
   return jax.jit(jax.value_and_grad(loss)), state
+
+
+def print_side_by_side(title: str, table: str, result: dict, *, freeze: bool,
+                       json_path: str | None) -> None:
+  """The end of a side-by-side benchmark (rljax vs. Tunix): title, table, wall time, both
+  processes' `pip freeze` (unless `freeze` is False) and the whole result as JSON."""
+  print(title + "\n")
+  print(table)
+  print(f"Wall time of the benchmark: {result['wall_seconds']:.0f} s")
+  if freeze:
+    print("\npip freeze (rljax process): " + " ".join(result["rljax"]["freeze"]))
+    if result["tunix"]:
+      print("\npip freeze (Tunix process): " + " ".join(result["tunix"]["freeze"]))
+  if json_path:
+    with open(json_path, "w") as f:
+      json.dump(result, f, indent=1)

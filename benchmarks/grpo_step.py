@@ -102,6 +102,8 @@ from rljax.train.grpo import GRPOConfig, GRPOTrainer
 from rljax.train.onpolicy import UpdateConfig
 from rljax.train.state import create_train_state
 
+from bench_utils import print_side_by_side
+
 # ----------------------------------------------------------------------------------------------
 # The rljax side: small functions, switched to the public trainer API later.
 # ----------------------------------------------------------------------------------------------
@@ -622,18 +624,11 @@ def main() -> None:
   start = time.perf_counter()
   result = run(args)
   result["wall_seconds"] = time.perf_counter() - start
-  print(f"GRPO step benchmark: rljax vs. Tunix, B={CONFIG['batch']} × "
+  title = (f"GRPO step benchmark: rljax vs. Tunix, B={CONFIG['batch']} × "
         f"({CONFIG['prompt_len']} + {CONFIG['completion_len']}) tokens, "
-        f"{EXPECTED_PARAMS:,}-parameter Qwen3-style model, float32\n")
-  print(report(result))
-  print(f"Wall time of the benchmark: {result['wall_seconds']:.0f} s")
-  if not args.no_freeze:
-    print("\npip freeze (rljax process): " + " ".join(result["rljax"]["freeze"]))
-    if result["tunix"]:
-      print("\npip freeze (Tunix process): " + " ".join(result["tunix"]["freeze"]))
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump(result, f, indent=1)
+        f"{EXPECTED_PARAMS:,}-parameter Qwen3-style model, float32")
+  print_side_by_side(title, report(result), result, freeze=not args.no_freeze,
+                     json_path=args.json)
 
 
 if __name__ == "__main__":

@@ -61,7 +61,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import shutil
 import statistics
@@ -81,6 +80,7 @@ from rljax.rollout import generate
 from rljax.rollout.engine import EngineConfig, engine_generate, engine_layout
 from rljax.rollout.sampling import SamplingConfig
 
+from bench_utils import print_side_by_side
 from grpo_step import (
   CONFIG,
   EXPECTED_PARAMS,
@@ -575,17 +575,10 @@ def main() -> None:
   start = time.perf_counter()
   result = run(args)
   result["wall_seconds"] = time.perf_counter() - start
-  print(f"Rollout engine benchmark: generate vs. engine_generate vs. Tunix Sampler, "
-        f"{EXPECTED_PARAMS:,}-parameter Qwen3-style model, float32, temperature 1\n")
-  print(report(result))
-  print(f"Wall time of the benchmark: {result['wall_seconds']:.0f} s")
-  if not args.no_freeze:
-    print("\npip freeze (rljax process): " + " ".join(result["rljax"]["freeze"]))
-    if result["tunix"]:
-      print("\npip freeze (Tunix process): " + " ".join(result["tunix"]["freeze"]))
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump(result, f, indent=1)
+  title = (f"Rollout engine benchmark: generate vs. engine_generate vs. Tunix Sampler, "
+        f"{EXPECTED_PARAMS:,}-parameter Qwen3-style model, float32, temperature 1")
+  print_side_by_side(title, report(result), result, freeze=not args.no_freeze,
+                     json_path=args.json)
 
 
 if __name__ == "__main__":
