@@ -58,7 +58,6 @@ from rljax.rollout.generate import (
   _check_prompts,
   _is_stop,
   _split_model,
-  _vocab_size,
   check_token_ids,
   sampling_from_arguments,
 )
@@ -412,7 +411,10 @@ def engine_generate(
   if not isinstance(engine, EngineConfig):
     raise ValueError(f"`engine` must be an EngineConfig; got {type(engine).__name__}.")
   graphdef, params = _split_model(model)
-  tokens, mask = _check_prompts(prompt_tokens, prompt_mask, _vocab_size(graphdef))
+  config = config_of(graphdef)
+  if config is None:
+    raise ValueError("`model` must be a rljax Transformer (its graphdef has no ModelConfig).")
+  tokens, mask = _check_prompts(prompt_tokens, prompt_mask, config.vocab_size)
   _check_key(key)
   stops = check_token_ids(graphdef, pad_id=pad_id, stop_tokens=stop_tokens)
   g, n = sampling.num_samples, sampling.max_new_tokens
@@ -428,9 +430,6 @@ def engine_generate(
   prompts = [_Prompt(host_tokens[i][host_mask[i]], g) for i in range(b)]
   if any(prompt.length == 0 for prompt in prompts):
     raise ValueError("every prompt needs at least one real token (`prompt_mask` 1).")
-  config = config_of(graphdef)
-  if config is None:
-    raise ValueError("`model` must be a rljax Transformer (its graphdef has no ModelConfig).")
   schedule = _Schedule(layout, prompts, budget, g)
 
   s, mb = layout.slots, layout.table_width
@@ -456,8 +455,6 @@ def engine_generate(
     if admitted:
       pool, slots, out = _admit(graphdef, o, params, pool, slots, out, last_hidden, key,
                                 *_admit_inputs(admitted, prompts, budget, layout, g, requests))
-    if not schedule.busy and not schedule.pending:
-      break
     # Back to the host once `refill_slots` more slots are free than now (none wait: never).
     free = s - sum(r >= 0 for r in schedule.slot_request)
     want_free = free + layout.refill_slots if schedule.pending else s + 1
