@@ -32,12 +32,14 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import math
 from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from rljax.models.kv_cache import hidden_states_with_cache, init_kv_cache
 from rljax.models.paged_kv import (
@@ -45,13 +47,13 @@ from rljax.models.paged_kv import (
   PagedKV,
   copy_blocks,
   decode_hidden,
-  init_paged_kv,
   unstacked_layers,
   write_blocks,
   write_recent,
 )
 from rljax.models.transformer import config_of
 from rljax.ops._checks import check_int
+from rljax.parallel.rules import DATA, FSDP
 from rljax.rollout.generate import (
   Rollout,
   _check_key,
@@ -152,87 +154,165 @@ def _record(out: _Outputs, requests: Array, steps: Array, token: Array, logp: Ar
   )
 
 
-@functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(2, 3))
-def _prefill(graphdef, params, pool: PagedKV, last_hidden: Array, tokens: Array,
-             lengths: Array, blocks: Array, prompts: Array):
-  """Prompts [R, Pb] (right-padded; `lengths` real tokens) into the pool's `blocks` [R, Pb/bs]
-  and their last hidden state into `last_hidden[prompts]` (rows with prompt id out of range
-  are dropped)."""
-  model = nnx.merge(graphdef, params)
-  rows, length = tokens.shape
-  mask = jnp.arange(length)[None, :] < lengths[:, None]
-  cache = init_kv_cache(model.config, rows, length, dtype=pool.k.dtype)
-  hidden, cache = hidden_states_with_cache(model, tokens, cache, 0, mask)
-  last = jnp.take_along_axis(hidden, jnp.maximum(lengths - 1, 0)[:, None, None], axis=1)[:, 0]
-  pool = write_blocks(pool, cache.k, cache.v, blocks)
-  return pool, last_hidden.at[prompts].set(last.astype(last_hidden.dtype), mode="drop")
+class _Shards(NamedTuple):
+  """Where the engine runs: one shard without a mesh, else one per device group of the mesh's
+  data axes, each with its own slots, pool and requests (hashable: a static argument)."""
+
+  mesh: Any  # None or a jax.sharding.Mesh
+  axes: tuple[str, ...]  # the data axes (data, fsdp) present in the mesh
+
+  @property
+  def count(self) -> int:
+    return 1 if self.mesh is None else math.prod(self.mesh.shape[a] for a in self.axes)
+
+  @property
+  def spec(self) -> PartitionSpec:
+    return PartitionSpec(self.axes or None)
+
+  @property
+  def lockstep(self) -> bool:
+    """Whether the model is split inside a shard (e.g. `tensor` > 1): its collectives in the
+    decode loop need every device at every step, so the shards' loops step together."""
+    return self.mesh is not None and any(
+      size > 1 for axis, size in self.mesh.shape.items() if axis not in self.axes)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(3, 4, 5))
-def _admit(graphdef, o: _Options, params, pool: PagedKV, slots: _Slots, out: _Outputs,
-           last_hidden: Array, key: Array, admit: Array, requests: Array, prompts: Array,
-           budgets: Array, lengths: Array, table: Array, copy_source: Array,
-           copy_target: Array):
-  """New requests into the slots where `admit` [S]: copy their private blocks, sample token 0
-  from the prompt's last hidden state, set the slot state."""
-  model = nnx.merge(graphdef, params)
-  pool = copy_blocks(pool, copy_source, copy_target)
-  zero = jnp.zeros_like(requests)
-  token, logp = _sample(model, last_hidden[prompts], key, requests, zero, o)
-  stopped = _is_stop(token, o.stop_tokens)
-  done = admit & (stopped | (budgets <= 1))
-  out = _record(out, requests, zero, token, logp, admit, done, stopped)
+def _shards(mesh: Any) -> _Shards:
+  return _Shards(None, ()) if mesh is None else _Shards(
+    mesh, tuple(a for a in (DATA, FSDP) if a in mesh.axis_names))
 
-  def pick(new, old):
-    return jnp.where(admit.reshape(admit.shape + (1,) * (new.ndim - 1)), new, old)
 
-  slots = _Slots(tokens=pick(token, slots.tokens), lengths=pick(lengths, slots.lengths),
-                 steps=pick(jnp.ones_like(zero), slots.steps), budgets=pick(budgets, slots.budgets),
-                 requests=pick(requests, slots.requests), active=pick(~done, slots.active),
-                 table=pick(table, slots.table))
-  return pool, slots, out
+def _each_shard(shards: _Shards, fn, shared: Any, *data: Any):
+  """fn(shared, *one shard's data) for every shard: the leaves of `data` carry a leading shard
+  axis [D, ...], those of `shared` (parameters, key) none. On a mesh each shard's slice runs
+  on its own devices in a `shard_map` over the data axes (manual there, the others automatic):
+  the shards never communicate, so the decode loop holds no collective."""
+
+  def one(shared, *data):
+    out = fn(shared, *jax.tree.map(lambda x: x[0], data))
+    return jax.tree.map(lambda x: x[None], out)
+
+  if shards.mesh is None:
+    return one(shared, *data)
+  return jax.shard_map(one, mesh=shards.mesh, in_specs=(PartitionSpec(),) + (shards.spec,) *
+                       len(data), out_specs=shards.spec, axis_names=frozenset(shards.axes),
+                       check_vma=False)(shared, *data)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _full(shards: _Shards, shape: tuple[int, ...], fill: Any, dtype: Any) -> Array:
+  """A [D, *shape] array of `fill`, made on the shards' devices (never whole on one)."""
+  x = jnp.full((shards.count, *shape), fill, dtype)
+  return x if shards.mesh is None else jax.lax.with_sharding_constraint(
+    x, NamedSharding(shards.mesh, shards.spec))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(3, 4))
+def _prefill(shards: _Shards, graphdef, params, pool: PagedKV, last_hidden: Array,
+             tokens: Array, lengths: Array, blocks: Array, prompts: Array):
+  """Per shard: prompts [R, Pb] (right-padded; `lengths` real tokens) into the pool's `blocks`
+  [R, Pb/bs] and their last hidden state into `last_hidden[prompts]` (rows with prompt id out
+  of range are dropped)."""
+
+  def prefill(params, pool, last_hidden, tokens, lengths, blocks, prompts):
+    model = nnx.merge(graphdef, params)
+    rows, length = tokens.shape
+    mask = jnp.arange(length)[None, :] < lengths[:, None]
+    cache = init_kv_cache(model.config, rows, length, dtype=pool.k.dtype)
+    hidden, cache = hidden_states_with_cache(model, tokens, cache, 0, mask)
+    last = jnp.take_along_axis(hidden, jnp.maximum(lengths - 1, 0)[:, None, None], axis=1)[:, 0]
+    pool = write_blocks(pool, cache.k, cache.v, blocks)
+    return pool, last_hidden.at[prompts].set(last.astype(last_hidden.dtype), mode="drop")
+
+  return _each_shard(shards, prefill, params, pool, last_hidden, tokens, lengths, blocks,
+                     prompts)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=(4, 5, 6))
-def _decode(graphdef, o: _Options, max_steps: int, params, pool: PagedKV, slots: _Slots,
-            out: _Outputs, key: Array, want_free: Array):
-  """Decode steps of every active slot until `max_steps` steps, no active slot, or at least
-  `want_free` free slots; returns (pool, slots, out, steps run). The new tokens' keys and values
-  are kept in a [L, S, max_steps, KV, Dh] buffer and written into the pool once at the end:
-  the pool is an invariant of the loop (written inside it, XLA copied it at every step)."""
-  model = nnx.merge(graphdef, params)
-  c = model.config
-  layers = unstacked_layers(model)  # sliced once, outside the loop (None: scanned layers)
-  start = jnp.where(slots.active, slots.lengths, 0)  # the tokens in the pool
-  shape = (c.num_layers, slots.tokens.shape[0], max_steps, c.num_kv_heads, c.head_dim)
-  recent = PagedKV(k=jnp.zeros(shape, pool.k.dtype), v=jnp.zeros(shape, pool.v.dtype))
+def _admit(shards: _Shards, graphdef, o: _Options, params, pool: PagedKV, slots: _Slots,
+           out: _Outputs, last_hidden: Array, key: Array, first: Array, admit: Array,
+           requests: Array, prompts: Array, budgets: Array, lengths: Array, table: Array,
+           copy_source: Array, copy_target: Array):
+  """Per shard: new requests into the slots where `admit` [S]: copy their private blocks,
+  sample token 0 from the prompt's last hidden state, set the slot state. `first` is the
+  global id of the shard's request 0 (its keys are the requests' global ones)."""
 
-  def step(carry):
-    i, recent, s, out = carry
-    count = jnp.where(s.active, s.lengths - start, 0)
-    hidden, k_new, v_new = decode_hidden(model, s.tokens, pool, s.table, start,
-                                         blocks_per_step=o.blocks_per_step, layers=layers,
-                                         recent=recent, recent_count=count)
-    recent = PagedKV(*(jax.lax.dynamic_update_index_in_dim(r, new, i, axis=2)
-                       for r, new in zip(recent, (k_new, v_new))))
-    token, logp = _sample(model, hidden, key, s.requests, s.steps, o)
+  def admit_requests(shared, pool, slots, out, last_hidden, first, admit, requests, prompts,
+                     budgets, lengths, table, copy_source, copy_target):
+    params, key = shared
+    model = nnx.merge(graphdef, params)
+    pool = copy_blocks(pool, copy_source, copy_target)
+    zero = jnp.zeros_like(requests)
+    token, logp = _sample(model, last_hidden[prompts], key, first + requests, zero, o)
     stopped = _is_stop(token, o.stop_tokens)
-    done = s.active & (stopped | (s.steps + 1 >= s.budgets))
-    out = _record(out, s.requests, s.steps, token, logp, s.active, done, stopped)
-    grow = s.active.astype(jnp.int32)
-    s = s._replace(tokens=jnp.where(s.active, token, s.tokens), lengths=s.lengths + grow,
-                   steps=s.steps + grow, active=s.active & ~done)
-    return i + 1, recent, s, out
+    done = admit & (stopped | (budgets <= 1))
+    out = _record(out, requests, zero, token, logp, admit, done, stopped)
 
-  def running(carry):
-    i, _, s, _ = carry
-    return (i < max_steps) & jnp.any(s.active) & (jnp.sum(~s.active) < want_free)
+    def pick(new, old):
+      return jnp.where(admit.reshape(admit.shape + (1,) * (new.ndim - 1)), new, old)
 
-  active = slots.active
-  i, recent, slots, out = jax.lax.while_loop(running, step, (jnp.zeros((), jnp.int32), recent,
-                                                             slots, out))
-  count = jnp.where(active, slots.lengths - start, 0)
-  return write_recent(pool, recent, slots.table, start, count), slots, out, i
+    slots = _Slots(tokens=pick(token, slots.tokens), lengths=pick(lengths, slots.lengths),
+                   steps=pick(jnp.ones_like(zero), slots.steps),
+                   budgets=pick(budgets, slots.budgets), requests=pick(requests, slots.requests),
+                   active=pick(~done, slots.active), table=pick(table, slots.table))
+    return pool, slots, out
+
+  return _each_shard(shards, admit_requests, (params, key), pool, slots, out, last_hidden,
+                     first, admit, requests, prompts, budgets, lengths, table, copy_source,
+                     copy_target)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3), donate_argnums=(5, 6, 7))
+def _decode(shards: _Shards, graphdef, o: _Options, max_steps: int, params, pool: PagedKV,
+            slots: _Slots, out: _Outputs, key: Array, first: Array, want_free: Array):
+  """Per shard: decode steps of every active slot until `max_steps` steps, no active slot, or
+  at least `want_free` free slots. The new tokens' keys and values are kept in a
+  [L, S, max_steps, KV, Dh] buffer and written into the pool once at the end: the pool is an
+  invariant of the loop (written inside it, XLA copied it at every step)."""
+
+  def decode(shared, pool, slots, out, first, want_free):
+    params, key = shared
+    model = nnx.merge(graphdef, params)
+    c = model.config
+    layers = unstacked_layers(model)  # sliced once, outside the loop (None: scanned layers)
+    start = jnp.where(slots.active, slots.lengths, 0)  # the tokens in the pool
+    shape = (c.num_layers, slots.tokens.shape[0], max_steps, c.num_kv_heads, c.head_dim)
+    recent = PagedKV(k=jnp.zeros(shape, pool.k.dtype), v=jnp.zeros(shape, pool.v.dtype))
+
+    def running(carry):
+      i, _, s, _ = carry
+      return (i < max_steps) & jnp.any(s.active) & (jnp.sum(~s.active) < want_free)
+
+    def step(carry):
+      i, recent, s, out = carry
+      # In lockstep a shard that is done idles (it stays done: `running` is monotone).
+      live = s.active & running(carry) if shards.lockstep else s.active
+      count = jnp.where(live, s.lengths - start, 0)
+      hidden, k_new, v_new = decode_hidden(model, s.tokens, pool, s.table, start,
+                                           blocks_per_step=o.blocks_per_step, layers=layers,
+                                           recent=recent, recent_count=count)
+      recent = PagedKV(*(jax.lax.dynamic_update_index_in_dim(r, new, i, axis=2)
+                         for r, new in zip(recent, (k_new, v_new))))
+      token, logp = _sample(model, hidden, key, first + s.requests, s.steps, o)
+      stopped = _is_stop(token, o.stop_tokens)
+      done = live & (stopped | (s.steps + 1 >= s.budgets))
+      out = _record(out, s.requests, s.steps, token, logp, live, done, stopped)
+      grow = live.astype(jnp.int32)
+      s = s._replace(tokens=jnp.where(live, token, s.tokens), lengths=s.lengths + grow,
+                     steps=s.steps + grow, active=s.active & ~done)
+      return i + 1, recent, s, out
+
+    def any_running(carry):
+      go = running(carry)
+      return jax.lax.pmax(go.astype(jnp.int32), shards.axes) > 0 if shards.lockstep else go
+
+    active = slots.active
+    _, recent, slots, out = jax.lax.while_loop(any_running, step, (jnp.zeros((), jnp.int32),
+                                                                   recent, slots, out))
+    count = jnp.where(active, slots.lengths - start, 0)
+    return write_recent(pool, recent, slots.table, start, count), slots, out
+
+  return _each_shard(shards, decode, (params, key), pool, slots, out, first, want_free)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -251,6 +331,7 @@ class _Layout(NamedTuple):
   block_size: int
   num_blocks: int
   table_width: int  # MB: blocks per slot, a multiple of blocks_per_step
+  blocks_per_step: int  # at most the blocks one request can hold
   prompt_width: int  # Pb: prompt tokens per prefill row, a multiple of block_size
   prefill_rows: int
   refill_slots: int
@@ -273,12 +354,14 @@ def engine_layout(engine: EngineConfig, *, requests: int, prompt_length: int,
                      f"{prompt_length} + {max_new_tokens} tokens in blocks of {bs} (it needs "
                      f"{per_request} besides the null block).")
   width = _blocks(prompt_length + max_new_tokens, bs)
-  width = _blocks(width, engine.blocks_per_step) * engine.blocks_per_step
+  step_blocks = min(engine.blocks_per_step, width)  # reads past a request's blocks are waste
   return _Layout(
-    slots=slots, block_size=bs, num_blocks=num_blocks, table_width=width,
+    slots=slots, block_size=bs, num_blocks=num_blocks,
+    table_width=_blocks(width, step_blocks) * step_blocks, blocks_per_step=step_blocks,
     prompt_width=_blocks(prompt_length, bs) * bs,
     prefill_rows=engine.prefill_rows or _blocks(slots, num_samples),
-    refill_slots=engine.refill_slots or max(1, slots // 8), sync_every=engine.sync_every)
+    refill_slots=engine.refill_slots or max(1, slots // 8),
+    sync_every=min(engine.sync_every, max_new_tokens))  # no slot decodes more in one call
 
 
 class _Prompt:
@@ -356,8 +439,12 @@ class _Schedule:
           prompt.blocks = []
 
   @property
+  def occupied(self) -> int:
+    return sum(r >= 0 for r in self.slot_request)
+
+  @property
   def busy(self) -> bool:
-    return any(r >= 0 for r in self.slot_request)
+    return self.occupied > 0
 
 
 def _check_budgets(budgets: Any, requests: int, max_new_tokens: int) -> np.ndarray:
@@ -384,6 +471,7 @@ def engine_generate(
   pad_id: int,
   engine: EngineConfig | None = None,
   budgets: Any = None,
+  mesh: Any = None,
   **sampling_options: Any,
 ) -> Rollout:
   """`generate` by continuous batching (see the module docstring): the same arguments, the same
@@ -397,6 +485,10 @@ def engine_generate(
     budgets: None, or [B * num_samples] ints in [1, max_new_tokens]: request r's own
       max_new_tokens (a row that reaches it without a stop token is truncated:
       `finished` False).
+    mesh: None, or a mesh whose data axes (`data`, `fsdp`) split the prompts into contiguous
+      shards, D = their devices: each shard runs its own `num_slots` slots and pool on its
+      devices, with no communication between shards (the other axes, e.g. `tensor`, split
+      the model as the parameters' shardings say).
 
   Returns:
     A `Rollout` with B * num_samples rows, samples of prompt i in rows i·G … i·G + G − 1.
@@ -419,55 +511,76 @@ def engine_generate(
   stops = check_token_ids(graphdef, pad_id=pad_id, stop_tokens=stop_tokens)
   g, n = sampling.num_samples, sampling.max_new_tokens
   b, p = tokens.shape
-  requests = b * g
-  budget = _check_budgets(budgets, requests, n)
-  layout = engine_layout(engine, requests=requests, prompt_length=p, max_new_tokens=n,
-                         num_samples=g)
-  o = _Options(temperature=float(sampling.temperature), top_k=sampling.top_k,
-               top_p=None if sampling.top_p is None else float(sampling.top_p),
-               stop_tokens=stops, blocks_per_step=engine.blocks_per_step)
+  budget = _check_budgets(budgets, b * g, n)
   host_tokens, host_mask = np.asarray(tokens), np.asarray(mask)
   prompts = [_Prompt(host_tokens[i][host_mask[i]], g) for i in range(b)]
   if any(prompt.length == 0 for prompt in prompts):
     raise ValueError("every prompt needs at least one real token (`prompt_mask` 1).")
-  schedule = _Schedule(layout, prompts, budget, g)
+
+  # Shard d serves prompts d·Bd … (d + 1)·Bd − 1, i.e. requests d·Rd … (d + 1)·Rd − 1.
+  shards = _shards(mesh)
+  d = shards.count
+  bd = -(-b // d)
+  rd = bd * g
+  layout = engine_layout(engine, requests=rd, prompt_length=p, max_new_tokens=n, num_samples=g)
+  o = _Options(temperature=float(sampling.temperature), top_k=sampling.top_k,
+               top_p=None if sampling.top_p is None else float(sampling.top_p),
+               stop_tokens=stops, blocks_per_step=layout.blocks_per_step)
+  schedules = [_Schedule(layout, prompts[i * bd:(i + 1) * bd], budget[i * rd:(i + 1) * rd], g)
+               for i in range(d)]
+  first = np.arange(d, dtype=np.int32) * rd
 
   s, mb = layout.slots, layout.table_width
-  pool = init_paged_kv(config, layout.num_blocks, layout.block_size)
-  last_hidden = jnp.zeros((b, config.hidden_size), config.dtype)
-  slots = _Slots(tokens=jnp.zeros((s,), jnp.int32), lengths=jnp.zeros((s,), jnp.int32),
-                 steps=jnp.zeros((s,), jnp.int32), budgets=jnp.ones((s,), jnp.int32),
-                 requests=jnp.full((s,), requests, jnp.int32), active=jnp.zeros((s,), bool),
-                 table=jnp.zeros((s, mb), jnp.int32))
-  out = _Outputs(tokens=jnp.full((requests, n), pad_id, jnp.int32),
-                 logprobs=jnp.zeros((requests, n), jnp.float32),
-                 lengths=jnp.zeros((requests,), jnp.int32),
-                 finished=jnp.zeros((requests,), bool))
+  new = functools.partial(_full, shards)
+  pool_shape = (config.num_layers, config.num_kv_heads, layout.num_blocks, layout.block_size,
+                config.head_dim)
+  pool = PagedKV(k=new(pool_shape, 0, config.dtype), v=new(pool_shape, 0, config.dtype))
+  last_hidden = new((bd, config.hidden_size), 0, config.dtype)
+  slots = _Slots(tokens=new((s,), 0, jnp.int32), lengths=new((s,), 0, jnp.int32),
+                 steps=new((s,), 0, jnp.int32), budgets=new((s,), 1, jnp.int32),
+                 requests=new((s,), rd, jnp.int32), active=new((s,), False, jnp.bool_),
+                 table=new((s, mb), NULL_BLOCK, jnp.int32))
+  out = _Outputs(tokens=new((rd, n), pad_id, jnp.int32), logprobs=new((rd, n), 0, jnp.float32),
+                 lengths=new((rd,), 0, jnp.int32), finished=new((rd,), False, jnp.bool_))
 
-  while schedule.pending or schedule.busy:
-    admitted, to_prefill = schedule.admissions()
-    if not admitted and not schedule.busy:  # cannot happen: engine_layout checked the pool
+  while any(schedule.pending or schedule.busy for schedule in schedules):
+    plans = [schedule.admissions() for schedule in schedules]
+    if any(sched.pending and not admitted and not sched.busy
+           for sched, (admitted, _) in zip(schedules, plans)):  # engine_layout rules it out
       raise RuntimeError("the rollout engine's pool cannot admit the next request.")
-    for start in range(0, len(to_prefill), layout.prefill_rows):
-      pool, last_hidden = _prefill(graphdef, params, pool, last_hidden,
-                                   *_prefill_inputs(prompts, to_prefill[start:start +
-                                                    layout.prefill_rows], layout, b))
-    if admitted:
-      pool, slots, out = _admit(graphdef, o, params, pool, slots, out, last_hidden, key,
-                                *_admit_inputs(admitted, prompts, budget, layout, g, requests))
+    rows = layout.prefill_rows
+    for start in range(0, max(len(to_prefill) for _, to_prefill in plans), rows):
+      pool, last_hidden = _prefill(shards, graphdef, params, pool, last_hidden, *_stacked(
+        _prefill_inputs(schedule.prompts, to_prefill[start:start + rows], layout, bd)
+        for schedule, (_, to_prefill) in zip(schedules, plans)))
+    if any(admitted for admitted, _ in plans):
+      pool, slots, out = _admit(shards, graphdef, o, params, pool, slots, out, last_hidden, key,
+                                first, *_stacked(
+                                  _admit_inputs(admitted, schedule.prompts, schedule.budgets,
+                                                layout, g, rd)
+                                  for schedule, (admitted, _) in zip(schedules, plans)))
     # Back to the host once `refill_slots` more slots are free than now (none wait: never).
-    free = s - sum(r >= 0 for r in schedule.slot_request)
-    want_free = free + layout.refill_slots if schedule.pending else s + 1
-    pool, slots, out, _ = _decode(graphdef, o, layout.sync_every, params, pool, slots, out,
-                                  key, np.int32(want_free))
-    schedule.release(np.asarray(slots.active))
+    want_free = np.array([s - schedule.occupied + layout.refill_slots if schedule.pending
+                          else s + 1 for schedule in schedules], np.int32)
+    pool, slots, out = _decode(shards, graphdef, o, layout.sync_every, params, pool, slots, out,
+                               key, first, want_free)
+    active = np.asarray(slots.active)
+    for schedule, shard_active in zip(schedules, active):
+      schedule.release(shard_active)
 
+  rows = lambda x: x.reshape(d * rd, *x.shape[2:])[: b * g]  # noqa: E731
+  out = _Outputs(*(rows(x) for x in out))
   completion_mask = jnp.arange(n)[None, :] < out.lengths[:, None]
   return Rollout(
     tokens=jnp.concatenate([jnp.repeat(tokens, g, axis=0), out.tokens], axis=1),
     prompt_mask=jnp.repeat(mask, g, axis=0), completion_mask=completion_mask,
     logprobs=jnp.where(completion_mask, out.logprobs, 0.0), lengths=out.lengths,
     finished=out.finished)
+
+
+def _stacked(per_shard) -> tuple[np.ndarray, ...]:
+  """The shards' argument tuples stacked along a leading shard axis."""
+  return tuple(np.stack(parts) for parts in zip(*per_shard))
 
 
 def _prefill_inputs(prompts: list[_Prompt], indices: list[int], layout: _Layout, b: int):

@@ -281,11 +281,6 @@ class OnPolicyTrainer(abc.ABC):
       return batch
     return jax.device_put(batch, default_batch_sharding(self.mesh))
 
-  @property
-  def engine(self) -> EngineConfig | None:
-    """The rollout engine's config (`config.engine`); None — the static `generate` — on a mesh,
-    where the engine does not yet run one pool per data shard."""
-    return None if self.mesh is not None else self.config.engine
 
   def rollout(self, state: TrainState, prompts: Any, key: jax.Array,
               sampling: SamplingConfig | None = None, **kwargs: Any) -> Scored:
@@ -295,7 +290,7 @@ class OnPolicyTrainer(abc.ABC):
       self.graphdef, self.sampler_params(state), prompts, key, sampling or self.config.sampling,
       reward_fn=self.reward_fn, tokenizer=self.tokenizer, stop_tokens=self.stop_tokens,
       pad_id=self.pad_id, nonfinite_rewards=self.config.nonfinite_rewards,
-      drop_groups=self.drop_groups, engine=self.engine, **kwargs)
+      drop_groups=self.drop_groups, engine=self.config.engine, mesh=self.mesh, **kwargs)
 
   def logprobs(self, params: Any, frozen: Any, batch: Experience, *,
                return_entropy: bool = False):

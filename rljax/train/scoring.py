@@ -195,12 +195,14 @@ def collect_rollout(
   nonfinite_rewards: str = "raise",
   drop_groups: bool = False,
   engine: EngineConfig | None = None,
+  mesh: Any = None,
 ) -> Scored:
   """Samples `sampling.num_samples` completions per prompt with `params` (from
   `OnPolicyTrainer.sampler_params`) and scores them on the host with `reward_fn` (see
   `call_reward_fn`; `process` as there, default: whichever kind the reward fn returns).
   `engine` (an `EngineConfig`) samples with the continuous-batching engine
-  (`engine_generate`), None with the static `generate`; both give the same rollout.
+  (`engine_generate`, one pool per data shard of `mesh`), None with the static `generate`;
+  both give the same rollout.
 
   The overlong penalty (`overlong_cache`, DAPO's L_cache; `soft_overlong_penalty`) is added to
   the score of each row; for process rewards it is added to the reward at the row's last
@@ -212,7 +214,8 @@ def collect_rollout(
   """
   n = sampling.num_samples
   start = time.perf_counter()
-  sampler = generate if engine is None else functools.partial(engine_generate, engine=engine)
+  sampler = generate if engine is None else functools.partial(engine_generate, engine=engine,
+                                                               mesh=mesh)
   out = sampler((graphdef, params), prompts.tokens, prompts.mask, key, sampling,
                 stop_tokens=stop_tokens, pad_id=pad_id)
   rollout = Rollout(*jax.device_get(tuple(out)))

@@ -21,6 +21,8 @@ from flax import nnx
 from rljax.models.config import ModelConfig
 from rljax.models.transformer import Transformer
 from rljax.ops.logprobs import token_logprobs
+from rljax.parallel.rules import FSDP_RULES, FSDP_TP_RULES, MESH_AXES, inference_rules
+from rljax.rollout import engine
 from rljax.rollout.engine import (
   EngineConfig,
   _Prompt,
@@ -31,6 +33,9 @@ from rljax.rollout.engine import (
 from rljax.rollout.generate import generate
 from rljax.rollout.sampling import SamplingConfig
 from rljax.train.compiles import count_compiles
+from rljax.train.state import variable_shardings
+
+from bench_utils import loop_collectives
 
 CONFIG = ModelConfig(
   vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
@@ -124,6 +129,45 @@ def test_sliding_window_and_softcap_models_match_generate():
   sampling = SAMPLING["sampled"]
   _assert_same_rollout(_run(engine_generate, model, sampling, engine=ENGINES["3 slots"]),
                        _run(generate, model, sampling))
+
+
+def _sharded(model, shape, rules):
+  """(mesh, the model's (graphdef, state) in the inference layout of `rules` on it)."""
+  mesh = jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  graphdef, state = nnx.split(model)
+  return mesh, (graphdef, jax.device_put(
+    state, variable_shardings(state, mesh, inference_rules(rules))))
+
+
+@pytest.mark.parametrize("shape,rules", [
+  ((2, 4, 1), FSDP_RULES),  # 8 shards, 4 of them without a prompt
+  ((2, 2, 2), FSDP_TP_RULES),  # 4 shards, each splitting the model over `tensor`: lockstep
+])
+def test_one_pool_per_data_shard_returns_the_rollout_of_generate(model, shape, rules):
+  mesh, sharded = _sharded(model, shape, rules)
+  out = _run(engine_generate, sharded, SAMPLING["sampled"], engine=ENGINES["3 slots"],
+             mesh=mesh)
+  _assert_same_rollout(out, _run(generate, model, SAMPLING["sampled"]))
+
+
+def test_the_shards_decode_loops_hold_no_collective(model, monkeypatch):
+  """With the model whole inside each shard, the decode program communicates nothing."""
+  mesh, sharded = _sharded(model, (2, 4, 1), FSDP_RULES)
+  calls = []
+
+  def abstract(x):  # the call donates its arrays; an unplaced one (the key) stays unplaced
+    placed = len(x.sharding.device_set) > 1
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding if placed else None)
+
+  def recorded(*args):
+    calls.append(jax.tree.map(lambda x: abstract(x) if isinstance(x, jax.Array) else x, args))
+    return decode(*args)
+
+  decode = engine._decode
+  monkeypatch.setattr(engine, "_decode", recorded)
+  _run(engine_generate, sharded, SAMPLING["sampled"], engine=ENGINES["3 slots"], mesh=mesh)
+  hlo = decode.lower(*calls[0]).compile().as_text()
+  assert loop_collectives(hlo) == (0, 0)
 
 
 def test_no_recompilation_across_calls(model):
