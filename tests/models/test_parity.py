@@ -131,3 +131,23 @@ def test_missing_and_mismatched_tensors_are_named():
   extra["model.layers.0.foo.weight"] = np.ones((3,), np.float32)
   with pytest.raises(ValueError, match=r"model\.layers\.0\.foo\.weight"):
     load_hf_state_dict(model, extra)
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3_multimodal"])
+def test_gemma_save_and_load_round_trip(tmp_path, family):
+  """save_pretrained writes a Gemma causal LM (a multimodal checkpoint's text model only) that
+  transformers' config classes read and that loads back to the same logits."""
+  import transformers
+
+  from rljax.models.io import save_pretrained
+
+  model, _ = load_pretrained(os.path.join(FIXTURES, family))
+  save_pretrained(model, None, tmp_path)
+  hf = transformers.AutoConfig.from_pretrained(tmp_path)
+  assert hf.model_type == model.config.model_type
+  assert hf.layer_types == [("full_attention" if w is None else "sliding_attention")
+                            for w in model.config.sliding_window]
+  again, _ = load_pretrained(tmp_path)
+  assert again.config == model.config
+  data = dict(np.load(os.path.join(FIXTURES, family, "inputs.npz")))
+  assert _max_diff(_logits(again, data), data) <= 1e-5
