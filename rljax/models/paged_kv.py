@@ -43,6 +43,7 @@ from rljax.models.transformer import (
   output_norm,
   project_qkv,
   rope_tables,
+  soft_cap,
   swiglu_mlp,
 )
 from rljax.ops._checks import check_int
@@ -78,10 +79,6 @@ def init_paged_kv(config: ModelConfig, num_blocks: int, block_size: int, *,
   shape = (config.num_layers, config.num_kv_heads, num_blocks, block_size, config.head_dim)
   dtype = config.dtype if dtype is None else dtype
   return PagedKV(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
-
-
-def _soft_capped(s: Array, softcap: float | None) -> Array:
-  return s if softcap is None else softcap * jnp.tanh(s / softcap)
 
 
 def paged_attention(
@@ -130,7 +127,7 @@ def paged_attention(
 
   def scores(keys):  # keys [KV, S, n, Dh] -> [KV, S, G, n]
     raw = jnp.einsum("ksgd,ksnd->ksgn", qg, keys.astype(jnp.float32)) * scale
-    return _soft_capped(raw, softcap)
+    return soft_cap(raw, softcap)
 
   own = scores(jnp.swapaxes(k_self, 0, 1)[:, :, None])  # [KV, S, G, 1]
   position = lengths if recent_count is None else lengths + recent_count  # the query's

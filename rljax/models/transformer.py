@@ -354,7 +354,8 @@ def decoder_layer(
   p: dict[str, Array], x: Array, cos: Array, sin: Array, attend: Attend, config: ModelConfig,
   window: Array | None = None,
 ) -> Array:
-  """One pre-norm decoder layer on x [B, T, D] with this layer's (unstacked) parameters `p`;
+  """One pre-norm decoder layer (with `post_norms` each sub-layer's output normed too, Gemma) on
+  x [B, T, D] with this layer's (unstacked) parameters `p`;
   `attend(q, k, v, window)` is the rows' self-attention
   (`rljax.models.attention.self_attention`), `window` this layer's sliding window."""
   h = norm(x, p["attn_norm"], config)
