@@ -45,3 +45,32 @@ def tiny_prompt_batch(tokenizer, texts=("what is 2 + 3 ?", "hello world ?"), *, 
   for i, r in enumerate(rows):
     tokens[i, length - len(r):], mask[i, length - len(r):] = r, True
   return PromptBatch(tokens, mask, list(texts), dict(fields or {}))
+
+
+GEMMA_SPECIAL = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
+# Gemma 2's chat template (its tokenizer_config.json, with spaces for newlines so that the words
+# split): no system role, "model" for the assistant, every turn closed by <end_of_turn>.
+GEMMA_CHAT_TEMPLATE = (
+  "{{ bos_token }}{% if messages[0]['role'] == 'system' %}"
+  "{{ raise_exception('System role not supported') }}{% endif %}"
+  "{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+  "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+  "{% endif %}{% if (message['role'] == 'assistant') %}{% set role = 'model' %}"
+  "{% else %}{% set role = message['role'] %}{% endif %}"
+  "{{ '<start_of_turn> ' + role + ' ' + message['content'] | trim + ' <end_of_turn> ' }}"
+  "{% endfor %}{% if add_generation_prompt %}{{'<start_of_turn> model '}}{% endif %}"
+)
+
+
+def tiny_gemma_tokenizer() -> PreTrainedTokenizerFast:
+  """A word-level tokenizer with Gemma's special tokens (ids 0..5: <pad> <eos> <bos> <unk>
+  <start_of_turn> <end_of_turn>), then `WORDS` and "model", and Gemma 2's chat template."""
+  vocab = {token: i for i, token in enumerate(GEMMA_SPECIAL + WORDS + ["model"])}
+  backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+  backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+  backend.decoder = decoders.WordPiece(prefix="##")
+  return PreTrainedTokenizerFast(
+    tokenizer_object=backend, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+    unk_token="<unk>", additional_special_tokens=["<start_of_turn>", "<end_of_turn>"],
+    chat_template=GEMMA_CHAT_TEMPLATE,
+  )

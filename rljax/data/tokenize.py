@@ -10,6 +10,10 @@ rollout conditions on (prompt) and produces (response, ending with the stop toke
 the full conversation and tokenizing it as one string can merge tokens across the
 prompt/response boundary and double the BOS token; this scheme cannot.
 
+Chat templates without a system role (Gemma 2's raises on one): a chat with a system turn is
+templated with the system text folded into the first user turn (`fold_system_turn`, the way
+Gemma 3's own template does it) when the template rejects it as it is.
+
 Over-long examples (`max_length`): `overflow="truncate"` keeps the END of the prompt (where the
 generation prompt is, TRL's `keep_end`) and the START of the response, keeping at least one
 response token; `"drop"` skips the example; `"error"` raises. `tokenize_dataset` counts both.
@@ -48,6 +52,36 @@ def as_chat(prompt: Text, chat: bool | None) -> list[dict[str, str]] | None:
   return [{"role": "user", "content": prompt}] if chat else None
 
 
+def fold_system_turn(messages: list[dict[str, str]]) -> list[dict[str, str]]:
+  """The chat with its leading system turn folded into the first user turn: "system\n\nuser"
+  (Gemma 3's template's own rendering of a system prompt). Unchanged without a system turn."""
+  if not messages or messages[0].get("role") != "system":
+    return messages
+  system, rest = messages[0], list(messages[1:])
+  if rest and rest[0].get("role") == "user":
+    rest[0] = {**rest[0], "content": f"{system['content']}\n\n{rest[0]['content']}"}
+  else:
+    rest.insert(0, {"role": "user", "content": system["content"]})
+  return rest
+
+
+def apply_chat_template(tokenizer: Any, messages: list[dict[str, str]], *, tokenize: bool) -> Any:
+  """`tokenizer.apply_chat_template(messages, add_generation_prompt=True)`; a template that
+  raises on the system turn (no system role: Gemma) gets `fold_system_turn(messages)`."""
+  from jinja2.exceptions import TemplateError
+
+  kwargs = dict(add_generation_prompt=True, tokenize=tokenize)
+  if tokenize:
+    kwargs["return_dict"] = False
+  try:
+    return tokenizer.apply_chat_template(messages, **kwargs)
+  except TemplateError:
+    folded = fold_system_turn(messages)
+    if folded is messages:
+      raise
+    return tokenizer.apply_chat_template(folded, **kwargs)
+
+
 def encode_prompt(
   tokenizer: Any, prompt: Text, *, chat: bool | None = None, add_special_tokens: bool = True
 ) -> list[int]:
@@ -56,11 +90,7 @@ def encode_prompt(
   where the tokenizer does, unless add_special_tokens=False)."""
   messages = as_chat(prompt, chat)
   if messages is not None:
-    return _as_list(
-      tokenizer.apply_chat_template(
-        messages, add_generation_prompt=True, tokenize=True, return_dict=False
-      )
-    )
+    return _as_list(apply_chat_template(tokenizer, messages, tokenize=True))
   return _as_list(tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"])
 
 
@@ -69,7 +99,7 @@ def prompt_text(tokenizer: Any, prompt: Text, *, chat: bool | None = None) -> st
   messages = as_chat(prompt, chat)
   if messages is None:
     return prompt  # type: ignore[return-value]
-  return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+  return apply_chat_template(tokenizer, messages, tokenize=False)
 
 
 def encode_response(

@@ -120,6 +120,31 @@ def load_rows(spec: Any, what: str) -> list[dict]:
   return list(spec)
 
 
+# Tokens that end a chat turn before the tokenizer's eos: Gemma's chat template closes every turn
+# with `<end_of_turn>` (generation_config's eos_token_id [1, 106] = <eos>, <end_of_turn>).
+END_OF_TURN_TOKENS = ("<end_of_turn>",)
+
+
+def stop_tokens_of(tokenizer: Any, model_config: Any = None) -> list[int]:
+  """The ids a completion stops on: the tokenizer's eos, the model config's eos ids (a list for
+  Gemma 3), and the end-of-turn tokens of `END_OF_TURN_TOKENS` the vocabulary has; each once,
+  in that order.
+
+  Raises:
+    ConfigError: none at all (no eos, no end-of-turn token).
+  """
+  ids: list[Any] = [getattr(tokenizer, "eos_token_id", None)]
+  eos = getattr(model_config, "eos_token_id", None)
+  ids += eos if isinstance(eos, (list, tuple)) else [eos]
+  vocab = tokenizer.get_vocab()
+  ids += [vocab.get(token) for token in END_OF_TURN_TOKENS]
+  stops = list(dict.fromkeys(int(i) for i in ids if i is not None))
+  if not stops:
+    raise ConfigError("the tokenizer has no eos_token_id and no end-of-turn token: generation "
+                      "would never stop")
+  return stops
+
+
 def pad_id_of(tokenizer: Any) -> int:
   pad = getattr(tokenizer, "pad_token_id", None)
   return int(pad if pad is not None else tokenizer.eos_token_id)

@@ -167,7 +167,8 @@ def setup(exp: Experiment, out_dir: str) -> tuple[Run, Any]:
       compiler_options=compiler_options)
     return run, state
   reward_fn = build.build_reward(exp, tokenizer)
-  kw = {"stop_tokens": [tokenizer.eos_token_id], "pad_id": build.pad_id_of(tokenizer),
+  kw = {"stop_tokens": build.stop_tokens_of(tokenizer, getattr(model, "config", None)),
+        "pad_id": build.pad_id_of(tokenizer),
         "mesh": mesh, "rules": rules, "compiler_options": compiler_options}
   if c.algorithm == "grpo":
     run.trainer = GRPOTrainer(graphdef, optimizer, c.grpo, reward_fn, tokenizer, **kw)

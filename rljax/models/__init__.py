@@ -1,5 +1,5 @@
-"""Flax NNX decoder-only language models (Llama / Mistral / Qwen2 / Qwen3 / SmolLM), value and
-reward heads, and Hugging Face / GGUF weight I/O."""
+"""Flax NNX decoder-only language models (Llama / Mistral / Qwen2 / Qwen3 / SmolLM / Gemma 2 / 3),
+value and reward heads, and Hugging Face / GGUF weight I/O."""
 
 from rljax.models.config import ModelConfig
 from rljax.models.gguf import convert_gguf

@@ -16,7 +16,18 @@ What the converter undoes (the conventions of llama.cpp's `convert_hf_to_gguf.py
     rotate-half RoPE layout into llama.cpp's interleaved one): see `permute_qk` / `unpermute_qk`;
   * tensor names (`blk.N.attn_q.weight` → `model.layers.N.self_attn.q_proj.weight`, ...);
   * hyper-parameters (`llama.embedding_length` → `hidden_size`, ...), and tied embeddings when the
-    file has no `output.weight`.
+    file has no `output.weight`;
+  * Gemma 2 / 3 (`Gemma2Model` / `Gemma3Model` there): every norm weight is stored as 1 + w
+    (llama.cpp's RMSNorm multiplies by the weight; transformers' Gemma norms by 1 + w), so 1 is
+    subtracted again (`GEMMA_NORM_SHIFT`; in float32 w comes back within an ulp of 1); the
+    pre-feedforward norm is `ffn_norm`; what the file does not store is llama.cpp's own rule:
+    query_pre_attn_scalar = head_dim (hidden / heads for the 27B models), sliding windows on
+    every 2nd (Gemma 2) / 5 of 6 (Gemma 3) layers, Gemma 3's local RoPE base 10k, Gemma 2's
+    soft-caps 50 / 30 when absent.
+
+The tokenizer is rebuilt for byte-level BPE vocabularies only (`rljax.models.gguf_tokenizer`);
+most Gemma files carry a SentencePiece one (`tokenizer.ggml.model == "llama"`), which is refused
+with its name: use the model's Hugging Face tokenizer with the converted weights.
 
 The `gguf` package is an optional dependency: `pip install 'rljax[gguf]'`.
 """
@@ -30,13 +41,22 @@ from typing import Any
 
 import numpy as np
 
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3")
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma2", "gemma3")
 # GGUF architecture → (HF model_type, HF architectures entry).
 _HF_MODEL = {
   "llama": ("llama", "LlamaForCausalLM"),
   "qwen2": ("qwen2", "Qwen2ForCausalLM"),
   "qwen3": ("qwen3", "Qwen3ForCausalLM"),
+  "gemma2": ("gemma2", "Gemma2ForCausalLM"),
+  "gemma3": ("gemma3_text", "Gemma3ForCausalLM"),
 }
+GEMMA_ARCHITECTURES = ("gemma2", "gemma3")
+# llama.cpp stores a Gemma norm weight w of x̂·(1 + w) as 1 + w (convert_hf_to_gguf.py).
+GEMMA_NORM_SHIFT = 1.0
+# Gemma's layer pattern in llama.cpp (`set_swa_pattern`): layer i is local iff i % n < n - 1.
+_GEMMA_SWA_PATTERN = {"gemma2": 2, "gemma3": 6}
+# Layer counts of the 27B models, whose query_pre_attn_scalar llama.cpp takes as hidden / heads.
+_GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
 # Architectures whose q/k rows llama.cpp permutes (convert_hf_to_gguf.py, LlamaModel.modify_tensors).
 _PERMUTED_ARCHITECTURES = ("llama",)
 DTYPES = ("float32", "bfloat16")
@@ -65,6 +85,13 @@ _LAYER_NAMES = {
   "ffn_gate.bias": "mlp.gate_proj.bias",
   "ffn_up.bias": "mlp.up_proj.bias",
   "ffn_down.bias": "mlp.down_proj.bias",
+}
+# Gemma's four per-layer norms (`attn_norm` as llama's): ffn_norm is the pre-feedforward one.
+_GEMMA_LAYER_NAMES = {
+  **_LAYER_NAMES,
+  "post_attention_norm.weight": "post_attention_layernorm.weight",
+  "ffn_norm.weight": "pre_feedforward_layernorm.weight",
+  "post_ffw_norm.weight": "post_feedforward_layernorm.weight",
 }
 _LAYER_RE = re.compile(r"^blk\.(\d+)\.(.+)$")
 
@@ -208,6 +235,8 @@ def hf_config_from_gguf(
     raise ValueError("tensor 'rope_freqs.weight' (llama3-style rope scaling) is not supported")
   vocab = metadata.get(a + "vocab_size") or len(metadata.get("tokenizer.ggml.tokens", ()))
   model_type, hf_arch = _HF_MODEL[arch]
+  if arch == "gemma3":  # llama.cpp's default for Gemma 3's (global) RoPE base
+    metadata = {a + "rope.freq_base": 1_000_000.0, **metadata}
   config: dict[str, Any] = {
     "architectures": [hf_arch],
     "model_type": model_type,
@@ -236,7 +265,43 @@ def hf_config_from_gguf(
     config["attention_bias"] = "blk.0.attn_q.bias" in names
   if model_type in ("qwen2", "qwen3"):
     config["use_sliding_window"] = False
+  if arch in GEMMA_ARCHITECTURES:
+    config.update(_gemma_config(metadata, arch, config))
   return config
+
+
+def _gemma_config(metadata: dict[str, Any], arch: str, config: dict[str, Any]) -> dict[str, Any]:
+  """The Gemma keys of a config.json from a GGUF file's metadata and llama.cpp's rules for what
+  it does not store (see the module docstring)."""
+  a = f"{arch}."
+  layers, pattern = config["num_hidden_layers"], _GEMMA_SWA_PATTERN[arch]
+  stored = metadata.get(a + "attention.sliding_window_pattern")
+  if isinstance(stored, (list, tuple)):
+    local = [bool(x) for x in stored]
+  else:
+    pattern = int(stored) if stored else pattern
+    local = [i % pattern < pattern - 1 for i in range(layers)]
+  if len(local) != layers:
+    raise ValueError(f"{a}attention.sliding_window_pattern has {len(local)} entries for "
+                     f"{layers} layers")
+  heads, head_dim = config["num_attention_heads"], config["head_dim"]
+  is_27b = layers == _GEMMA_27B_LAYERS[arch]
+  out: dict[str, Any] = {
+    "hidden_act": "gelu_pytorch_tanh",
+    "hidden_activation": "gelu_pytorch_tanh",
+    "attention_bias": False,
+    "query_pre_attn_scalar": config["hidden_size"] // heads if is_27b else head_dim,
+    "sliding_window": int(_required(metadata, a + "attention.sliding_window")),
+    "layer_types": ["sliding_attention" if x else "full_attention" for x in local],
+    "final_logit_softcapping": metadata.get(a + "final_logit_softcapping",
+                                            30.0 if arch == "gemma2" else None),
+    "attn_logit_softcapping": metadata.get(a + "attn_logit_softcapping",
+                                           50.0 if arch == "gemma2" else None),
+  }
+  if arch == "gemma3":
+    out["rope_local_base_freq"] = 10000.0
+    out["attn_logit_softcapping"] = None
+  return out
 
 
 def _rope_scaling(metadata: dict[str, Any], a: str) -> dict[str, Any] | None:
@@ -253,17 +318,19 @@ def _rope_scaling(metadata: dict[str, Any], a: str) -> dict[str, Any] | None:
 # ----------------------------------------------------------------------------------------------
 
 
-def hf_tensor_name(gguf_name: str) -> str:
-  """GGUF tensor name → HF name (`blk.3.ffn_up.weight` → `model.layers.3.mlp.up_proj.weight`).
+def hf_tensor_name(gguf_name: str, arch: str = "llama") -> str:
+  """GGUF tensor name → HF name (`blk.3.ffn_up.weight` → `model.layers.3.mlp.up_proj.weight`;
+  Gemma's `blk.3.ffn_norm.weight` → `model.layers.3.pre_feedforward_layernorm.weight`).
 
   Raises:
     ValueError: a tensor name this converter does not know (named).
   """
   if gguf_name in _TOP_NAMES:
     return _TOP_NAMES[gguf_name]
+  names = _GEMMA_LAYER_NAMES if arch in GEMMA_ARCHITECTURES else _LAYER_NAMES
   match = _LAYER_RE.match(gguf_name)
-  if match and match.group(2) in _LAYER_NAMES:
-    return f"model.layers.{match.group(1)}.{_LAYER_NAMES[match.group(2)]}"
+  if match and match.group(2) in names:
+    return f"model.layers.{match.group(1)}.{names[match.group(2)]}"
   raise ValueError(f"unknown GGUF tensor {gguf_name!r}")
 
 
@@ -274,7 +341,9 @@ def expected_gguf_tensors(config: dict[str, Any]) -> list[str]:
     names.append("output.weight")
   per_layer = ["attn_norm", "ffn_norm", "attn_q", "attn_k", "attn_v", "attn_output"]
   per_layer += ["ffn_gate", "ffn_up", "ffn_down"]
-  if config["model_type"] == "qwen3":
+  if config["model_type"] in ("gemma2", "gemma3_text"):
+    per_layer += ["post_attention_norm", "post_ffw_norm"]
+  if config["model_type"] in ("qwen3", "gemma3_text"):
     per_layer += ["attn_q_norm", "attn_k_norm"]
   for layer in range(config["num_hidden_layers"]):
     names.extend(f"blk.{layer}.{n}.weight" for n in per_layer)
@@ -285,7 +354,8 @@ def expected_gguf_tensors(config: dict[str, Any]) -> list[str]:
 
 
 def hf_state_dict_from_gguf(reader: Any, config: dict[str, Any]) -> dict[str, np.ndarray]:
-  """{HF name: float32 array} of all tensors, dequantised, with llama's Q/K permutation undone.
+  """{HF name: float32 array} of all tensors, dequantised, with llama's Q/K permutation and
+  Gemma's norm shift (`GEMMA_NORM_SHIFT`) undone.
 
   Raises:
     ValueError: a missing tensor or an unknown one (the message names it).
@@ -295,10 +365,13 @@ def hf_state_dict_from_gguf(reader: Any, config: dict[str, Any]) -> dict[str, np
   if missing:
     raise ValueError(f"missing GGUF tensors: {missing[:8]}{' ...' if len(missing) > 8 else ''}")
   permuted = config["model_type"] in _PERMUTED_ARCHITECTURES
+  arch = next(k for k, (model_type, _) in _HF_MODEL.items() if model_type == config["model_type"])
   out: dict[str, np.ndarray] = {}
   for name, tensor in tensors.items():
-    hf_name = hf_tensor_name(name)
+    hf_name = hf_tensor_name(name, arch)
     value = dequantized(tensor)
+    if arch in GEMMA_ARCHITECTURES and name.endswith("norm.weight"):
+      value = value - np.float32(GEMMA_NORM_SHIFT)
     shape = _expected_shape(hf_name, config)
     if shape is not None and tuple(value.shape) != shape:
       raise ValueError(

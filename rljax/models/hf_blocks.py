@@ -69,16 +69,20 @@ def _read_block(tensor: Any, name: str, index: tuple[slice, ...], c: ModelConfig
 class BlockReader(contextlib.ExitStack):
   """Open safetensors files of one directory; reads blocks of rljax parameters from them."""
 
-  def __init__(self, path: str, mapping: dict[str, str], config: ModelConfig):
+  def __init__(self, path: str, mapping: dict[str, str], config: ModelConfig,
+               stored: dict[str, str] | None = None):
+    """`mapping`: {HF name: file}; `stored`: {HF name: the name in the file} where they differ
+    (a multimodal checkpoint's text model, `hf_weights.text_weight_names`)."""
     super().__init__()
     self.path, self.mapping, self.config = path, mapping, config
+    self.stored = stored or {}
     self._files: dict[str, Any] = {}
 
   def slice_of(self, hf_name: str) -> Any:
     file = self.mapping[hf_name]
     if file not in self._files:
       self._files[file] = self.enter_context(open_safetensors(os.path.join(self.path, file)))
-    return self._files[file].get_slice(hf_name)
+    return self._files[file].get_slice(self.stored.get(hf_name, hf_name))
 
   def check_shape(self, hf_name: str, expected: tuple[int, ...]) -> None:
     shape = tuple(self.slice_of(hf_name).get_shape())
@@ -101,7 +105,7 @@ class BlockReader(contextlib.ExitStack):
     def read(index: tuple[slice, ...]) -> np.ndarray:
       index = _norm(index, shape)
       blocks = [
-        _read_block(self.slice_of(hf_layer_name(name, layer)), name, index[1:], c)
+        _read_block(self.slice_of(hf_layer_name(name, layer, c)), name, index[1:], c)
         for layer in range(index[0].start, index[0].stop)
       ]
       return np.stack(blocks).astype(dtype, copy=False)
@@ -116,4 +120,4 @@ def hf_shapes(path: tuple[str, ...], shape: tuple[int, ...], c: ModelConfig) -> 
   name = path[1]
   one = jax.ShapeDtypeStruct(shape[1:], np.float32)
   hf_shape = tuple(jax.eval_shape(lambda x: rljax_to_hf_layout(name, x, c), one).shape)
-  return {hf_layer_name(name, layer): hf_shape for layer in range(shape[0])}
+  return {hf_layer_name(name, layer, c): hf_shape for layer in range(shape[0])}

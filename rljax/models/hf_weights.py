@@ -18,6 +18,16 @@ loaders (`load_pretrained` / `save_pretrained`, GGUF import) build on it.
   model.layers.{i}.mlp.{gate,up}_proj.weight  [F, D]      → layers.{gate,up}_proj [L, D, F]
   model.layers.{i}.mlp.down_proj.weight       [D, F]      → layers.down_proj  [L, F, D]
   model.layers.{i}.mlp.{gate,up,down}_proj.bias           → layers.{gate,up,down}_bias
+
+Gemma 2 / 3 (`post_norms`) name their four norms differently: input_layernorm → attn_norm,
+post_attention_layernorm → post_attn_norm (the attention output's norm),
+pre_feedforward_layernorm → mlp_norm, post_feedforward_layernorm → post_mlp_norm. Their norm
+weights are stored as w of x̂·(1 + w), as rljax stores them (`norm_plus_one`).
+
+A Gemma 3 multimodal checkpoint (Gemma3ForConditionalGeneration) holds the text model under a
+prefix: `language_model.model.` (the Hub's files) or `model.language_model.` (transformers 5's
+saves), and `language_model.lm_head.` for an untied head; `text_weight_names` maps those names to
+the ones above and drops the vision tower's.
 """
 
 from __future__ import annotations
@@ -51,6 +61,13 @@ LAYER_NAME_TO_HF: dict[str, str] = {
   "up_bias": "mlp.up_proj.bias",
   "down_bias": "mlp.down_proj.bias",
 }
+# Gemma's (`post_norms`) names of its four per-layer norms.
+POST_NORM_NAMES_TO_HF: dict[str, str] = {
+  "attn_norm": "input_layernorm.weight",
+  "post_attn_norm": "post_attention_layernorm.weight",
+  "mlp_norm": "pre_feedforward_layernorm.weight",
+  "post_mlp_norm": "post_feedforward_layernorm.weight",
+}
 TOP_NAME_TO_HF: dict[str, str] = {
   "embed": "model.embed_tokens.weight",
   "final_norm": "model.norm.weight",
@@ -58,9 +75,47 @@ TOP_NAME_TO_HF: dict[str, str] = {
 }
 
 
-def hf_layer_name(name: str, layer: int) -> str:
-  """HF tensor name of rljax layer parameter `name` in layer `layer`."""
+def hf_layer_name(name: str, layer: int, config: ModelConfig | None = None) -> str:
+  """HF tensor name of rljax layer parameter `name` in layer `layer` (Gemma's norm names when
+  `config.post_norms`; a norm's name needs the config)."""
+  if name.endswith("norm") and name not in ("q_norm", "k_norm"):
+    if config is None:
+      raise ValueError(f"the HF name of {name!r} depends on the family: pass the config")
+    if config.post_norms:
+      return f"model.layers.{layer}.{POST_NORM_NAMES_TO_HF[name]}"
   return f"model.layers.{layer}.{LAYER_NAME_TO_HF[name]}"
+
+
+# Prefixes of a multimodal checkpoint's text model → the causal LM's names.
+_TEXT_PREFIXES = (
+  ("language_model.model.", "model."),
+  ("model.language_model.", "model."),
+  ("language_model.lm_head.", "lm_head."),
+)
+_NON_TEXT_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.",
+                      "model.multi_modal_projector.")
+
+
+def text_weight_names(names: list[str] | set[str]) -> dict[str, str]:
+  """{causal-LM name: stored name} of a checkpoint's text-model tensors: a multimodal one's
+  (`_TEXT_PREFIXES`; the vision tower and projector are left out) or a causal LM's as they are.
+
+  Raises:
+    ValueError: two stored tensors map to the same name, or a tensor of none of these parts.
+  """
+  out: dict[str, str] = {}
+  for stored in sorted(names):
+    if stored.startswith(_NON_TEXT_PREFIXES):
+      continue
+    name = stored
+    for prefix, replacement in _TEXT_PREFIXES:
+      if stored.startswith(prefix):
+        name = replacement + stored[len(prefix):]
+        break
+    if name in out:
+      raise ValueError(f"tensors {out[name]!r} and {stored!r} are both the text model's {name!r}")
+    out[name] = stored
+  return out
 
 
 def hf_to_rljax_layout(name: str, tensor: np.ndarray, config: ModelConfig) -> np.ndarray:
@@ -97,7 +152,7 @@ def expected_hf_names(model: nnx.Module) -> list[str]:
   if not model.config.tie_word_embeddings:
     names.append(TOP_NAME_TO_HF["lm_head"])
   for layer in range(model.config.num_layers):
-    names.extend(hf_layer_name(name, layer) for name in model.layers.names)
+    names.extend(hf_layer_name(name, layer, model.config) for name in model.layers.names)
   return names
 
 
@@ -114,7 +169,8 @@ def load_hf_state_dict(
 
   Args:
     model: an `rljax.models.transformer.Transformer`.
-    tensors: {HF name: array} (e.g. from `safetensors.numpy.load_file`).
+    tensors: {HF name: array} (e.g. from `safetensors.numpy.load_file`); a multimodal
+      checkpoint's text model is read by its names (`text_weight_names`).
     strict: raise on tensors the model does not use (a tied model ignores `lm_head.weight`).
 
   Raises:
@@ -122,6 +178,7 @@ def load_hf_state_dict(
       message names the tensor.
   """
   c: ModelConfig = model.config
+  tensors = {name: tensors[stored] for name, stored in text_weight_names(set(tensors)).items()}
   missing = [n for n in expected_hf_names(model) if n not in tensors]
   if missing:
     raise ValueError(f"missing tensors: {missing[:8]}{' ...' if len(missing) > 8 else ''}")
@@ -138,7 +195,7 @@ def load_hf_state_dict(
     var = getattr(model.layers, name)
     per_layer = []
     for layer in range(c.num_layers):
-      hf_name = hf_layer_name(name, layer)
+      hf_name = hf_layer_name(name, layer, c)
       value = hf_to_rljax_layout(name, np.asarray(tensors[hf_name]), c)
       per_layer.append(_checked(hf_name, value, var.shape[1:]))
     var[...] = jnp.asarray(np.stack(per_layer), var.dtype)
@@ -153,7 +210,7 @@ def to_hf_state_dict(model: nnx.Module) -> dict[str, np.ndarray]:
   for name in model.layers.names:
     stacked = np.asarray(getattr(model.layers, name)[...])
     for layer in range(c.num_layers):
-      out[hf_layer_name(name, layer)] = np.ascontiguousarray(
+      out[hf_layer_name(name, layer, c)] = np.ascontiguousarray(
         rljax_to_hf_layout(name, stacked[layer], c)
       )
   return out

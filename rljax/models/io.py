@@ -39,7 +39,12 @@ from safetensors.numpy import save_file
 
 from rljax.models.config import ModelConfig
 from rljax.models.hf_blocks import BlockReader, hf_shapes, open_safetensors
-from rljax.models.hf_weights import TOP_NAME_TO_HF, expected_hf_names, to_hf_state_dict
+from rljax.models.hf_weights import (
+  TOP_NAME_TO_HF,
+  expected_hf_names,
+  text_weight_names,
+  to_hf_state_dict,
+)
 from rljax.models.transformer import Transformer
 from rljax.parallel.rules import Rules, current_rules, get_rules, named_shardings
 
@@ -54,6 +59,8 @@ TOKENIZER_FILES = (
   "special_tokens_map.json",
 )
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# Multimodal architectures whose text model loads (its `text_config`, its text weights only).
+TEXT_OF_MULTIMODAL = ("Gemma3ForConditionalGeneration",)
 # Hub-friendly shard size (transformers 4.x's default; transformers 5 uses "50GB").
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 # Tensors some checkpoints carry that the model recomputes (old Llama exports).
@@ -121,10 +128,11 @@ def load_config(path: str | os.PathLike, **overrides: Any) -> ModelConfig:
     raise ValueError(f"no {CONFIG_FILE} in {os.fspath(path)!r}")
   d = read_json(file)
   for arch in d.get("architectures") or []:
-    if not arch.endswith("ForCausalLM"):
+    if not arch.endswith("ForCausalLM") and arch not in TEXT_OF_MULTIMODAL:
       raise ValueError(
         f"unsupported architecture {arch!r} in {file}; load_pretrained reads *ForCausalLM "
-        "checkpoints (llama, mistral, qwen2, qwen3)"
+        f"checkpoints (llama, mistral, qwen2, qwen3, gemma2, gemma3_text) and the text model of "
+        f"{', '.join(TEXT_OF_MULTIMODAL)}"
       )
   return ModelConfig.from_hf(d, **overrides)
 
@@ -235,14 +243,16 @@ def load_pretrained(
   path = resolve_model_dir(path)
   overrides = {k: v for k, v in (("dtype", dtype), ("param_dtype", param_dtype)) if v is not None}
   config = load_config(path, **overrides)
-  mapping = weight_map(path)
+  stored = weight_map(path)
+  names = text_weight_names(set(stored))  # a multimodal checkpoint's text model
+  mapping = {name: stored[name_in_file] for name, name_in_file in names.items()}
   place_mesh, place_rules = _resolve_placement(mesh, rules)
 
   abstract = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))  # no weights allocated
   _check_names(abstract, mapping, strict)
   graphdef, state = nnx.split(abstract)
   shardings = None if place_mesh is None else named_shardings(state, place_mesh, place_rules)
-  with BlockReader(path, mapping, config) as reader:
+  with BlockReader(path, mapping, config, names) as reader:
     for var_path, var in nnx.to_flat_state(state):
       var_path = tuple(str(p) for p in var_path)
       shape, dt = tuple(var.shape), var.dtype

@@ -28,11 +28,14 @@ from rljax.models.attention import Attend, layer_windows, self_attention
 from rljax.models.config import ModelConfig
 from rljax.models.transformer import (
   attention_output,
-  embed_tokens,
+  input_embeddings,
+  layer_cos_sin,
+  layer_rope_index,
+  norm,
+  output_norm,
   positions_from_mask,
   project_qkv,
-  rms_norm,
-  rope_cos_sin,
+  rope_tables,
   swiglu_mlp,
 )
 
@@ -122,14 +125,15 @@ def decoder_layer_with_cache(
   Returns:
     (x_out [B, T, D], k_new [B, T, KV, Dh], v_new [B, T, KV, Dh]).
   """
-  h = rms_norm(x, p["attn_norm"], config.rms_norm_eps)
+  h = norm(x, p["attn_norm"], config)
   q, k, v = project_qkv(p, h, cos, sin, config)
   k, v = k.astype(layer_k.dtype), v.astype(layer_v.dtype)
   all_k = jax.lax.dynamic_update_slice_in_dim(layer_k, k, index, axis=1)
   all_v = jax.lax.dynamic_update_slice_in_dim(layer_v, v, index, axis=1)
-  x = x + attention_output(p, attend(q, all_k, all_v, window), config)
-  h = rms_norm(x, p["mlp_norm"], config.rms_norm_eps)
-  return x + swiglu_mlp(p, h, config), k, v
+  attn = attention_output(p, attend(q, all_k, all_v, window), config)
+  x = x + output_norm(p, "post_attn_norm", attn, config)
+  h = norm(x, p["mlp_norm"], config)
+  return x + output_norm(p, "post_mlp_norm", swiglu_mlp(p, h, config), config), k, v
 
 
 def scan_layers_with_cache(
@@ -143,20 +147,21 @@ def scan_layers_with_cache(
   index: Array,
   config: ModelConfig,
 ) -> tuple[Array, Array, Array]:
-  """All layers by `jax.lax.scan` over (stacked params, per-layer windows, cache_k, cache_v);
-  returns x and the cache.
+  """All layers by `jax.lax.scan` over (stacked params, per-layer windows and RoPE rows of the
+  `rope_tables` cos, sin, cache_k, cache_v); returns x and the cache.
 
   The per-layer cache slices are scanned inputs; the new tokens' keys/values [L, B, T, KV, Dh]
   are scanned outputs, written into the stacked [L, B, S, KV, Dh] cache at slot `index`.
   """
 
   def body(carry: Array, xs):
-    p, window, layer_k, layer_v = xs
-    out, k, v = decoder_layer_with_cache(p, carry, cos, sin, attend, layer_k, layer_v, index,
-                                         config, window)
+    p, window, rope, layer_k, layer_v = xs
+    layer_cos, layer_sin = layer_cos_sin(cos, sin, rope)
+    out, k, v = decoder_layer_with_cache(p, carry, layer_cos, layer_sin, attend, layer_k,
+                                         layer_v, index, config, window)
     return out, (k, v)
 
-  xs = (stacked, layer_windows(config), cache_k, cache_v)
+  xs = (stacked, layer_windows(config), layer_rope_index(config), cache_k, cache_v)
   x, (new_k, new_v) = jax.lax.scan(body, x, xs)
   cache_k = jax.lax.dynamic_update_slice_in_dim(cache_k, new_k, index, axis=2)
   cache_v = jax.lax.dynamic_update_slice_in_dim(cache_v, new_v, index, axis=2)
@@ -217,12 +222,12 @@ def hidden_states_with_cache(
   slot_mask = jax.lax.dynamic_update_slice_in_dim(cache.mask, attention_mask, index, axis=1)
   slot_positions = jax.lax.dynamic_update_slice_in_dim(cache.positions, positions, index, axis=1)
   attend = self_attention(c, slot_mask, slot_positions, query_offset=index, num_queries=t)
-  x = embed_tokens(model.embed[...], input_ids, c.dtype)
-  cos, sin = rope_cos_sin(positions, c)
+  x = input_embeddings(model.embed[...], input_ids, c)
+  cos, sin = rope_tables(positions, c)
   x, k, v = scan_layers_with_cache(
     model.layers.stacked(), x, cos, sin, attend, cache.k, cache.v, index, c
   )
-  hidden = rms_norm(x, model.final_norm[...], c.rms_norm_eps)
+  hidden = norm(x, model.final_norm[...], c)
   return hidden, KVCache(k=k, v=v, mask=slot_mask, positions=slot_positions)
 
 

@@ -35,11 +35,15 @@ from rljax.models.attention import layer_windows
 from rljax.models.config import ModelConfig
 from rljax.models.transformer import (
   attention_output,
-  embed_tokens,
+  input_embeddings,
+  layer_cos_sin,
+  layer_rope_index,
   layer_unroll,
+  norm,
+  output_norm,
   project_qkv,
-  rms_norm,
-  rope_cos_sin,
+  rope_tables,
+  soft_cap,
   swiglu_mlp,
 )
 from rljax.ops._checks import check_int
@@ -75,10 +79,6 @@ def init_paged_kv(config: ModelConfig, num_blocks: int, block_size: int, *,
   shape = (config.num_layers, config.num_kv_heads, num_blocks, block_size, config.head_dim)
   dtype = config.dtype if dtype is None else dtype
   return PagedKV(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
-
-
-def _soft_capped(s: Array, softcap: float | None) -> Array:
-  return s if softcap is None else softcap * jnp.tanh(s / softcap)
 
 
 def paged_attention(
@@ -127,7 +127,7 @@ def paged_attention(
 
   def scores(keys):  # keys [KV, S, n, Dh] -> [KV, S, G, n]
     raw = jnp.einsum("ksgd,ksnd->ksgn", qg, keys.astype(jnp.float32)) * scale
-    return _soft_capped(raw, softcap)
+    return soft_cap(raw, softcap)
 
   own = scores(jnp.swapaxes(k_self, 0, 1)[:, :, None])  # [KV, S, G, 1]
   position = lengths if recent_count is None else lengths + recent_count  # the query's
@@ -204,37 +204,38 @@ def decode_hidden(
     written with `write_recent`).
   """
   c = model.config
-  x = embed_tokens(model.embed[...], tokens[:, None], c.dtype)
+  x = input_embeddings(model.embed[...], tokens[:, None], c)
   position = lengths if recent_count is None else lengths + recent_count
-  cos, sin = rope_cos_sin(position[:, None], c)
+  cos_tables, sin_tables = rope_tables(position[:, None], c)
   options = dict(scale=c.attention_scale, softcap=c.attention_softcap,
                  blocks_per_step=blocks_per_step)
 
   def body(x, xs):
-    p, window, layer, recent_k, recent_v = xs
-    h = rms_norm(x, p["attn_norm"], c.rms_norm_eps)
+    p, window, rope, layer, recent_k, recent_v = xs
+    h = norm(x, p["attn_norm"], c)
+    cos, sin = layer_cos_sin(cos_tables, sin_tables, rope)
     q, k, v = project_qkv(p, h, cos, sin, c)
     k, v = k[:, 0].astype(pool.k.dtype), v[:, 0].astype(pool.v.dtype)
     attn = paged_attention(q[:, 0], k, v, pool, layer, table, lengths, window=window,
                            recent_k=recent_k, recent_v=recent_v, recent_count=recent_count,
                            **options)
-    x = x + attention_output(p, attn[:, None], c)
-    h = rms_norm(x, p["mlp_norm"], c.rms_norm_eps)
-    return x + swiglu_mlp(p, h, c), (k, v)
+    x = x + output_norm(p, "post_attn_norm", attention_output(p, attn[:, None], c), c)
+    h = norm(x, p["mlp_norm"], c)
+    return x + output_norm(p, "post_mlp_norm", swiglu_mlp(p, h, c), c), (k, v)
 
-  windows = layer_windows(c)
+  windows, ropes = layer_windows(c), layer_rope_index(c)
   recent_k, recent_v = (None, None) if recent is None else recent
   if layers is None:
-    xs = (model.layers.stacked(), windows, jnp.arange(c.num_layers), recent_k, recent_v)
+    xs = (model.layers.stacked(), windows, ropes, jnp.arange(c.num_layers), recent_k, recent_v)
     x, (k_new, v_new) = jax.lax.scan(body, x, xs, unroll=layer_unroll(c))
   else:
     new = []
     for i, p in enumerate(layers):
       pick = lambda a: None if a is None else a[i]  # noqa: E731
-      x, kv = body(x, (p, pick(windows), i, pick(recent_k), pick(recent_v)))
+      x, kv = body(x, (p, pick(windows), pick(ropes), i, pick(recent_k), pick(recent_v)))
       new.append(kv)
     k_new, v_new = (jnp.stack(parts) for parts in zip(*new))
-  return rms_norm(x, model.final_norm[...], c.rms_norm_eps)[:, 0], k_new, v_new
+  return norm(x, model.final_norm[...], c)[:, 0], k_new, v_new
 
 
 def write_recent(pool: PagedKV, recent: PagedKV, table: Array, lengths: Array,

@@ -1,7 +1,8 @@
-"""A Flax NNX decoder-only causal LM (Llama / Mistral / Qwen2 / Qwen3 / SmolLM families).
+"""A Flax NNX decoder-only causal LM (Llama / Mistral / Qwen2 / Qwen3 / SmolLM / Gemma 2 / 3).
 
-Embedding → N decoder layers (RMSNorm, RoPE, grouped-query attention with optional q/k/v bias and
-optional q/k RMSNorm, SwiGLU MLP) → final RMSNorm → unembedding (tied or untied).
+Embedding (× √D for Gemma) → N decoder layers (RMSNorm, RoPE, grouped-query attention with
+optional q/k/v bias and optional q/k RMSNorm, a gated MLP: SwiGLU or GeGLU; Gemma adds a norm on
+each sub-layer's output) → final RMSNorm → unembedding (tied or untied) → optional logit soft-cap.
 
 The N layers' parameters are stacked along a leading `layers` axis and applied with
 `jax.lax.scan`, so the lowered program (and compile time) does not grow with depth; with
@@ -17,7 +18,9 @@ are created already sharded (placed by `rljax.parallel.rules.logical_to_mesh_spe
 eager sharding is switched off so that construction with no mesh never fails).
 
 The numerics follow transformers' PyTorch implementation (RMSNorm in float32 then cast back,
-rotate-half RoPE, softmax in float32, scaling head_dim ** -0.5); logits are float32.
+rotate-half RoPE, softmax in float32, scaling head_dim ** -0.5 unless `attention_scale`); logits
+are float32. What varies per layer is a scanned input of the layer scan: the sliding window and,
+with `local_rope_theta` (Gemma 3), which RoPE table the layer reads (`layer_rope_index`).
 """
 
 from __future__ import annotations
@@ -57,6 +60,8 @@ LAYER_AXES: dict[str, tuple[str, ...]] = {
   "q_norm": ("layers", "head_dim"),
   "k_norm": ("layers", "head_dim"),
   "mlp_norm": ("layers", "norm"),
+  "post_attn_norm": ("layers", "norm"),
+  "post_mlp_norm": ("layers", "norm"),
   "gate_proj": ("layers", "embed", "mlp"),
   "up_proj": ("layers", "embed", "mlp"),
   "down_proj": ("layers", "mlp", "embed"),
@@ -102,11 +107,15 @@ def _layer_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
     shapes.update(q_norm=(hd,), k_norm=(hd,))
   if c.mlp_bias:
     shapes.update(gate_bias=(f,), up_bias=(f,), down_bias=(d,))
+  if c.post_norms:
+    shapes.update(post_attn_norm=(d,), post_mlp_norm=(d,))
   return shapes
 
 
-def _init_values(shapes: dict[str, tuple[int, ...]], key: Array, dtype: Any) -> dict[str, Array]:
-  """Initial values: matrices ~ N(0, 0.02²) (HF `initializer_range`), norms 1, biases 0.
+def _init_values(shapes: dict[str, tuple[int, ...]], key: Array, dtype: Any,
+                 norm_value: float = 1.0) -> dict[str, Array]:
+  """Initial values: matrices ~ N(0, 0.02²) (HF `initializer_range`), norms `norm_value` (1; 0
+  for the (1 + w) norms of `norm_plus_one`), biases 0.
 
   All normal draws come from ONE `jax.random.normal` call sliced on the host, so eager
   construction compiles one program instead of one per parameter shape; under a trace
@@ -124,7 +133,7 @@ def _init_values(shapes: dict[str, tuple[int, ...]], key: Array, dtype: Any) -> 
     offset += size
   for name in shapes:
     if name.endswith("norm"):
-      out[name] = jnp.asarray(np.ones(shapes[name]), dtype)
+      out[name] = jnp.asarray(np.full(shapes[name], norm_value), dtype)
     elif name.endswith("bias"):
       out[name] = jnp.asarray(np.zeros(shapes[name]), dtype)
   return out
@@ -135,18 +144,34 @@ def _init_values(shapes: dict[str, tuple[int, ...]], key: Array, dtype: Any) -> 
 # ----------------------------------------------------------------------------------------------
 
 
-def rms_norm(x: Array, weight: Array, eps: float) -> Array:
-  """weight * (x / sqrt(mean(x², -1) + eps)), normalised in float32 then cast back (as HF)."""
+def rms_norm(x: Array, weight: Array, eps: float, *, plus_one: bool = False) -> Array:
+  """x̂ = x / sqrt(mean(x², -1) + eps) in float32; then weight · cast(x̂) (Llama), or with
+  `plus_one` cast(x̂ · (1 + weight)) with the product in float32 (Gemma), as transformers."""
   x32 = x.astype(jnp.float32)
   normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+  if plus_one:
+    return (normed * (1.0 + weight.astype(jnp.float32))).astype(x.dtype)
   return weight.astype(x.dtype) * normed.astype(x.dtype)
 
 
-def rope_inv_freq(config: ModelConfig) -> np.ndarray:
-  """RoPE inverse frequencies [head_dim // 2], with "llama3" / "linear" scaling (as transformers)."""
+def norm(x: Array, weight: Array, config: ModelConfig) -> Array:
+  """The config's RMSNorm (`rms_norm_eps`, `norm_plus_one`) of x with `weight`."""
+  return rms_norm(x, weight, config.rms_norm_eps, plus_one=config.norm_plus_one)
+
+
+def output_norm(p: dict[str, Array], name: str, y: Array, config: ModelConfig) -> Array:
+  """A sub-layer's output `y` through its norm `p[name]` when the config has `post_norms`
+  (Gemma's post-attention / post-feedforward norms), else y."""
+  return norm(y, p[name], config) if config.post_norms else y
+
+
+def rope_inv_freq(config: ModelConfig, *, local: bool = False) -> np.ndarray:
+  """RoPE inverse frequencies [head_dim // 2], with "llama3" / "linear" scaling (as transformers);
+  `local`: those of the sliding-window layers (`local_rope_theta`, unscaled)."""
   dim = config.head_dim
-  inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
-  scaling = config.rope_scaling or {}
+  theta = config.local_rope_theta if local else config.rope_theta
+  inv_freq = 1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
+  scaling = {} if local else config.rope_scaling or {}
   rope_type = scaling.get("rope_type", "default")
   if rope_type == "linear":
     inv_freq = inv_freq / float(scaling["factor"])
@@ -164,12 +189,38 @@ def rope_inv_freq(config: ModelConfig) -> np.ndarray:
   return inv_freq.astype(np.float32)
 
 
-def rope_cos_sin(positions: Array, config: ModelConfig) -> tuple[Array, Array]:
-  """cos, sin of shape [B, T, head_dim] for integer `positions` [B, T] (float32)."""
-  inv_freq = jnp.asarray(rope_inv_freq(config))
+def rope_cos_sin(positions: Array, config: ModelConfig, *, local: bool = False
+                 ) -> tuple[Array, Array]:
+  """cos, sin of shape [B, T, head_dim] for integer `positions` [B, T] (float32); `local`: the
+  sliding-window layers' RoPE (`rope_inv_freq`)."""
+  inv_freq = jnp.asarray(rope_inv_freq(config, local=local))
   freqs = positions.astype(jnp.float32)[..., None] * inv_freq
   emb = jnp.concatenate([freqs, freqs], axis=-1)
   return jnp.cos(emb), jnp.sin(emb)
+
+
+def rope_tables(positions: Array, config: ModelConfig) -> tuple[Array, Array]:
+  """cos, sin [R, B, T, head_dim]: the RoPE of every layer (R = 1), or with `local_rope_theta`
+  the full-attention layers' then the sliding-window layers' (R = 2; `layer_rope_index`)."""
+  tables = [rope_cos_sin(positions, config)]
+  if config.local_rope_theta is not None:
+    tables.append(rope_cos_sin(positions, config, local=True))
+  return jnp.stack([t[0] for t in tables]), jnp.stack([t[1] for t in tables])
+
+
+def layer_rope_index(config: ModelConfig) -> Array | None:
+  """[L] int32: the `rope_tables` row each layer reads (1: local), the scanned per-layer input;
+  None when every layer reads row 0."""
+  local = config.layer_local_rope
+  return None if local is None else jnp.asarray(local, jnp.int32)
+
+
+def layer_cos_sin(cos: Array, sin: Array, index: Array | None) -> tuple[Array, Array]:
+  """One layer's cos, sin [B, T, head_dim] from the `rope_tables` by its `layer_rope_index`."""
+  if index is None:
+    return cos[0], sin[0]
+  return (jax.lax.dynamic_index_in_dim(cos, index, keepdims=False),
+          jax.lax.dynamic_index_in_dim(sin, index, keepdims=False))
 
 
 def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
@@ -193,6 +244,13 @@ def config_of(model: Any) -> ModelConfig | None:
   return None
 
 
+def logit_softcap_of(model: Any) -> float | None:
+  """The final logit soft-cap of a model (its config's `final_logit_softcap`), the `softcap` of
+  `logprobs_from_hidden`; None for a model without a config."""
+  config = config_of(model)
+  return None if config is None else config.final_logit_softcap
+
+
 def embed_tokens(table: Array, input_ids: Array, dtype: Any) -> Array:
   """Rows of the [V, D] embedding `table` for `input_ids` [B, T], in `dtype`.
 
@@ -203,6 +261,27 @@ def embed_tokens(table: Array, input_ids: Array, dtype: Any) -> Array:
   every weight gradient NaN (xᵀg is NaN where g = 0).
   """
   return jnp.take(table, input_ids, axis=0, mode="clip").astype(dtype)
+
+
+def input_embeddings(table: Array, input_ids: Array, config: ModelConfig) -> Array:
+  """`embed_tokens` in `config.dtype`, × √hidden_size with `scale_embeddings` (Gemma; the factor
+  is cast to the activation dtype first, as transformers casts it to the weights')."""
+  x = embed_tokens(table, input_ids, config.dtype)
+  if config.scale_embeddings:
+    x = x * jnp.asarray(config.hidden_size**0.5, config.dtype)
+  return x
+
+
+def soft_cap(x: Array, cap: float | None) -> Array:
+  """cap · tanh(x / cap), or x when cap is None."""
+  return x if cap is None else cap * jnp.tanh(x / cap)
+
+
+def mlp_activation(gate: Array, config: ModelConfig) -> Array:
+  """The gated MLP's activation: silu (SwiGLU) or tanh-approximated GELU (GeGLU, Gemma)."""
+  if config.mlp_activation == "gelu_tanh":
+    return jax.nn.gelu(gate, approximate=True)
+  return jax.nn.silu(gate)
 
 
 def positions_from_mask(attention_mask: Array) -> Array:
@@ -246,8 +325,8 @@ def project_qkv(
     k = k + p["k_bias"].astype(x.dtype)
     v = v + p["v_bias"].astype(x.dtype)
   if config.qk_norm:
-    q = rms_norm(q, p["q_norm"], config.rms_norm_eps)
-    k = rms_norm(k, p["k_norm"], config.rms_norm_eps)
+    q = norm(q, p["q_norm"], config)
+    k = norm(k, p["k_norm"], config)
   q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
   return constrain(q, Q_AXES), constrain(k, KV_AXES), constrain(v, KV_AXES)
 
@@ -261,11 +340,11 @@ def attention_output(p: dict[str, Array], attn: Array, config: ModelConfig) -> A
 
 
 def swiglu_mlp(p: dict[str, Array], x: Array, config: ModelConfig) -> Array:
-  """down(silu(gate(x)) * up(x)) on [B, T, D]."""
+  """down(act(gate(x)) * up(x)) on [B, T, D], act by `mlp_activation` (silu: SwiGLU)."""
   gate, up = dense(x, p["gate_proj"]), dense(x, p["up_proj"])
   if config.mlp_bias:
     gate, up = gate + p["gate_bias"].astype(x.dtype), up + p["up_bias"].astype(x.dtype)
-  out = dense(constrain(jax.nn.silu(gate) * up, MLP_AXES), p["down_proj"])
+  out = dense(constrain(mlp_activation(gate, config) * up, MLP_AXES), p["down_proj"])
   if config.mlp_bias:
     out = out + p["down_bias"].astype(x.dtype)
   return out
@@ -275,29 +354,35 @@ def decoder_layer(
   p: dict[str, Array], x: Array, cos: Array, sin: Array, attend: Attend, config: ModelConfig,
   window: Array | None = None,
 ) -> Array:
-  """One pre-norm decoder layer on x [B, T, D] with this layer's (unstacked) parameters `p`;
+  """One pre-norm decoder layer (with `post_norms` each sub-layer's output normed too, Gemma) on
+  x [B, T, D] with this layer's (unstacked) parameters `p`;
   `attend(q, k, v, window)` is the rows' self-attention
   (`rljax.models.attention.self_attention`), `window` this layer's sliding window."""
-  h = rms_norm(x, p["attn_norm"], config.rms_norm_eps)
+  h = norm(x, p["attn_norm"], config)
   q, k, v = project_qkv(p, h, cos, sin, config)
-  x = x + attention_output(p, attend(q, k, v, window), config)
-  h = rms_norm(x, p["mlp_norm"], config.rms_norm_eps)
-  return constrain(x + swiglu_mlp(p, h, config), HIDDEN_AXES)
+  x = x + output_norm(p, "post_attn_norm", attention_output(p, attend(q, k, v, window), config),
+                      config)
+  h = norm(x, p["mlp_norm"], config)
+  return constrain(x + output_norm(p, "post_mlp_norm", swiglu_mlp(p, h, config), config),
+                   HIDDEN_AXES)
 
 
 def scan_layers(
   stacked: dict[str, Array], x: Array, cos: Array, sin: Array, attend: Attend, config: ModelConfig
 ) -> Array:
   """Applies all layers with `jax.lax.scan` over the stacked parameters and the per-layer
-  sliding windows (`layer_windows`; remat if configured)."""
+  inputs: sliding windows (`layer_windows`) and RoPE rows (`layer_rope_index`) of the
+  `rope_tables` cos, sin [R, B, T, Dh]; remat if configured."""
 
-  def body(carry: Array, xs: tuple[dict[str, Array], Array | None]) -> tuple[Array, None]:
-    p, window = xs
-    return decoder_layer(p, carry, cos, sin, attend, config, window), None
+  def body(carry: Array, xs) -> tuple[Array, None]:
+    p, window, rope = xs
+    layer_cos, layer_sin = layer_cos_sin(cos, sin, rope)
+    return decoder_layer(p, carry, layer_cos, layer_sin, attend, config, window), None
 
   if config.remat:
     body = jax.checkpoint(body, prevent_cse=False)
-  x, _ = jax.lax.scan(body, x, (stacked, layer_windows(config)), unroll=layer_unroll(config))
+  xs = (stacked, layer_windows(config), layer_rope_index(config))
+  x, _ = jax.lax.scan(body, x, xs, unroll=layer_unroll(config))
   return x
 
 
@@ -320,7 +405,8 @@ class DecoderLayers(nnx.Module):
     self.config = config
     shapes = {n: (config.num_layers, *s) for n, s in _layer_shapes(config).items()}
     self.names = tuple(sorted(shapes))
-    values = _init_values(shapes, rngs.params(), config.param_dtype)
+    values = _init_values(shapes, rngs.params(), config.param_dtype,
+                          norm_value=0.0 if config.norm_plus_one else 1.0)
     for name in self.names:
       setattr(self, name, logical_param(values[name], LAYER_AXES[name]))
 
@@ -350,7 +436,8 @@ class Transformer(nnx.Module):
     shapes = {"embed": (c.vocab_size, c.hidden_size), "final_norm": (c.hidden_size,)}
     if not c.tie_word_embeddings:
       shapes["lm_head"] = (c.vocab_size, c.hidden_size)
-    values = _init_values(shapes, rngs.params(), c.param_dtype)
+    values = _init_values(shapes, rngs.params(), c.param_dtype,
+                          norm_value=0.0 if c.norm_plus_one else 1.0)
     self.embed = logical_param(values["embed"], EMBED_AXES)
     self.layers = DecoderLayers(config, rngs=rngs)
     self.final_norm = logical_param(values["final_norm"], FINAL_NORM_AXES)
@@ -400,19 +487,21 @@ class Transformer(nnx.Module):
     if positions is None:
       positions = (positions_from_mask(attention_mask) if segment_ids is None
                    else positions_from_segments(segment_ids))
-    x = constrain(embed_tokens(self.embed[...], input_ids, c.dtype), HIDDEN_AXES)
-    cos, sin = rope_cos_sin(positions, c)
+    x = constrain(input_embeddings(self.embed[...], input_ids, c), HIDDEN_AXES)
+    cos, sin = rope_tables(positions, c)
     x = self.layers(x, cos, sin, self_attention(c, attention_mask, positions, segment_ids))
-    return rms_norm(x, self.final_norm[...], c.rms_norm_eps)
+    return norm(x, self.final_norm[...], c)
 
   def logits_from_hidden(self, hidden: Array) -> Array:
-    """[B, T, D] hidden states → [B, T, V] float32 logits."""
-    return jnp.einsum(
+    """[B, T, D] hidden states → [B, T, V] float32 logits, soft-capped by
+    `final_logit_softcap` (Gemma 2); the sampler's and the KV-cache passes' logits too."""
+    logits = jnp.einsum(
       "btd,vd->btv",
       hidden.astype(jnp.float32),
       self.unembedding.astype(jnp.float32),
       preferred_element_type=jnp.float32,
     )
+    return soft_cap(logits, self.config.final_logit_softcap)
 
   def __call__(
     self,

@@ -9,11 +9,13 @@ gradient of the unembedding across chunks in at least float32. Peak memory is O(
 instead of O(B·T·V), which is what makes vocabularies of 100k+ affordable (see
 `benchmarks/logprob_memory.py`). Chunking is along T only, so a data sharding of B is untouched.
 
-The gradient formulas, with z = logits / temperature, p = softmax(z), log p = z - lse and
-H = -Σ p log p:
+The gradient formulas, with a = hidden @ Wᵀ, the logits ℓ = a or, soft-capped (Gemma 2's
+final_logit_softcapping), ℓ = c · tanh(a / c), z = ℓ / temperature, p = softmax(z),
+log p = z - lse and H = -Σ p log p:
   d log p_y / d z_j = 1[j = y] - p_j
   d H / d z_j       = -p_j (log p_j + H)
-and d/d logits = (d/d z) / temperature; then d/d hidden = g_logits @ W, d/d W = g_logitsᵀ hidden.
+  d ℓ / d a         = 1 - tanh²(a / c)   (1 without a cap)
+and d/d a = (d/d z) / temperature · dℓ/da; then d/d hidden = g_a @ W, d/d W = g_aᵀ hidden.
 """
 
 from __future__ import annotations
@@ -29,8 +31,10 @@ from rljax.ops.logprobs import check_tokens, clip_tokens
 DEFAULT_CHUNK_SIZE = 64
 
 
-def _chunk_logits(h_chunk, unembedding, temperature: float, out_dtype) -> jax.Array:
-  """[B, c, D] x [V, D] -> [B, c, V] logits / temperature, accumulated in `out_dtype`."""
+def _chunk_logits(h_chunk, unembedding, temperature: float, softcap: float | None, out_dtype
+                  ) -> tuple[jax.Array, jax.Array | None]:
+  """[B, c, D] x [V, D] -> (z = ℓ / temperature [B, c, V] with the logits ℓ soft-capped by
+  `softcap` when given, accumulated in `out_dtype`; dℓ/da = 1 - tanh²(a / c), None uncapped)."""
   operand_dtype = jnp.result_type(h_chunk, unembedding)
   z = jax.lax.dot_general(
       h_chunk.astype(operand_dtype),
@@ -38,7 +42,11 @@ def _chunk_logits(h_chunk, unembedding, temperature: float, out_dtype) -> jax.Ar
       (((2,), (1,)), ((), ())),
       preferred_element_type=out_dtype,
   )
-  return z if temperature == 1.0 else z / temperature
+  slope = None
+  if softcap is not None:
+    t = jnp.tanh(z / softcap)
+    z, slope = softcap * t, 1.0 - t * t
+  return (z if temperature == 1.0 else z / temperature), slope
 
 
 def _chunk_stats(z, idx, with_entropy: bool):
@@ -54,14 +62,15 @@ def _slice_chunk(x, i, chunk: int) -> jax.Array:
   return jax.lax.dynamic_slice_in_dim(x, i * chunk, chunk, axis=1)
 
 
-def _fused_forward(hidden, unembedding, tokens, temperature, chunk, with_entropy):
+def _fused_forward(hidden, unembedding, tokens, temperature, chunk, with_entropy, softcap):
   """Scans the T-chunks; returns [B, T] (logp, lse, entropy or None)."""
   dtype = compute_dtype(hidden, unembedding)
   idx = clip_tokens(tokens, unembedding.shape[0])
   num_chunks = hidden.shape[1] // chunk
 
   def step(_, i):
-    z = _chunk_logits(_slice_chunk(hidden, i, chunk), unembedding, temperature, dtype)
+    z, _ = _chunk_logits(_slice_chunk(hidden, i, chunk), unembedding, temperature, softcap,
+                         dtype)
     logp, lse, entropy = _chunk_stats(z, _slice_chunk(idx, i, chunk), with_entropy)
     return None, (logp, lse) if entropy is None else (logp, lse, entropy)
 
@@ -71,20 +80,23 @@ def _fused_forward(hidden, unembedding, tokens, temperature, chunk, with_entropy
   return outs[0], outs[1], (outs[2] if with_entropy else None)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
-def _fused(hidden, unembedding, tokens, temperature, chunk, with_entropy, entropy_grad):
-  logp, _, entropy = _fused_forward(hidden, unembedding, tokens, temperature, chunk, with_entropy)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7))
+def _fused(hidden, unembedding, tokens, temperature, chunk, with_entropy, entropy_grad, softcap):
+  logp, _, entropy = _fused_forward(hidden, unembedding, tokens, temperature, chunk, with_entropy,
+                                    softcap)
   return (logp, entropy) if with_entropy else (logp,)
 
 
-def _fused_fwd(hidden, unembedding, tokens, temperature, chunk, with_entropy, entropy_grad):
+def _fused_fwd(hidden, unembedding, tokens, temperature, chunk, with_entropy, entropy_grad,
+               softcap):
   del entropy_grad
-  logp, lse, entropy = _fused_forward(hidden, unembedding, tokens, temperature, chunk, with_entropy)
+  logp, lse, entropy = _fused_forward(hidden, unembedding, tokens, temperature, chunk, with_entropy,
+                                      softcap)
   outputs = (logp, entropy) if with_entropy else (logp,)
   return outputs, (hidden, unembedding, tokens, lse, entropy)
 
 
-def _fused_bwd(temperature, chunk, with_entropy, entropy_grad, residuals, cotangents):
+def _fused_bwd(temperature, chunk, with_entropy, entropy_grad, softcap, residuals, cotangents):
   hidden, unembedding, tokens, lse, entropy = residuals
   with_entropy = with_entropy and entropy_grad  # a metric-only entropy adds no backward work
   dtype = compute_dtype(hidden, unembedding)
@@ -98,7 +110,7 @@ def _fused_bwd(temperature, chunk, with_entropy, entropy_grad, residuals, cotang
   def step(carry, i):
     grad_h, grad_w = carry
     h_c = _slice_chunk(hidden, i, chunk)
-    z = _chunk_logits(h_c, unembedding, temperature, dtype)
+    z, slope = _chunk_logits(h_c, unembedding, temperature, softcap, dtype)
     logp_all = z - _slice_chunk(lse, i, chunk)[..., None]
     p = jnp.exp(logp_all)
     onehot = jnp.arange(vocab) == _slice_chunk(idx, i, chunk)[..., None]
@@ -106,7 +118,8 @@ def _fused_bwd(temperature, chunk, with_entropy, entropy_grad, residuals, cotang
     if with_entropy:
       h_ent = _slice_chunk(entropy, i, chunk)[..., None]
       g_z = g_z - _slice_chunk(g_ent, i, chunk)[..., None] * p * (logp_all + h_ent)
-    g_logits = (g_z if temperature == 1.0 else g_z / temperature).astype(operand_dtype)
+    g_logits = g_z if temperature == 1.0 else g_z / temperature
+    g_logits = (g_logits if slope is None else g_logits * slope).astype(operand_dtype)
     g_h = jnp.einsum("bcv,vd->bcd", g_logits, unembedding.astype(operand_dtype),
                      preferred_element_type=dtype)
     # The [V, D] gradient as one 2D matmul over the B·c rows (a contraction over two dims makes
@@ -128,7 +141,7 @@ def _fused_bwd(temperature, chunk, with_entropy, entropy_grad, residuals, cotang
 _fused.defvjp(_fused_fwd, _fused_bwd)
 
 
-def _check_inputs(hidden, unembedding, tokens, temperature, chunk_size) -> None:
+def _check_inputs(hidden, unembedding, tokens, temperature, chunk_size, softcap) -> None:
   check_ndim("hidden", hidden, 3)
   check_ndim("unembedding", unembedding, 2)
   if jnp.shape(hidden)[-1] != jnp.shape(unembedding)[-1]:
@@ -139,6 +152,8 @@ def _check_inputs(hidden, unembedding, tokens, temperature, chunk_size) -> None:
     )
   check_tokens(tokens, jnp.shape(hidden)[:2], against="hidden.shape[:2]")
   check_positive("temperature", temperature)
+  if softcap is not None:
+    check_positive("softcap", softcap)
   if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
     raise ValueError(f"`chunk_size` must be an int >= 1; got {chunk_size!r}.")
 
@@ -152,10 +167,12 @@ def logprobs_from_hidden(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     return_entropy: bool = False,
     entropy_grad: bool = True,
+    softcap: float | None = None,
 ):
-  """Token log-probs (and optionally entropy) of `softmax(hidden @ unembedding.T / temperature)`.
+  """Token log-probs (and optionally entropy) of `softmax(cap(hidden @ unembedding.T) / temperature)`.
 
-    z[b, t] = hidden[b, t] @ unembedding.T / temperature           (never stored for all t)
+    z[b, t] = cap(hidden[b, t] @ unembedding.T) / temperature       (never stored for all t)
+    cap(a) = softcap · tanh(a / softcap), or a when softcap is None
     logp[b, t] = z[b, t, tokens[b, t]] - logsumexp_v z[b, t, v]
     entropy[b, t] = -Σ_v p log p,  p = softmax(z[b, t])
 
@@ -191,6 +208,9 @@ def logprobs_from_hidden(
     entropy_grad: the entropy is differentiable (default, e.g. for an entropy bonus); False
       returns it as a metric under `stop_gradient`, and the backward pass skips its term (one
       elementwise pass over every chunk's [B, c, V] probabilities less).
+    softcap: None, or c > 0: the logits are c · tanh(logits / c) before the temperature (Gemma
+      2's final_logit_softcapping, `ModelConfig.final_logit_softcap`), in every chunk and in the
+      custom VJP (a static Python float).
 
   Returns:
     [B, T] log-probs in the compute dtype, or `(logprobs, entropy)` when `return_entropy`.
@@ -200,7 +220,7 @@ def logprobs_from_hidden(
     >>> logp, ent = logprobs_from_hidden(hidden, params["embed"], input_ids[:, 1:],
     ...                                  temperature=1.0, chunk_size=256, return_entropy=True)
   """
-  _check_inputs(hidden, unembedding, tokens, temperature, chunk_size)
+  _check_inputs(hidden, unembedding, tokens, temperature, chunk_size, softcap)
   hidden, unembedding, tokens = jnp.asarray(hidden), jnp.asarray(unembedding), jnp.asarray(tokens)
   length = hidden.shape[1]
   chunk = max(1, min(chunk_size, length))
@@ -209,7 +229,7 @@ def logprobs_from_hidden(
     hidden = jnp.pad(hidden, ((0, 0), (0, padded - length), (0, 0)))
     tokens = jnp.pad(tokens, ((0, 0), (0, padded - length)))
   outputs = _fused(hidden, unembedding, tokens, float(temperature), chunk, bool(return_entropy),
-                   bool(entropy_grad))
+                   bool(entropy_grad), None if softcap is None else float(softcap))
   outputs = tuple(o[:, :length] for o in outputs)
   if not return_entropy:
     return outputs[0]

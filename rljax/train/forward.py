@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from rljax.models.transformer import logit_softcap_of
 from rljax.ops.fused_logprobs import logprobs_from_hidden
 
 Array = jax.Array
@@ -32,7 +33,8 @@ def completion_logprobs(model: Any, batch: Any, *, temperature: float = 1.0,
                         entropy_grad: bool = True):
   """[B, N] log-probs (and entropies) of the completion tokens of `batch` under `model`.
 
-    logp[b, t] = log softmax(h[b, P+t−1] @ Wᵀ / temperature)[tokens[b, P+t]]
+    logp[b, t] = log softmax(cap(h[b, P+t−1] @ Wᵀ) / temperature)[tokens[b, P+t]]
+    (cap: the model's final logit soft-cap, Gemma 2; the identity without one)
 
   Args:
     model: a `Transformer` (anything with `hidden_states` and `unembedding`).
@@ -48,7 +50,8 @@ def completion_logprobs(model: Any, batch: Any, *, temperature: float = 1.0,
                                batch.segment_ids)[:, p - 1 : -1]
   return logprobs_from_hidden(hidden, model.unembedding, batch.tokens[:, p:],
                               temperature=temperature, chunk_size=chunk_size,
-                              return_entropy=return_entropy, entropy_grad=entropy_grad)
+                              return_entropy=return_entropy, entropy_grad=entropy_grad,
+                              softcap=logit_softcap_of(model))
 
 
 def completion_values(critic: Any, batch: Any) -> Array:

@@ -33,6 +33,7 @@ import numpy as np
 
 from rljax.losses.dpo import dpo_loss
 from rljax.ops._checks import check_ndim, check_nonnegative, check_same_shape, check_integer_ids
+from rljax.models.transformer import logit_softcap_of
 from rljax.ops.fused_logprobs import logprobs_from_hidden
 from rljax.ops.logprobs import sequence_logprobs
 from rljax.ops.masking import aggregate, safe_divide
@@ -56,7 +57,8 @@ def next_token_logprobs(
   rows pass their `positions` and `segment_ids` to the model."""
   extra = () if segment_ids is None else (positions, segment_ids)
   hidden = model.hidden_states(input_ids, attention_mask, *extra)[:, :-1]
-  return logprobs_from_hidden(hidden, model.unembedding, input_ids[:, 1:], chunk_size=chunk_size)
+  return logprobs_from_hidden(hidden, model.unembedding, input_ids[:, 1:], chunk_size=chunk_size,
+                              softcap=logit_softcap_of(model))
 
 
 def batch_token_logprobs(model: Any, batch: Batch, *, chunk_size: int = 64) -> jax.Array:

@@ -5,10 +5,12 @@ from __future__ import annotations
 import pytest
 
 from greedy_tokenizer import GreedyTokenizer
+from tiny_tokenizer import tiny_gemma_tokenizer
 
 from rljax.data.formats import PreferenceExample, SFTExample
 from rljax.data.tokenize import (
   encode_prompt,
+  fold_system_turn,
   encode_response,
   fit_length,
   prompt_text,
@@ -34,6 +36,28 @@ def test_chat_prompt_uses_template_with_generation_prompt(tok):
   assert prompt_text(tok, chat).endswith("assistant : ")
   with pytest.raises(ValueError, match="chat=False"):
     encode_prompt(tok, chat, chat=False)
+
+
+def test_a_template_without_a_system_role_gets_the_system_text_in_the_first_user_turn():
+  gemma = tiny_gemma_tokenizer()
+  chat = [{"role": "system", "content": "the answer is 5"}, {"role": "user", "content": "what is 2 + 3 ?"}]
+  folded = [{"role": "user", "content": "the answer is 5\n\nwhat is 2 + 3 ?"}]
+  assert fold_system_turn(chat) == folded and fold_system_turn(folded) is folded
+  assert fold_system_turn(chat[:1]) == [{"role": "user", "content": "the answer is 5"}]
+  ids = encode_prompt(gemma, chat)
+  assert ids == encode_prompt(gemma, folded)
+  assert gemma.convert_ids_to_tokens(ids) == (
+    "<bos> <start_of_turn> user the answer is 5 what is 2 + 3 ? <end_of_turn> <start_of_turn> "
+    "model").split()
+  assert prompt_text(gemma, chat) == prompt_text(gemma, folded)
+  with pytest.raises(Exception, match="alternate"):  # other template errors still raise
+    encode_prompt(gemma, [{"role": "assistant", "content": "hello"}])
+
+
+def test_a_template_with_a_system_role_keeps_the_system_turn(tok):
+  chat = [{"role": "system", "content": "hello"}, {"role": "user", "content": "world"}]
+  assert encode_prompt(tok, chat) == [1] + words(tok, "system : hello") + [EOS] + words(
+    tok, "user : world") + [EOS] + words(tok, "assistant :")
 
 
 def test_response_gets_eos(tok):

@@ -117,3 +117,48 @@ def test_wandb_offline_resumed_logger_continues_the_run(tmp_path, monkeypatch):
     logger.log(3, {"loss": 0.3}, time=3)
   with MetricsLogger(str(tmp_path), tensorboard=False, wandb="rljax-test") as logger:
     assert logger.wandb_run.id != run_id  # a fresh run in the same directory: a new W&B run
+
+
+def test_stop_tokens_are_eos_the_model_eos_ids_and_end_of_turn():
+  from tiny_tokenizer import tiny_gemma_tokenizer, tiny_tokenizer
+
+  from rljax.experiment.build import stop_tokens_of
+  from rljax.models.config import ModelConfig
+
+  gemma = tiny_gemma_tokenizer()
+  assert stop_tokens_of(gemma) == [1, 5]  # <eos>, <end_of_turn>
+  config = ModelConfig(vocab_size=32, hidden_size=8, intermediate_size=8, num_layers=1,
+                       num_heads=1, eos_token_id=[1, 7])
+  assert stop_tokens_of(gemma, config) == [1, 7, 5]
+  assert stop_tokens_of(tiny_tokenizer()) == [2]  # no end-of-turn token: eos alone
+
+
+def test_generation_stops_on_end_of_turn():
+  """A Gemma model sampling with the runner's stop tokens ends a row at its first <end_of_turn>
+  (and would run on past it with <eos> alone)."""
+  from tiny_tokenizer import tiny_gemma_tokenizer
+
+  from rljax.experiment.build import stop_tokens_of
+  from rljax.models.config import ModelConfig
+  from rljax.models.transformer import Transformer
+  from rljax.rollout.generate import generate
+  from rljax.rollout.sampling import SamplingConfig
+
+  tokenizer = tiny_gemma_tokenizer()
+  config = ModelConfig.from_hf(
+    {"model_type": "gemma2", "vocab_size": len(tokenizer), "hidden_size": 16,
+     "intermediate_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
+     "num_key_value_heads": 1, "head_dim": 8, "sliding_window": 4})
+  model = Transformer(config, rngs=nnx.Rngs(0))
+  prompt = np.asarray([tokenizer.convert_tokens_to_ids(["<bos>", "<start_of_turn>", "user"])])
+  sampling = SamplingConfig(max_new_tokens=16, num_samples=16, temperature=1.0)
+  end = tokenizer.convert_tokens_to_ids("<end_of_turn>")
+  for stops, stops_at_end in ((stop_tokens_of(tokenizer), True), ([tokenizer.eos_token_id], False)):
+    out = jax.device_get(generate(model, prompt, prompt != 0, jax.random.key(0), sampling,
+                                  stop_tokens=stops, pad_id=0))
+    completions = out.tokens[:, prompt.shape[1]:]
+    rows = [r for r in range(len(completions)) if end in completions[r, :out.lengths[r]]]
+    assert rows  # the random model emits <end_of_turn> in some rows
+    for r in rows:
+      first = int(np.argmax(completions[r] == end))
+      assert (out.lengths[r] == first + 1 and out.finished[r]) == stops_at_end, r

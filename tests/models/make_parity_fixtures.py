@@ -46,6 +46,18 @@ _LLAMA3_ROPE = {
 }
 
 
+# Gemma: a query_pre_attn_scalar that is not head_dim, a window shorter than the inputs, and
+# soft-caps small enough that tanh is far from linear on O(1) scores and logits.
+_GEMMA = dict(_COMMON, query_pre_attn_scalar=12, sliding_window=4)
+# Gemma 3: two local layers then a global one; RoPE base 10k (local) / 1M ×8 linear (global).
+_GEMMA3_ROPE = {
+  "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+  "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1_000_000.0},
+}
+_GEMMA3 = dict(_GEMMA, num_hidden_layers=3, rope_parameters=_GEMMA3_ROPE,
+               layer_types=["sliding_attention", "sliding_attention", "full_attention"])
+
+
 def family_configs():
   """{family: transformers config} of the tiny models (imported lazily: transformers is heavy)."""
   import transformers as tf
@@ -56,6 +68,16 @@ def family_configs():
     "mistral": tf.MistralConfig(**_COMMON, sliding_window=4),
     "qwen2": tf.Qwen2Config(**_COMMON),
     "qwen3": tf.Qwen3Config(**_COMMON),
+    "gemma2": tf.Gemma2Config(**_GEMMA, attn_logit_softcapping=2.0, final_logit_softcapping=3.0),
+    "gemma3": tf.Gemma3TextConfig(**_GEMMA3),
+    # Gemma3ForConditionalGeneration (4B+): a tiny vision tower the text model loads without.
+    "gemma3_multimodal": tf.Gemma3Config(
+      text_config=tf.Gemma3TextConfig(**_GEMMA3).to_dict(),
+      vision_config=dict(model_type="siglip_vision_model", hidden_size=8, intermediate_size=8,
+                         num_hidden_layers=1, num_attention_heads=2, image_size=8,
+                         patch_size=4),
+      mm_tokens_per_image=1,
+    ),
   }
 
 
@@ -71,14 +93,15 @@ def make_inputs(vocab_size: int) -> dict[str, np.ndarray]:
   return {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
 
 
-def randomize_(model, torch) -> None:
-  """Weights ~ N(0, 0.3²); norm weights ~ 1 + N(0, 0.1²); biases ~ N(0, 0.1²)."""
+def randomize_(model, torch, norm_center: float = 1.0) -> None:
+  """Weights ~ N(0, 0.3²); norm weights ~ norm_center + N(0, 0.1²) (Gemma's norms scale by 1 + w:
+  center 0, the same effective scale); biases ~ N(0, 0.1²)."""
   gen = torch.Generator().manual_seed(SEED)
   with torch.no_grad():
     for name, p in sorted(model.named_parameters()):
       noise = torch.randn(p.shape, generator=gen, dtype=torch.float32)
       if "norm" in name:
-        p.copy_(1.0 + 0.1 * noise)
+        p.copy_(norm_center + 0.1 * noise)
       elif name.endswith("bias"):
         p.copy_(0.1 * noise)
       else:
@@ -91,9 +114,11 @@ def make_family(family: str, config) -> None:
 
   torch.manual_seed(SEED)
   config._attn_implementation = "eager"
-  model = tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-  randomize_(model, torch)
-  inputs = make_inputs(config.vocab_size)
+  auto = (tf.AutoModelForImageTextToText if config.model_type == "gemma3"
+          else tf.AutoModelForCausalLM)
+  model = auto.from_config(config, dtype=torch.float32).eval()
+  randomize_(model, torch, 0.0 if config.model_type.startswith("gemma") else 1.0)
+  inputs = make_inputs(config.get_text_config().vocab_size)
   with torch.no_grad():
     out = model(
       input_ids=torch.from_numpy(inputs["input_ids"]),

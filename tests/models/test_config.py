@@ -83,8 +83,12 @@ def test_overrides_and_dtype_names():
     lambda: transformers.MistralConfig(**_SMALL, sliding_window=16),
     lambda: transformers.Qwen2Config(**_SMALL),
     lambda: transformers.Qwen3Config(**_SMALL, head_dim=16),
+    lambda: transformers.Gemma2Config(**_SMALL, head_dim=16, query_pre_attn_scalar=144,
+                                      sliding_window=32),
+    lambda: transformers.Gemma3TextConfig(**_SMALL, head_dim=16, sliding_window=32,
+                                          rope_scaling={"rope_type": "linear", "factor": 8.0}),
   ],
-  ids=["llama3", "smollm", "mistral", "qwen2", "qwen3"],
+  ids=["llama3", "smollm", "mistral", "qwen2", "qwen3", "gemma2", "gemma3"],
 )
 def test_to_hf_dict_round_trips_through_transformers(make):
   c = ModelConfig.from_hf(make())
@@ -97,7 +101,8 @@ def test_to_hf_dict_round_trips_through_transformers(make):
 def test_unknown_model_type_names_it_and_the_supported_ones():
   with pytest.raises(ValueError, match=r"'gpt2'.*llama.*mistral.*qwen2.*qwen3"):
     ModelConfig.from_hf(transformers.GPT2Config())
-  assert set(SUPPORTED_MODEL_TYPES) == {"llama", "mistral", "qwen2", "qwen3"}
+  assert set(SUPPORTED_MODEL_TYPES) == {"llama", "mistral", "qwen2", "qwen3", "gemma2",
+                                        "gemma3_text"}
 
 
 def test_bad_values_raise():
@@ -110,3 +115,70 @@ def test_bad_values_raise():
   with pytest.raises(ValueError, match="dtype"):
     ModelConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1, num_heads=2,
                 dtype="float8")
+
+
+def test_gemma2_details():
+  c = ModelConfig.from_hf(transformers.Gemma2Config(**_SMALL, head_dim=16,
+                                                    query_pre_attn_scalar=144))
+  assert c.model_type == "gemma2" and c.tie_word_embeddings and not c.qk_norm
+  assert c.norm_plus_one and c.post_norms and c.scale_embeddings
+  assert c.mlp_activation == "gelu_tanh"
+  assert c.attention_scale == 144**-0.5  # query_pre_attn_scalar, not head_dim
+  assert (c.attention_softcap, c.final_logit_softcap) == (50.0, 30.0)
+  assert c.sliding_window == (4096, None, 4096)  # alternating, the first layer local
+  assert c.local_rope_theta is None and c.rope_theta == 10000.0
+
+
+def test_gemma3_text_details_and_the_default_layer_pattern():
+  hf = transformers.Gemma3TextConfig(**dict(_SMALL, num_hidden_layers=12), head_dim=16,
+                                     sliding_window=512, attn_logit_softcapping=50.0)
+  c = ModelConfig.from_hf(hf)
+  assert c.model_type == "gemma3_text" and c.qk_norm and c.norm_plus_one and c.post_norms
+  assert c.sliding_window == (512,) * 5 + (None,) + (512,) * 5 + (None,)  # 5 local : 1 global
+  assert c.layer_local_rope == (True,) * 5 + (False,) + (True,) * 5 + (False,)
+  assert (c.rope_theta, c.local_rope_theta, c.rope_scaling) == (1e6, 1e4, None)
+  assert c.attention_softcap is None  # transformers' Gemma 3 attention ignores it
+  assert c.final_logit_softcap is None
+
+
+def test_gemma3_multimodal_config_reads_its_text_config():
+  """A Gemma3ForConditionalGeneration config.json as on the Hub (4B: a sparse text_config over
+  transformers' defaults, the older flat RoPE keys, linear scaling of the global layers)."""
+  d = {"architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3",
+       "eos_token_id": [1, 106], "torch_dtype": "bfloat16",
+       "text_config": {"hidden_size": 2560, "intermediate_size": 10240,
+                       "model_type": "gemma3_text", "num_hidden_layers": 34,
+                       "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+                       "sliding_window": 1024},
+       "vision_config": {"model_type": "siglip_vision_model"}}
+  c = ModelConfig.from_hf(d)
+  assert (c.model_type, c.num_layers, c.hidden_size, c.vocab_size) == ("gemma3_text", 34, 2560,
+                                                                       262208)
+  assert (c.num_heads, c.num_kv_heads, c.head_dim, c.attention_scale) == (8, 4, 256, 1 / 16)
+  assert c.rope_scaling == {"factor": 8.0, "rope_type": "linear"} and c.rope_theta == 1e6
+  assert c.local_rope_theta == 1e4 and c.sliding_window[:6] == (1024,) * 5 + (None,)
+  assert c.eos_token_id == [1, 106] and c.param_dtype == jnp.bfloat16 and c.tie_word_embeddings
+  hf = transformers.Gemma3Config(text_config=d["text_config"], vision_config=d["vision_config"])
+  assert ModelConfig.from_hf(hf).replace(eos_token_id=[1, 106],
+                                         param_dtype=jnp.bfloat16) == c
+
+
+def test_gemma_errors_name_the_field():
+  with pytest.raises(ValueError, match="use_bidirectional_attention"):
+    ModelConfig.from_hf(dict(transformers.Gemma3TextConfig(**_SMALL).to_dict(),
+                             use_bidirectional_attention=True))
+  with pytest.raises(ValueError, match="layer_types"):
+    ModelConfig.from_hf(dict(transformers.Gemma2Config(**_SMALL).to_dict(),
+                             layer_types=["sliding_attention"]))
+  with pytest.raises(ValueError, match="text_config"):
+    ModelConfig.from_hf({"model_type": "gemma3"})
+  llama = ModelConfig.from_hf(transformers.LlamaConfig(**_SMALL))
+  with pytest.raises(ValueError, match="post_norms"):
+    llama.replace(post_norms=True).to_hf_dict()
+  gemma = ModelConfig.from_hf(transformers.Gemma2Config(**_SMALL))
+  with pytest.raises(ValueError, match="norm_plus_one"):
+    gemma.replace(norm_plus_one=False).to_hf_dict()
+  with pytest.raises(ValueError, match="local_rope_theta"):
+    gemma.replace(sliding_window=None, local_rope_theta=1e4)
+  with pytest.raises(ValueError, match="mlp_activation"):
+    gemma.replace(mlp_activation="relu")

@@ -24,6 +24,7 @@ from rljax.models import convert  # noqa: E402
 from rljax.models.config import ModelConfig  # noqa: E402
 from rljax.models.gguf import (  # noqa: E402
   convert_gguf,
+  hf_config_from_gguf,
   hf_tensor_name,
   permute_qk,
   unpermute_qk,
@@ -383,3 +384,111 @@ def test_damaged_file_is_named(tmp_path):
     path.write_bytes(damaged)
     with pytest.raises(ValueError, match=rf"{name}\.gguf: not a readable GGUF file"):
       convert_gguf(path, tmp_path / "hf")
+
+
+# ------------------------------------------------------------------------------------------------
+# Gemma 2 / 3: llama.cpp stores every norm weight as 1 + w.
+# ------------------------------------------------------------------------------------------------
+
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
+# The Gemma names, by hand (llama.cpp's tensor_mapping.py): ffn_norm is the pre-feedforward norm.
+GEMMA_TO_GGUF = {
+  **{k: v for k, v in HF_TO_GGUF.items() if "layernorm" not in k},
+  "input_layernorm.weight": "attn_norm.weight",
+  "post_attention_layernorm.weight": "post_attention_norm.weight",
+  "pre_feedforward_layernorm.weight": "ffn_norm.weight",
+  "post_feedforward_layernorm.weight": "post_ffw_norm.weight",
+}
+
+
+def write_gemma_gguf(path, family: str, arch: str) -> tuple[str, dict[str, np.ndarray]]:
+  """The parity fixture `family` as llama.cpp's convert_hf_to_gguf.py writes it: GGUF names,
+  norm weights + 1, no lm_head (tied), the hyper-parameters it stores. Returns (path, tensors)."""
+  directory = os.path.join(FIXTURES, family)
+  tensors = load_file(os.path.join(directory, "model.safetensors"))
+  with open(os.path.join(directory, "config.json")) as f:
+    c = json.load(f)
+  writer = gguf.GGUFWriter(str(path), arch)
+  writer.add_context_length(c["max_position_embeddings"])
+  writer.add_embedding_length(c["hidden_size"])
+  writer.add_block_count(c["num_hidden_layers"])
+  writer.add_feed_forward_length(c["intermediate_size"])
+  writer.add_head_count(c["num_attention_heads"])
+  writer.add_head_count_kv(c["num_key_value_heads"])
+  writer.add_key_length(c["head_dim"])
+  writer.add_value_length(c["head_dim"])
+  writer.add_layer_norm_rms_eps(c["rms_norm_eps"])
+  writer.add_sliding_window(c["sliding_window"])
+  writer.add_vocab_size(c["vocab_size"])
+  if arch == "gemma2":
+    writer.add_attn_logit_softcapping(c["attn_logit_softcapping"])
+    writer.add_final_logit_softcapping(c["final_logit_softcapping"])
+  else:  # the fixture's 3 layers are local, local, global (llama.cpp's default: 5 of 6 local)
+    writer.add_rope_freq_base(c["rope_parameters"]["full_attention"]["rope_theta"])
+    writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+    writer.add_rope_scaling_factor(c["rope_parameters"]["full_attention"]["factor"])
+    writer.add_sliding_window_pattern([t == "sliding_attention" for t in c["layer_types"]])
+  writer.add_tokenizer_model("gpt2")
+  writer.add_tokenizer_pre("gpt2")
+  writer.add_token_list(TOKENS)
+  writer.add_token_merges(MERGES)
+  writer.add_token_types(TYPES)
+  writer.add_bos_token_id(2)
+  writer.add_eos_token_id(1)
+  writer.add_pad_token_id(0)
+  for hf, value in tensors.items():
+    value = value + 1.0 if hf.endswith("norm.weight") else value
+    name = hf.split(".", 3)
+    name = (HF_TO_GGUF[hf] if hf in HF_TO_GGUF else f"blk.{name[2]}.{GEMMA_TO_GGUF[name[3]]}")
+    writer.add_tensor(name, np.ascontiguousarray(value, np.float32))
+  writer.write_header_to_file()
+  writer.write_kv_data_to_file()
+  writer.write_tensors_to_file()
+  writer.close()
+  return str(path), tensors
+
+
+@pytest.mark.parametrize("family,arch", [("gemma2", "gemma2"), ("gemma3", "gemma3")])
+def test_gemma_gguf_undoes_the_norm_shift_and_matches_transformers(tmp_path, family, arch):
+  path, tensors = write_gemma_gguf(tmp_path / "m.gguf", family, arch)
+  out = convert_gguf(path, tmp_path / "hf")
+  loaded = load_file(os.path.join(out, "model.safetensors"))
+  assert sorted(loaded) == sorted(tensors)
+  for name, value in tensors.items():
+    if name.endswith("norm.weight"):  # (1 + w) - 1 in float32: within an ulp of 1
+      np.testing.assert_allclose(loaded[name], value, rtol=0, atol=2**-23, err_msg=name)
+      assert np.abs(value).max() < 0.5  # stored as w (≈ 0), not as 1 + w
+    else:
+      np.testing.assert_array_equal(loaded[name], value, err_msg=name)
+  fixture = ModelConfig.from_hf(os.path.join(FIXTURES, family))
+  config = ModelConfig.from_hf(out)
+  assert AutoConfig.from_pretrained(out).model_type == fixture.model_type
+  # A GGUF has no query_pre_attn_scalar: llama.cpp takes head_dim (the fixture's is 12).
+  assert config.attention_scale == fixture.head_dim**-0.5
+  reference = fixture.replace(attention_scale=config.attention_scale)
+  for field in ("sliding_window", "attention_softcap", "final_logit_softcap", "rope_theta",
+                "local_rope_theta", "rope_scaling", "qk_norm", "norm_plus_one", "post_norms",
+                "mlp_activation", "scale_embeddings", "tie_word_embeddings", "vocab_size"):
+    assert getattr(config, field) == getattr(reference, field), field
+  ids = np.load(os.path.join(FIXTURES, family, "inputs.npz"))["input_ids"][:1]
+  model = Transformer(reference, rngs=nnx.Rngs(0))
+  load_hf_state_dict(model, tensors)
+  with jax.default_matmul_precision("highest"):
+    expected = np.asarray(model(jnp.asarray(ids)))
+  np.testing.assert_allclose(rljax_logits(out, loaded, ids), expected, rtol=0, atol=1e-5)
+
+
+def test_gemma_tensor_names_and_default_layer_pattern():
+  assert hf_tensor_name("blk.2.ffn_norm.weight", "gemma2") == (
+    "model.layers.2.pre_feedforward_layernorm.weight")
+  assert hf_tensor_name("blk.2.ffn_norm.weight") == "model.layers.2.post_attention_layernorm.weight"
+  assert hf_tensor_name("blk.0.post_ffw_norm.weight", "gemma3") == (
+    "model.layers.0.post_feedforward_layernorm.weight")
+  metadata = {"general.architecture": "gemma3", "gemma3.embedding_length": 32,
+              "gemma3.attention.head_count": 4, "gemma3.attention.key_length": 8,
+              "gemma3.feed_forward_length": 64, "gemma3.block_count": 12,
+              "gemma3.attention.sliding_window": 512, "gemma3.vocab_size": 64}
+  config = ModelConfig.from_hf(hf_config_from_gguf(metadata, ["output_norm.weight"]))
+  assert config.sliding_window == ((512,) * 5 + (None,)) * 2
+  assert (config.rope_theta, config.local_rope_theta) == (1e6, 1e4)
+  assert config.attention_scale == 8**-0.5 and config.final_logit_softcap is None

@@ -210,7 +210,7 @@ def test_block_reads_agree_with_hf_weights_layout(seed):
   model = nnx.eval_shape(lambda: Transformer(CONFIG, rngs=nnx.Rngs(0)))
   for name in model.layers.names:
     shape = getattr(model.layers, name).shape[1:]
-    hf_shape = hf_blocks.hf_shapes(("layers", name), (1, *shape), CONFIG)[hf_blocks.hf_layer_name(name, 0)]
+    hf_shape = hf_blocks.hf_shapes(("layers", name), (1, *shape), CONFIG)[hf_blocks.hf_layer_name(name, 0, CONFIG)]
     hf = rng.standard_normal(hf_shape).astype(np.float32)
     full = hf_to_rljax_layout(name, hf, CONFIG)
     index = []

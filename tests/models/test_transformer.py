@@ -205,3 +205,111 @@ def test_constructs_sharded_under_mesh_and_rules(model, rules, shape, q_spec, em
   with jax.set_mesh(mesh):
     out = jax.jit(lambda s: nnx.merge(graphdef, s)(ids))(state)
   np.testing.assert_allclose(out, _forward(model, ids), atol=1e-4, rtol=1e-4)
+
+
+# ---------------------------------------------------------------- the Gemma family's details
+
+GEMMA3 = ModelConfig.from_hf({
+  "model_type": "gemma3_text", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 48,
+  "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8,
+  "query_pre_attn_scalar": 12, "sliding_window": 3, "sliding_window_pattern": 2,
+  "final_logit_softcapping": 5.0, "rope_scaling": {"rope_type": "linear", "factor": 8.0}})
+
+
+def test_gemma_norm_is_x_hat_times_one_plus_w_in_float32():
+  from rljax.models.transformer import rms_norm
+
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((3, 16)), jnp.bfloat16)
+  w = jnp.asarray(0.1 * rng.standard_normal(16), jnp.float32)
+  x32 = np.asarray(x, np.float32)
+  x_hat = x32 / np.sqrt(np.mean(x32**2, -1, keepdims=True) + 1e-6)
+  out = rms_norm(x, w, 1e-6, plus_one=True)
+  assert out.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(np.asarray(out, np.float32),
+                                np.asarray(jnp.asarray(x_hat * (1 + np.asarray(w)), jnp.bfloat16),
+                                           np.float32))
+
+
+def test_gemma_embeddings_are_scaled_by_the_root_width_in_the_activation_dtype():
+  from rljax.models.transformer import input_embeddings
+
+  config = GEMMA3.replace(hidden_size=3072, dtype=jnp.bfloat16)
+  table = jnp.ones((4, 3072), jnp.float32)
+  out = input_embeddings(table, jnp.asarray([[1, 2]]), config)
+  assert out.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(np.asarray(out, np.float32), 55.5)  # bf16(√3072 = 55.43)
+  unscaled = input_embeddings(table, jnp.asarray([[1]]), config.replace(scale_embeddings=False))
+  np.testing.assert_array_equal(np.asarray(unscaled, np.float32), 1.0)
+
+
+def test_geglu_is_the_tanh_approximation_of_gelu():
+  from rljax.models.transformer import mlp_activation
+
+  x = np.linspace(-4, 4, 33)
+  tanh_gelu = 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
+  np.testing.assert_allclose(mlp_activation(jnp.asarray(x), GEMMA3), tanh_gelu, rtol=1e-6,
+                             atol=1e-6)
+  np.testing.assert_allclose(mlp_activation(jnp.asarray(x), CONFIG), x / (1 + np.exp(-x)),
+                             rtol=1e-6)
+
+
+def test_gemma3_rope_tables_local_unscaled_and_global_scaled():
+  from rljax.models.transformer import layer_rope_index, rope_tables
+
+  positions = jnp.arange(6)[None]
+  cos, sin = rope_tables(positions, GEMMA3)
+  assert cos.shape == (2, 1, 6, 8)
+  dims = np.arange(0, 8, 2) / 8
+  for row, inv_freq in ((0, 1e6**-dims / 8), (1, 1e4**-dims)):  # global ×8 linear; local
+    angles = np.arange(6)[:, None] * np.concatenate([inv_freq, inv_freq])
+    np.testing.assert_allclose(cos[row, 0], np.cos(angles), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(sin[row, 0], np.sin(angles), rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(layer_rope_index(GEMMA3), [1, 0, 1, 0])
+  assert layer_rope_index(CONFIG) is None and rope_tables(positions, CONFIG)[0].shape[0] == 1
+
+
+def test_gemma_hlo_structure_does_not_grow_with_depth():
+  """Per-layer windows and RoPE rows are scanned inputs: one while loop at any depth."""
+  def stats(layers):
+    config = GEMMA3.replace(num_layers=layers, scan_unroll=1,
+                            sliding_window=tuple(3 if i % 2 == 0 else None for i in range(layers)))
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0))))
+    ids = jax.ShapeDtypeStruct((2, 8), jnp.int32)
+    text = jax.jit(lambda s, i: nnx.merge(graphdef, s)(i)).lower(state, ids).as_text()
+    return text.count("stablehlo.while"), sorted(re.findall(r"=\s*\"?(stablehlo\.[a-z_]+)", text))
+
+  assert stats(2) == stats(8) and stats(2)[0] == 1
+
+
+@pytest.mark.slow  # two value_and_grad compiles (~10 s on CPU)
+def test_gemma_training_gradients_blockwise_remat_equal_naive():
+  """The training forward of a Gemma 3 model (windows shorter than T, two RoPE tables, final
+  soft-cap): fused log-probs and their gradients agree on the naive and the blockwise + remat
+  paths, and the fused log-probs equal the log-softmax of the model's (soft-capped) logits."""
+  from rljax.train.objectives import next_token_logprobs
+
+  config = GEMMA3.replace(num_layers=2, sliding_window=(3, None), scan_unroll=1)
+  ids = _ids((2, 12), seed=3) % config.vocab_size
+  mask = jnp.ones((2, 12), bool).at[1, :4].set(False)
+  valid = mask[:, 1:] & mask[:, :-1]  # a real token predicted from a real one
+  graphdef, state = nnx.split(Transformer(config, rngs=nnx.Rngs(1)))
+  state = jax.tree.map(lambda x: x * 4.0 if x.ndim > 1 else x + 0.3, state)
+
+  def loss(s, config):
+    m = nnx.merge(graphdef, s)
+    m.config = m.layers.config = config
+    logp = next_token_logprobs(m, ids, mask, chunk_size=5)
+    return jnp.sum(jnp.where(valid, logp, 0.0)), logp
+
+  grad = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)
+  (naive, logp), g_naive = grad(state, config.replace(attention="naive"))
+  (blockwise, _), g_block = grad(state, config.replace(attention="blockwise", attention_block=4,
+                                                       remat=True))
+  np.testing.assert_allclose(blockwise, naive, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), g_block,
+               g_naive)
+  logits = nnx.merge(graphdef, state)(ids, mask)
+  assert np.abs(np.asarray(logits)).max() < config.final_logit_softcap  # capped
+  reference = jnp.take_along_axis(jax.nn.log_softmax(logits[:, :-1]), ids[:, 1:, None], -1)[..., 0]
+  np.testing.assert_allclose(np.where(valid, logp, 0), np.where(valid, reference, 0), atol=1e-5)

@@ -22,21 +22,26 @@ CHUNK = 3  # T is not a multiple of it: the remainder is padded internally
 
 # Jitted once per (shape, options): compiled programs are shared across tests.
 fused_jit = jax.jit(
-    logprobs_from_hidden, static_argnames=("temperature", "chunk_size", "return_entropy")
+    logprobs_from_hidden,
+    static_argnames=("temperature", "chunk_size", "return_entropy", "softcap"),
 )
 
 
 # ---------------------------------------------------------------- references
 
 
-def np_logprobs_and_entropy(hidden, unembedding, tokens, temperature):
-  """Plain float64 transcription: logits, log-softmax, gather, entropy, position by position."""
+def np_logprobs_and_entropy(hidden, unembedding, tokens, temperature, softcap=None):
+  """Plain float64 transcription: logits (soft-capped: c·tanh(ℓ/c)), log-softmax, gather,
+  entropy, position by position."""
   hidden, unembedding = np.asarray(hidden, np.float64), np.asarray(unembedding, np.float64)
   logp = np.zeros(tokens.shape)
   ent = np.zeros(tokens.shape)
   for b in range(tokens.shape[0]):
     for t in range(tokens.shape[1]):
-      z = [float(np.dot(hidden[b, t], unembedding[v])) / temperature for v in range(len(unembedding))]
+      z = [float(np.dot(hidden[b, t], unembedding[v])) for v in range(len(unembedding))]
+      if softcap is not None:
+        z = [softcap * math.tanh(x / softcap) for x in z]
+      z = [x / temperature for x in z]
       m = max(z)
       lse = m + math.log(sum(math.exp(x - m) for x in z))
       logp[b, t] = z[tokens[b, t]] - lse
@@ -44,9 +49,11 @@ def np_logprobs_and_entropy(hidden, unembedding, tokens, temperature):
   return logp, ent
 
 
-def naive(hidden, unembedding, tokens, temperature):
+def naive(hidden, unembedding, tokens, temperature, softcap=None):
   """The unfused computation through [B, T, V] logits (the autodiff reference for gradients)."""
   logits = jnp.einsum("btd,vd->btv", hidden, unembedding)
+  if softcap is not None:
+    logits = softcap * jnp.tanh(logits / softcap)
   return (
       token_logprobs(logits, tokens, temperature=temperature),
       entropy_from_logits(logits, temperature=temperature),
@@ -79,15 +86,18 @@ def value_and_grads(outputs_fn, hidden, unembedding, weights):
   return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(hidden, unembedding)
 
 
-def fused_and_naive_value_and_grads(hidden, unembedding, tokens, weights, temperature, chunk=CHUNK):
+def fused_and_naive_value_and_grads(hidden, unembedding, tokens, weights, temperature, chunk=CHUNK,
+                                    softcap=None):
   def fused(h, w):
     return logprobs_from_hidden(
-        h, w, tokens, temperature=temperature, chunk_size=chunk, return_entropy=True
+        h, w, tokens, temperature=temperature, chunk_size=chunk, return_entropy=True,
+        softcap=softcap,
     )
 
   return (
       value_and_grads(fused, hidden, unembedding, weights),
-      value_and_grads(lambda h, w: naive(h, w, tokens, temperature), hidden, unembedding, weights),
+      value_and_grads(lambda h, w: naive(h, w, tokens, temperature, softcap), hidden, unembedding,
+                      weights),
   )
 
 
@@ -393,6 +403,47 @@ def test_data_sharded_batch_matches_unsharded():
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
 
 
+# ---------------------------------------------------------------- the final logit soft-cap
+
+
+SOFTCAP = 1.5  # logits here are ~N(0, 5): well inside tanh's non-linear range
+
+
+def test_softcap_matches_numpy_float64(x64):
+  hidden, unembedding, tokens, _ = make_inputs(seed=12)
+  logp, ent = fused_jit(hidden, unembedding, tokens, temperature=0.7, chunk_size=CHUNK,
+                        return_entropy=True, softcap=SOFTCAP)
+  ref_logp, ref_ent = np_logprobs_and_entropy(hidden, unembedding, tokens, 0.7, SOFTCAP)
+  np.testing.assert_allclose(logp, ref_logp, atol=1e-9)
+  np.testing.assert_allclose(ent, ref_ent, atol=1e-9)
+  uncapped = np_logprobs_and_entropy(hidden, unembedding, tokens, 0.7)[0]
+  assert np.abs(uncapped - ref_logp).max() > 0.1  # the cap matters at these logits
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_softcap_value_and_grads_match_naive_float64(x64, temperature):
+  hidden, unembedding, tokens, weights = make_inputs(seed=13)
+  ((value, outs), grads), ((ref_value, ref_outs), ref_grads) = fused_and_naive_value_and_grads(
+      hidden, unembedding, tokens, weights, temperature, softcap=SOFTCAP
+  )
+  np.testing.assert_allclose(value, ref_value, atol=1e-9)
+  for g, r in zip(list(outs) + list(grads), list(ref_outs) + list(ref_grads)):
+    np.testing.assert_allclose(g, r, atol=1e-9)
+
+
+def test_softcap_grads_numerical_check(x64):
+  hidden, unembedding, tokens, weights = make_inputs(seed=14, shape=(1, 4, 3, 5))
+  w_lp, w_ent = jnp.asarray(weights[0]), jnp.asarray(weights[1])
+
+  @jax.jit
+  def f(h, w):
+    logp, ent = logprobs_from_hidden(h, w, tokens, temperature=0.8, chunk_size=3,
+                                     return_entropy=True, softcap=SOFTCAP)
+    return w_lp * logp + w_ent * ent
+
+  check_grads(f, (jnp.asarray(hidden), jnp.asarray(unembedding)), order=1, modes=("rev",))
+
+
 # ---------------------------------------------------------------- bad input
 
 
@@ -412,5 +463,7 @@ def test_bad_inputs():
     logprobs_from_hidden(hidden, unembedding, tokens, temperature=0.0)
   with pytest.raises(ValueError, match="chunk_size"):
     logprobs_from_hidden(hidden, unembedding, tokens, chunk_size=0)
+  with pytest.raises(ValueError, match="softcap"):
+    logprobs_from_hidden(hidden, unembedding, tokens, softcap=0.0)
   with pytest.raises(ValueError, match="chunk_size"):
     logprobs_from_hidden(hidden, unembedding, tokens, chunk_size=2.5)

@@ -12,6 +12,7 @@ block returns to the pool.
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import jax
 import numpy as np
@@ -19,10 +20,11 @@ import pytest
 from flax import nnx
 
 from rljax.models.config import ModelConfig
+from rljax.models.io import load_pretrained
 from rljax.models.transformer import Transformer
 from rljax.ops.logprobs import token_logprobs
 from rljax.parallel.rules import FSDP_RULES, FSDP_TP_RULES, MESH_AXES, inference_rules
-from rljax.rollout import engine
+import rljax.rollout.engine as engine_module
 from rljax.rollout.engine import (
   EngineConfig,
   _Prompt,
@@ -33,9 +35,13 @@ from rljax.rollout.engine import (
 from rljax.rollout.generate import generate
 from rljax.rollout.sampling import SamplingConfig
 from rljax.train.compiles import count_compiles
+from rljax.train.objectives import next_token_logprobs
 from rljax.train.state import variable_shardings
 
 from bench_utils import loop_collectives
+
+FIXTURES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models",
+                        "fixtures")
 
 CONFIG = ModelConfig(
   vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
@@ -163,11 +169,26 @@ def test_the_shards_decode_loops_hold_no_collective(model, monkeypatch):
     calls.append(jax.tree.map(lambda x: abstract(x) if isinstance(x, jax.Array) else x, args))
     return decode(*args)
 
-  decode = engine._decode
-  monkeypatch.setattr(engine, "_decode", recorded)
+  decode = engine_module._decode
+  monkeypatch.setattr(engine_module, "_decode", recorded)
   _run(engine_generate, sharded, SAMPLING["sampled"], engine=ENGINES["3 slots"], mesh=mesh)
   hlo = decode.lower(*calls[0]).compile().as_text()
   assert loop_collectives(hlo) == (0, 0)
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+def test_gemma_engine_matches_generate_and_the_fused_training_logprobs(family):
+  """The parity fixtures' Gemma models (window 4 < P + N; Gemma 2's soft-caps, Gemma 3's two
+  RoPE tables): the engine's paged decode, generate's KV cache and the training forward (fused
+  log-probs with the final soft-cap) give the same tokens and log-probs."""
+  model, _ = load_pretrained(os.path.join(FIXTURES, family))
+  sampling = SAMPLING["sampled"]
+  ref = _run(generate, model, sampling)
+  _assert_same_rollout(_run(engine_generate, model, sampling, engine=ENGINES["3 slots"]), ref)
+  with jax.default_matmul_precision("highest"):
+    fused = next_token_logprobs(model, ref.tokens, ref.attention_mask)[:, P - 1:]
+  np.testing.assert_allclose(ref.logprobs, np.where(ref.completion_mask, fused, 0.0), atol=1e-5,
+                             rtol=0)
 
 
 def test_no_recompilation_across_calls(model):
