@@ -133,10 +133,13 @@ def _gpu_paged_attention():
   return paged_attention
 
 
-def _splits(table_width: int, blocks_per_step: int) -> int:
-  """Partitions of a block table: the largest divisor of its compute blocks <= _MAX_SPLITS."""
-  steps = table_width // blocks_per_step
-  return max(d for d in range(1, min(steps, _MAX_SPLITS) + 1) if steps % d == 0)
+def _partitions(table_width: int, blocks_per_step: int) -> tuple[int, int]:
+  """(partitions, blocks per partition) of a block table: up to _MAX_SPLITS partitions of whole
+  compute blocks, the table padded with null blocks to fill them (never read: each partition
+  stops at the row's length)."""
+  steps = -(-table_width // blocks_per_step)
+  splits = min(steps, _MAX_SPLITS)
+  return splits, -(-steps // splits) * blocks_per_step
 
 
 def pallas_partials(
@@ -152,12 +155,13 @@ def pallas_partials(
 
   Args:
     q: [S, H, Dh] queries; pool_k, pool_v: [L, KV, NB, bs, Dh] the pool.
-    layer: the layer (an int or a traced index); table: [S, MB] int32 block table, MB a
-      multiple of `blocks_per_step`; lengths: [S] int32.
+    layer: the layer (an int or a traced index); table: [S, MB] int32 block table (null
+      blocks past each slot's); lengths: [S] int32.
     interpret: run Pallas's interpreter (default: off a GPU, e.g. the CPU tests).
 
   Returns:
-    (m, l [KV, S, G, n], o [KV, S, G, n, Dh]) in float32.
+    (m, l [KV, S, G, n], o [KV, S, G, n, Dh]) in float32, n = min(16, ⌈MB / blocks_per_step⌉)
+    partitions of whole compute blocks.
   """
   from jax.experimental import pallas as pl
   from jax.experimental.pallas import triton as plgpu
@@ -169,12 +173,12 @@ def pallas_partials(
   layers, kv, nb, bs, _ = pool_k.shape
   g, width = h // kv, table.shape[1]
   rows, rows_h = s_count * kv, -(-g // _BLOCK_H) * _BLOCK_H
-  splits = _splits(width, blocks_per_step)
-  per_split = width // splits
+  splits, per_split = _partitions(width, blocks_per_step)
 
   queries = (q * jnp.asarray(scale, q.dtype)).reshape(rows, g, dh)
   queries = jnp.pad(queries, ((0, 0), (0, rows_h - g), (0, 0)))
   first_page = (jnp.asarray(layer, jnp.int32) * kv + jnp.arange(kv, dtype=jnp.int32)) * nb
+  table = jnp.pad(table, ((0, 0), (0, splits * per_split - width)))  # null blocks
   tables = (table[:, None, :] + first_page[None, :, None]).reshape(rows, splits, per_split)
   row_lengths = jnp.repeat(lengths.astype(jnp.int32), kv)
   pages = (pool_k.reshape(1, layers * kv * nb, bs, dh), pool_v.reshape(1, layers * kv * nb, bs, dh))

@@ -22,6 +22,11 @@ Within one device call of the engine's decode loop the pool is read-only: each s
 and values go to a small per-call buffer (`recent`, attended to densely) and `write_recent`
 stores them into their blocks once when the call returns (a pool written inside the loop is
 copied by XLA at every step).
+
+`decode_attention`, what `decode_hidden` calls per layer, reads the cached keys with a kernel of
+`rljax.models.paged_kernels` where the backend has one that supports the model (JAX's Pallas GPU
+kernel reads this layout as it is; its softmax residuals are merged with those of the own and
+recent keys) and with the loop of `paged_attention` otherwise, and on windowed layers.
 """
 
 from __future__ import annotations

@@ -56,10 +56,12 @@ def on_gpu(monkeypatch):
   monkeypatch.setattr(K, "_backend", lambda: "gpu")
 
 
-@pytest.mark.parametrize("softcap, scale", [(None, None), (5.0, 0.3)])
-def test_pallas_kernel_equals_paged_attention(on_gpu, softcap, scale):
-  """GQA (4 query heads per KV head), several table partitions, an idle slot, shared blocks,
-  recent keys, a traced layer index, NaN keys outside every slot's length: within 1e-5."""
+@pytest.mark.parametrize("softcap, scale, max_splits", [(None, None, 16), (5.0, 0.3, 3)])
+def test_pallas_kernel_equals_paged_attention(on_gpu, monkeypatch, softcap, scale, max_splits):
+  """GQA (4 query heads per KV head), table partitions (4 of 4 blocks; or 3 of 8, the table
+  padded with null blocks), an idle slot, shared blocks, recent keys, a traced layer index, NaN
+  keys outside every slot's length: within 1e-5."""
+  monkeypatch.setattr(PK, "_MAX_SPLITS", max_splits)
   pool, table, lengths, q, k_self, v_self, recent_k, recent_v = _case(0)
 
   @jax.jit
