@@ -22,6 +22,11 @@ Within one device call of the engine's decode loop the pool is read-only: each s
 and values go to a small per-call buffer (`recent`, attended to densely) and `write_recent`
 stores them into their blocks once when the call returns (a pool written inside the loop is
 copied by XLA at every step).
+
+`decode_attention`, what `decode_hidden` calls per layer, reads the cached keys with a kernel of
+`rljax.models.paged_kernels` where the backend has one that supports the model (JAX's Pallas GPU
+kernel reads this layout as it is; its softmax residuals are merged with those of the own and
+recent keys) and with the loop of `paged_attention` otherwise, and on windowed layers.
 """
 
 from __future__ import annotations
@@ -31,7 +36,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from rljax.models.attention import layer_windows
+from rljax.models import paged_kernels
+from rljax.models.attention import NO_WINDOW, layer_windows
 from rljax.models.config import ModelConfig
 from rljax.models.transformer import (
   attention_output,
@@ -85,7 +91,7 @@ def paged_attention(
   q: Array, k_self: Array, v_self: Array, pool: PagedKV, layer: Array | int, table: Array,
   lengths: Array, *, scale: float | None = None, softcap: float | None = None,
   window: Array | None = None, blocks_per_step: int = 4, recent_k: Array | None = None,
-  recent_v: Array | None = None, recent_count: Array | None = None,
+  recent_v: Array | None = None, recent_count: Array | None = None, kernel: str | None = None,
 ) -> Array:
   """One query per slot against its own key, its `recent_count` recent keys and its `lengths`
   cached keys in the pool.
@@ -100,7 +106,9 @@ def paged_attention(
 
   in float32 with an online softmax over `blocks_per_step` blocks per iteration, from the first
   block any slot's window reaches to the last block any slot holds (a slot with length 0 reads
-  none: idle slots pass 0).
+  none: idle slots pass 0); or, with `kernel` ("pallas", no window; see
+  `rljax.models.paged_kernels`), the cached keys by the kernel, whose softmax partials are
+  merged with those of the own and recent keys by their log-sum-exp.
 
   Args:
     q: [S, H, Dh] queries at positions `lengths` (RoPE applied).
@@ -122,6 +130,8 @@ def paged_attention(
   if table.shape[1] % blocks_per_step:
     raise ValueError(f"the block table's width {table.shape[1]} must be a multiple of "
                      f"`blocks_per_step` {blocks_per_step}.")
+  if kernel is not None and window is not None:
+    raise ValueError(f"the decode kernel {kernel!r} has no sliding window (`window` must be None).")
   scale = dh**-0.5 if scale is None else scale
   qg = jnp.swapaxes(q.reshape(s_count, kv, g, dh), 0, 1).astype(jnp.float32)  # [KV, S, G, Dh]
 
@@ -154,27 +164,67 @@ def paged_attention(
     s = jnp.where(visible[None, :, None, :], scores(jnp.moveaxis(recent_k, 2, 0)), -jnp.inf)
     m, l, acc = update((m, l, acc), s, jnp.moveaxis(recent_v, 2, 0))
 
-  first = jnp.zeros((), jnp.int32)
-  if window is not None:
-    earliest = jnp.where(lengths > 0, jnp.maximum(position - window + 1, 0), 2**30)
-    first = jnp.minimum(jnp.min(earliest), jnp.max(lengths)) // span
-  last = (jnp.max(lengths) + span - 1) // span  # block-steps holding any cached token
-
-  def body(carry):
-    j, m, l, acc = carry
-    ids = jax.lax.dynamic_slice_in_dim(table, j * blocks_per_step, blocks_per_step, axis=1)
-    keys = pool.k[layer][:, ids].reshape(kv, s_count, span, dh)
-    values = pool.v[layer][:, ids].reshape(kv, s_count, span, dh)
-    p = j * span + jnp.arange(span)
-    visible = p[None, :] < lengths[:, None]
+  if kernel is not None:
+    parts = paged_kernels.pallas_partials(q, pool.k, pool.v, layer, table, lengths, scale=scale,
+                                          softcap=softcap, blocks_per_step=blocks_per_step)
+    m, l, acc = _merge((m, l, acc), parts)
+  else:
+    first = jnp.zeros((), jnp.int32)
     if window is not None:
-      visible &= position[:, None] - p[None, :] < window
-    s = jnp.where(visible[None, :, None, :], scores(keys), -jnp.inf)
-    return (j + 1, *update((m, l, acc), s, values))
+      earliest = jnp.where(lengths > 0, jnp.maximum(position - window + 1, 0), 2**30)
+      first = jnp.minimum(jnp.min(earliest), jnp.max(lengths)) // span
+    last = (jnp.max(lengths) + span - 1) // span  # block-steps holding any cached token
 
-  _, m, l, acc = jax.lax.while_loop(lambda c: c[0] < last, body, (first, m, l, acc))
+    def body(carry):
+      j, m, l, acc = carry
+      ids = jax.lax.dynamic_slice_in_dim(table, j * blocks_per_step, blocks_per_step, axis=1)
+      keys = pool.k[layer][:, ids].reshape(kv, s_count, span, dh)
+      values = pool.v[layer][:, ids].reshape(kv, s_count, span, dh)
+      p = j * span + jnp.arange(span)
+      visible = p[None, :] < lengths[:, None]
+      if window is not None:
+        visible &= position[:, None] - p[None, :] < window
+      s = jnp.where(visible[None, :, None, :], scores(keys), -jnp.inf)
+      return (j + 1, *update((m, l, acc), s, values))
+
+    _, m, l, acc = jax.lax.while_loop(lambda c: c[0] < last, body, (first, m, l, acc))
   out = jnp.swapaxes(acc / l[..., None], 0, 1)  # [S, KV, G, Dh]
   return out.reshape(s_count, h, dh).astype(q.dtype)
+
+
+def _merge(state: tuple[Array, Array, Array], parts: tuple[Array, Array, Array]):
+  """The online-softmax state (m, l [..., G], acc [..., G, Dh]) extended by n partial states
+  (m_n, l_n [..., G, n], o_n [..., G, n, Dh] over disjoint keys):
+  m' = max(m, max_n m_n), l' = l·e^(m − m') + Σ_n l_n·e^(m_n − m'), likewise acc with o_n."""
+  m, l, acc = state
+  m_parts, l_parts, o_parts = parts
+  m_new = jnp.maximum(m, jnp.max(m_parts, axis=-1))
+  weight = jnp.exp(m_parts - m_new[..., None])
+  correction = jnp.exp(m - m_new)
+  l = l * correction + jnp.sum(l_parts * weight, axis=-1)
+  acc = acc * correction[..., None] + jnp.einsum("...n,...nd->...d", weight, o_parts)
+  return m_new, l, acc
+
+
+def decode_attention(
+  q: Array, k_self: Array, v_self: Array, pool: PagedKV, layer: Array | int, table: Array,
+  lengths: Array, *, kernel: str | None, windows: tuple[int | None, ...] | None,
+  window: Array | None = None, **options: Any,
+) -> Array:
+  """`paged_attention` with the cached keys read by the decode `kernel` (from
+  `paged_kernels.decode_kernel`; None: the pure-JAX loop) on the layers without a sliding
+  window, which the kernels lack: `windows` the model's static per-layer windows
+  (`ModelConfig.layer_windows`, None: no layer has one), `window` this layer's (traced,
+  `NO_WINDOW` for full attention). Where windows differ between layers, `lax.cond` on the
+  layer's window picks the kernel or the loop; `options` are `paged_attention`'s."""
+  args = (q, k_self, v_self, pool, layer, table, lengths)
+  if kernel is None or (windows is not None and None not in windows):
+    return paged_attention(*args, window=window, **options)
+  if windows is None:
+    return paged_attention(*args, kernel=kernel, **options)
+  return jax.lax.cond(window == NO_WINDOW,
+                      lambda *a: paged_attention(*a, kernel=kernel, **options),
+                      lambda *a: paged_attention(*a, window=window, **options), *args)
 
 
 def unstacked_layers(model: Transformer) -> tuple[dict[str, Array], ...] | None:
@@ -192,12 +242,14 @@ def unstacked_layers(model: Transformer) -> tuple[dict[str, Array], ...] | None:
 def decode_hidden(
   model: Transformer, tokens: Array, pool: PagedKV, table: Array, lengths: Array, *,
   blocks_per_step: int = 4, layers: tuple[dict[str, Array], ...] | None = None,
-  recent: PagedKV | None = None, recent_count: Array | None = None,
+  recent: PagedKV | None = None, recent_count: Array | None = None, attention: str = "auto",
 ) -> tuple[Array, Array, Array]:
   """One decode step of every slot: `tokens` [S] at positions `lengths` + `recent_count` [S]
   attending to their `lengths` tokens in the pool's blocks (0 for an idle slot) and their
   `recent_count` recent tokens (`recent`: k, v [L, S, M, KV, Dh], see `paged_attention`; None:
-  none); `layers` from `unstacked_layers` (None scans the stacked parameters).
+  none); `layers` from `unstacked_layers` (None scans the stacked parameters); `attention` the
+  decode attention (`paged_kernels.DECODE_ATTENTION`: "auto" runs the backend's kernel where
+  `paged_kernels.unsupported` allows, else the pure-JAX "blockwise" loop).
 
   Returns:
     (hidden [S, D] final-normed, k_new, v_new [L, S, KV, Dh] the tokens' keys / values, to be
@@ -207,8 +259,11 @@ def decode_hidden(
   x = input_embeddings(model.embed[...], tokens[:, None], c)
   position = lengths if recent_count is None else lengths + recent_count
   cos_tables, sin_tables = rope_tables(position[:, None], c)
+  kernel = paged_kernels.decode_kernel(attention, dtype=c.dtype, pool_dtype=pool.k.dtype,
+                                       head_dim=c.head_dim, block_size=pool.block_size,
+                                       blocks_per_step=blocks_per_step)
   options = dict(scale=c.attention_scale, softcap=c.attention_softcap,
-                 blocks_per_step=blocks_per_step)
+                 blocks_per_step=blocks_per_step, kernel=kernel, windows=c.layer_windows)
 
   def body(x, xs):
     p, window, rope, layer, recent_k, recent_v = xs
@@ -216,9 +271,9 @@ def decode_hidden(
     cos, sin = layer_cos_sin(cos_tables, sin_tables, rope)
     q, k, v = project_qkv(p, h, cos, sin, c)
     k, v = k[:, 0].astype(pool.k.dtype), v[:, 0].astype(pool.v.dtype)
-    attn = paged_attention(q[:, 0], k, v, pool, layer, table, lengths, window=window,
-                           recent_k=recent_k, recent_v=recent_v, recent_count=recent_count,
-                           **options)
+    attn = decode_attention(q[:, 0], k, v, pool, layer, table, lengths, window=window,
+                            recent_k=recent_k, recent_v=recent_v, recent_count=recent_count,
+                            **options)
     x = x + output_norm(p, "post_attn_norm", attention_output(p, attn[:, None], c), c)
     h = norm(x, p["mlp_norm"], c)
     return x + output_norm(p, "post_mlp_norm", swiglu_mlp(p, h, c), c), (k, v)

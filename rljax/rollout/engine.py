@@ -42,6 +42,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from rljax.models.kv_cache import hidden_states_with_cache, init_kv_cache
+from rljax.models.paged_kernels import DECODE_ATTENTION
 from rljax.models.paged_kv import (
   NULL_BLOCK,
   PagedKV,
@@ -52,7 +53,7 @@ from rljax.models.paged_kv import (
   write_recent,
 )
 from rljax.models.transformer import config_of
-from rljax.ops._checks import check_int
+from rljax.ops._checks import check_choice, check_int
 from rljax.parallel.rules import DATA, FSDP
 from rljax.rollout.generate import (
   Rollout,
@@ -85,6 +86,10 @@ class EngineConfig:
     prefill_rows: prompts per prefill call (None: ⌈num_slots / G⌉).
     blocks_per_step: KV blocks read per iteration of the decode attention loop (8: 128 keys
       of 16-token blocks; fewer, larger reads were faster on CPU, `benchmarks/rollout_engine.py`).
+    attention: the decode step's attention over the pool (`rljax.models.paged_kernels`): "auto"
+      (the backend's kernel where it supports the model, else "blockwise"), "blockwise" (the
+      pure-JAX loop over blocks), "pallas" (JAX's Pallas GPU paged-attention kernel) or
+      "ragged" (TPU, unsupported: says why); a named kernel that cannot run raises.
   """
 
   num_slots: int | None = None
@@ -94,8 +99,10 @@ class EngineConfig:
   refill_slots: int | None = None
   prefill_rows: int | None = None
   blocks_per_step: int = 8
+  attention: str = "auto"
 
   def __post_init__(self) -> None:
+    check_choice("attention", self.attention, DECODE_ATTENTION)
     for name in ("num_slots", "num_blocks", "refill_slots", "prefill_rows"):
       check_int(name, getattr(self, name), 2 if name == "num_blocks" else 1, optional=True)
     for name in ("block_size", "sync_every", "blocks_per_step"):
@@ -110,6 +117,7 @@ class _Options(NamedTuple):
   top_p: float | None
   stop_tokens: tuple[int, ...]
   blocks_per_step: int
+  attention: str
 
 
 class _Slots(NamedTuple):
@@ -290,7 +298,8 @@ def _decode(shards: _Shards, graphdef, o: _Options, max_steps: int, params, pool
       count = jnp.where(live, s.lengths - start, 0)
       hidden, k_new, v_new = decode_hidden(model, s.tokens, pool, s.table, start,
                                            blocks_per_step=o.blocks_per_step, layers=layers,
-                                           recent=recent, recent_count=count)
+                                           recent=recent, recent_count=count,
+                                           attention=o.attention)
       recent = PagedKV(*(jax.lax.dynamic_update_index_in_dim(r, new, i, axis=2)
                          for r, new in zip(recent, (k_new, v_new))))
       token, logp = _sample(model, hidden, key, first + s.requests, s.steps, o)
@@ -525,7 +534,8 @@ def engine_generate(
   layout = engine_layout(engine, requests=rd, prompt_length=p, max_new_tokens=n, num_samples=g)
   o = _Options(temperature=float(sampling.temperature), top_k=sampling.top_k,
                top_p=None if sampling.top_p is None else float(sampling.top_p),
-               stop_tokens=stops, blocks_per_step=layout.blocks_per_step)
+               stop_tokens=stops, blocks_per_step=layout.blocks_per_step,
+               attention=engine.attention)
   schedules = [_Schedule(layout, prompts[i * bd:(i + 1) * bd], budget[i * rd:(i + 1) * rd], g)
                for i in range(d)]
   first = np.arange(d, dtype=np.int32) * rd
