@@ -5,19 +5,22 @@ prefix-shared KV cache.
 for the same key: token t of request r is drawn with fold_in(fold_in(key, r), t) by both), but
 it never decodes a finished row. R = B·G requests (prompt i, sample j → request i·G + j) are
 served by `num_slots` decode slots; when a request stops (a stop token or its budget), its slot
-takes the next pending request. The host runs the schedule between device calls, three jitted
+takes the next pending request. The host runs the schedule between device calls, two jitted
 programs with static shapes (compiled once per shape and options):
 
   prefill   `prefill_rows` prompts (padding stripped, right-aligned to a multiple of the block
             size) through the model, their keys / values written into blocks of the pool and
             the last hidden state kept per prompt;
-  admit     new requests take free slots: the first token is sampled from the prompt's last
-            hidden state, the slot's block table names the prompt's full blocks (shared by the
-            G samples, never written again) and blocks of its own (a copy of the prompt's
-            partial last block, then fresh ones);
-  decode    up to `sync_every` steps of every slot (`rljax.models.paged_kv.decode_hidden`:
-            attention over a slot's blocks only) in a `lax.while_loop` that returns to the host
-            as soon as `refill_slots` slots are free and requests wait.
+  decode    first the admission: new requests take free slots, the first token sampled from
+            the prompt's last hidden state, the slot's block table naming the prompt's full
+            blocks (shared by the G samples, never written again) and blocks of its own (a copy
+            of the prompt's partial last block, then fresh ones); then up to `sync_every` steps
+            of every slot (`rljax.models.paged_kv.decode_hidden`: attention over a slot's blocks
+            only) in a `lax.while_loop` that returns to the host as soon as `refill_slots` slots
+            are free and requests wait.
+
+On a mesh both run per data shard (`mesh=`): each device group of the data axes holds its own
+slots, pool and share of the prompts.
 
 Requests are admitted longest budget first (the order of the requests among equal budgets, so
 without per-request budgets first come, first served): the longest ones do not start last and
@@ -41,6 +44,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from rljax.models.config import ModelConfig
 from rljax.models.kv_cache import hidden_states_with_cache, init_kv_cache
 from rljax.models.paged_kernels import DECODE_ATTENTION
 from rljax.models.paged_kv import (
@@ -207,12 +211,28 @@ def _each_shard(shards: _Shards, fn, shared: Any, *data: Any):
                        check_vma=False)(shared, *data)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
-def _full(shards: _Shards, shape: tuple[int, ...], fill: Any, dtype: Any) -> Array:
-  """A [D, *shape] array of `fill`, made on the shards' devices (never whole on one)."""
-  x = jnp.full((shards.count, *shape), fill, dtype)
-  return x if shards.mesh is None else jax.lax.with_sharding_constraint(
-    x, NamedSharding(shards.mesh, shards.spec))
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5, 6))
+def _initial_state(shards: _Shards, config: ModelConfig, layout: _Layout, prompts: int,
+                   requests: int, max_new_tokens: int, pad_id: int):
+  """(pool, last hidden states [D, prompts, D_model], idle slots, outputs of `requests` rows)
+  of every shard, made on the shards' devices (never whole on one)."""
+  d, s, n, rd = shards.count, layout.slots, max_new_tokens, requests
+
+  def full(shape, fill, dtype):
+    x = jnp.full((d, *shape), fill, dtype)
+    return x if shards.mesh is None else jax.lax.with_sharding_constraint(
+      x, NamedSharding(shards.mesh, shards.spec))
+
+  c = config
+  pool_shape = (c.num_layers, c.num_kv_heads, layout.num_blocks, layout.block_size, c.head_dim)
+  pool = PagedKV(k=full(pool_shape, 0, c.dtype), v=full(pool_shape, 0, c.dtype))
+  slots = _Slots(tokens=full((s,), 0, jnp.int32), lengths=full((s,), 0, jnp.int32),
+                 steps=full((s,), 0, jnp.int32), budgets=full((s,), 1, jnp.int32),
+                 requests=full((s,), rd, jnp.int32), active=full((s,), False, jnp.bool_),
+                 table=full((s, layout.table_width), NULL_BLOCK, jnp.int32))
+  out = _Outputs(tokens=full((rd, n), pad_id, jnp.int32), logprobs=full((rd, n), 0, jnp.float32),
+                 lengths=full((rd,), 0, jnp.int32), finished=full((rd,), False, jnp.bool_))
+  return pool, full((prompts, c.hidden_size), 0, c.dtype), slots, out
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(3, 4))
@@ -236,51 +256,44 @@ def _prefill(shards: _Shards, graphdef, params, pool: PagedKV, last_hidden: Arra
                      prompts)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=(4, 5, 6))
-def _admit(shards: _Shards, graphdef, o: _Options, params, pool: PagedKV, slots: _Slots,
-           out: _Outputs, last_hidden: Array, key: Array, first: Array, admit: Array,
-           requests: Array, prompts: Array, budgets: Array, lengths: Array, table: Array,
-           copy_source: Array, copy_target: Array):
-  """Per shard: new requests into the slots where `admit` [S]: copy their private blocks,
-  sample token 0 from the prompt's last hidden state, set the slot state. `first` is the
-  global id of the shard's request 0 (its keys are the requests' global ones)."""
+def _admit(model, o: _Options, pool: PagedKV, slots: _Slots, out: _Outputs,
+           last_hidden: Array, key: Array, first: Array, admit: Array, requests: Array,
+           prompts: Array, budgets: Array, lengths: Array, table: Array, copy_source: Array,
+           copy_target: Array):
+  """New requests into the slots where `admit` [S]: copy their private blocks, sample token 0
+  from the prompt's last hidden state, set the slot state. `first` is the global id of the
+  shard's request 0 (its keys are the requests' global ones)."""
+  pool = copy_blocks(pool, copy_source, copy_target)
+  zero = jnp.zeros_like(requests)
+  token, logp = _sample(model, last_hidden[prompts], key, first + requests, zero, o)
+  stopped = _is_stop(token, o.stop_tokens)
+  done = admit & (stopped | (budgets <= 1))
+  out = _record(out, requests, zero, token, logp, admit, done, stopped)
 
-  def admit_requests(shared, pool, slots, out, last_hidden, first, admit, requests, prompts,
-                     budgets, lengths, table, copy_source, copy_target):
-    params, key = shared
-    model = nnx.merge(graphdef, params)
-    pool = copy_blocks(pool, copy_source, copy_target)
-    zero = jnp.zeros_like(requests)
-    token, logp = _sample(model, last_hidden[prompts], key, first + requests, zero, o)
-    stopped = _is_stop(token, o.stop_tokens)
-    done = admit & (stopped | (budgets <= 1))
-    out = _record(out, requests, zero, token, logp, admit, done, stopped)
+  def pick(new, old):
+    return jnp.where(admit.reshape(admit.shape + (1,) * (new.ndim - 1)), new, old)
 
-    def pick(new, old):
-      return jnp.where(admit.reshape(admit.shape + (1,) * (new.ndim - 1)), new, old)
-
-    slots = _Slots(tokens=pick(token, slots.tokens), lengths=pick(lengths, slots.lengths),
-                   steps=pick(jnp.ones_like(zero), slots.steps),
-                   budgets=pick(budgets, slots.budgets), requests=pick(requests, slots.requests),
-                   active=pick(~done, slots.active), table=pick(table, slots.table))
-    return pool, slots, out
-
-  return _each_shard(shards, admit_requests, (params, key), pool, slots, out, last_hidden,
-                     first, admit, requests, prompts, budgets, lengths, table, copy_source,
-                     copy_target)
+  slots = _Slots(tokens=pick(token, slots.tokens), lengths=pick(lengths, slots.lengths),
+                 steps=pick(jnp.ones_like(zero), slots.steps), budgets=pick(budgets, slots.budgets),
+                 requests=pick(requests, slots.requests), active=pick(~done, slots.active),
+                 table=pick(table, slots.table))
+  return pool, slots, out
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3), donate_argnums=(5, 6, 7))
 def _decode(shards: _Shards, graphdef, o: _Options, max_steps: int, params, pool: PagedKV,
-            slots: _Slots, out: _Outputs, key: Array, first: Array, want_free: Array):
-  """Per shard: decode steps of every active slot until `max_steps` steps, no active slot, or
-  at least `want_free` free slots. The new tokens' keys and values are kept in a
+            slots: _Slots, out: _Outputs, last_hidden: Array, key: Array, first: Array,
+            want_free: Array, admission: tuple[Array, ...]):
+  """Per shard: the `admission` (`_admit`'s arguments from `admit` on: none where its mask is
+  all False), then decode steps of every active slot until `max_steps` steps, no active slot,
+  or at least `want_free` free slots. The new tokens' keys and values are kept in a
   [L, S, max_steps, KV, Dh] buffer and written into the pool once at the end: the pool is an
   invariant of the loop (written inside it, XLA copied it at every step)."""
 
-  def decode(shared, pool, slots, out, first, want_free):
+  def decode(shared, pool, slots, out, last_hidden, first, want_free, admission):
     params, key = shared
     model = nnx.merge(graphdef, params)
+    pool, slots, out = _admit(model, o, pool, slots, out, last_hidden, key, first, *admission)
     c = model.config
     layers = unstacked_layers(model)  # sliced once, outside the loop (None: scanned layers)
     start = jnp.where(slots.active, slots.lengths, 0)  # the tokens in the pool
@@ -321,7 +334,8 @@ def _decode(shards: _Shards, graphdef, o: _Options, max_steps: int, params, pool
     count = jnp.where(active, slots.lengths - start, 0)
     return write_recent(pool, recent, slots.table, start, count), slots, out
 
-  return _each_shard(shards, decode, (params, key), pool, slots, out, first, want_free)
+  return _each_shard(shards, decode, (params, key), pool, slots, out, last_hidden, first,
+                     want_free, admission)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -540,18 +554,8 @@ def engine_generate(
                for i in range(d)]
   first = np.arange(d, dtype=np.int32) * rd
 
-  s, mb = layout.slots, layout.table_width
-  new = functools.partial(_full, shards)
-  pool_shape = (config.num_layers, config.num_kv_heads, layout.num_blocks, layout.block_size,
-                config.head_dim)
-  pool = PagedKV(k=new(pool_shape, 0, config.dtype), v=new(pool_shape, 0, config.dtype))
-  last_hidden = new((bd, config.hidden_size), 0, config.dtype)
-  slots = _Slots(tokens=new((s,), 0, jnp.int32), lengths=new((s,), 0, jnp.int32),
-                 steps=new((s,), 0, jnp.int32), budgets=new((s,), 1, jnp.int32),
-                 requests=new((s,), rd, jnp.int32), active=new((s,), False, jnp.bool_),
-                 table=new((s, mb), NULL_BLOCK, jnp.int32))
-  out = _Outputs(tokens=new((rd, n), pad_id, jnp.int32), logprobs=new((rd, n), 0, jnp.float32),
-                 lengths=new((rd,), 0, jnp.int32), finished=new((rd,), False, jnp.bool_))
+  s = layout.slots
+  pool, last_hidden, slots, out = _initial_state(shards, config, layout, bd, rd, n, pad_id)
 
   while any(schedule.pending or schedule.busy for schedule in schedules):
     plans = [schedule.admissions() for schedule in schedules]
@@ -563,17 +567,13 @@ def engine_generate(
       pool, last_hidden = _prefill(shards, graphdef, params, pool, last_hidden, *_stacked(
         _prefill_inputs(schedule.prompts, to_prefill[start:start + rows], layout, bd)
         for schedule, (_, to_prefill) in zip(schedules, plans)))
-    if any(admitted for admitted, _ in plans):
-      pool, slots, out = _admit(shards, graphdef, o, params, pool, slots, out, last_hidden, key,
-                                first, *_stacked(
-                                  _admit_inputs(admitted, schedule.prompts, schedule.budgets,
-                                                layout, g, rd)
-                                  for schedule, (admitted, _) in zip(schedules, plans)))
+    admission = _stacked(_admit_inputs(admitted, schedule.prompts, schedule.budgets, layout,
+                                       g, rd) for schedule, (admitted, _) in zip(schedules, plans))
     # Back to the host once `refill_slots` more slots are free than now (none wait: never).
     want_free = np.array([s - schedule.occupied + layout.refill_slots if schedule.pending
                           else s + 1 for schedule in schedules], np.int32)
     pool, slots, out = _decode(shards, graphdef, o, layout.sync_every, params, pool, slots, out,
-                               key, first, want_free)
+                               last_hidden, key, first, want_free, admission)
     active = np.asarray(slots.active)
     for schedule, shard_active in zip(schedules, active):
       schedule.release(shard_active)
@@ -612,7 +612,8 @@ def _prefill_inputs(prompts: list[_Prompt], indices: list[int], layout: _Layout,
 
 def _admit_inputs(admitted, prompts: list[_Prompt], budgets: np.ndarray, layout: _Layout,
                   g: int, requests: int):
-  """The [S]-shaped arguments of `_admit` for `admitted` [(slot, request, table, source)]."""
+  """The [S]-shaped arguments of `_admit` for `admitted` [(slot, request, table, source)]
+  (none admitted: an all-False mask)."""
   s, mb = layout.slots, layout.table_width
   admit = np.zeros((s,), bool)
   ids = np.full((s,), requests, np.int32)
