@@ -88,6 +88,10 @@ class EngineConfig:
     refill_slots: slots freed since the last admission that send the decode loop back to the
       host to admit waiting requests (None: max(1, num_slots // 8)).
     prefill_rows: prompts per prefill call (None: ⌈num_slots / G⌉).
+    min_slots: once no request waits, the slots are halved while the live requests fit (the
+      live slots compacted into a smaller program, one more compile per size), down to this
+      many (None: ⌈num_slots / 4⌉; num_slots: never) — the drain at the end costs what its
+      live rows cost, not what every slot does.
     blocks_per_step: KV blocks read per iteration of the decode attention loop (8: 128 keys
       of 16-token blocks; fewer, larger reads were faster on CPU, `benchmarks/rollout_engine.py`).
     attention: the decode step's attention over the pool (`rljax.models.paged_kernels`): "auto"
@@ -102,12 +106,16 @@ class EngineConfig:
   sync_every: int = 32
   refill_slots: int | None = None
   prefill_rows: int | None = None
+  min_slots: int | None = None
   blocks_per_step: int = 8
   attention: str = "auto"
 
   def __post_init__(self) -> None:
     check_choice("attention", self.attention, DECODE_ATTENTION)
-    for name in ("num_slots", "num_blocks", "refill_slots", "prefill_rows"):
+    if None not in (self.num_slots, self.min_slots) and self.min_slots > self.num_slots:
+      raise ValueError(f"`min_slots` ({self.min_slots}) must be at most `num_slots` "
+                       f"({self.num_slots}).")
+    for name in ("num_slots", "num_blocks", "refill_slots", "prefill_rows", "min_slots"):
       check_int(name, getattr(self, name), 2 if name == "num_blocks" else 1, optional=True)
     for name in ("block_size", "sync_every", "blocks_per_step"):
       check_int(name, getattr(self, name), 1)
@@ -235,6 +243,13 @@ def _initial_state(shards: _Shards, config: ModelConfig, layout: _Layout, prompt
   return pool, full((prompts, c.hidden_size), 0, c.dtype), slots, out
 
 
+@functools.partial(jax.jit, static_argnums=(0,))
+def _compact(shards: _Shards, slots: _Slots, index: Array) -> _Slots:
+  """Per shard: the slots `index` [S'] of `slots`, in that order (S' < S)."""
+  return _each_shard(shards, lambda _, slots, index: jax.tree.map(lambda x: x[index], slots),
+                     (), slots, index)
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(3, 4))
 def _prefill(shards: _Shards, graphdef, params, pool: PagedKV, last_hidden: Array,
              tokens: Array, lengths: Array, blocks: Array, prompts: Array):
@@ -359,6 +374,7 @@ class _Layout(NamedTuple):
   prefill_rows: int
   refill_slots: int
   sync_every: int
+  min_slots: int
 
 
 def engine_layout(engine: EngineConfig, *, requests: int, prompt_length: int,
@@ -384,7 +400,8 @@ def engine_layout(engine: EngineConfig, *, requests: int, prompt_length: int,
     prompt_width=_blocks(prompt_length, bs) * bs,
     prefill_rows=engine.prefill_rows or _blocks(slots, num_samples),
     refill_slots=engine.refill_slots or max(1, slots // 8),
-    sync_every=min(engine.sync_every, max_new_tokens))  # no slot decodes more in one call
+    sync_every=min(engine.sync_every, max_new_tokens),  # no slot decodes more in one call
+    min_slots=min(engine.min_slots or _blocks(slots, 4), slots))
 
 
 class _Prompt:
@@ -460,6 +477,15 @@ class _Schedule:
         if prompt.live == 0:
           self.free_blocks.extend(prompt.blocks)
           prompt.blocks = []
+
+  def compact(self, slots: int) -> list[int]:
+    """The old indices of `slots` new slots (< the old count): the live ones, then idle ones;
+    the schedule renumbered to match."""
+    order = sorted(range(len(self.slot_request)), key=lambda i: self.slot_request[i] < 0)
+    index = order[:slots]
+    self.slot_request = [self.slot_request[i] for i in index]
+    self.slot_blocks = [self.slot_blocks[i] for i in index]
+    return index
 
   @property
   def occupied(self) -> int:
@@ -568,7 +594,8 @@ def engine_generate(
         _prefill_inputs(schedule.prompts, to_prefill[start:start + rows], layout, bd)
         for schedule, (_, to_prefill) in zip(schedules, plans)))
     admission = _stacked(_admit_inputs(admitted, schedule.prompts, schedule.budgets, layout,
-                                       g, rd) for schedule, (admitted, _) in zip(schedules, plans))
+                                       s, g, rd)
+                         for schedule, (admitted, _) in zip(schedules, plans))
     # Back to the host once `refill_slots` more slots are free than now (none wait: never).
     want_free = np.array([s - schedule.occupied + layout.refill_slots if schedule.pending
                           else s + 1 for schedule in schedules], np.int32)
@@ -577,6 +604,10 @@ def engine_generate(
     active = np.asarray(slots.active)
     for schedule, shard_active in zip(schedules, active):
       schedule.release(shard_active)
+    smaller = _fewer_slots(schedules, s, layout.min_slots)
+    if smaller < s:
+      index = np.stack([schedule.compact(smaller) for schedule in schedules])
+      slots, s = _compact(shards, slots, index), smaller
 
   rows = lambda x: x.reshape(d * rd, *x.shape[2:])[: b * g]  # noqa: E731
   out = _Outputs(*(rows(x) for x in out))
@@ -586,6 +617,17 @@ def engine_generate(
     prompt_mask=jnp.repeat(mask, g, axis=0), completion_mask=completion_mask,
     logprobs=jnp.where(completion_mask, out.logprobs, 0.0), lengths=out.lengths,
     finished=out.finished)
+
+
+def _fewer_slots(schedules: list[_Schedule], slots: int, min_slots: int) -> int:
+  """The slot count to decode on: halved while no request waits and every shard's live
+  requests fit, not below `min_slots`."""
+  if any(schedule.pending for schedule in schedules):
+    return slots
+  live = max(schedule.occupied for schedule in schedules)
+  while live and slots // 2 >= max(live, min_slots):
+    slots //= 2
+  return slots
 
 
 def _stacked(per_shard) -> tuple[np.ndarray, ...]:
@@ -611,10 +653,10 @@ def _prefill_inputs(prompts: list[_Prompt], indices: list[int], layout: _Layout,
 
 
 def _admit_inputs(admitted, prompts: list[_Prompt], budgets: np.ndarray, layout: _Layout,
-                  g: int, requests: int):
+                  s: int, g: int, requests: int):
   """The [S]-shaped arguments of `_admit` for `admitted` [(slot, request, table, source)]
   (none admitted: an all-False mask)."""
-  s, mb = layout.slots, layout.table_width
+  mb = layout.table_width
   admit = np.zeros((s,), bool)
   ids = np.full((s,), requests, np.int32)
   prompt_ids = np.zeros((s,), np.int32)

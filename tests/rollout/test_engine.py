@@ -191,6 +191,24 @@ def test_gemma_engine_matches_generate_and_the_fused_training_logprobs(family):
                              rtol=0)
 
 
+@pytest.mark.parametrize("min_slots,sizes", [(None, [8, 4, 2]), (8, [8])])
+def test_the_drain_runs_on_fewer_slots_and_still_equals_generate(model, monkeypatch, min_slots,
+                                                                  sizes):
+  """Once no request waits, the live slots are compacted into halves down to `min_slots`."""
+  seen = []
+
+  def recorded(*args):
+    seen.append(args[6].tokens.shape[1])  # slots [D, S]
+    return decode(*args)
+
+  decode = engine_module._decode
+  monkeypatch.setattr(engine_module, "_decode", recorded)
+  config = EngineConfig(num_slots=8, block_size=4, sync_every=3, min_slots=min_slots)
+  out = _run(engine_generate, model, SAMPLING["sampled"], engine=config)
+  assert sorted(set(seen), reverse=True) == sizes and seen == sorted(seen, reverse=True), seen
+  _assert_same_rollout(out, _run(generate, model, SAMPLING["sampled"]))
+
+
 def test_no_recompilation_across_calls(model):
   engine = ENGINES["3 slots"]
   _run(engine_generate, model, SAMPLING["sampled"], engine=engine)
