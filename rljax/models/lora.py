@@ -264,6 +264,11 @@ def lora_trainable(path: tuple, variable: Any) -> bool:
   return isinstance(variable, nnx.Param) and str(path[-1]) in ("head_weight", "head_bias")
 
 
+def trainable_filter(model: nnx.Module) -> Any:
+  """`lora_trainable` when `model` has LoRA adapters, else `nnx.Param` (everything trains)."""
+  return lora_trainable if lora_layers(model) else nnx.Param
+
+
 @contextlib.contextmanager
 def adapters_disabled(model: nnx.Module) -> Iterator[nnx.Module]:
   """A context in which `model` is its base model exactly (no adapter op runs)."""
@@ -326,4 +331,5 @@ __all__ = [
   "lora_trainable",
   "merge_weight",
   "merged",
+  "trainable_filter",
 ]
