@@ -5,6 +5,7 @@ it), its sampler merged, dropout refused, and a short run learns."""
 from __future__ import annotations
 
 import functools
+import json
 
 import jax
 import numpy as np
@@ -230,3 +231,28 @@ def test_grpo_with_lora_reference_is_the_base_sampler_merged_and_it_learns():
   np.testing.assert_allclose(policy_logp[mask], scored.rollout.logprobs[mask], atol=2e-5)
   np.testing.assert_array_equal(np.asarray(state.frozen["layers"]["q_proj"][...]),
                                 np.asarray(base_state["layers"]["q_proj"][...]))  # base unmoved
+
+
+def test_checkpoints_hold_the_adapters_and_the_base_s_fingerprints_only(tmp_path):
+  """`frozen_base`: the base weights are not written; restore takes them from the target and
+  refuses a different base."""
+  from rljax.train.checkpoint import Checkpointer
+
+  _, state = create_train_state(policy(), OPTIMIZER, rng=0, trainable=lora_trainable)
+  state = state.replace(params=jax.tree.map(lambda x: x + 1.0, state.params))
+  with Checkpointer(tmp_path / "ckpt", frozen_base="base/dir", async_save=False) as ckpt:
+    ckpt.save(1, state, force=True)
+  _, fresh = create_train_state(policy(), OPTIMIZER, rng=0, trainable=lora_trainable)
+  with Checkpointer(tmp_path / "ckpt", frozen_base="base/dir") as ckpt:
+    restored, _, meta = ckpt.restore(fresh)
+    assert meta["frozen_base"]["path"] == "base/dir"
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, restored.params),
+                 jax.tree.map(np.asarray, state.params))
+    assert restored.frozen is fresh.frozen
+    _, other = create_train_state(policy(seed=5), OPTIMIZER, rng=0, trainable=lora_trainable)
+    with pytest.raises(ValueError, match="frozen base of the target differs"):
+      ckpt.restore(other)
+  with open(tmp_path / "ckpt" / "1" / "state" / "_METADATA") as f:
+    saved = list(json.load(f)["tree_metadata"])  # orbax's list of the leaves it wrote
+  assert any("q_proj_lora_a" in k for k in saved) and "('frozen',)" in saved
+  assert not any("frozen'," in k for k in saved)  # no leaf under frozen
