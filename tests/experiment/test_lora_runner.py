@@ -50,8 +50,9 @@ def test_supervised_lora_run_trains_adapters_and_saves_them_in_peft_format(tmp_p
 
 def test_ppo_with_lora_policy_and_critic_adapters(tmp_path):
   out = str(tmp_path / "ppo")
+  base = grpo_config(out)
   config = dataclasses.replace(
-    grpo_config(out), algorithm="ppo", steps=2, eval_k=1,
+    base, algorithm="ppo", steps=2, eval_k=1, data=dataclasses.replace(base.data, eval=None),
     ppo=PPOConfig(sampling=SamplingConfig(num_samples=2, max_new_tokens=4),
                   update=UpdateConfig(num_epochs=1), kl_coef=0.05),
     logging=LoggingSection(out_dir=out, progress=False, tensorboard=False, plot=False,

@@ -86,19 +86,16 @@ def test_dropout_masks_differ_per_step_and_are_off_outside_the_step():
       b = getattr(layers, f"{name}_lora_b")
       b[...] = 0.3 * jax.random.normal(jax.random.key(7), b.shape)
   graphdef, params, frozen = nnx.split(model, lora_trainable, ...)
-  grad_fn = jax.jit(make_grad_fn(functools.partial(sft_loss, chunk_size=8), graphdef,
-                                 count_fn=sft_token_count, num_microbatches=2),
-                    compiler_options=FAST)
+  grad_fn = make_grad_fn(functools.partial(sft_loss, chunk_size=8), graphdef,
+                         count_fn=sft_token_count, num_microbatches=2)
+  loss = jax.jit(lambda *args: grad_fn(*args)[0], compiler_options=FAST)  # no backward: DCE'd
   batch = sft_batch()
-  plain = float(grad_fn(params, frozen, batch)[0])
-  with_key = [float(grad_fn(params, frozen, batch, jax.random.key(k))[0]) for k in (0, 0, 1)]
+  plain = float(loss(params, frozen, batch))
+  with_key = [float(loss(params, frozen, batch, jax.random.key(k))) for k in (0, 0, 1)]
   assert with_key[0] == with_key[1] and with_key[0] != with_key[2]
   assert abs(with_key[0] - plain) > 1e-4
-  no_dropout = nnx.split(merged(model), lora_trainable, ...)
-  ref = jax.jit(make_grad_fn(functools.partial(sft_loss, chunk_size=8), no_dropout[0],
-                             count_fn=sft_token_count, num_microbatches=2),
-                compiler_options=FAST)
-  np.testing.assert_allclose(plain, float(ref(*no_dropout[1:], batch)[0]), rtol=1e-5)
+  np.testing.assert_allclose(plain, float(sft_loss(merged(model), batch, chunk_size=8)[0]),
+                             rtol=1e-5)
 
 
 def test_adapter_gradients_are_the_chain_rule_of_the_merged_weight_s():
@@ -129,7 +126,7 @@ def test_adapter_gradients_are_the_chain_rule_of_the_merged_weight_s():
                                  rtol=1e-4, atol=1e-6 * np.abs(want).max(), err_msg=name)
 
 
-@pytest.mark.parametrize("shape, rules", [((1, 4, 2), "fsdp_tp"), ((2, 2, 2), "fsdp_tp")])
+@pytest.mark.parametrize("shape, rules", [((2, 2, 2), "fsdp_tp")])
 def test_lora_gradients_on_a_mesh_equal_one_device(shape, rules):
   model = policy(config=CONFIG.replace(vocab_size=32))  # V divisible by the tensor axis
   for name in model.layers.lora.target_modules:  # nonzero B: every adapter gets a gradient
@@ -197,7 +194,7 @@ def test_on_policy_trainers_refuse_lora_dropout():
 def test_grpo_with_lora_reference_is_the_base_sampler_merged_and_it_learns():
   """The reference holds the initial adapters only (the base stays in `state.frozen`, once) and
   its log-probs are the base model's exactly; the sampler's copy is merged with the adapters
-  off; 10 steps of GRPO on the adapters alone raise the reward. (The base's lm_head is scaled
+  off; 8 steps of GRPO on the adapters alone raise the reward. (The base's lm_head is scaled
   up, like a trained model's: at init scale, std 0.02, no hidden state reachable by the
   adapters gives the token "5" a high probability, while full fine-tuning moves the head.)"""
   base = Transformer(CONFIG, rngs=nnx.Rngs(1))
@@ -209,7 +206,7 @@ def test_grpo_with_lora_reference_is_the_base_sampler_merged_and_it_learns():
   assert set(ref) == {"params"} and _names(ref["params"]) == _names(state.params)
   batch_prompts = prompts()
   rewards = []
-  for i in range(10):
+  for i in range(8):
     state, m = trainer.step(state, batch_prompts, jax.random.key(100 + i))
     rewards.append(m["reward_mean"])
     if i == 0:
