@@ -19,6 +19,7 @@ from rljax.models.heads import RewardModel, ValueModel
 from rljax.models.adapters import load_adapter
 from rljax.models.io import load_pretrained, resolve_model_dir
 from rljax.models.lora import add_lora, lora_config_of
+from rljax.models.quant import quantize_base
 from rljax.models.transformer import Transformer
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, None: None}
@@ -86,6 +87,8 @@ def with_lora(config: ExperimentConfig, model: nnx.Module) -> nnx.Module:
   if not lora.enabled:
     return model
   try:
+    if lora.quantize is not None:
+      quantize_base(model, lora.quantize)
     if lora.adapter_path is not None:
       load_adapter(model.backbone if isinstance(model, RewardModel) else model,
                    lora.adapter_path)
@@ -108,6 +111,8 @@ def build_critic(exp: Experiment, policy: Transformer) -> ValueModel:
     critic = ValueModel.from_policy(policy, rngs=rngs)  # the base backbone, not the adapters
   lora = lora_config_of(policy)
   if lora is not None and config.model.lora.critic == "adapters":
+    if config.model.lora.quantize is not None:
+      quantize_base(critic, config.model.lora.quantize)
     add_lora(critic, lora, rngs=nnx.Rngs(config.model.init_seed + 4))
   return critic
 

@@ -36,6 +36,8 @@ The schema (defaults in parentheses; every field can be overridden with `--set`)
                         on-policy reference is then base + this adapter) (None)
         critic          ppo: "full" (a fully trained critic) or "adapters" (its own adapters,
                         same options, on a frozen copy of the backbone; head in full) ("full")
+        quantize        QLoRA: the policy's projections stored "nf4" or "int8" (block-wise
+                        absmax, block 64, `rljax.models.quant`), dequantised on use (None)
                       With LoRA the reward model's head trains in full; checkpoints hold the
                       adapters (+ heads) only, with the base's fingerprints, and the final
                       model/ is the merged checkpoint plus the PEFT adapter in model/adapter.
@@ -173,6 +175,7 @@ from typing import Any
 
 from rljax.models.config import ModelConfig
 from rljax.models.lora import LoRAConfig
+from rljax.models.quant import MODES as QUANT_MODES
 from rljax.ops._checks import check_bool, check_choice, check_int
 from rljax.parallel.mesh import MeshConfig
 from rljax.train.grpo import GRPOConfig
@@ -228,11 +231,14 @@ class LoRASection:
   target_modules: str | list[str] = LoRAConfig.target_modules
   adapter_path: str | None = None
   critic: str = "full"
+  quantize: str | None = None
 
   def __post_init__(self) -> None:
     with config_errors():
       check_int("model.lora.rank", self.rank, 0)
       check_choice("`model.lora.critic`", self.critic, LORA_CRITICS)
+      if self.quantize is not None:
+        check_choice("`model.lora.quantize`", self.quantize, QUANT_MODES)
       if self.rank > 0 and self.adapter_path is not None:
         raise ValueError("model.lora: give `rank` (new adapters) or `adapter_path` (a PEFT "
                          "adapter, whose own config is used), not both.")

@@ -43,6 +43,7 @@ import numpy as np
 from flax import nnx
 
 from rljax.models.lora import check_no_dropout, lora_config_of, merged
+from rljax.models.quant import is_quantized
 from rljax.ops._checks import check_bool, check_choice, check_int, check_number
 from rljax.ops.masking import AGG_MODES
 from rljax.parallel.mesh import use_mesh
@@ -267,8 +268,10 @@ class OnPolicyTrainer(abc.ABC):
     off: `rljax.models.lora.merged`), so decoding runs the base model's matmuls only."""
     dtype = self.config.sampling.rollout_dtype
     params = nnx.merge_state(state.params, state.frozen)
-    if self.lora:
-      self._sampler_graphdef, params = nnx.split(merged(nnx.merge(self.graphdef, params)))
+    if self.lora:  # a quantised base (QLoRA) samples unmerged: no full-precision copy
+      model = nnx.merge(self.graphdef, params)
+      if not is_quantized(model):
+        self._sampler_graphdef, params = nnx.split(merged(model))
     params = cast_floating(params, None if dtype is None else jnp.dtype(dtype))
     if self.mesh is None:
       return params

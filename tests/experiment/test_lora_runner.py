@@ -48,7 +48,7 @@ def test_supervised_lora_run_trains_adapters_and_saves_them_in_peft_format(tmp_p
   assert meta["frozen_base"]["path"].startswith("model.config")
 
 
-def test_ppo_with_lora_policy_and_critic_adapters(tmp_path):
+def test_ppo_with_qlora_policy_and_critic_adapters(tmp_path):
   out = str(tmp_path / "ppo")
   base = grpo_config(out)
   config = dataclasses.replace(
@@ -57,7 +57,7 @@ def test_ppo_with_lora_policy_and_critic_adapters(tmp_path):
                   update=UpdateConfig(num_epochs=1), kl_coef=0.05),
     logging=LoggingSection(out_dir=out, progress=False, tensorboard=False, plot=False,
                            save_model=False))
-  run_experiment(config, LORA + ["model.lora.critic=adapters"])
+  run_experiment(config, LORA + ["model.lora.critic=adapters", "model.lora.quantize=int8"])
   records = read_metrics(out)
   assert [r["step"] for r in records] == [1, 2]
   assert all(np.isfinite(r["value_loss"]) and np.isfinite(r["loss"]) for r in records)

@@ -253,3 +253,18 @@ def test_checkpoints_hold_the_adapters_and_the_base_s_fingerprints_only(tmp_path
     saved = list(json.load(f)["tree_metadata"])  # orbax's list of the leaves it wrote
   assert any("q_proj_lora_a" in k for k in saved) and "('frozen',)" in saved
   assert not any(k.startswith("('frozen', ") for k in saved)  # no leaf under frozen
+
+
+def test_grpo_with_qlora_samples_unmerged_from_the_quantized_base():
+  """QLoRA (NF4 base): the sampler gets the quantised weights and the adapters as they are (no
+  full-precision merged copy), and its log-probs are the trainer's."""
+  from rljax.models.quant import QuantizedParam, quantize_base
+
+  model = add_lora(quantize_base(Transformer(CONFIG, rngs=nnx.Rngs(1)), "nf4"), LORA,
+                   rngs=nnx.Rngs(2))
+  trainer, state = grpo(model)
+  state, m = trainer.step(state, prompts(), jax.random.key(0))
+  assert abs(m["first_ratio_mean"] - 1.0) < 1e-6 and np.isfinite(m["loss"])
+  assert trainer.sampler_graphdef is trainer.graphdef
+  sampler = nnx.merge(trainer.sampler_graphdef, trainer.sampler_params(state))
+  assert isinstance(sampler.layers.q_proj, QuantizedParam) and sampler.layers.enabled
