@@ -44,6 +44,7 @@ NF4 = np.array([
   -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
   0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
   0.7229568362236023, 1.0], np.float32)
+NF4_PAIRS = np.stack([NF4[np.arange(256) >> 4], NF4[np.arange(256) & 15]], axis=-1)
 
 
 @jax.tree_util.register_dataclass
@@ -115,10 +116,9 @@ def dequantize(q: QuantizedArray) -> Array:
   """The array a `QuantizedArray` stands for, float32 (module doc); any leading dims."""
   if q.mode == "int8":
     values = q.codes.astype(jnp.float32) / 127.0
-  else:
-    table = jnp.asarray(NF4)
-    high, low = table[(q.codes >> 4).astype(jnp.int32)], table[(q.codes & 15).astype(jnp.int32)]
-    values = jnp.stack([high, low], axis=-1).reshape(*q.codes.shape[:-1], BLOCK)
+  else:  # one lookup per byte in the 256 × 2 table of (high, low) nibble values
+    values = jnp.asarray(NF4_PAIRS)[q.codes.astype(jnp.int32)].reshape(
+      *q.codes.shape[:-1], BLOCK)
   values = values * q.scales[..., None]
   lead = q.scales.shape[:-1]
   n = math.prod(q.inner_shape)
