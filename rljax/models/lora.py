@@ -301,17 +301,22 @@ def merge_weight(w: Array, a: Array, b: Array, *, scale: float) -> Array:
 def merged(model: nnx.Module) -> nnx.Module:
   """A model whose target projections are W + s · A B, adapters off (a new module; only the
   merged projections are new arrays, every other one is shared with `model`). Without adapters,
-  `model` itself."""
+  `model` itself. A quantised W (`rljax.models.quant`) is dequantised first: the merged
+  projections are full precision (the merged export of a QLoRA model)."""
   if not lora_layers(model):
     return model
   graphdef, state = nnx.split(model)
-  out = nnx.merge(graphdef, jax.tree.map(lambda x: x, state))
+  out = nnx.merge(graphdef, jax.tree.map(lambda x: x, state))  # new Variables, same arrays
   for layers in lora_layers(out):
     for name in layers.lora.target_modules:
       w = getattr(layers, name)
       setattr(layers, name, w.replace(merge_weight(
         w[...], getattr(layers, f"{name}_lora_a")[...], getattr(layers, f"{name}_lora_b")[...],
         scale=layers.lora.scale)))
+    for name in layers.names:  # quantised projections without adapters: dequantised too
+      w = getattr(layers, name)
+      if hasattr(w.get_value(), "codes"):
+        setattr(layers, name, w.replace(w[...].astype(w[...].dtype)))
     layers.enabled = False
   return out
 

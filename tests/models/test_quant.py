@@ -51,6 +51,23 @@ def test_quantize_matches_numpy_and_its_error_bound(mode, shape):
   assert bits < (4.6 if mode == "nf4" else 8.6) + 32 * 64 / w.size  # 4 or 8 bits + 0.5 of scales
 
 
+def test_a_qlora_model_exports_merged_in_full_precision(tmp_path):
+  """`save_pretrained` of a QLoRA model (adapters on q, v; every projection quantised) writes a
+  plain checkpoint with the dequantised + merged weights."""
+  from rljax.models.io import load_pretrained, save_pretrained
+
+  model = add_lora(quantize_base(Transformer(CONFIG, rngs=nnx.Rngs(0)), "int8"),
+                   LoRAConfig(rank=2, alpha=4, target_modules=["q", "v"]), rngs=nnx.Rngs(1))
+  model.layers.v_proj_lora_b[...] = 0.1 * jax.random.normal(jax.random.key(0),
+                                                            model.layers.v_proj_lora_b.shape)
+  save_pretrained(model, None, tmp_path)
+  back, _ = load_pretrained(tmp_path)
+  ids = jax.random.randint(jax.random.key(1), (2, 5), 0, CONFIG.vocab_size)
+  forward = nnx.jit(lambda m, ids: m(ids))
+  np.testing.assert_allclose(np.asarray(forward(back, ids)), np.asarray(forward(model, ids)),
+                             rtol=1e-5, atol=1e-5)
+
+
 def test_dense_dequantizes_on_use_exactly():
   w = np.random.default_rng(1).normal(size=(1, 32, 4, 8)).astype(np.float32)
   q = quantize(w, "nf4")

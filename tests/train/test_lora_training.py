@@ -20,6 +20,7 @@ from rljax.models.transformer import Transformer
 from rljax.parallel.mesh import use_mesh
 from rljax.parallel.rules import MESH_AXES
 from rljax.rollout.sampling import SamplingConfig
+from rljax.train.compiles import count_compiles
 from rljax.train.forward import policy_logprobs
 from rljax.train.grpo import GRPOConfig, GRPOTrainer
 from rljax.train.objectives import sft_loss, sft_token_count
@@ -207,10 +208,13 @@ def test_grpo_with_lora_reference_is_the_base_sampler_merged_and_it_learns():
   batch_prompts = prompts()
   rewards = []
   for i in range(8):
-    state, m = trainer.step(state, batch_prompts, jax.random.key(100 + i))
+    with count_compiles() as compiles:
+      state, m = trainer.step(state, batch_prompts, jax.random.key(100 + i))
     rewards.append(m["reward_mean"])
     if i == 0:
       assert abs(m["first_kl"]) < 1e-6
+    if i >= 2:
+      assert compiles.count == 0  # merging for the sampler compiles nothing new
   early, late = np.mean(rewards[:2]), np.mean(rewards[-3:])
   print(f"GRPO-LoRA reward first 2 steps {early:.3f} -> last 3 steps {late:.3f}")
   assert late > early + 0.5, rewards
