@@ -16,7 +16,10 @@ from rljax.data.jsonl import read_jsonl
 from rljax.data.tokenize import tokenize_dataset
 from rljax.experiment.config import ConfigError, Experiment, ExperimentConfig, resolve_callable
 from rljax.models.heads import RewardModel, ValueModel
+from rljax.models.adapters import load_adapter
 from rljax.models.io import load_pretrained, resolve_model_dir
+from rljax.models.lora import add_lora, lora_config_of
+from rljax.models.quant import quantize_base
 from rljax.models.transformer import Transformer
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, None: None}
@@ -70,11 +73,29 @@ def build_model(exp: Experiment, tokenizer: Any) -> nnx.Module:
   """The trained module: the policy, or a `RewardModel` for algorithm "reward_model"."""
   config = exp.config
   if exp.build_model is not None:
-    return exp.build_model(config, tokenizer)
+    return with_lora(config, exp.build_model(config, tokenizer))
   policy = _load_policy(config)
   if config.algorithm == "reward_model":
-    return RewardModel.from_policy(policy, rngs=nnx.Rngs(config.model.init_seed + 1))
-  return policy
+    policy = RewardModel.from_policy(policy, rngs=nnx.Rngs(config.model.init_seed + 1))
+  return with_lora(config, policy)
+
+
+def with_lora(config: ExperimentConfig, model: nnx.Module) -> nnx.Module:
+  """`model` with the adapters of `model.lora` (new ones, or a PEFT adapter's), or unchanged
+  when LoRA is off."""
+  lora = config.model.lora
+  if not lora.enabled:
+    return model
+  try:
+    if lora.quantize is not None:
+      quantize_base(model, lora.quantize)
+    if lora.adapter_path is not None:
+      load_adapter(model.backbone if isinstance(model, RewardModel) else model,
+                   lora.adapter_path)
+      return model
+    return add_lora(model, lora.lora_config(), rngs=nnx.Rngs(config.model.init_seed + 3))
+  except ValueError as e:
+    raise ConfigError(f"model.lora: {e}") from None
 
 
 def build_critic(exp: Experiment, policy: Transformer) -> ValueModel:
@@ -84,9 +105,16 @@ def build_critic(exp: Experiment, policy: Transformer) -> ValueModel:
     return exp.build_critic(config, policy)
   rngs = nnx.Rngs(config.model.init_seed + 2)
   if config.model.critic_path is not None:
-    return ValueModel.from_policy(_pretrained(config.model.critic_path, "model.critic_path"),
-                                  rngs=rngs)
-  return ValueModel.from_policy(policy, rngs=rngs)
+    critic = ValueModel.from_policy(_pretrained(config.model.critic_path, "model.critic_path"),
+                                    rngs=rngs)
+  else:
+    critic = ValueModel.from_policy(policy, rngs=rngs)  # the base backbone, not the adapters
+  lora = lora_config_of(policy)
+  if lora is not None and config.model.lora.critic == "adapters":
+    if config.model.lora.quantize is not None:
+      quantize_base(critic, config.model.lora.quantize)
+    add_lora(critic, lora, rngs=nnx.Rngs(config.model.init_seed + 4))
+  return critic
 
 
 def build_reward(exp: Experiment, tokenizer: Any) -> Callable:

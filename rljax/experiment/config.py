@@ -26,6 +26,21 @@ The schema (defaults in parentheses; every field can be overridden with `--set`)
       dtype, param_dtype  "float32" | "bfloat16" | None (the model's own)
       critic_path     ppo: directory (or Hub id) of the reward model / critic backbone to
                       initialise the critic from (None: a copy of the policy backbone)
+      lora            LoRASection: LoRA fine-tuning (`rljax.models.lora`), off by default
+        rank            adapter rank r; 0 (default) trains every weight, e.g. --set
+                        model.lora.rank=16 trains adapters on a frozen base
+        alpha, dropout, use_rslora, target_modules  `LoRAConfig`'s (8.0, 0.0, False,
+                        "all-linear"; targets among q, k, v, o, gate, up, down); dropout must
+                        be 0 for grpo / ppo
+        adapter_path    a PEFT adapter directory to start from (its config is used; the
+                        on-policy reference is then base + this adapter) (None)
+        critic          ppo: "full" (a fully trained critic) or "adapters" (its own adapters,
+                        same options, on a frozen copy of the backbone; head in full) ("full")
+        quantize        QLoRA: the policy's projections stored "nf4" or "int8" (block-wise
+                        absmax, block 64, `rljax.models.quant`), dequantised on use (None)
+                      With LoRA the reward model's head trains in full; checkpoints hold the
+                      adapters (+ heads) only, with the base's fingerprints, and the final
+                      model/ is the merged checkpoint plus the PEFT adapter in model/adapter.
     tokenizer       a directory path or Hub id (AutoTokenizer), a zero-argument callable
                     returning a tokenizer, or a "module:attr" string naming such a callable;
                     None: the tokenizer stored with `model.path`
@@ -159,6 +174,8 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from rljax.models.config import ModelConfig
+from rljax.models.lora import LoRAConfig
+from rljax.models.quant import MODES as QUANT_MODES
 from rljax.ops._checks import check_bool, check_choice, check_int
 from rljax.parallel.mesh import MeshConfig
 from rljax.train.grpo import GRPOConfig
@@ -199,6 +216,50 @@ def _check_dtype_name(name: str, value: Any) -> None:
     check_choice(f"`{name}`", value, DTYPE_NAMES)
 
 
+LORA_CRITICS = ("full", "adapters")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRASection:
+  """LoRA fine-tuning (`rljax.models.lora`; see the module docstring): off while `rank` is 0
+  and no `adapter_path` is given. The defaults of the adapter options are `LoRAConfig`'s."""
+
+  rank: int = 0
+  alpha: float = LoRAConfig.alpha
+  dropout: float = LoRAConfig.dropout
+  use_rslora: bool = LoRAConfig.use_rslora
+  target_modules: str | list[str] = LoRAConfig.target_modules
+  adapter_path: str | None = None
+  critic: str = "full"
+  quantize: str | None = None
+
+  def __post_init__(self) -> None:
+    with config_errors():
+      check_int("model.lora.rank", self.rank, 0)
+      check_choice("`model.lora.critic`", self.critic, LORA_CRITICS)
+      if self.quantize is not None:
+        check_choice("`model.lora.quantize`", self.quantize, QUANT_MODES)
+      if self.rank > 0 and self.adapter_path is not None:
+        raise ValueError("model.lora: give `rank` (new adapters) or `adapter_path` (a PEFT "
+                         "adapter, whose own config is used), not both.")
+    if self.rank > 0:
+      try:
+        self.lora_config()
+      except ValueError as e:
+        raise ConfigError(f"model.lora: {e}") from None
+
+  @property
+  def enabled(self) -> bool:
+    return self.rank > 0 or self.adapter_path is not None
+
+  def lora_config(self) -> LoRAConfig:
+    """The `LoRAConfig` of new adapters (rank > 0)."""
+    targets = self.target_modules
+    return LoRAConfig(rank=self.rank, alpha=self.alpha, dropout=self.dropout,
+                      use_rslora=self.use_rslora,
+                      target_modules=tuple(targets) if isinstance(targets, list) else targets)
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelSection:
   """Where the policy comes from (see the module docstring)."""
@@ -209,6 +270,7 @@ class ModelSection:
   dtype: str | None = None
   param_dtype: str | None = None
   critic_path: str | None = None
+  lora: LoRASection = dataclasses.field(default_factory=LoRASection)
 
   def __post_init__(self) -> None:
     with config_errors():

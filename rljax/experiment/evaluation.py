@@ -45,6 +45,14 @@ def jitted_objective(graphdef: nnx.GraphDef, loss_fn: Any):
   return jax.jit(evaluate)
 
 
+def reference_of(run: Any, state: Any) -> tuple[Any, Any]:
+  """(params, frozen) of the DPO / KTO reference: `run.reference`, whose frozen part is None
+  under LoRA — the state's own frozen base, never copied (the reference is the base with the
+  initial adapters: `rljax.models.lora`)."""
+  params, frozen = run.reference
+  return params, state.frozen if frozen is None else frozen
+
+
 def evaluate_supervised(run: Any, state: Any) -> dict[str, float]:
   """The objective's loss and metrics on `run.eval_batches` (no update)."""
   if run.eval_step is None:  # built once per run
@@ -53,7 +61,7 @@ def evaluate_supervised(run: Any, state: Any) -> dict[str, float]:
   results = []
   for batch in run.eval_batches:
     if run.reference is not None:
-      batch = add_reference_logps(run.graphdef, run.reference, batch)
+      batch = add_reference_logps(run.graphdef, reference_of(run, state), batch)
     metrics = jax.device_get(fn(state.params, state.frozen, batch))
     results.append((_rows(batch), {k: float(v) for k, v in metrics.items()}))
   return _weighted_mean(results)

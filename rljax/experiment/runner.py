@@ -56,11 +56,13 @@ from rljax.data.packing import padding_fraction
 from rljax.experiment import build
 from rljax.experiment.config import ConfigError, Experiment, ExperimentConfig, load_experiment
 from rljax.experiment.config import to_jsonable
-from rljax.experiment.evaluation import default_evaluate
+from rljax.experiment.evaluation import default_evaluate, reference_of
 from rljax.experiment.logging import MetricsLogger, read_metrics
 from rljax.experiment.plots import plot_curves
 from rljax.experiment.progress import Progress
 from rljax.experiment.stage import PREAMBLE_DIR
+from rljax.models.adapters import save_adapter
+from rljax.models.lora import lora_layers, trainable_filter
 from rljax.models.transformer import Transformer
 from rljax.train.checkpoint import Checkpointer
 from rljax.train.grpo import GRPOTrainer
@@ -90,6 +92,7 @@ OBJECTIVES: dict[str, tuple[Callable, Callable, bool]] = {
 SUMMARY_KEYS = ("loss", "nll", "reward_mean", "kl", "reward_accuracy", "grad_norm")
 CHECKPOINTS_DIR = "checkpoints"
 SUMMARY_FILE = "summary.json"
+ADAPTER_DIR = "adapter"  # model/adapter: a LoRA run's adapters in PEFT's format
 
 # ----------------------------------------------------------------------------------------------
 # The run.
@@ -109,6 +112,7 @@ class Run:
   train_iter: Any
   eval_batches: list
   reference: tuple | None = None   # DPO / KTO: frozen (params, frozen) of the initial policy
+  #                                  (frozen None under LoRA: the state's, `reference_of`)
   loss_fn: Callable | None = None
   train_step: Callable | None = None
   eval_step: Callable | None = None  # the jitted supervised objective, for evaluation
@@ -148,7 +152,7 @@ def setup(exp: Experiment, out_dir: str) -> tuple[Run, Any]:
   optimizer = make_optimizer(c.optimizer)
   mesh, rules = _mesh(c)
   graphdef, state = create_train_state(model, optimizer, rng=c.logging.seed, mesh=mesh,
-                                       rules=rules)
+                                       rules=rules, trainable=trainable_filter(model))
   run = Run(config=c, experiment=exp, tokenizer=tokenizer, model=model, graphdef=graphdef,
             optimizer=optimizer, train_iter=build.train_iterator(c, tokenizer),
             eval_batches=build.eval_batches(c, tokenizer), key=jax.random.key(c.logging.seed),
@@ -157,8 +161,9 @@ def setup(exp: Experiment, out_dir: str) -> tuple[Run, Any]:
   if c.algorithm in OBJECTIVES:
     objective, count_fn, needs_reference = OBJECTIVES[c.algorithm]
     run.loss_fn = functools.partial(objective, **options(c.objective))  # the typed section
-    if needs_reference:
-      run.reference = _copy((state.params, state.frozen))
+    if needs_reference:  # under LoRA a copy of the adapters only, on the state's frozen base
+      lora = bool(lora_layers(model))
+      run.reference = (_copy(state.params), None if lora else _copy(state.frozen))
     shardings = None if mesh is None else state_shardings(graphdef, state, mesh, rules)
     run.train_step = make_train_step(
       run.loss_fn, graphdef, optimizer, count_fn=count_fn, shardings=shardings,
@@ -190,7 +195,7 @@ def supervised_step(run: Run, state: Any, batch: Mapping, step: int) -> tuple[An
   """One optimizer update of the objective (reference log-probs added for DPO / KTO)."""
   del step
   if run.reference is not None:
-    batch = add_reference_logps(run.graphdef, run.reference, batch)
+    batch = add_reference_logps(run.graphdef, reference_of(run, state), batch)
   start = time.perf_counter()
   state, metrics = run.train_step(state, batch)
   metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -233,8 +238,17 @@ def _save_final_model(run: Run, state: Any) -> str | None:
   from rljax.models.io import save_pretrained
 
   path = os.path.join(run.out_dir, "model")
-  save_pretrained(model, run.tokenizer, path)
+  save_pretrained(model, run.tokenizer, path)  # LoRA: merged
+  if lora_layers(model):
+    save_adapter(model, os.path.join(path, ADAPTER_DIR),
+                 base_model_name_or_path=run.config.model.path)
   return path
+
+
+def frozen_base(config: ExperimentConfig) -> str:
+  """Where a LoRA run's frozen base comes from (recorded in its checkpoints)."""
+  m = config.model
+  return m.path if m.path is not None else f"model.config (init_seed {m.init_seed})"
 
 
 def summarize(records: list[dict], seconds: float, steps: int) -> dict[str, Any]:
@@ -425,7 +439,8 @@ def _run(exp: Experiment, out_dir: str, resume: bool) -> dict[str, Any]:
   log = c.logging
   run, state = setup(exp, out_dir)
   checkpointer = Checkpointer(os.path.join(out_dir, CHECKPOINTS_DIR), keep=log.keep,
-                              metadata={"algorithm": c.algorithm})
+                              metadata={"algorithm": c.algorithm},
+                              frozen_base=frozen_base(c) if lora_layers(run.model) else None)
   start_step, elapsed = 0, 0.0
   if resume:
     state, data_state, _ = checkpointer.restore(state)

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from rljax.models.config import ModelConfig
+from rljax.models.quant import QuantizedArray, QuantizedParam
 from rljax.models.transformer import Transformer, logical_param
 from rljax.ops._checks import check_int
 from rljax.ops.segments import segment_ends, segment_sum
@@ -53,12 +54,15 @@ def _copy_backbone(policy: Transformer) -> Transformer:
   The module is built abstractly (`nnx.eval_shape`) and filled with a copy of each policy
   parameter (`jax.device_put(..., may_alias=False)`: same dtype and sharding, new buffers, no
   compilation), so donating one model's buffers in a train step never invalidates the other's.
+  A quantised policy weight (QLoRA, `rljax.models.quant`) is copied dequantised.
   """
   config = _backbone_config(policy.config)
   graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0))))
-  source = dict(nnx.to_flat_state(nnx.state(policy, nnx.Param)))
+  source = dict(nnx.to_flat_state(nnx.state(policy, (nnx.Param, QuantizedParam))))
   for path, var in nnx.to_flat_state(state):
     value = source[path].get_value()
+    if isinstance(value, QuantizedArray):
+      value = value.astype(value.dtype)
     sharding = getattr(value, "sharding", None)  # host (numpy) parameters go to the default device
     var.set_value(jax.device_put(value, sharding, may_alias=False))
   return nnx.merge(graphdef, state)

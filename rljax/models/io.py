@@ -45,6 +45,7 @@ from rljax.models.hf_weights import (
   text_weight_names,
   to_hf_state_dict,
 )
+from rljax.models.lora import merged
 from rljax.models.transformer import Transformer
 from rljax.parallel.rules import Rules, current_rules, get_rules, named_shardings
 
@@ -345,7 +346,9 @@ def save_pretrained(
   layouts as model.safetensors, or as model-0000i-of-0000N.safetensors + index when larger than
   `max_shard_size`, and the tokenizer (`tokenizer.save_pretrained`) unless it is None. Weight
   files of an earlier save in `path` are replaced. Values are written in the parameters' dtype,
-  bit for bit, so load → save → load is exact.
+  bit for bit, so load → save → load is exact. A model with LoRA adapters is written merged
+  (W + s · A B, `rljax.models.lora.merged`); `rljax.models.adapters.save_adapter` writes the
+  adapters alone in PEFT's format.
 
   Sharded parameters are gathered to host memory tensor by tensor (`np.asarray` of a fully
   addressable array). Parameters sharded across processes (multi-host) are gathered with
@@ -364,6 +367,7 @@ def save_pretrained(
     The names of the weight files written (the same list on every process).
   """
   max_bytes = parse_size(max_shard_size)
+  model = merged(model)
   multihost = _spans_processes(model)
   if multihost:
     model = _gathered_on_every_process(model)

@@ -70,6 +70,9 @@ LAYER_AXES: dict[str, tuple[str, ...]] = {
   "down_bias": ("layers", "norm"),
 }
 
+# The linear projections of a layer (the targets LoRA can adapt: `rljax.models.lora`).
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
 # Logical axis names of activations (`constrain`; MaxText-style annotations).
 HIDDEN_AXES = ("batch", "sequence", "act_embed")
 Q_AXES = ("batch", "sequence", "act_heads", None)
@@ -79,10 +82,12 @@ MLP_AXES = ("batch", "sequence", "act_mlp")
 _INIT_STD = 0.02  # transformers' default `initializer_range`.
 
 
-def logical_param(value: Array, axes: tuple[str, ...]) -> nnx.Param:
-  """An `nnx.Param` carrying its logical axis names (`out_sharding` metadata), placed on the
-  current mesh by `rljax.parallel.rules.place_by_logical_axes` (unchanged with no mesh/rules)."""
-  return nnx.Param(place_by_logical_axes(value, axes), out_sharding=axes, eager_sharding=False)
+def logical_param(value: Array, axes: tuple[str, ...], kind: type[nnx.Param] = nnx.Param
+                  ) -> nnx.Param:
+  """An `nnx.Param` (or the subclass `kind`, e.g. `nnx.LoRAParam`) carrying its logical axis
+  names (`out_sharding` metadata), placed on the current mesh by
+  `rljax.parallel.rules.place_by_logical_axes` (unchanged with no mesh/rules)."""
+  return kind(place_by_logical_axes(value, axes), out_sharding=axes, eager_sharding=False)
 
 
 def _layer_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -315,11 +320,27 @@ def dense(x: Array, w: Array, contract: int = 1) -> Array:
   return out.reshape(*lead, *outer)
 
 
+def project(p: dict[str, Array], name: str, x: Array, contract: int = 1) -> Array:
+  """The projection `name` of x: `dense(x, p[name])`, plus its LoRA update when `p` holds the
+  adapters `{name}_lora_a` [*in, r] and `{name}_lora_b` [r, *out] (`rljax.models.lora`; B comes
+  scaled by alpha / r): x W + (dropout(x) A) B, the dropout applied when `p` holds this layer's
+  `lora_dropout_key` (and `lora_dropout_rate`), with a mask of its own per projection."""
+  out = dense(x, p[name], contract)
+  a = p.get(name + "_lora_a")
+  if a is None:
+    return out
+  if "lora_dropout_key" in p:
+    key = jax.random.fold_in(p["lora_dropout_key"], PROJECTIONS.index(name))
+    keep = 1.0 - p["lora_dropout_rate"]
+    x = jnp.where(jax.random.bernoulli(key, keep, x.shape), x / keep.astype(x.dtype), 0)
+  return out + dense(dense(x, a, contract), p[name + "_lora_b"])
+
+
 def project_qkv(
   p: dict[str, Array], x: Array, cos: Array, sin: Array, config: ModelConfig
 ) -> tuple[Array, Array, Array]:
   """Normed input x [B, T, D] → q [B, T, H, Dh], k, v [B, T, KV, Dh] (biases, q/k norm, RoPE)."""
-  q, k, v = (dense(x, p[name]) for name in ("q_proj", "k_proj", "v_proj"))
+  q, k, v = (project(p, name, x) for name in ("q_proj", "k_proj", "v_proj"))
   if config.attention_bias:
     q = q + p["q_bias"].astype(x.dtype)
     k = k + p["k_bias"].astype(x.dtype)
@@ -333,7 +354,7 @@ def project_qkv(
 
 def attention_output(p: dict[str, Array], attn: Array, config: ModelConfig) -> Array:
   """[B, T, H, Dh] → [B, T, D] through o_proj (and its bias)."""
-  out = dense(attn, p["o_proj"], contract=2)
+  out = project(p, "o_proj", attn, contract=2)
   if config.attention_out_bias:
     out = out + p["o_bias"].astype(out.dtype)
   return out
@@ -341,10 +362,10 @@ def attention_output(p: dict[str, Array], attn: Array, config: ModelConfig) -> A
 
 def swiglu_mlp(p: dict[str, Array], x: Array, config: ModelConfig) -> Array:
   """down(act(gate(x)) * up(x)) on [B, T, D], act by `mlp_activation` (silu: SwiGLU)."""
-  gate, up = dense(x, p["gate_proj"]), dense(x, p["up_proj"])
+  gate, up = project(p, "gate_proj", x), project(p, "up_proj", x)
   if config.mlp_bias:
     gate, up = gate + p["gate_bias"].astype(x.dtype), up + p["up_bias"].astype(x.dtype)
-  out = dense(constrain(mlp_activation(gate, config) * up, MLP_AXES), p["down_proj"])
+  out = project(p, "down_proj", constrain(mlp_activation(gate, config) * up, MLP_AXES))
   if config.mlp_bias:
     out = out + p["down_bias"].astype(x.dtype)
   return out

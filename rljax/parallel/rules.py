@@ -47,6 +47,7 @@ HEAD_DIM = "head_dim"  # per-head width
 MLP = "mlp"  # MLP hidden width F
 LAYERS = "layers"  # leading axis of stacked (scanned) layer parameters; never sharded
 NORM = "norm"  # reserved for scalar-per-feature parameters that should stay replicated
+LORA_RANK = "lora_rank"  # rank r of LoRA adapters (`rljax.models.lora`): in no rule set, so replicated
 
 # Logical axes of activations.
 BATCH = "batch"

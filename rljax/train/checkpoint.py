@@ -28,6 +28,13 @@ puts it back, so a resumed run trains against the same reference without every c
 doubling in size. `save_value` / `restore_value` are that write-once storage for any pytree
 (the runner caches an experiment's expensive preamble with them, `rljax.experiment.stage`).
 
+A frozen base is not written at all. With `frozen_base` (e.g. the directory a LoRA run's base
+model is loaded from), a `TrainState`'s `frozen` — the base weights, which never change and are
+loaded again at start — is left out of every checkpoint, which records the base's path and its
+fingerprints instead (`meta["frozen_base"]`); `restore` takes `frozen` from the target (which must
+hold the loaded base, concrete) and refuses one whose fingerprints differ. A LoRA checkpoint is
+then the adapters, their optimizer state and the counters: a few MB for a 1B model.
+
 Restoring onto a different mesh is a property of the target: `restore(target)` takes an abstract
 pytree (`jax.ShapeDtypeStruct`s with `.sharding`, e.g. from `jax.eval_shape` plus the shardings of
 the new mesh) or a concrete one whose shardings are used, and orbax reads each array directly into
@@ -217,6 +224,8 @@ class Checkpointer:
     metadata: JSON-able user config stored with every checkpoint (returned by `restore`).
     once: keys of a `TrainState`'s `extras` that are constant over the run and written once
       (module doc); default ("reference",).
+    frozen_base: where a `TrainState`'s constant `frozen` variables come from (a path or a
+      description); when given they are not written, only their fingerprints (module doc).
 
   Call on every process (multi-host): orbax synchronises processes and writes each process's
   shards. Use as a context manager, or call `close()`, so pending writes are committed.
@@ -231,6 +240,7 @@ class Checkpointer:
     async_save: bool = True,
     metadata: dict[str, Any] | None = None,
     once: tuple[str, ...] = ("reference",),
+    frozen_base: str | None = None,
   ):
     if not isinstance(save_every, int) or save_every < 1:
       raise ValueError(f"save_every must be an integer >= 1, got {save_every!r}")
@@ -243,6 +253,7 @@ class Checkpointer:
     self.keep = keep
     self.metadata = dict(metadata) if metadata is not None else {}
     self.once = tuple(once)
+    self.frozen_base = frozen_base
     options = ocp.CheckpointManagerOptions(
       max_to_keep=keep,
       enable_async_checkpointing=async_save,
@@ -280,12 +291,14 @@ class Checkpointer:
     state, constants = self._split_once(state)
     for key, value in constants.items():
       self._save_once(key, value)
+    state, base = self._split_frozen(state)
     meta = {
       "step": step,
       "time": time.time(),
       "rljax_version": _rljax_version(),
       "config": self.metadata,
       "fingerprints": tree_fingerprints(state),
+      **({} if base is None else {"frozen_base": base}),
     }
     args = ocp.args.Composite(
       **{
@@ -306,6 +319,14 @@ class Checkpointer:
     constants = {k: extras[k] for k in self.once if k in extras}
     rest = {k: v for k, v in extras.items() if k not in constants}
     return state.replace(extras=rest), constants
+
+  def _split_frozen(self, state: Any) -> tuple[Any, dict[str, Any] | None]:
+    """(state without `frozen`, {"path", "fingerprints"} of it) with `frozen_base`, else
+    (state, None)."""
+    if self.frozen_base is None or not hasattr(state, "frozen"):
+      return state, None
+    base = {"path": self.frozen_base, "fingerprints": tree_fingerprints(state.frozen)}
+    return state.replace(frozen=None), base
 
   def _once_path(self, key: str) -> epath.Path:
     return epath.Path(self.directory) / _ONCE / key
@@ -396,6 +417,8 @@ class Checkpointer:
     if step is not None and step not in steps:
       raise FileNotFoundError(f"no checkpoint for step {step} in {self.directory}; have {steps}")
     target, constants = self._split_once(target)
+    full_target = target
+    target, base = self._split_frozen(target)
     abstract = abstract_target(target)
     constants = {k: self._restore_once(k, abstract_target(v)) for k, v in constants.items()}
     candidates = [step] if step is not None else steps[::-1]
@@ -413,6 +436,8 @@ class Checkpointer:
           )
         continue
       self._delete_failed([s for s, _ in failures])
+      if base is not None:
+        result = self._with_frozen(result, full_target.frozen, base)
       if constants:
         state, data_state, metadata = result
         result = (state.replace(extras={**state.extras, **constants}), data_state, metadata)
@@ -421,6 +446,20 @@ class Checkpointer:
     raise CheckpointRestoreError(
       f"no checkpoint in {self.directory} could be restored ({report})"
     ) from failures[-1][1]
+
+  def _with_frozen(self, result: tuple, frozen: Any, base: dict[str, Any]) -> tuple:
+    """The restored state with the target's `frozen`, after checking it is the saved base."""
+    state, data_state, metadata = result
+    saved = metadata.get("frozen_base")
+    if saved is None:
+      raise ValueError(f"checkpoint {metadata['step']} holds its frozen variables; restore it "
+                       "with a Checkpointer without `frozen_base`.")
+    if saved["fingerprints"] != base["fingerprints"]:
+      bad = sorted(k for k in set(saved["fingerprints"]) | set(base["fingerprints"])
+                   if saved["fingerprints"].get(k) != base["fingerprints"].get(k))
+      raise ValueError(f"the frozen base of the target differs from the one checkpoint "
+                       f"{metadata['step']} was trained on ({saved['path']!r}): leaves {bad[:5]}")
+    return state.replace(frozen=frozen), data_state, metadata
 
   def _delete_failed(self, steps: list[int]) -> None:
     """Moves newer checkpoints that failed out of the rotation (so keep-N never keeps them over

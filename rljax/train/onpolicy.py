@@ -42,6 +42,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from rljax.models.lora import check_no_dropout, lora_config_of, merged
+from rljax.models.quant import is_quantized
 from rljax.ops._checks import check_bool, check_choice, check_int, check_number
 from rljax.ops.masking import AGG_MODES
 from rljax.parallel.mesh import use_mesh
@@ -175,6 +177,9 @@ class OnPolicyTrainer(abc.ABC):
     if not callable(reward_fn):
       raise ValueError(f"`reward_fn` must be callable; got {type(reward_fn).__name__}.")
     self.stop_tokens = check_token_ids(graphdef, pad_id=pad_id, stop_tokens=stop_tokens)
+    check_no_dropout(graphdef, type(self).__name__)
+    self.lora = lora_config_of(graphdef) is not None
+    self._sampler_graphdef = graphdef
     self.graphdef, self.optimizer, self.config = graphdef, optimizer, config
     self.reward_fn, self.tokenizer = reward_fn, tokenizer
     self.pad_id, self.mesh, self.rules = pad_id, mesh, rules
@@ -219,11 +224,18 @@ class OnPolicyTrainer(abc.ABC):
     """`state` with the trainer's sub-states in `extras`: the reference policy (a copy of the
     current parameters when a KL term needs it) and the algorithm's own. Call once at the start
     of training, not on a restored state (whose extras already hold them); traceable, so
-    `jax.eval_shape(trainer.init_state, abstract_state)` gives a restore target."""
+    `jax.eval_shape(trainer.init_state, abstract_state)` gives a restore target.
+
+    With LoRA (`rljax.models.lora`) the reference is the frozen base (`state.frozen`, never
+    copied) with a copy of the initial adapters, `{"params": adapters}`: a fresh adapter's B is 0,
+    so that is the base model exactly; an imported one is its starting point (TRL's
+    `ref_adapter_name`)."""
     extras = dict(state.extras)
     if self.needs_reference:
-      extras[REFERENCE] = jax.tree.map(jnp.copy, {"params": state.params,
-                                                   "frozen": state.frozen})
+      reference = {"params": state.params}
+      if not self.lora:
+        reference["frozen"] = state.frozen
+      extras[REFERENCE] = jax.tree.map(jnp.copy, reference)
     extras.update(self.init_extras(state, **kwargs))
     return state.replace(extras=extras)
 
@@ -250,17 +262,28 @@ class OnPolicyTrainer(abc.ABC):
     return contextlib.nullcontext() if self.mesh is None else use_mesh(self.mesh, self.rules)
 
   def sampler_params(self, state: TrainState) -> nnx.State:
-    """One `nnx.State` of trainable and frozen variables for `generate((graphdef, state))`,
-    cast to `sampling.rollout_dtype` and placed in the inference layout (on a mesh)."""
+    """One `nnx.State` of trainable and frozen variables for
+    `generate((trainer.sampler_graphdef, state))`, cast to `sampling.rollout_dtype` and placed
+    in the inference layout (on a mesh). LoRA adapters are merged into it (W + s · A B, adapters
+    off: `rljax.models.lora.merged`), so decoding runs the base model's matmuls only."""
     dtype = self.config.sampling.rollout_dtype
-    params = cast_floating(nnx.merge_state(state.params, state.frozen),
-                           None if dtype is None else jnp.dtype(dtype))
+    params = nnx.merge_state(state.params, state.frozen)
+    if self.lora:  # a quantised base (QLoRA) samples unmerged: no full-precision copy
+      model = nnx.merge(self.graphdef, params)
+      if not is_quantized(model):
+        self._sampler_graphdef, params = nnx.split(merged(model))
+    params = cast_floating(params, None if dtype is None else jnp.dtype(dtype))
     if self.mesh is None:
       return params
     if self._sampler_shardings is None:
       self._sampler_shardings = variable_shardings(params, self.mesh,
                                                    inference_rules(self.rules))
     return jax.device_put(params, self._sampler_shardings)
+
+  @property
+  def sampler_graphdef(self) -> nnx.GraphDef:
+    """The graphdef of `sampler_params` (with LoRA: the adapters off, once it has run)."""
+    return self._sampler_graphdef
 
   def pack(self, batch: Experience) -> Experience:
     """`batch` packed (`pack_experience`) when `update.packing`, into a row count the data axes,
@@ -286,8 +309,9 @@ class OnPolicyTrainer(abc.ABC):
               sampling: SamplingConfig | None = None, **kwargs: Any) -> Scored:
     """Completions of `prompts` from the current policy, scored on the host (`sampling`
     defaults to the config's)."""
+    params = self.sampler_params(state)
     return collect_rollout(
-      self.graphdef, self.sampler_params(state), prompts, key, sampling or self.config.sampling,
+      self.sampler_graphdef, params, prompts, key, sampling or self.config.sampling,
       reward_fn=self.reward_fn, tokenizer=self.tokenizer, stop_tokens=self.stop_tokens,
       pad_id=self.pad_id, nonfinite_rewards=self.config.nonfinite_rewards,
       drop_groups=self.drop_groups, engine=self.config.engine, mesh=self.mesh, **kwargs)
@@ -301,9 +325,10 @@ class OnPolicyTrainer(abc.ABC):
                            chunk_size=c.update.chunk_size, return_entropy=return_entropy)
 
   def reference_logprobs(self, state: TrainState, batch: Experience) -> jax.Array:
-    """Log-probs under `state.extras["reference"]` (log-probs only: no entropy)."""
+    """Log-probs under `state.extras["reference"]` (log-probs only: no entropy); with LoRA its
+    adapters on the current frozen base."""
     ref = state.extras[REFERENCE]
-    return self.logprobs(ref["params"], ref["frozen"], batch)
+    return self.logprobs(ref["params"], ref.get("frozen", state.frozen), batch)
 
   # -- the loop ------------------------------------------------------------------------------
 

@@ -33,6 +33,7 @@ from flax import nnx
 
 from rljax.losses.policy import ppo_clip_loss, ppo_penalty_loss, ppo_ptx_loss
 from rljax.losses.value import value_loss
+from rljax.models.lora import check_no_dropout, trainable_filter
 from rljax.ops._checks import check_bool, check_choice, check_number
 from rljax.ops.advantages import token_level_rewards
 from rljax.ops.kl import kl_penalty
@@ -285,6 +286,7 @@ class PPOTrainer(OnPolicyTrainer):
                critic_optimizer: Any, config: PPOConfig, reward_fn: Any, tokenizer: Any = None,
                **kwargs: Any):
     self.critic_graphdef, self.critic_optimizer = critic_graphdef, critic_optimizer
+    check_no_dropout(critic_graphdef, "PPOTrainer's critic")
     super().__init__(graphdef, optimizer, config, reward_fn, tokenizer, **kwargs)
 
   @property
@@ -377,5 +379,6 @@ class PPOTrainer(OnPolicyTrainer):
 
 
 def split_critic(critic: nnx.Module) -> tuple[nnx.GraphDef, Any, Any]:
-  """(graphdef, params, frozen) of a critic (`ValueModel`), as `create_train_state` splits."""
-  return nnx.split(critic, nnx.Param, ...)
+  """(graphdef, params, frozen) of a critic (`ValueModel`), as `create_train_state` splits: with
+  LoRA adapters of its own, the adapters and the head train (`trainable_filter`), else all."""
+  return nnx.split(critic, trainable_filter(critic), ...)

@@ -29,8 +29,11 @@ either), `skipped_steps` is incremented and the metric `skipped` is 1. `state.st
 *attempted* and advances in both cases, so it stays in lockstep with the data position and the
 logs.
 
-The state's RNG key is not consumed here; a loss needing randomness derives a per-step key with
-`jax.random.fold_in(state.rng, state.step)` inside a custom step.
+Randomness. The model of a training step runs in training mode (`model.train()`: nnx's
+`deterministic=False`) with its `dropout` RNG stream reseeded from `fold_in(state.rng,
+state.step)` and the microbatch index (`nnx.reseed`), so dropout (LoRA's, `rljax.models.lora`)
+draws fresh masks every step and microbatch, reproducibly; a model without dropout is
+unaffected. Anywhere else (evaluation, log-prob passes, sampling) models are deterministic.
 """
 
 from __future__ import annotations
@@ -96,7 +99,9 @@ def make_grad_fn(
   compute_dtype: Any | None = None,
   batch_sharding: Any | None = None,
 ) -> GradFn:
-  """`grad_fn(params, frozen, batch) -> (loss, grads, metrics)`, the gradient part of a step.
+  """`grad_fn(params, frozen, batch, key=None) -> (loss, grads, metrics)`, the gradient part of
+  a step; with `key` the model runs in training mode, its dropout stream reseeded from it
+  (module doc).
 
   `loss` and `grads` are the full-batch loss and its gradient with respect to `params`
   (accumulated over `num_microbatches` microbatches with `lax.scan`, see the module doc);
@@ -111,32 +116,38 @@ def make_grad_fn(
   if num_microbatches < 1:
     raise ValueError(f"`num_microbatches` must be >= 1; got {num_microbatches}.")
 
-  def microbatch_loss(params, frozen, batch, normalizer):
-    model = nnx.merge(
-      graphdef, cast_floating(params, compute_dtype), cast_floating(frozen, compute_dtype)
-    )
+  def microbatch_loss(params, frozen, batch, normalizer, key):
+    model = nnx.merge(  # with a key, Variables of this trace level: reseeding mutates them
+      graphdef, cast_floating(params, compute_dtype), cast_floating(frozen, compute_dtype),
+      copy=key is not None)
+    if key is not None:
+      model.train()
+      nnx.reseed(model, dropout=key)
     loss, metrics = loss_fn(model, batch, normalizer=normalizer)
     return jnp.asarray(loss, jnp.float32), metrics
 
   value_and_grad = jax.value_and_grad(microbatch_loss, has_aux=True)
 
-  def grad_fn(params, frozen, batch):
+  def grad_fn(params, frozen, batch, key=None):
     frozen = jax.lax.stop_gradient(frozen)
     normalizer = None if count_fn is None else jax.tree.map(
       lambda n: jnp.asarray(n, jnp.float32), count_fn(batch))
     if num_microbatches == 1:
-      (loss, metrics), grads = value_and_grad(params, frozen, batch, normalizer)
+      (loss, metrics), grads = value_and_grad(params, frozen, batch, normalizer, key)
     else:
       micro = _constrain_microbatches(split_microbatches(batch, num_microbatches), batch_sharding)
 
-      def body(carry, mb):
+      def body(carry, xs):
         loss_sum, grad_sum = carry
-        (loss, metrics), grads = value_and_grad(params, frozen, mb, normalizer)
+        mb, i = xs
+        mb_key = None if key is None else jax.random.fold_in(key, i)
+        (loss, metrics), grads = value_and_grad(params, frozen, mb, normalizer, mb_key)
         grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
         return (loss_sum + loss, grad_sum), metrics
 
       zeros = jax.tree.map(jnp.zeros_like, params)
-      (loss, grads), stacked = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros), micro)
+      (loss, grads), stacked = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros),
+                                            (micro, jnp.arange(num_microbatches)))
       metrics = jax.tree.map(lambda m: jnp.mean(m, axis=0), stacked)
       if count_fn is None:
         loss = loss / num_microbatches
@@ -253,7 +264,8 @@ def make_train_step(
   )
 
   def step(state: TrainState, batch: Any) -> tuple[TrainState, dict[str, jax.Array]]:
-    loss, grads, loss_metrics = grad_fn(state.params, state.frozen, batch)
+    key = jax.random.fold_in(state.rng, state.step)
+    loss, grads, loss_metrics = grad_fn(state.params, state.frozen, batch, key)
     state, update_metrics = apply_gradients(state, grads, loss, optimizer)
     metrics = {**loss_metrics, "loss": loss, **update_metrics}
     return state, metrics

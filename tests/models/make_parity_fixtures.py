@@ -9,8 +9,13 @@ every model look alike), and the script saves:
                                    position_ids [B, T] (cumsum(mask) - 1 clipped at 0),
                                    logits [B, T, V] float32 from transformers' PyTorch forward
 
-Run (torch is an optional extra, pinned to the CPU build):
-  /work/venv/bin/pip install torch==2.13.0
+and, for LoRA, `lora_llama/`: a PEFT adapter (adapter_config.json, adapter_model.safetensors,
+peft's own save_pretrained) on the `llama` fixture, r = 4, all linear layers, rsLoRA, its A and
+B re-drawn ~ N(0, 0.2²) (PEFT's B = 0 would make it the base), and inputs.npz with the logits of
+the adapted model (PEFT's forward) and of the merged one (`merge_and_unload`).
+
+Run (torch is an optional extra, pinned to the CPU build; peft for the LoRA fixture):
+  /work/venv/bin/pip install torch==2.13.0 peft
   python tests/models/make_parity_fixtures.py
 """
 
@@ -142,6 +147,42 @@ def make_family(family: str, config) -> None:
   print(f"{family}: wrote {out_dir}")
 
 
+LORA = dict(r=4, lora_alpha=8, lora_dropout=0.0, use_rslora=True, target_modules="all-linear")
+
+
+def make_lora(base_family: str = "llama") -> None:
+  import peft
+  import torch
+  import transformers as tf
+
+  base_dir = os.path.join(FIXTURES, base_family)
+  model = tf.AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32,
+                                                  attn_implementation="eager").eval()
+  model = peft.get_peft_model(model, peft.LoraConfig(task_type="CAUSAL_LM", **LORA))
+  gen = torch.Generator().manual_seed(SEED + 1)
+  with torch.no_grad():
+    for name, p in sorted(model.named_parameters()):
+      if "lora_" in name:
+        p.copy_(0.2 * torch.randn(p.shape, generator=gen, dtype=torch.float32))
+  inputs = make_inputs(model.config.vocab_size)
+  torch_inputs = dict(input_ids=torch.from_numpy(inputs["input_ids"]),
+                      attention_mask=torch.from_numpy(inputs["attention_mask"]),
+                      position_ids=torch.from_numpy(inputs["position_ids"]), use_cache=False)
+  with torch.no_grad():
+    logits = model(**torch_inputs).logits.float().numpy()
+  out_dir = os.path.join(FIXTURES, f"lora_{base_family}")
+  model.peft_config["default"].base_model_name_or_path = base_family  # not this machine's path
+  model.save_pretrained(out_dir, safe_serialization=True)
+  readme = os.path.join(out_dir, "README.md")  # peft's model card template
+  if os.path.exists(readme):
+    os.remove(readme)
+  with torch.no_grad():
+    merged_logits = model.merge_and_unload()(**torch_inputs).logits.float().numpy()
+  np.savez(os.path.join(out_dir, "inputs.npz"), logits=logits, merged_logits=merged_logits,
+           **{k: v.astype(np.int32) for k, v in inputs.items()})
+  print(f"lora_{base_family}: wrote {out_dir}")
+
+
 def main() -> int:
   try:
     import torch  # noqa: F401
@@ -150,6 +191,7 @@ def main() -> int:
     return 1
   for family, config in family_configs().items():
     make_family(family, config)
+  make_lora()
   return 0
 
 

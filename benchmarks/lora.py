@@ -1,0 +1,160 @@
+"""LoRA (`rljax.models.lora`): trainable state and training-step memory against full fine-tuning,
+and sampling with the adapters merged into the sampler's copy against applying them unmerged.
+
+1. Counts (exact, from the shapes): trainable parameters of LoRA r=16 on all seven projections
+   = Σ r·(in + out), and trainable + gradient + Adam-moment bytes (fp32: 4 · 4 bytes per
+   trainable parameter) as a fraction of full fine-tuning's, for a SmolLM2-135M-shaped and a
+   1B-shaped (Llama-3.2-1B) config.
+2. Memory (compile-only `memory_analysis`, nothing allocated): one training step (value_and_grad
+   of the mean log-prob + AdamW) of the SmolLM2-135M shape at B=8, T=512, remat on: arguments
+   (parameters + optimizer state + batch) and temporaries, full vs LoRA vs QLoRA (NF4 base);
+   the 1B shape at B=1, T=512.
+3. Decode (CPU wall time, median of `--repeats`): `generate` of B=8 prompts × 32 new tokens on a
+   4-layer d=256 model with r=16 adapters on all projections: merged (W + s·A B, adapters off;
+   what `OnPolicyTrainer.sampler_params` hands the sampler) vs unmerged (the adapters applied at
+   every step), plus the one-off cost of merging.
+
+4. With `--time-steps`, the wall time of that training step on CPU at a size it can run (the
+   SmolLM2-135M shape at B=2, T=128), full vs LoRA vs QLoRA.
+
+Run:  .venv/bin/python benchmarks/lora.py [--repeats 3] [--skip-memory] [--time-steps]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+from bench_utils import median_seconds
+from flax import nnx
+
+from rljax.models.config import ModelConfig
+from rljax.models.lora import LoRAConfig, add_lora, lora_param_count, lora_trainable, merged
+from rljax.models.quant import quantize_base
+from rljax.models.transformer import Transformer
+from rljax.ops.fused_logprobs import logprobs_from_hidden
+from rljax.rollout.generate import generate
+from rljax.rollout.sampling import SamplingConfig
+
+SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30,
+                    num_heads=9, num_kv_heads=3, tie_word_embeddings=True)
+LLAMA_1B = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_layers=16,
+                num_heads=32, num_kv_heads=8, head_dim=64, tie_word_embeddings=True)
+LORA = LoRAConfig(rank=16, alpha=32)
+MIB = 2**20
+
+
+def counts(name: str, shape: dict) -> None:
+  config = ModelConfig(**shape)
+  full = sum(x.size for x in jax.tree.leaves(nnx.state(
+    nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0))))))
+  lora = lora_param_count(config, LORA)
+  print(f"{name}: full {full / 1e6:.1f}M trainable, LoRA r=16 all-linear {lora / 1e6:.2f}M "
+        f"(= Σ r·(in+out)); trainable + grads + Adam: {100 * lora / full:.2f} % of full")
+
+
+def training_step(shape: dict, mode: str, *, abstract: bool):
+  """(jitted step(params, frozen, opt_state, tokens), params, frozen, opt_state): value_and_grad
+  of the mean log-prob + AdamW; `mode` "full", "lora" or "qlora" (NF4 base)."""
+  config = ModelConfig(**shape, remat=True, scan_unroll=1)
+
+  def make():
+    model = Transformer(config, rngs=nnx.Rngs(0))
+    if mode == "qlora":
+      quantize_base(model, "nf4")
+    return model if mode == "full" else add_lora(model, LORA, rngs=nnx.Rngs(1))
+
+  graphdef, params, frozen = nnx.split(nnx.eval_shape(make) if abstract else make(),
+                                       nnx.Param if mode == "full" else lora_trainable, ...)
+  optimizer = optax.adamw(1e-4)
+  opt_state = (jax.eval_shape(optimizer.init, params) if abstract
+               else jax.jit(optimizer.init)(params))
+
+  def step(params, frozen, opt_state, tokens):
+    def loss(params):
+      model = nnx.merge(graphdef, params, frozen)
+      hidden = model.hidden_states(tokens)
+      return -jnp.mean(logprobs_from_hidden(hidden[:, :-1], model.unembedding, tokens[:, 1:]))
+
+    grads = jax.grad(loss)(params)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  return jax.jit(step, donate_argnums=(0, 2)), params, frozen, opt_state
+
+
+def step_memory(shape: dict, batch: int, length: int, mode: str) -> tuple[float, float]:
+  """(argument MiB, temp MiB) of one compiled training step (abstract: nothing allocated)."""
+  step, params, frozen, opt_state = training_step(shape, mode, abstract=True)
+  tokens = jax.ShapeDtypeStruct((batch, length), jnp.int32)
+  m = step.lower(params, frozen, opt_state, tokens).compile().memory_analysis()
+  return m.argument_size_in_bytes / MIB, m.temp_size_in_bytes / MIB
+
+
+def step_seconds(shape: dict, batch: int, length: int, mode: str, repeats: int) -> float:
+  """Median wall time of one training step (CPU), after a warm-up step."""
+  step, params, frozen, opt_state = training_step(shape, mode, abstract=False)
+  tokens = jax.random.randint(jax.random.key(0), (batch, length), 0, shape["vocab_size"])
+  state = [params, opt_state]
+
+  def one():
+    state[0], state[1] = step(state[0], frozen, state[1], tokens)
+    return state[0]
+
+  return median_seconds(one, repeats)
+
+
+def decode(repeats: int) -> None:
+  config = ModelConfig(vocab_size=4096, hidden_size=256, intermediate_size=768, num_layers=4,
+                       num_heads=8, num_kv_heads=4, tie_word_embeddings=True)
+  model = add_lora(Transformer(config, rngs=nnx.Rngs(0)), LORA, rngs=nnx.Rngs(1))
+  for name in LORA.target_modules:  # trained-looking adapters (B = 0 would be skipped by nothing)
+    b = getattr(model.layers, f"{name}_lora_b")
+    b[...] = 0.01 * jax.random.normal(jax.random.key(2), b.shape)
+  prompts = jax.random.randint(jax.random.key(3), (8, 16), 1, config.vocab_size)
+  mask = jnp.ones(prompts.shape, bool)
+  sampling = SamplingConfig(max_new_tokens=32, temperature=1.0, num_samples=1)
+  run = functools.partial(generate, prompt_tokens=prompts, prompt_mask=mask,
+                          key=jax.random.key(4), sampling=sampling, stop_tokens=[-1 % 4096],
+                          pad_id=0)
+  unmerged_pair = nnx.split(model)
+  merge_s = median_seconds(lambda: nnx.state(merged(model)), repeats)
+  merged_pair = nnx.split(merged(model))
+  unmerged = median_seconds(lambda: run(unmerged_pair).tokens, repeats)
+  merged_time = median_seconds(lambda: run(merged_pair).tokens, repeats)
+  print(f"decode B=8 x 32 tokens, 4 layers d=256, r=16 all-linear (CPU): unmerged "
+        f"{unmerged * 1e3:.0f} ms, merged {merged_time * 1e3:.0f} ms "
+        f"({unmerged / merged_time:.2f}x), merging once {merge_s * 1e3:.1f} ms")
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--skip-memory", action="store_true")
+  parser.add_argument("--time-steps", action="store_true",
+                      help="also time the SmolLM2-135M-shaped step at B=2, T=128 (CPU: minutes)")
+  args = parser.parse_args()
+  counts("SmolLM2-135M shape", SMOLLM2_135M)
+  counts("1B shape", LLAMA_1B)
+  if not args.skip_memory:
+    for name, shape, batch in (("SmolLM2-135M shape", SMOLLM2_135M, 8), ("1B shape", LLAMA_1B, 1)):
+      full = step_memory(shape, batch, 512, "full")
+      line = f"{name} step B={batch} T=512 remat: full {full[0]:.0f} + {full[1]:.0f} MiB"
+      for mode in ("lora", "qlora"):
+        arg_mib, temp = step_memory(shape, batch, 512, mode)
+        line += (f"; {mode} {arg_mib:.0f} + {temp:.0f} MiB "
+                 f"({(arg_mib + temp) / (full[0] + full[1]):.2f}x)")
+      print(line + "  (arguments + temporaries)")
+  if args.time_steps:
+    times = {mode: step_seconds(SMOLLM2_135M, 2, 128, mode, args.repeats)
+             for mode in ("full", "lora", "qlora")}
+    print("SmolLM2-135M shape step B=2 T=128 remat (CPU): " + ", ".join(
+      f"{mode} {t:.2f} s ({t / times['full']:.2f}x)" for mode, t in times.items()))
+  decode(args.repeats)
+
+
+if __name__ == "__main__":
+  main()
