@@ -33,6 +33,7 @@ from rljax.data.batching import collate_prompts, collator
 from rljax.data.iterator import BatchIterator
 from rljax.data.tokenize import tokenize_dataset
 from rljax.models.config import ModelConfig
+from rljax.models.lora import LoRAConfig, add_lora, lora_trainable
 from rljax.models.transformer import Transformer
 from rljax.rollout.sampling import SamplingConfig
 from rljax.train.grpo import GRPOConfig, GRPOTrainer
@@ -89,6 +90,9 @@ class AdditionConfig:
   temperature: float = 1.0
   kl_coef: float = 0.0
   num_epochs: int = 1
+  # LoRA for the RL stage: rank 0 trains every weight; rank r > 0 trains adapters of rank r on
+  # all seven projections (alpha = 2r), the SFT weights frozen (raise rl_learning_rate ~10×)
+  lora_rank: int = 0
 
   @property
   def prompt_length(self) -> int:
@@ -182,7 +186,12 @@ def make_grpo_trainer(config: AdditionConfig, data: AdditionData, graphdef: nnx.
   tok = data.tokenizer
   optimizer = make_optimizer(OptimizerConfig(config.rl_learning_rate, warmup_steps=5))
   policy = nnx.merge(graphdef, sft_state.params, sft_state.frozen)
-  rl_graphdef, state = create_train_state(policy, optimizer, rng=config.seed + 1)
+  trainable: Any = nnx.Param
+  if config.lora_rank:
+    lora = LoRAConfig(rank=config.lora_rank, alpha=2 * config.lora_rank)
+    policy, trainable = add_lora(policy, lora, rngs=nnx.Rngs(config.seed + 4)), lora_trainable
+  rl_graphdef, state = create_train_state(policy, optimizer, rng=config.seed + 1,
+                                          trainable=trainable)
   trainer = GRPOTrainer(rl_graphdef, optimizer, config.grpo_config(), exact_match_reward, tok,
                         stop_tokens=[tok.eos_token_id], pad_id=tok.pad_token_id)
   return trainer, trainer.init_state(state)
