@@ -17,7 +17,13 @@ programs with static shapes (compiled once per shape and options):
             of the prompt's partial last block, then fresh ones); then up to `sync_every` steps
             of every slot (`rljax.models.paged_kv.decode_hidden`: attention over a slot's blocks
             only) in a `lax.while_loop` that returns to the host as soon as `refill_slots` slots
-            are free and requests wait.
+            are free and requests wait. Its prologue first deactivates the slots whose requests
+            the host cut at a stop string (`cancel`), before admitting new ones.
+
+Stop strings (`stop_strings=`, `rljax.rollout.stops`): between device calls the host decodes the
+new tokens of each request (every prefix once) and ends it at the first token whose text
+completes a stop string; the schedule frees its slot and blocks at once, the next decode call
+deactivates the slot, and the tokens sampled past the cut are dropped from the `Rollout`.
 
 On a mesh both run per data shard (`mesh=`): each device group of the data axes holds its own
 slots, pool and share of the prompts.
@@ -69,6 +75,7 @@ from rljax.rollout.generate import (
   sampling_from_arguments,
 )
 from rljax.rollout.sampling import SamplingConfig, request_keys, sample_next_token
+from rljax.rollout.stops import check_stop_strings, cut_rollout, stop_length
 
 Array = jax.Array
 
@@ -298,16 +305,18 @@ def _admit(model, o: _Options, pool: PagedKV, slots: _Slots, out: _Outputs,
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3), donate_argnums=(5, 6, 7))
 def _decode(shards: _Shards, graphdef, o: _Options, max_steps: int, params, pool: PagedKV,
             slots: _Slots, out: _Outputs, last_hidden: Array, key: Array, first: Array,
-            want_free: Array, admission: tuple[Array, ...]):
-  """Per shard: the `admission` (`_admit`'s arguments from `admit` on: none where its mask is
-  all False), then decode steps of every active slot until `max_steps` steps, no active slot,
-  or at least `want_free` free slots. The new tokens' keys and values are kept in a
+            want_free: Array, admission: tuple[Array, ...], cancel: Array):
+  """Per shard: the slots where `cancel` [S] deactivated (requests the host cut at a stop
+  string), the `admission` (`_admit`'s arguments from `admit` on: none where its mask is all
+  False), then decode steps of every active slot until `max_steps` steps, no active slot, or at
+  least `want_free` free slots. The new tokens' keys and values are kept in a
   [L, S, max_steps, KV, Dh] buffer and written into the pool once at the end: the pool is an
   invariant of the loop (written inside it, XLA copied it at every step)."""
 
-  def decode(shared, pool, slots, out, last_hidden, first, want_free, admission):
+  def decode(shared, pool, slots, out, last_hidden, first, want_free, admission, cancel):
     params, key = shared
     model = nnx.merge(graphdef, params)
+    slots = slots._replace(active=slots.active & ~cancel)
     pool, slots, out = _admit(model, o, pool, slots, out, last_hidden, key, first, *admission)
     c = model.config
     layers = unstacked_layers(model)  # sliced once, outside the loop (None: scanned layers)
@@ -350,7 +359,7 @@ def _decode(shards: _Shards, graphdef, o: _Options, max_steps: int, params, pool
     return write_recent(pool, recent, slots.table, start, count), slots, out
 
   return _each_shard(shards, decode, (params, key), pool, slots, out, last_hidden, first,
-                     want_free, admission)
+                     want_free, admission, cancel)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -496,6 +505,30 @@ class _Schedule:
     return self.occupied > 0
 
 
+class _StopCheck:
+  """Host check of one shard's requests for stop strings (`rljax.rollout.stops.stop_length`):
+  no prefix of the first `checked[r]` tokens of request r holds one; `cut[r]` > 0 ends it
+  there (0: not cut)."""
+
+  def __init__(self, requests: int, tokenizer: Any, stop_strings: tuple[str, ...]):
+    self.tokenizer, self.stop_strings = tokenizer, stop_strings
+    self.checked = np.zeros((requests,), np.int64)
+    self.cut = np.zeros((requests,), np.int64)
+
+  def cancel(self, tokens: np.ndarray, lengths: np.ndarray, slots: _Slots) -> np.ndarray:
+    """Checks the tokens sampled since the last call (`tokens` [R, N], `lengths` [R] of the
+    finished requests, `slots` the shard's host copy) and returns the [S] mask of the active
+    slots whose request it cuts now."""
+    counts = lengths.copy()
+    live = slots.active
+    counts[slots.requests[live]] = slots.steps[live]
+    for r in np.flatnonzero((counts > self.checked) & (self.cut == 0)):
+      self.cut[r] = stop_length(self.tokenizer, tokens[r, :counts[r]], self.stop_strings,
+                                start=int(self.checked[r]))
+      self.checked[r] = counts[r]
+    return live & (self.cut[np.minimum(slots.requests, len(self.cut) - 1)] > 0)
+
+
 def _check_budgets(budgets: Any, requests: int, max_new_tokens: int) -> np.ndarray:
   if budgets is None:
     return np.full((requests,), max_new_tokens, np.int64)
@@ -521,6 +554,8 @@ def engine_generate(
   engine: EngineConfig | None = None,
   budgets: Any = None,
   mesh: Any = None,
+  stop_strings: str | Sequence[str] | None = None,
+  tokenizer: Any = None,
   **sampling_options: Any,
 ) -> Rollout:
   """`generate` by continuous batching (see the module docstring): the same arguments, the same
@@ -538,6 +573,10 @@ def engine_generate(
       shards, D = their devices: each shard runs its own `num_slots` slots and pool on its
       devices, with no communication between shards (the other axes, e.g. `tensor`, split
       the model as the parameters' shardings say).
+    stop_strings: None or non-empty strings: a request also ends at the first token whose
+      decoded completion holds one (`rljax.rollout.stops`; `finished` True), whichever of a
+      stop token, a stop string or its budget comes first.
+    tokenizer: the Hugging Face tokenizer that decodes the completions (with `stop_strings`).
 
   Returns:
     A `Rollout` with B * num_samples rows, samples of prompt i in rows i·G … i·G + G − 1.
@@ -561,6 +600,7 @@ def engine_generate(
   g, n = sampling.num_samples, sampling.max_new_tokens
   b, p = tokens.shape
   budget = _check_budgets(budgets, b * g, n)
+  strings = check_stop_strings(stop_strings, tokenizer)
   host_tokens, host_mask = np.asarray(tokens), np.asarray(mask)
   prompts = [_Prompt(host_tokens[i][host_mask[i]], g) for i in range(b)]
   if any(prompt.length == 0 for prompt in prompts):
@@ -580,8 +620,10 @@ def engine_generate(
                for i in range(d)]
   first = np.arange(d, dtype=np.int32) * rd
 
+  checks = [_StopCheck(rd, tokenizer, strings) for _ in range(d)] if strings else []
   s = layout.slots
   pool, last_hidden, slots, out = _initial_state(shards, config, layout, bd, rd, n, pad_id)
+  cancel = np.zeros((d, s), bool)
 
   while any(schedule.pending or schedule.busy for schedule in schedules):
     plans = [schedule.admissions() for schedule in schedules]
@@ -600,23 +642,34 @@ def engine_generate(
     want_free = np.array([s - schedule.occupied + layout.refill_slots if schedule.pending
                           else s + 1 for schedule in schedules], np.int32)
     pool, slots, out = _decode(shards, graphdef, o, layout.sync_every, params, pool, slots, out,
-                               last_hidden, key, first, want_free, admission)
+                               last_hidden, key, first, want_free, admission, cancel)
     active = np.asarray(slots.active)
+    if checks:  # requests cut at a stop string: free now, deactivated by the next call
+      host_slots, sampled, ended = jax.device_get((slots, out.tokens, out.lengths))
+      cancel = np.stack([check.cancel(sampled[i], ended[i],
+                                      jax.tree.map(lambda x: x[i], host_slots))
+                         for i, check in enumerate(checks)])
+      active = active & ~cancel
     for schedule, shard_active in zip(schedules, active):
       schedule.release(shard_active)
     smaller = _fewer_slots(schedules, s, layout.min_slots)
     if smaller < s:
       index = np.stack([schedule.compact(smaller) for schedule in schedules])
       slots, s = _compact(shards, slots, index), smaller
+      cancel = np.take_along_axis(cancel, index, axis=1)
 
   rows = lambda x: x.reshape(d * rd, *x.shape[2:])[: b * g]  # noqa: E731
   out = _Outputs(*(rows(x) for x in out))
+  cut = np.concatenate([check.cut for check in checks])[: b * g] if checks else None
+  if cut is not None:  # a request cancelled on the device has no length there yet
+    out = out._replace(lengths=jnp.where(cut > 0, cut, out.lengths))
   completion_mask = jnp.arange(n)[None, :] < out.lengths[:, None]
-  return Rollout(
+  rollout = Rollout(
     tokens=jnp.concatenate([jnp.repeat(tokens, g, axis=0), out.tokens], axis=1),
     prompt_mask=jnp.repeat(mask, g, axis=0), completion_mask=completion_mask,
     logprobs=jnp.where(completion_mask, out.logprobs, 0.0), lengths=out.lengths,
     finished=out.finished)
+  return rollout if cut is None else cut_rollout(rollout, cut, pad_id=pad_id)
 
 
 def _fewer_slots(schedules: list[_Schedule], slots: int, min_slots: int) -> int:

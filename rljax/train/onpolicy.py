@@ -51,6 +51,7 @@ from rljax.parallel.rules import DATA, FSDP, inference_rules
 from rljax.rollout.engine import EngineConfig
 from rljax.rollout.generate import check_token_ids
 from rljax.rollout.sampling import SamplingConfig
+from rljax.rollout.stops import check_stop_strings
 from rljax.train.experience import (
   Experience,
   mean_metrics,
@@ -159,6 +160,8 @@ class OnPolicyTrainer(abc.ABC):
       `rljax.train.scoring.call_reward_fn` for the fields offered).
     tokenizer: decodes completions for the reward function (None: token-id lists are passed).
     stop_tokens, pad_id: as `generate`: ids in [0, V), checked here (`check_token_ids`).
+    stop_strings: None or non-empty strings that also end a completion (`rljax.rollout.stops`;
+      they need the `tokenizer`), with the engine and with `generate` alike.
     mesh, rules: the training mesh and logical-axis rules; None trains and samples unsharded.
     compiler_options: XLA options of the compiled update.
 
@@ -170,13 +173,14 @@ class OnPolicyTrainer(abc.ABC):
 
   def __init__(self, graphdef: nnx.GraphDef, optimizer: Any, config: Any, reward_fn: Callable,
                tokenizer: Any = None, *, stop_tokens: int | Sequence[int], pad_id: int,
-               mesh: Any = None, rules: Any = None,
+               stop_strings: Sequence[str] | None = None, mesh: Any = None, rules: Any = None,
                compiler_options: dict[str, Any] | None = None):
     if (mesh is None) != (rules is None):
       raise ValueError("`mesh` and `rules` must be given together (or neither).")
     if not callable(reward_fn):
       raise ValueError(f"`reward_fn` must be callable; got {type(reward_fn).__name__}.")
     self.stop_tokens = check_token_ids(graphdef, pad_id=pad_id, stop_tokens=stop_tokens)
+    self.stop_strings = check_stop_strings(stop_strings, tokenizer)
     check_no_dropout(graphdef, type(self).__name__)
     self.lora = lora_config_of(graphdef) is not None
     self._sampler_graphdef = graphdef
@@ -314,7 +318,8 @@ class OnPolicyTrainer(abc.ABC):
       self.sampler_graphdef, params, prompts, key, sampling or self.config.sampling,
       reward_fn=self.reward_fn, tokenizer=self.tokenizer, stop_tokens=self.stop_tokens,
       pad_id=self.pad_id, nonfinite_rewards=self.config.nonfinite_rewards,
-      drop_groups=self.drop_groups, engine=self.config.engine, mesh=self.mesh, **kwargs)
+      drop_groups=self.drop_groups, engine=self.config.engine, mesh=self.mesh,
+      stop_strings=self.stop_strings, **kwargs)
 
   def logprobs(self, params: Any, frozen: Any, batch: Experience, *,
                return_entropy: bool = False):

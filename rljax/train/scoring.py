@@ -8,14 +8,14 @@
                          `nonfinite_rewards="drop"` its rows are dropped (`drop_rows`)
   overlong_penalty(...)  DAPO's soft overlong punishment
 
-Token hygiene: completions are decoded with the tokenizer only to call the reward function; the
-training batch holds the sampled ids themselves (never decoded and re-encoded). Completion masks
-come from the rollout's lengths (pad may equal EOS) and include the stop token.
+Token hygiene: completions are decoded with the tokenizer only to call the reward function and to
+match stop strings; the training batch holds the sampled ids themselves (never decoded and
+re-encoded). Completion masks come from the rollout's lengths (pad may equal EOS) and include the
+stop token.
 """
 
 from __future__ import annotations
 
-import functools
 import inspect
 import time
 from collections.abc import Callable, Sequence
@@ -29,6 +29,7 @@ from rljax.ops.overlong import soft_overlong_penalty
 from rljax.rollout.engine import EngineConfig, engine_generate
 from rljax.rollout.generate import Rollout, generate
 from rljax.rollout.sampling import SamplingConfig
+from rljax.rollout.stops import check_stop_strings, cut_at_stop_strings
 
 Array = jax.Array
 NONFINITE_REWARDS = ("raise", "drop")  # what a non-finite outcome reward does
@@ -196,13 +197,16 @@ def collect_rollout(
   drop_groups: bool = False,
   engine: EngineConfig | None = None,
   mesh: Any = None,
+  stop_strings: Sequence[str] | None = None,
 ) -> Scored:
   """Samples `sampling.num_samples` completions per prompt with `params` (from
   `OnPolicyTrainer.sampler_params`) and scores them on the host with `reward_fn` (see
   `call_reward_fn`; `process` as there, default: whichever kind the reward fn returns).
   `engine` (an `EngineConfig`) samples with the continuous-batching engine
   (`engine_generate`, one pool per data shard of `mesh`), None with the static `generate`;
-  both give the same rollout.
+  both give the same rollout. `stop_strings` end a completion at the first token whose text
+  (decoded by `tokenizer`) holds one (`rljax.rollout.stops`): the engine frees the slot then,
+  `generate`'s rollout is cut after sampling.
 
   The overlong penalty (`overlong_cache`, DAPO's L_cache; `soft_overlong_penalty`) is added to
   the score of each row; for process rewards it is added to the reward at the row's last
@@ -213,11 +217,16 @@ def collect_rollout(
   with `drop_groups`, every row of their prompt's group); process rewards always raise.
   """
   n = sampling.num_samples
+  strings = check_stop_strings(stop_strings, tokenizer)
   start = time.perf_counter()
-  sampler = generate if engine is None else functools.partial(engine_generate, engine=engine,
-                                                               mesh=mesh)
-  out = sampler((graphdef, params), prompts.tokens, prompts.mask, key, sampling,
-                stop_tokens=stop_tokens, pad_id=pad_id)
+  if engine is None:
+    out = cut_at_stop_strings(generate((graphdef, params), prompts.tokens, prompts.mask, key,
+                                       sampling, stop_tokens=stop_tokens, pad_id=pad_id),
+                              tokenizer, strings, pad_id=pad_id)
+  else:
+    out = engine_generate((graphdef, params), prompts.tokens, prompts.mask, key, sampling,
+                          stop_tokens=stop_tokens, pad_id=pad_id, engine=engine, mesh=mesh,
+                          stop_strings=strings, tokenizer=tokenizer)
   rollout = Rollout(*jax.device_get(tuple(out)))
   seconds = time.perf_counter() - start
   completions = decode_completions(tokenizer, rollout)
