@@ -27,16 +27,14 @@ import jax.numpy as jnp
 from rljax.models.attention import Attend, layer_windows, self_attention
 from rljax.models.config import ModelConfig
 from rljax.models.transformer import (
-  attention_output,
   input_embeddings,
   layer_cos_sin,
+  layer_residuals,
   layer_rope_index,
   norm,
-  output_norm,
   positions_from_mask,
   project_qkv,
   rope_tables,
-  swiglu_mlp,
 )
 
 if TYPE_CHECKING:
@@ -130,10 +128,7 @@ def decoder_layer_with_cache(
   k, v = k.astype(layer_k.dtype), v.astype(layer_v.dtype)
   all_k = jax.lax.dynamic_update_slice_in_dim(layer_k, k, index, axis=1)
   all_v = jax.lax.dynamic_update_slice_in_dim(layer_v, v, index, axis=1)
-  attn = attention_output(p, attend(q, all_k, all_v, window), config)
-  x = x + output_norm(p, "post_attn_norm", attn, config)
-  h = norm(x, p["mlp_norm"], config)
-  return x + output_norm(p, "post_mlp_norm", swiglu_mlp(p, h, config), config), k, v
+  return layer_residuals(p, x, attend(q, all_k, all_v, window), config), k, v
 
 
 def scan_layers_with_cache(

@@ -40,17 +40,15 @@ from rljax.models import paged_kernels
 from rljax.models.attention import NO_WINDOW, layer_windows
 from rljax.models.config import ModelConfig
 from rljax.models.transformer import (
-  attention_output,
   input_embeddings,
   layer_cos_sin,
+  layer_residuals,
   layer_rope_index,
   layer_unroll,
   norm,
-  output_norm,
   project_qkv,
   rope_tables,
   soft_cap,
-  swiglu_mlp,
 )
 from rljax.ops._checks import check_int
 
@@ -274,9 +272,7 @@ def decode_hidden(
     attn = decode_attention(q[:, 0], k, v, pool, layer, table, lengths, window=window,
                             recent_k=recent_k, recent_v=recent_v, recent_count=recent_count,
                             **options)
-    x = x + output_norm(p, "post_attn_norm", attention_output(p, attn[:, None], c), c)
-    h = norm(x, p["mlp_norm"], c)
-    return x + output_norm(p, "post_mlp_norm", swiglu_mlp(p, h, c), c), (k, v)
+    return layer_residuals(p, x, attn[:, None], c), (k, v)
 
   windows, ropes = layer_windows(c), layer_rope_index(c)
   recent_k, recent_v = (None, None) if recent is None else recent

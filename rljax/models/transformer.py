@@ -381,11 +381,16 @@ def decoder_layer(
   (`rljax.models.attention.self_attention`), `window` this layer's sliding window."""
   h = norm(x, p["attn_norm"], config)
   q, k, v = project_qkv(p, h, cos, sin, config)
-  x = x + output_norm(p, "post_attn_norm", attention_output(p, attend(q, k, v, window), config),
-                      config)
+  return constrain(layer_residuals(p, x, attend(q, k, v, window), config), HIDDEN_AXES)
+
+
+def layer_residuals(p: dict[str, Array], x: Array, attn: Array, config: ModelConfig) -> Array:
+  """The rest of a decoder layer once its attention `attn` [B, T, H, Dh] is known:
+  x + post_norm(o_proj(attn)), then that + post_norm(mlp(norm(that))) (the post norms only with
+  `post_norms`). Shared by the training forward, the KV cache and the paged decode."""
+  x = x + output_norm(p, "post_attn_norm", attention_output(p, attn, config), config)
   h = norm(x, p["mlp_norm"], config)
-  return constrain(x + output_norm(p, "post_mlp_norm", swiglu_mlp(p, h, config), config),
-                   HIDDEN_AXES)
+  return x + output_norm(p, "post_mlp_norm", swiglu_mlp(p, h, config), config)
 
 
 def scan_layers(

@@ -658,8 +658,7 @@ def engine_generate(
       slots, s = _compact(shards, slots, index), smaller
       cancel = np.take_along_axis(cancel, index, axis=1)
 
-  rows = lambda x: x.reshape(d * rd, *x.shape[2:])[: b * g]  # noqa: E731
-  out = _Outputs(*(rows(x) for x in out))
+  out = _Outputs(*(x.reshape(d * rd, *x.shape[2:])[: b * g] for x in out))  # shards' rows
   cut = np.concatenate([check.cut for check in checks])[: b * g] if checks else None
   if cut is not None:  # a request cancelled on the device has no length there yet
     out = out._replace(lengths=jnp.where(cut > 0, cut, out.lengths))
