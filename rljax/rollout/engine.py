@@ -51,7 +51,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from rljax.models.config import ModelConfig
-from rljax.models.kv_cache import hidden_states_with_cache, init_kv_cache
+from rljax.models.kv_cache import KVCache, hidden_states_with_cache, init_kv_cache
 from rljax.models.paged_kernels import DECODE_ATTENTION
 from rljax.models.paged_kv import (
   NULL_BLOCK,
@@ -75,7 +75,7 @@ from rljax.rollout.generate import (
   sampling_from_arguments,
 )
 from rljax.rollout.sampling import SamplingConfig, request_keys, sample_next_token
-from rljax.rollout.stops import check_stop_strings, cut_rollout, stop_length
+from rljax.rollout.stops import check_stop_strings, stop_length
 
 Array = jax.Array
 
@@ -302,21 +302,39 @@ def _admit(model, o: _Options, pool: PagedKV, slots: _Slots, out: _Outputs,
   return pool, slots, out
 
 
+def _rewound(slots: _Slots, out: _Outputs, rewind: Array) -> tuple[_Slots, _Outputs]:
+  """The slots where `rewind` [S] ≥ 0 (requests the host cut at a stop string) set back to
+  that many completion tokens and deactivated: their last kept token becomes the one they feed
+  next, the keys cached past it are ignored (positions ≥ `lengths`) and later overwritten; the
+  request's length is the cut, `finished` True."""
+  cut = rewind >= 0
+  rows = out.tokens.shape[0]
+  request = jnp.minimum(slots.requests, rows - 1)
+  kept = out.tokens[request, jnp.maximum(rewind - 1, 0)]
+  end = jnp.where(cut, slots.requests, rows)
+  slots = slots._replace(tokens=jnp.where(cut, kept, slots.tokens),
+                         lengths=slots.lengths - jnp.where(cut, slots.steps - rewind, 0),
+                         steps=jnp.where(cut, rewind, slots.steps), active=slots.active & ~cut)
+  out = out._replace(lengths=out.lengths.at[end].set(rewind, mode="drop"),
+                     finished=out.finished.at[end].set(True, mode="drop"))
+  return slots, out
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3), donate_argnums=(5, 6, 7))
 def _decode(shards: _Shards, graphdef, o: _Options, max_steps: int, params, pool: PagedKV,
             slots: _Slots, out: _Outputs, last_hidden: Array, key: Array, first: Array,
-            want_free: Array, admission: tuple[Array, ...], cancel: Array):
-  """Per shard: the slots where `cancel` [S] deactivated (requests the host cut at a stop
-  string), the `admission` (`_admit`'s arguments from `admit` on: none where its mask is all
-  False), then decode steps of every active slot until `max_steps` steps, no active slot, or at
-  least `want_free` free slots. The new tokens' keys and values are kept in a
-  [L, S, max_steps, KV, Dh] buffer and written into the pool once at the end: the pool is an
-  invariant of the loop (written inside it, XLA copied it at every step)."""
+            want_free: Array, admission: tuple[Array, ...], rewind: Array):
+  """Per shard: the slots `rewind` [S] cuts (`_rewound`), the `admission` (`_admit`'s
+  arguments from `admit` on: none where its mask is all False), then decode steps of every
+  active slot until `max_steps` steps, no active slot, or at least `want_free` free slots. The
+  new tokens' keys and values are kept in a [L, S, max_steps, KV, Dh] buffer and written into
+  the pool once at the end: the pool is an invariant of the loop (written inside it, XLA
+  copied it at every step)."""
 
-  def decode(shared, pool, slots, out, last_hidden, first, want_free, admission, cancel):
+  def decode(shared, pool, slots, out, last_hidden, first, want_free, admission, rewind):
     params, key = shared
     model = nnx.merge(graphdef, params)
-    slots = slots._replace(active=slots.active & ~cancel)
+    slots, out = _rewound(slots, out, rewind)
     pool, slots, out = _admit(model, o, pool, slots, out, last_hidden, key, first, *admission)
     c = model.config
     layers = unstacked_layers(model)  # sliced once, outside the loop (None: scanned layers)
@@ -359,7 +377,73 @@ def _decode(shards: _Shards, graphdef, o: _Options, max_steps: int, params, pool
     return write_recent(pool, recent, slots.table, start, count), slots, out
 
   return _each_shard(shards, decode, (params, key), pool, slots, out, last_hidden, first,
-                     want_free, admission, cancel)
+                     want_free, admission, rewind)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=(4, 5, 6))
+def _extend(shards: _Shards, graphdef, o: _Options, params, pool: PagedKV, slots: _Slots,
+            out: _Outputs, key: Array, first: Array, rewind: Array, rows: Array, chunk: Array,
+            chunk_lengths: Array, budgets: Array):
+  """Per shard: the cuts `rewind` (`_rewound`), then each paused slot `rows` [E] (S: padding)
+  extended by its first `chunk_lengths` [E] tokens of `chunk` [E, K] at its own positions, and
+  its next token sampled; `budgets` [E] its new max completion tokens.
+
+  The slot feeds its pending token (the last it sampled) and the chunk, n = 1 + chunk_length
+  tokens at positions lengths … lengths + n − 1, attending to its cached keys (gathered from
+  its blocks) and causally to each other; their keys go into its blocks, the chunk into the
+  request's completion at steps … steps + chunk_length − 1 (log-prob 0: not the policy's),
+  and the token sampled from the last one's hidden state is completion token
+  steps + chunk_length (its key fold_in(fold_in(key, r), that index), as every token's)."""
+
+  def extend(shared, pool, slots, out, first, rewind, rows, chunk, chunk_lengths, budgets):
+    params, key = shared
+    model = nnx.merge(graphdef, params)
+    slots, out = _rewound(slots, out, rewind)
+    c = model.config
+    e, k = chunk.shape
+    valid = rows < slots.tokens.shape[0]
+    row = jnp.minimum(rows, slots.tokens.shape[0] - 1)
+    table, length, steps = slots.table[row], slots.lengths[row], slots.steps[row]
+    tokens = jnp.concatenate([slots.tokens[row][:, None], chunk], axis=1)  # [E, 1 + K]
+    count = jnp.where(valid, chunk_lengths + 1, 0)
+    width = table.shape[1] * pool.block_size
+
+    def cached(x):  # [L, KV, NB, bs, Dh] -> [L, E, MB·bs + 1 + K, KV, Dh], new slots zero
+      x = jnp.moveaxis(x[:, :, table].reshape(c.num_layers, c.num_kv_heads, e, width, -1), 1, 3)
+      return jnp.pad(x, ((0, 0), (0, 0), (0, 1 + k), (0, 0), (0, 0)))
+
+    new = jnp.arange(1 + k)[None, :]
+    cache = KVCache(k=cached(pool.k), v=cached(pool.v),
+                    mask=jnp.pad(jnp.arange(width)[None, :] < length[:, None], ((0, 0), (0, 1 + k))),
+                    positions=jnp.pad(jnp.broadcast_to(jnp.arange(width), (e, width)),
+                                      ((0, 0), (0, 1 + k))))
+    hidden, cache = hidden_states_with_cache(model, tokens, cache, width, new < count[:, None],
+                                             length[:, None] + new)
+    written = PagedKV(k=cache.k[:, :, width:], v=cache.v[:, :, width:])
+    pool = write_recent(pool, written, table, length, count)
+    last = jnp.take_along_axis(hidden, jnp.maximum(count - 1, 0)[:, None, None], axis=1)[:, 0]
+    at = jnp.where(valid, slots.requests[row], out.tokens.shape[0])
+    index = steps[:, None] + jnp.arange(k)[None, :]
+    index = jnp.where(jnp.arange(k)[None, :] < chunk_lengths[:, None], index, out.tokens.shape[1])
+    out = out._replace(tokens=out.tokens.at[at[:, None], index].set(chunk, mode="drop"),
+                       logprobs=out.logprobs.at[at[:, None], index].set(0.0, mode="drop"))
+    position = steps + chunk_lengths  # the new token's completion index
+    token, logp = _sample(model, last, key, first + slots.requests[row], position, o)
+    stopped = _is_stop(token, o.stop_tokens)
+    done = valid & (stopped | (position + 1 >= budgets))
+    out = _record(out, slots.requests[row], position, token, logp, valid, done, stopped)
+    target = jnp.where(valid, rows, slots.tokens.shape[0])
+
+    def put(x, value):
+      return x.at[target].set(value, mode="drop")
+
+    slots = slots._replace(tokens=put(slots.tokens, token), lengths=put(slots.lengths, length + count),
+                           steps=put(slots.steps, position + 1), budgets=put(slots.budgets, budgets),
+                           active=put(slots.active, ~done))
+    return pool, slots, out
+
+  return _each_shard(shards, extend, (params, key), pool, slots, out, first, rewind, rows, chunk,
+                     chunk_lengths, budgets)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -441,6 +525,7 @@ class _Schedule:
     self.free_blocks = list(range(layout.num_blocks - 1, NULL_BLOCK, -1))
     self.slot_request = [-1] * layout.slots
     self.slot_blocks: list[list[int]] = [[] for _ in range(layout.slots)]
+    self.paused: set[int] = set()  # requests held in their slots between turns
 
   def _take(self, count: int) -> list[int]:
     split = len(self.free_blocks) - count
@@ -475,17 +560,31 @@ class _Schedule:
       admitted.append((slot, request, shared + own, source))
     return admitted, to_prefill
 
-  def release(self, active: np.ndarray) -> None:
-    """Frees the slots (and blocks) of requests that finished: `active` [S] from the device."""
+  def release(self, active: np.ndarray, *, hold: bool = False) -> list[int]:
+    """The requests whose slots the device deactivated (`active` [S]) since the last call:
+    freed, slot and blocks, or with `hold` kept in their slots as paused (a turn ended: the host
+    extends or finishes them); returns the newly paused requests."""
+    paused = []
     for slot, request in enumerate(self.slot_request):
-      if request >= 0 and not active[slot]:
-        self.free_blocks.extend(self.slot_blocks[slot])
-        self.slot_request[slot], self.slot_blocks[slot] = -1, []
-        prompt = self.prompts[request // self.g]
-        prompt.live -= 1
-        if prompt.live == 0:
-          self.free_blocks.extend(prompt.blocks)
-          prompt.blocks = []
+      if request >= 0 and not active[slot] and request not in self.paused:
+        if hold:
+          self.paused.add(request)
+          paused.append(request)
+        else:
+          self.free(request)
+    return paused
+
+  def free(self, request: int) -> None:
+    """Frees the slot and blocks of `request` (and its prompt's once no sample holds them)."""
+    slot = self.slot_request.index(request)
+    self.paused.discard(request)
+    self.free_blocks.extend(self.slot_blocks[slot])
+    self.slot_request[slot], self.slot_blocks[slot] = -1, []
+    prompt = self.prompts[request // self.g]
+    prompt.live -= 1
+    if prompt.live == 0:
+      self.free_blocks.extend(prompt.blocks)
+      prompt.blocks = []
 
   def compact(self, slots: int) -> list[int]:
     """The old indices of `slots` new slots (< the old count): the live ones, then idle ones;
@@ -501,32 +600,47 @@ class _Schedule:
     return sum(r >= 0 for r in self.slot_request)
 
   @property
+  def running(self) -> int:
+    """Slots decoding (occupied, not paused)."""
+    return self.occupied - len(self.paused)
+
+  @property
   def busy(self) -> bool:
     return self.occupied > 0
 
 
 class _StopCheck:
-  """Host check of one shard's requests for stop strings (`rljax.rollout.stops.stop_length`):
-  no prefix of the first `checked[r]` tokens of request r holds one; `cut[r]` > 0 ends it
-  there (0: not cut)."""
+  """Host check of one shard's requests for stop strings (`rljax.rollout.stops.stop_length`)
+  over each request's current turn, completion tokens `start[r]` on (0 before any extension):
+  no prefix of its first `checked[r]` tokens holds one; `cut[r]` > 0 ends it there (0: not
+  cut)."""
 
   def __init__(self, requests: int, tokenizer: Any, stop_strings: tuple[str, ...]):
     self.tokenizer, self.stop_strings = tokenizer, stop_strings
+    self.start = np.zeros((requests,), np.int64)
     self.checked = np.zeros((requests,), np.int64)
     self.cut = np.zeros((requests,), np.int64)
 
-  def cancel(self, tokens: np.ndarray, lengths: np.ndarray, slots: _Slots) -> np.ndarray:
-    """Checks the tokens sampled since the last call (`tokens` [R, N], `lengths` [R] of the
-    finished requests, `slots` the shard's host copy) and returns the [S] mask of the active
-    slots whose request it cuts now."""
-    counts = lengths.copy()
-    live = slots.active
-    counts[slots.requests[live]] = slots.steps[live]
-    for r in np.flatnonzero((counts > self.checked) & (self.cut == 0)):
-      self.cut[r] = stop_length(self.tokenizer, tokens[r, :counts[r]], self.stop_strings,
-                                start=int(self.checked[r]))
-      self.checked[r] = counts[r]
-    return live & (self.cut[np.minimum(slots.requests, len(self.cut) - 1)] > 0)
+  def rewind(self, tokens: np.ndarray, steps: np.ndarray, held: list[int]) -> np.ndarray:
+    """Checks the tokens sampled since the last call (`tokens` [R, N]; `steps` [S] the slots'
+    completion counts, `held` [S] their requests, -1 when free) and returns the [S] cuts of
+    the slots whose request it cuts now (-1 elsewhere: `_rewound`'s argument)."""
+    rewind = np.full((len(held),), -1, np.int32)
+    for slot, r in enumerate(held):
+      if r < 0 or self.cut[r] or steps[slot] <= self.checked[r]:
+        continue
+      start = int(self.start[r])
+      cut = stop_length(self.tokenizer, tokens[r, start:steps[slot]], self.stop_strings,
+                        start=int(self.checked[r]) - start)
+      self.checked[r] = steps[slot]
+      if cut:
+        self.cut[r] = rewind[slot] = start + cut
+    return rewind
+
+  def new_turn(self, request: int, start: int) -> None:
+    """Request `request` continues at completion token `start` (after an extension)."""
+    self.start[request] = self.checked[request] = start
+    self.cut[request] = 0
 
 
 def _check_budgets(budgets: Any, requests: int, max_new_tokens: int) -> np.ndarray:
@@ -540,6 +654,273 @@ def _check_budgets(budgets: Any, requests: int, max_new_tokens: int) -> np.ndarr
     raise ValueError(f"`budgets` must lie in [1, {max_new_tokens}] (max_new_tokens); got "
                      f"values in [{values.min()}, {values.max()}].")
   return values.astype(np.int64)
+
+
+class EngineRun:
+  """One engine call, driven from the host: `advance` runs one round (extensions, admissions and
+  their prefills, one decode call); `engine_generate` advances until every request is done.
+
+  With `hold=True` a request whose turn ends (a stop token, a stop string, its turn budget or
+  its total budget) keeps its slot and blocks, paused: `advance` returns it, and the host
+  either `extend`s it with a chunk of tokens (an environment's observation, appended at the
+  slot's own positions from its cached keys, no re-prefill; decoding then resumes) or
+  `finish`es it. Every request's total budget (`budgets`, default max_new_tokens) counts all
+  its completion tokens, the chunks' too: its blocks are reserved for it at admission, so an
+  extension never waits for a block.
+
+  Args:
+    as `engine_generate`, plus
+    hold: pause requests at turn ends instead of finishing them.
+    turn_tokens: None, or the most tokens a request samples in one turn (hold only).
+  """
+
+  def __init__(self, model: Any, prompt_tokens: Array, prompt_mask: Array, key: Array,
+               sampling: SamplingConfig | None = None, *, stop_tokens: int | Sequence[int],
+               pad_id: int, engine: EngineConfig | None = None, budgets: Any = None,
+               mesh: Any = None, stop_strings: str | Sequence[str] | None = None,
+               tokenizer: Any = None, hold: bool = False, turn_tokens: int | None = None,
+               **sampling_options: Any):
+    sampling = sampling_from_arguments(sampling, sampling_options)
+    engine = EngineConfig() if engine is None else engine
+    if not isinstance(engine, EngineConfig):
+      raise ValueError(f"`engine` must be an EngineConfig; got {type(engine).__name__}.")
+    check_int("turn_tokens", turn_tokens, 1, optional=True)
+    if turn_tokens is not None and not hold:
+      raise ValueError("`turn_tokens` limits a turn: it needs `hold=True`.")
+    graphdef, params = _split_model(model)
+    config = config_of(graphdef)
+    if config is None:
+      raise ValueError("`model` must be a rljax Transformer (its graphdef has no ModelConfig).")
+    tokens, mask = _check_prompts(prompt_tokens, prompt_mask, config.vocab_size)
+    _check_key(key)
+    stops = check_token_ids(graphdef, pad_id=pad_id, stop_tokens=stop_tokens)
+    g, n = sampling.num_samples, sampling.max_new_tokens
+    b, p = tokens.shape
+    self.budgets = _check_budgets(budgets, b * g, n)
+    strings = check_stop_strings(stop_strings, tokenizer)
+    host_tokens, host_mask = np.asarray(tokens), np.asarray(mask)
+    prompts = [_Prompt(host_tokens[i][host_mask[i]], g) for i in range(b)]
+    if any(prompt.length == 0 for prompt in prompts):
+      raise ValueError("every prompt needs at least one real token (`prompt_mask` 1).")
+
+    # Shard d serves prompts d·Bd … (d + 1)·Bd − 1, i.e. requests d·Rd … (d + 1)·Rd − 1.
+    self.shards = shards = _shards(mesh)
+    d = shards.count
+    bd = -(-b // d)
+    self.bd, self.rd = bd, bd * g
+    rd = self.rd
+    self.layout = layout = engine_layout(engine, requests=rd, prompt_length=p, max_new_tokens=n,
+                                         num_samples=g)
+    self.options = _Options(temperature=float(sampling.temperature), top_k=sampling.top_k,
+                            top_p=None if sampling.top_p is None else float(sampling.top_p),
+                            stop_tokens=stops, blocks_per_step=layout.blocks_per_step,
+                            attention=engine.attention)
+    turn = n if turn_tokens is None else turn_tokens
+    self.schedules = [_Schedule(layout, prompts[i * bd:(i + 1) * bd],
+                                self.budgets[i * rd:(i + 1) * rd], g) for i in range(d)]
+    self.first = np.arange(d, dtype=np.int32) * rd
+    self.checks = [_StopCheck(rd, tokenizer, strings) for _ in range(d)] if strings else []
+    self.graphdef, self.params, self.key = graphdef, params, key
+    self.hold, self.turn_tokens, self.pad_id = hold, turn, pad_id
+    self.prompt_tokens, self.prompt_mask, self.num_samples, self.requests = tokens, mask, g, b * g
+    self.slots_count = layout.slots
+    self.pool, self.last_hidden, self.slots, self.out = _initial_state(
+      shards, config, layout, bd, rd, n, pad_id)
+    self.rewind = np.full((d, layout.slots), -1, np.int32)
+    self.steps = np.zeros((b * g,), np.int64)  # completion tokens of each request so far
+    self.chunks: dict[int, np.ndarray] = {}  # extensions waiting for the next round
+    self.spans: list[list[tuple[int, int]]] = [[] for _ in range(b * g)]  # (start, length)
+
+  @property
+  def done(self) -> bool:
+    """Whether every request is finished."""
+    return not any(sched.pending or sched.busy for sched in self.schedules)
+
+  @property
+  def decoding(self) -> bool:
+    """Whether a round would do anything: requests wait, slots decode, or chunks wait."""
+    return bool(self.chunks) or any(sched.pending or sched.running for sched in self.schedules)
+
+  def _where(self, request: int) -> tuple[int, int]:
+    shard, local = divmod(request, self.rd)
+    return shard, local
+
+  def paused(self) -> list[int]:
+    """The paused requests (global ids), waiting for `extend` or `finish`."""
+    return sorted(d * self.rd + r for d, sched in enumerate(self.schedules) for r in sched.paused)
+
+  def _check_paused(self, name: str, request: int) -> tuple[int, int]:
+    if not isinstance(request, (int, np.integer)) or not 0 <= request < self.requests:
+      raise ValueError(f"`{name}`'s request must be an int in [0, {self.requests}); got "
+                       f"{request!r}.")
+    shard, local = self._where(int(request))
+    if local not in self.schedules[shard].paused or request in self.chunks:
+      raise ValueError(f"`{name}`: request {request} is not paused (only requests `advance` "
+                       f"returned, not yet extended or finished, are).")
+    return shard, local
+
+  def room(self, request: int) -> int:
+    """The most tokens `extend` can append to paused `request`: its budget less its tokens,
+    less one for the token sampled after them."""
+    return int(self.budgets[request] - self.steps[request] - 1)
+
+  def extend(self, request: int, tokens: Sequence[int]) -> None:
+    """Appends `tokens` (at most `room(request)` ids; none: the turn resumes as it is) to
+    paused `request`; the next `advance` feeds them and resumes its decoding (a new turn)."""
+    self._check_paused("extend", request)
+    chunk = np.asarray(tokens, np.int64 if len(tokens) == 0 else None)
+    if chunk.ndim != 1 or not np.issubdtype(chunk.dtype, np.integer):
+      raise ValueError(f"`tokens` must be a sequence of token ids; got {tokens!r}.")
+    vocab = config_of(self.graphdef).vocab_size
+    if len(chunk) and (chunk.min() < 0 or chunk.max() >= vocab):
+      raise ValueError(f"`tokens` must be ids in [0, {vocab}); got values in "
+                       f"[{chunk.min()}, {chunk.max()}].")
+    if len(chunk) > self.room(request):
+      raise ValueError(f"`tokens` ({len(chunk)}) do not fit request {request}'s budget: "
+                       f"room for {self.room(request)} (`room`).")
+    self.chunks[int(request)] = chunk.astype(np.int32)
+
+  def finish(self, request: int) -> None:
+    """Ends paused `request`: its slot and blocks are freed."""
+    shard, local = self._check_paused("finish", request)
+    self.schedules[shard].free(local)
+
+  def completion(self, requests: Sequence[int]) -> list[np.ndarray]:
+    """The completion tokens so far (the chunks included) of each of `requests`."""
+    rows = np.asarray(requests, np.int64)
+    if not len(rows):
+      return []
+    tokens = jax.device_get(self.out.tokens.reshape(-1, self.out.tokens.shape[-1])[rows])
+    return [tokens[i, :self.steps[r]] for i, r in enumerate(rows)]
+
+  def advance(self) -> list[int]:
+    """One round: the waiting extensions, admissions (prefilling new prompts), one decode
+    call, the stop-string check, the finished slots freed (or, with `hold`, paused) and the
+    drain's compaction. Returns the requests paused in this round (global ids)."""
+    if not self.decoding:
+      return []
+    layout, shards, s = self.layout, self.shards, self.slots_count
+    if self.chunks:
+      self._extend_chunks()
+    plans = [sched.admissions() for sched in self.schedules]
+    if any(sched.pending and not admitted and not sched.busy
+           for sched, (admitted, _) in zip(self.schedules, plans)):  # engine_layout rules it out
+      raise RuntimeError("the rollout engine's pool cannot admit the next request.")
+    rows = layout.prefill_rows
+    for start in range(0, max(len(to_prefill) for _, to_prefill in plans), rows):
+      self.pool, self.last_hidden = _prefill(
+        shards, self.graphdef, self.params, self.pool, self.last_hidden, *_stacked(
+          _prefill_inputs(sched.prompts, to_prefill[start:start + rows], layout, self.bd)
+          for sched, (_, to_prefill) in zip(self.schedules, plans)))
+    admission = _stacked(_admit_inputs(admitted, sched.prompts,
+                                       np.minimum(sched.budgets, self.turn_tokens), layout, s,
+                                       self.num_samples, self.rd)
+                         for sched, (admitted, _) in zip(self.schedules, plans))
+    # Back to the host once `refill_slots` more slots stop than now, where requests wait or
+    # (with `hold`) the paused ones do; else never.
+    want_free = np.array([s - sched.running + layout.refill_slots
+                          if sched.pending or self.hold else s + 1
+                          for sched in self.schedules], np.int32)
+    self.pool, self.slots, self.out = _decode(
+      shards, self.graphdef, self.options, layout.sync_every, self.params, self.pool,
+      self.slots, self.out, self.last_hidden, self.key, self.first, want_free, admission,
+      self.rewind)
+    return self._after_call()
+
+  def _after_call(self) -> list[int]:
+    """The host's look at the slots after a device call: steps, stop strings, releases,
+    compaction; returns the newly paused requests."""
+    host = jax.device_get(self.slots)
+    active = host.active
+    for d, sched in enumerate(self.schedules):
+      for slot, r in enumerate(sched.slot_request):
+        if r >= 0:
+          self.steps[d * self.rd + r] = host.steps[d, slot]
+    self.rewind = np.full_like(self.rewind, -1)
+    if self.checks:  # requests cut at a stop string: rewound by the next call
+      sampled = jax.device_get(self.out.tokens)
+      self.rewind = np.stack([check.rewind(sampled[d], host.steps[d], sched.slot_request)
+                              for d, (check, sched) in enumerate(zip(self.checks,
+                                                                     self.schedules))])
+      active = active & (self.rewind < 0)
+      for d, check in enumerate(self.checks):
+        cut = check.cut > 0
+        self.steps[d * self.rd:(d + 1) * self.rd][cut] = check.cut[cut]
+    paused = [d * self.rd + r for d, (sched, shard_active) in enumerate(zip(self.schedules, active))
+              for r in sched.release(shard_active, hold=self.hold)]
+    smaller = _fewer_slots(self.schedules, self.slots_count, self.layout.min_slots)
+    if smaller < self.slots_count:
+      index = np.stack([sched.compact(smaller) for sched in self.schedules])
+      self.slots, self.slots_count = _compact(self.shards, self.slots, index), smaller
+      self.rewind = np.take_along_axis(self.rewind, index, axis=1)
+    return paused
+
+  def _extend_chunks(self) -> None:
+    """Runs `_extend` on the waiting chunks, E rows per call (a power of two, ≤ the slots),
+    their width padded to a power of two (≥ 8): a compile per (E, K) bucket."""
+    d, s = self.shards.count, self.slots_count
+    per_shard = [[] for _ in range(d)]
+    for request, chunk in sorted(self.chunks.items()):
+      shard, local = self._where(request)
+      per_shard[shard].append((local, chunk))
+    self.chunks = {}
+    e = min(_power_of_two(max(len(x) for x in per_shard)), s)
+    k = max(8, _power_of_two(max(len(c) for x in per_shard for _, c in x)))
+    for start in range(0, max(len(x) for x in per_shard), e):
+      rows = np.full((d, e), s, np.int32)
+      chunk = np.zeros((d, e, k), np.int32)
+      lengths = np.zeros((d, e), np.int32)
+      budgets = np.ones((d, e), np.int32)
+      for shard, items in enumerate(per_shard):
+        sched = self.schedules[shard]
+        for i, (local, tokens) in enumerate(items[start:start + e]):
+          request = shard * self.rd + local
+          steps = int(self.steps[request])
+          rows[shard, i] = sched.slot_request.index(local)
+          chunk[shard, i, :len(tokens)] = tokens
+          lengths[shard, i] = len(tokens)
+          budgets[shard, i] = min(int(self.budgets[request]),
+                                  steps + len(tokens) + self.turn_tokens)
+          sched.paused.discard(local)
+          self.spans[request].append((steps, len(tokens)))
+          if self.checks:
+            self.checks[shard].new_turn(local, steps + len(tokens))
+      self.pool, self.slots, self.out = _extend(
+        self.shards, self.graphdef, self.options, self.params, self.pool, self.slots, self.out,
+        self.key, self.first, self.rewind, rows, chunk, lengths, budgets)
+      self.rewind = np.full_like(self.rewind, -1)
+
+  def observation_mask(self) -> np.ndarray:
+    """[R, N] bool: True at the completion tokens appended by `extend` (not the policy's)."""
+    mask = np.zeros((self.requests, self.out.tokens.shape[-1]), bool)
+    for r, spans in enumerate(self.spans):
+      for start, length in spans:
+        mask[r, start:start + length] = True
+    return mask
+
+  def rollout(self) -> Rollout:
+    """The `Rollout` of every request (once `done`): the completion is everything after the
+    prompt, the extensions included (`observation_mask` marks them; log-prob 0)."""
+    if not self.done:
+      raise RuntimeError("`rollout` needs every request finished (`done`).")
+    d, b, g = self.shards.count, self.prompt_tokens.shape[0], self.num_samples
+    n = self.out.tokens.shape[-1]
+    out = _Outputs(*(x.reshape(d * self.rd, *x.shape[2:])[: b * g] for x in self.out))
+    if self.checks:  # a cut applied after the last device call has not reached the device
+      cut = np.concatenate([check.cut for check in self.checks])[: b * g]
+      out = out._replace(lengths=jnp.where(cut > 0, cut, out.lengths),
+                         finished=out.finished | (cut > 0))
+    completion_mask = jnp.arange(n)[None, :] < out.lengths[:, None]
+    return Rollout(
+      tokens=jnp.concatenate([jnp.repeat(self.prompt_tokens, g, axis=0),
+                              jnp.where(completion_mask, out.tokens, self.pad_id)], axis=1),
+      prompt_mask=jnp.repeat(self.prompt_mask, g, axis=0), completion_mask=completion_mask,
+      logprobs=jnp.where(completion_mask, out.logprobs, 0.0), lengths=out.lengths,
+      finished=out.finished)
+
+
+def _power_of_two(n: int) -> int:
+  return 1 << max(0, n - 1).bit_length()
 
 
 def engine_generate(
@@ -586,89 +967,12 @@ def engine_generate(
     ...                       num_samples=8), stop_tokens=[eos], pad_id=eos,
     ...                       engine=EngineConfig(num_slots=32))
   """
-  sampling = sampling_from_arguments(sampling, sampling_options)
-  engine = EngineConfig() if engine is None else engine
-  if not isinstance(engine, EngineConfig):
-    raise ValueError(f"`engine` must be an EngineConfig; got {type(engine).__name__}.")
-  graphdef, params = _split_model(model)
-  config = config_of(graphdef)
-  if config is None:
-    raise ValueError("`model` must be a rljax Transformer (its graphdef has no ModelConfig).")
-  tokens, mask = _check_prompts(prompt_tokens, prompt_mask, config.vocab_size)
-  _check_key(key)
-  stops = check_token_ids(graphdef, pad_id=pad_id, stop_tokens=stop_tokens)
-  g, n = sampling.num_samples, sampling.max_new_tokens
-  b, p = tokens.shape
-  budget = _check_budgets(budgets, b * g, n)
-  strings = check_stop_strings(stop_strings, tokenizer)
-  host_tokens, host_mask = np.asarray(tokens), np.asarray(mask)
-  prompts = [_Prompt(host_tokens[i][host_mask[i]], g) for i in range(b)]
-  if any(prompt.length == 0 for prompt in prompts):
-    raise ValueError("every prompt needs at least one real token (`prompt_mask` 1).")
-
-  # Shard d serves prompts d·Bd … (d + 1)·Bd − 1, i.e. requests d·Rd … (d + 1)·Rd − 1.
-  shards = _shards(mesh)
-  d = shards.count
-  bd = -(-b // d)
-  rd = bd * g
-  layout = engine_layout(engine, requests=rd, prompt_length=p, max_new_tokens=n, num_samples=g)
-  o = _Options(temperature=float(sampling.temperature), top_k=sampling.top_k,
-               top_p=None if sampling.top_p is None else float(sampling.top_p),
-               stop_tokens=stops, blocks_per_step=layout.blocks_per_step,
-               attention=engine.attention)
-  schedules = [_Schedule(layout, prompts[i * bd:(i + 1) * bd], budget[i * rd:(i + 1) * rd], g)
-               for i in range(d)]
-  first = np.arange(d, dtype=np.int32) * rd
-
-  checks = [_StopCheck(rd, tokenizer, strings) for _ in range(d)] if strings else []
-  s = layout.slots
-  pool, last_hidden, slots, out = _initial_state(shards, config, layout, bd, rd, n, pad_id)
-  cancel = np.zeros((d, s), bool)
-
-  while any(schedule.pending or schedule.busy for schedule in schedules):
-    plans = [schedule.admissions() for schedule in schedules]
-    if any(sched.pending and not admitted and not sched.busy
-           for sched, (admitted, _) in zip(schedules, plans)):  # engine_layout rules it out
-      raise RuntimeError("the rollout engine's pool cannot admit the next request.")
-    rows = layout.prefill_rows
-    for start in range(0, max(len(to_prefill) for _, to_prefill in plans), rows):
-      pool, last_hidden = _prefill(shards, graphdef, params, pool, last_hidden, *_stacked(
-        _prefill_inputs(schedule.prompts, to_prefill[start:start + rows], layout, bd)
-        for schedule, (_, to_prefill) in zip(schedules, plans)))
-    admission = _stacked(_admit_inputs(admitted, schedule.prompts, schedule.budgets, layout,
-                                       s, g, rd)
-                         for schedule, (admitted, _) in zip(schedules, plans))
-    # Back to the host once `refill_slots` more slots are free than now (none wait: never).
-    want_free = np.array([s - schedule.occupied + layout.refill_slots if schedule.pending
-                          else s + 1 for schedule in schedules], np.int32)
-    pool, slots, out = _decode(shards, graphdef, o, layout.sync_every, params, pool, slots, out,
-                               last_hidden, key, first, want_free, admission, cancel)
-    active = np.asarray(slots.active)
-    if checks:  # requests cut at a stop string: free now, deactivated by the next call
-      host_slots, sampled, ended = jax.device_get((slots, out.tokens, out.lengths))
-      cancel = np.stack([check.cancel(sampled[i], ended[i],
-                                      jax.tree.map(lambda x: x[i], host_slots))
-                         for i, check in enumerate(checks)])
-      active = active & ~cancel
-    for schedule, shard_active in zip(schedules, active):
-      schedule.release(shard_active)
-    smaller = _fewer_slots(schedules, s, layout.min_slots)
-    if smaller < s:
-      index = np.stack([schedule.compact(smaller) for schedule in schedules])
-      slots, s = _compact(shards, slots, index), smaller
-      cancel = np.take_along_axis(cancel, index, axis=1)
-
-  out = _Outputs(*(x.reshape(d * rd, *x.shape[2:])[: b * g] for x in out))  # shards' rows
-  cut = np.concatenate([check.cut for check in checks])[: b * g] if checks else None
-  if cut is not None:  # a request cancelled on the device has no length there yet
-    out = out._replace(lengths=jnp.where(cut > 0, cut, out.lengths))
-  completion_mask = jnp.arange(n)[None, :] < out.lengths[:, None]
-  rollout = Rollout(
-    tokens=jnp.concatenate([jnp.repeat(tokens, g, axis=0), out.tokens], axis=1),
-    prompt_mask=jnp.repeat(mask, g, axis=0), completion_mask=completion_mask,
-    logprobs=jnp.where(completion_mask, out.logprobs, 0.0), lengths=out.lengths,
-    finished=out.finished)
-  return rollout if cut is None else cut_rollout(rollout, cut, pad_id=pad_id)
+  run = EngineRun(model, prompt_tokens, prompt_mask, key, sampling, stop_tokens=stop_tokens,
+                  pad_id=pad_id, engine=engine, budgets=budgets, mesh=mesh,
+                  stop_strings=stop_strings, tokenizer=tokenizer, **sampling_options)
+  while not run.done:
+    run.advance()
+  return run.rollout()
 
 
 def _fewer_slots(schedules: list[_Schedule], slots: int, min_slots: int) -> int:

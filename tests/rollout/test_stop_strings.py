@@ -96,7 +96,7 @@ def test_the_reference_holds_every_kind_of_ending(generated):
              for tok in last[by_string])  # a string completed by a token that lacks it
 
 
-def test_engine_stops_at_stop_strings_and_cancels_the_slots(model, generated, monkeypatch):
+def test_engine_stops_at_stop_strings_and_rewinds_the_slots(model, generated, monkeypatch):
   calls = []
 
   def recorded(*args):
@@ -110,9 +110,9 @@ def test_engine_stops_at_stop_strings_and_cancels_the_slots(model, generated, mo
              tokenizer=TOKENIZER)
   _assert_same(out, reference(generated))
   # A cut request's slot is inactive after the next call unless a new request took it.
-  assert any(cancel.any() for _, cancel, _ in calls)
-  for admit, cancel, active in calls:
-    assert not (cancel & ~admit & active).any()
+  assert any((rewind >= 0).any() for _, rewind, _ in calls)
+  for admit, rewind, active in calls:
+    assert not ((rewind >= 0) & ~admit & active).any()
 
 
 def test_engine_stop_strings_with_budgets(model, generated):
