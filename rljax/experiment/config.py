@@ -72,6 +72,8 @@ The schema (defaults in parentheses; every field can be overridden with `--set`)
     reward          grpo / ppo: host reward function `fn(prompts, completions, **fields) ->
                     float32 [B]`, a "module:attr" string naming one, or the name of a
                     `rljax.rewards` function taking no configuration ("math_answer_reward")
+    stop_strings    grpo / ppo: strings that also end a completion (a multi-turn run's turn),
+                    decoded by the tokenizer (`rljax.rollout.stops`), e.g. ["</answer>"] (None)
     objective       the supervised objective's typed section (`rljax.train.supervised`), one per
                     algorithm: sft `SFTConfig`, reward_model `RewardModelConfig` (margin,
                     center_coef), dpo `DPOConfig` (beta, variant, label_smoothing,
@@ -124,6 +126,10 @@ Hooks (optional module-level functions of a Python experiment; each replaces a d
       `rljax.experiment.stage.cached_stage` runs once per run, not again on --resume.
   build_reward(config, tokenizer) -> reward_fn
       the grpo / ppo reward (e.g. a learned reward model) instead of `config.reward`.
+  build_environment(config, tokenizer) -> rljax.agents.Environment
+      grpo / ppo: multi-turn rollouts in this environment (`grpo.multi_turn` /
+      `ppo.multi_turn` its limits); the rewards are its own (no `reward`), the train and eval
+      rows are the examples its `reset` takes ("prompt" and the row's other fields).
   build_critic(config, policy) -> ValueModel
       the ppo critic instead of `ValueModel.from_policy` / `model.critic_path`.
   evaluate(run, state) -> dict[str, float]
@@ -359,6 +365,7 @@ class ExperimentConfig:
   tokenizer: Any = None
   data: DataSection = DataSection()
   reward: Any = None
+  stop_strings: tuple[str, ...] | None = None
   objective: Any = None
   grpo: GRPOConfig = GRPOConfig()
   ppo: PPOConfig = PPOConfig()
@@ -649,10 +656,11 @@ class Experiment:
   build_reward: Callable | None = None
   build_critic: Callable | None = None
   evaluate: Callable | None = None
+  build_environment: Callable | None = None
   source: str = ""
 
 
-HOOKS = ("build_model", "build_reward", "build_critic", "evaluate")
+HOOKS = ("build_model", "build_reward", "build_critic", "evaluate", "build_environment")
 MAPPING_SUFFIXES = (".json", ".yaml", ".yml")
 # The fields that may name a callable as "module:attr" (resolved next to the experiment file).
 CALLABLE_FIELDS = (("tokenizer",), ("reward",), ("data", "train"), ("data", "eval"))

@@ -171,9 +171,11 @@ def setup(exp: Experiment, out_dir: str) -> tuple[Run, Any]:
       compute_dtype=build.dtype_of(c.compute_dtype, "compute_dtype"),
       compiler_options=compiler_options)
     return run, state
-  reward_fn = build.build_reward(exp, tokenizer)
+  environment = None if exp.build_environment is None else exp.build_environment(c, tokenizer)
+  reward_fn = None if environment is not None else build.build_reward(exp, tokenizer)
   kw = {"stop_tokens": build.stop_tokens_of(tokenizer, getattr(model, "config", None)),
-        "pad_id": build.pad_id_of(tokenizer),
+        "pad_id": build.pad_id_of(tokenizer), "stop_strings": c.stop_strings,
+        "environment": environment,
         "mesh": mesh, "rules": rules, "compiler_options": compiler_options}
   if c.algorithm == "grpo":
     run.trainer = GRPOTrainer(graphdef, optimizer, c.grpo, reward_fn, tokenizer, **kw)

@@ -793,6 +793,19 @@ class EngineRun:
     tokens = jax.device_get(self.out.tokens.reshape(-1, self.out.tokens.shape[-1])[rows])
     return [tokens[i, :self.steps[r]] for i, r in enumerate(rows)]
 
+  def ended(self, requests: Sequence[int]) -> list[str]:
+    """How the current turn of each of `requests` (paused) ended: "stop_token", "stop_string"
+    or "length" (its turn's or its total budget ran out)."""
+    finished = jax.device_get(self.out.finished.reshape(-1))
+    reasons = []
+    for r in requests:
+      shard, local = self._where(int(r))
+      if self.checks and self.checks[shard].cut[local]:
+        reasons.append("stop_string")
+      else:
+        reasons.append("stop_token" if finished[r] else "length")
+    return reasons
+
   def advance(self) -> list[int]:
     """One round: the waiting extensions, admissions (prefilling new prompts), one decode
     call, the stop-string check, the finished slots freed (or, with `hold`, paused) and the

@@ -63,13 +63,16 @@ def select_rows(scored: Sequence[Scored], picks: Sequence[tuple[int, np.ndarray]
   if any(process) and not all(process):
     raise ValueError("`scored` mixes outcome and process (step) rewards.")
   steps = (take(lambda s: s.step_rewards), take(lambda s: s.step_mask)) if all(process) else ()
-  dropped = None
+  dropped = policy = None
   if any(s.dropped is not None for s in scored):
     dropped = take(lambda s: np.zeros(len(s.scores), bool) if s.dropped is None else s.dropped)
+  if any(s.policy_mask is not None for s in scored):
+    policy = take(lambda s: np.ones(s.rollout.completion_mask.shape, bool)
+                  if s.policy_mask is None else s.policy_mask)
   return Scored(
     rollout, take(lambda s: s.scores), take(lambda s: s.raw_scores),
     take(lambda s: s.prompt_index), completions, sum(s.seconds for s in scored), *steps,
-  )._replace(dropped=dropped)
+  )._replace(dropped=dropped, policy_mask=policy, metrics=scored[0].metrics)
 
 
 def informative_groups(scored: Scored, group_size: int) -> np.ndarray:

@@ -129,13 +129,15 @@ def check_experience(batch: Any, *, required: Sequence[str] = ("advantages",)) -
 
 def experience_from_rollout(scored: Any) -> Experience:
   """The `Experience` fields a scored rollout (`rljax.train.scoring.Scored`) determines: tokens,
-  masks, the sampler's log-probs and the scores (device arrays)."""
+  masks (the loss mask: the completion's tokens the policy sampled), the sampler's log-probs
+  and the scores (device arrays)."""
   r = scored.rollout
+  completion = jnp.asarray(r.completion_mask, bool)
+  policy = getattr(scored, "policy_mask", None)
   return Experience(
     tokens=jnp.asarray(r.tokens, jnp.int32),
-    attention_mask=jnp.concatenate(
-      [jnp.asarray(r.prompt_mask, bool), jnp.asarray(r.completion_mask, bool)], axis=1),
-    loss_mask=jnp.asarray(r.completion_mask, bool),
+    attention_mask=jnp.concatenate([jnp.asarray(r.prompt_mask, bool), completion], axis=1),
+    loss_mask=completion if policy is None else completion & jnp.asarray(policy, bool),
     rollout_logp=jnp.asarray(r.logprobs, jnp.float32),
     scores=jnp.asarray(scored.scores, jnp.float32),
   )

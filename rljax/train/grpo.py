@@ -55,6 +55,7 @@ from rljax.ops.advantages import (
 )
 from rljax.ops.kl import kl_penalty
 from rljax.ops.masking import aggregate, masked_mean
+from rljax.agents.rollout import MultiTurnConfig
 from rljax.rollout.engine import EngineConfig
 from rljax.rollout.sampling import SamplingConfig
 from rljax.train.dynamic_sampling import sample_informative
@@ -66,6 +67,7 @@ from rljax.train.onpolicy import (
   OnPolicyTrainer,
   UpdateConfig,
   check_engine,
+  check_multi_turn,
   check_training_sampling,
   resolve_update,
 )
@@ -88,6 +90,8 @@ class GRPOConfig:
     engine: `EngineConfig` of the continuous-batching rollout engine (default sizes); None
       samples with the static `generate` (the same rollouts, every row decoded to the longest).
       On a mesh the rollout is `generate`'s.
+    multi_turn: `rljax.agents.MultiTurnConfig`, the turns' limits when the trainer has an
+      `environment` (multi-turn rollouts through the engine; ignored without one).
     update: `UpdateConfig` (epochs — GRPO's μ, default 1 —, minibatches, microbatches, chunk
       size, agg — default "seq-mean-token-mean", the GRPO paper).
     kl_coef: β of the KL to the reference, a term of the LOSS, β·agg(KL̂) (0.04, DeepSeekMath);
@@ -117,6 +121,7 @@ class GRPOConfig:
   sampling: SamplingConfig = SamplingConfig(num_samples=8)
   update: UpdateConfig = UpdateConfig()
   engine: EngineConfig | None = EngineConfig()
+  multi_turn: MultiTurnConfig = MultiTurnConfig()
   kl_coef: float = 0.04
   kl_kind: str = "k3"
   loss: str = "grpo"
@@ -134,6 +139,7 @@ class GRPOConfig:
 
   def __post_init__(self) -> None:
     check_engine(self.engine)
+    check_multi_turn(self.multi_turn)
     check_training_sampling(self.sampling, min_samples=2)
     resolve_update(self, num_epochs=1, agg="seq-mean-token-mean")
     check_choice("`advantage`", self.advantage, ADVANTAGES)

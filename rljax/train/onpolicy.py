@@ -42,6 +42,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from rljax.agents.observations import ChatTurns
+from rljax.agents.rollout import MultiTurnConfig
 from rljax.models.lora import check_no_dropout, lora_config_of, merged
 from rljax.models.quant import is_quantized
 from rljax.ops._checks import check_bool, check_choice, check_int, check_number
@@ -61,7 +63,13 @@ from rljax.train.experience import (
 )
 from rljax.train.flops import update_flops
 from rljax.train.forward import policy_logprobs
-from rljax.train.scoring import Scored, accuracy_metrics, collect_rollout, rollout_metrics
+from rljax.train.scoring import (
+  Scored,
+  accuracy_metrics,
+  collect_rollout,
+  collect_trajectories,
+  rollout_metrics,
+)
 from rljax.train.state import TrainState, cast_floating, variable_shardings
 from rljax.train.step import default_batch_sharding, jit_step_by_rules
 
@@ -140,6 +148,12 @@ def check_engine(engine: Any) -> None:
     raise ValueError(f"`engine` must be an EngineConfig or None; got {type(engine).__name__}.")
 
 
+def check_multi_turn(multi_turn: Any) -> None:
+  """ValueError unless `multi_turn` is a `MultiTurnConfig`."""
+  if not isinstance(multi_turn, MultiTurnConfig):
+    raise ValueError(f"`multi_turn` must be a MultiTurnConfig; got {type(multi_turn).__name__}.")
+
+
 def check_training_sampling(sampling: SamplingConfig, min_samples: int = 1) -> None:
   """ValueError unless `sampling` is a `SamplingConfig` usable for training (temperature > 0)."""
   if not isinstance(sampling, SamplingConfig):
@@ -148,6 +162,16 @@ def check_training_sampling(sampling: SamplingConfig, min_samples: int = 1) -> N
     raise ValueError(f"`sampling.temperature` must be > 0 for training (the log-probs use it); "
                      f"got {sampling.temperature!r}.")
   check_int("sampling.num_samples", sampling.num_samples, min_samples)
+
+
+def examples_of(prompts: Any) -> list:
+  """The environment examples of a multi-turn step: `prompts` itself (a sequence), or a
+  `PromptBatch`'s rows as {"prompt": text, **its fields}."""
+  texts = getattr(prompts, "texts", None)
+  if texts is None:
+    return list(prompts)
+  fields = dict(getattr(prompts, "fields", {}) or {})
+  return [dict({k: v[i] for k, v in fields.items()}, prompt=text) for i, text in enumerate(texts)]
 
 
 class OnPolicyTrainer(abc.ABC):
@@ -164,6 +188,12 @@ class OnPolicyTrainer(abc.ABC):
       they need the `tokenizer`), with the engine and with `generate` alike.
     mesh, rules: the training mesh and logical-axis rules; None trains and samples unsharded.
     compiler_options: XLA options of the compiled update.
+    environment: None, or an `rljax.agents.Environment`: the rollouts are multi-turn
+      (`rljax.agents.multi_turn_rollout` with `config.multi_turn`, through the engine), `step`'s
+      prompts are the examples its `reset` takes (a `PromptBatch` becomes one dict per row:
+      "prompt" and its fields), the rewards are its step rewards (`reward_fn` must be None)
+      and the loss mask holds only the policy's tokens. It needs the `tokenizer` (with a chat
+      template).
 
   Subclasses implement `init_extras`, `make_update` and `prepare` (and may override `collect`
   and `finish`).
@@ -174,11 +204,14 @@ class OnPolicyTrainer(abc.ABC):
   def __init__(self, graphdef: nnx.GraphDef, optimizer: Any, config: Any, reward_fn: Callable,
                tokenizer: Any = None, *, stop_tokens: int | Sequence[int], pad_id: int,
                stop_strings: Sequence[str] | None = None, mesh: Any = None, rules: Any = None,
-               compiler_options: dict[str, Any] | None = None):
+               compiler_options: dict[str, Any] | None = None, environment: Any = None):
     if (mesh is None) != (rules is None):
       raise ValueError("`mesh` and `rules` must be given together (or neither).")
-    if not callable(reward_fn):
+    if environment is None and not callable(reward_fn):
       raise ValueError(f"`reward_fn` must be callable; got {type(reward_fn).__name__}.")
+    self.environment, self.chat = environment, None
+    if environment is not None:
+      self.chat = self._check_environment(environment, reward_fn, tokenizer, config)
     self.stop_tokens = check_token_ids(graphdef, pad_id=pad_id, stop_tokens=stop_tokens)
     self.stop_strings = check_stop_strings(stop_strings, tokenizer)
     check_no_dropout(graphdef, type(self).__name__)
@@ -309,11 +342,36 @@ class OnPolicyTrainer(abc.ABC):
     return jax.device_put(batch, default_batch_sharding(self.mesh))
 
 
+  def _check_environment(self, environment: Any, reward_fn: Any, tokenizer: Any, config: Any
+                         ) -> ChatTurns:
+    """The `ChatTurns` of a multi-turn trainer, after checking its arguments."""
+    if not (callable(getattr(environment, "reset", None))
+            and callable(getattr(environment, "step", None))):
+      raise ValueError(f"`environment` must be an rljax.agents.Environment (reset and step); got "
+                       f"{type(environment).__name__}.")
+    if reward_fn is not None:
+      raise ValueError("with an `environment` the rewards are its own: `reward_fn` must be None.")
+    if config.engine is None:
+      raise ValueError("multi-turn rollouts run on the engine: `engine` must be an EngineConfig.")
+    if getattr(config, "overlong_cache", None) is not None:
+      raise ValueError("`overlong_cache` does not apply to multi-turn rollouts (the budget is "
+                       "shared by turns and observations); set it to None.")
+    return ChatTurns(tokenizer)
+
   def rollout(self, state: TrainState, prompts: Any, key: jax.Array,
               sampling: SamplingConfig | None = None, **kwargs: Any) -> Scored:
     """Completions of `prompts` from the current policy, scored on the host (`sampling`
-    defaults to the config's)."""
+    defaults to the config's); with an `environment`, its multi-turn trajectories."""
     params = self.sampler_params(state)
+    if self.environment is not None:
+      c = self.config
+      tools = getattr(self.environment, "tool_schemas", None)
+      return collect_trajectories(
+        self.sampler_graphdef, params, examples_of(prompts), key, sampling or c.sampling,
+        env=self.environment, chat=self.chat, process=getattr(c, "advantage", None) == "process",
+        stop_tokens=self.stop_tokens, pad_id=self.pad_id, config=c.multi_turn,
+        seed=int(jax.random.randint(key, (), 0, 2**31 - 1)), stop_strings=self.stop_strings,
+        tools=tools() if callable(tools) else None, engine=c.engine, mesh=self.mesh)
     return collect_rollout(
       self.sampler_graphdef, params, prompts, key, sampling or self.config.sampling,
       reward_fn=self.reward_fn, tokenizer=self.tokenizer, stop_tokens=self.stop_tokens,

@@ -40,6 +40,7 @@ from rljax.ops.kl import kl_penalty
 from rljax.ops.kl_control import adaptive_kl_controller, fixed_kl_controller, ppo_kl_controller
 from rljax.ops.masking import aggregate, masked_mean, masked_whiten
 from rljax.ops.returns import gae
+from rljax.agents.rollout import MultiTurnConfig
 from rljax.rollout.engine import EngineConfig
 from rljax.rollout.sampling import SamplingConfig
 from rljax.train.experience import Experience, check_experience, experience_from_rollout
@@ -52,6 +53,7 @@ from rljax.train.onpolicy import (
   OnPolicyTrainer,
   UpdateConfig,
   check_engine,
+  check_multi_turn,
   check_training_sampling,
   resolve_update,
 )
@@ -68,6 +70,8 @@ class PPOConfig:
     engine: `EngineConfig` of the continuous-batching rollout engine (default sizes); None
       samples with the static `generate` (the same rollouts, every row decoded to the longest).
       On a mesh the rollout is `generate`'s.
+    multi_turn: `rljax.agents.MultiTurnConfig`, the turns' limits when the trainer has an
+      `environment` (multi-turn rollouts through the engine; ignored without one).
     update: `UpdateConfig` (defaults: num_epochs 4 as TRL's ppo_epochs, agg "token-mean").
     kl_coef: β of the KL penalty in the REWARD, r_t −= β·KL̂_t (0.05, TRL's `kl_coef`); the
       initial value when `adaptive_kl`. 0 (and not adaptive) drops the reference pass.
@@ -93,6 +97,7 @@ class PPOConfig:
   sampling: SamplingConfig = SamplingConfig()
   update: UpdateConfig = UpdateConfig()
   engine: EngineConfig | None = EngineConfig()
+  multi_turn: MultiTurnConfig = MultiTurnConfig()
   kl_coef: float = 0.05
   kl_kind: str = "k1"
   adaptive_kl: bool = False
@@ -115,6 +120,7 @@ class PPOConfig:
 
   def __post_init__(self) -> None:
     check_engine(self.engine)
+    check_multi_turn(self.multi_turn)
     check_training_sampling(self.sampling)
     resolve_update(self, num_epochs=4, agg="token-mean")
     check_choice("`mode`", self.mode, ("clip", "penalty"))

@@ -25,6 +25,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from rljax.agents.rollout import multi_turn_rollout
 from rljax.ops.overlong import soft_overlong_penalty
 from rljax.rollout.engine import EngineConfig, engine_generate
 from rljax.rollout.generate import Rollout, generate
@@ -54,6 +55,10 @@ class Scored(NamedTuple):
       included, see `collect_rollout`); None for outcome rewards.
     step_mask: [B, N] bool, True at step ends; None for outcome rewards.
     dropped: [B] bool, the rows dropped for a non-finite reward (`drop_rows`); None: none.
+    policy_mask: [B, N] bool, the completion tokens the policy sampled (a multi-turn
+      trajectory's observations excluded: `collect_trajectories`); None: all.
+    metrics: host metrics of the sampler beyond `rollout_metrics`' (multi-turn: turns,
+      truncations, the environment's counts); None: none.
   """
 
   rollout: Rollout
@@ -65,6 +70,8 @@ class Scored(NamedTuple):
   step_rewards: np.ndarray | None = None
   step_mask: np.ndarray | None = None
   dropped: np.ndarray | None = None
+  policy_mask: np.ndarray | None = None
+  metrics: dict | None = None
 
 
 def repeat_rows(values: Sequence[Any], n: int) -> list:
@@ -302,6 +309,7 @@ def rollout_metrics(scored: Scored) -> dict[str, float]:
   }
   if scored.dropped is not None:
     metrics["dropped_rows"] = float(np.sum(scored.dropped))
+  metrics.update(scored.metrics or {})
   return metrics
 
 
@@ -314,3 +322,33 @@ def accuracy_metrics(scored: Any, k: int) -> dict[str, float]:
     "reward_mean": float(scored.raw_scores.mean()),
     f"pass@{k}": float(correct.any(axis=1).mean()),
   }
+
+
+def collect_trajectories(graphdef: Any, params: Any, examples: Sequence[Any], key: Array,
+                         sampling: SamplingConfig, *, env: Any, chat: Any,
+                         process: bool = False, **options: Any) -> Scored:
+  """`multi_turn_rollout` of the policy (graphdef, params) as a trainer's `Scored` (host
+  arrays): scores the rows' rewards, `policy_mask` the sampled tokens, with `process` the turn
+  rewards as step rewards at the turns' last tokens (GRPO's process advantages), and as
+  metrics turns per row, the truncated fraction and the environment's counts per row.
+  `options` are `multi_turn_rollout`'s."""
+  start = time.perf_counter()
+  trajectories, metrics = multi_turn_rollout((graphdef, params), env, examples, key, sampling,
+                                             chat=chat, **options)
+  t = jax.device_get(trajectories)
+  seconds = time.perf_counter() - start
+  rollout = Rollout(*t.rollout)
+  p = rollout.prompt_mask.shape[1]
+  completions = [chat.tokenizer.decode(row[p:p + int(n)].tolist(), skip_special_tokens=True)
+                 for row, n in zip(rollout.tokens, rollout.lengths)]
+  rows = len(completions)
+  steps = {}
+  if process:
+    steps = dict(step_rewards=np.asarray(t.turn_rewards), step_mask=np.asarray(t.turn_mask))
+  metrics = {f"env/{k}": v / rows for k, v in metrics.items()}
+  metrics.update(turns_mean=float(np.mean(t.num_turns)),
+                 truncated_rate=float(np.mean(t.truncated)))
+  return Scored(rollout, np.asarray(t.rewards), np.asarray(t.rewards),
+                np.repeat(np.arange(rows // sampling.num_samples), sampling.num_samples),
+                completions, seconds, policy_mask=np.asarray(t.policy_mask), metrics=metrics,
+                **steps)
