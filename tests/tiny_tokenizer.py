@@ -6,8 +6,10 @@ so it saves and reloads like a real Hugging Face tokenizer (`AutoTokenizer.from_
 
 from __future__ import annotations
 
+import pathlib
+
 import numpy as np
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from rljax.data import PromptBatch
@@ -74,3 +76,30 @@ def tiny_gemma_tokenizer() -> PreTrainedTokenizerFast:
     unk_token="<unk>", additional_special_tokens=["<start_of_turn>", "<end_of_turn>"],
     chat_template=GEMMA_CHAT_TEMPLATE,
   )
+
+
+QWEN_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<tool_call>", "</tool_call>"]
+QWEN_CHAT_TEMPLATE_FILE = (pathlib.Path(__file__).parent / "agents" / "fixtures"
+                           / "qwen2_5_chat_template.jinja")
+# A few byte-pair merges, so that ids are not just bytes.
+QWEN_MERGES = [("t", "o"), ("o", "l"), ("to", "ol"), ("4", "2"), ("Ġ", "4"), ("Ġ", "t")]
+
+
+def tiny_qwen_tokenizer(*, rstrip: tuple[str, ...] = (), lstrip: tuple[str, ...] = ()
+                        ) -> PreTrainedTokenizerFast:
+  """A byte-level BPE tokenizer (the 256 byte symbols, then the merges of `QWEN_MERGES`) with
+  Qwen2.5's special tokens <|endoftext|> <|im_start|> <|im_end|> <tool_call> </tool_call> (ids
+  262..266, all special) and Qwen2.5-Instruct's chat template (`tests/agents/fixtures`).
+  `rstrip` / `lstrip`: special tokens that absorb the whitespace on their right / left."""
+  alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+  vocab = {c: i for i, c in enumerate(alphabet)}
+  for a, b in QWEN_MERGES:
+    vocab[a + b] = len(vocab)
+  backend = Tokenizer(models.BPE(vocab=vocab, merges=QWEN_MERGES))
+  backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+  backend.decoder = decoders.ByteLevel()
+  backend.add_special_tokens([AddedToken(t, special=True, normalized=False, rstrip=t in rstrip,
+                                         lstrip=t in lstrip) for t in QWEN_SPECIAL])
+  return PreTrainedTokenizerFast(
+    tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+    chat_template=QWEN_CHAT_TEMPLATE_FILE.read_text())
