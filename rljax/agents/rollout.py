@@ -187,6 +187,7 @@ def multi_turn_rollout(
                   engine=engine, mesh=mesh, stop_strings=stop_strings, tokenizer=chat.tokenizer,
                   hold=True, turn_tokens=config.turn_tokens)
   rows = [_Row(state) for state in states]
+  stops = set(run.options.stop_tokens)
   metrics: collections.Counter = collections.Counter()
   waiting: dict[concurrent.futures.Future, list[int]] = {}
   with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="rljax-rollout") as worker:
@@ -203,7 +204,7 @@ def multi_turn_rollout(
         else:
           acting.append((r, action, ended))
       if acting:
-        texts = [chat.tokenizer.decode(a.tolist(), skip_special_tokens=True) for _, a, _ in acting]
+        texts = [action_text(chat.tokenizer, a, stops) for _, a, _ in acting]
         future = worker.submit(safe_step, env, texts, [a.tolist() for _, a, _ in acting],
                                [rows[r].state for r, _, _ in acting],
                                timeout_s=config.env_timeout_s)
@@ -232,6 +233,16 @@ def multi_turn_rollout(
     turn_mask=jnp.asarray(turn_mask), rewards=jnp.asarray(turn_rewards.sum(axis=1)),
     num_turns=jnp.asarray([row.turns for row in rows], jnp.int32),
     truncated=jnp.asarray(truncated)), dict(metrics)
+
+
+def action_text(tokenizer: Any, tokens: np.ndarray, stop_tokens: set[int]) -> str:
+  """A turn's text as the environment reads it: its ids decoded with the special tokens kept
+  (a tokenizer may mark tool-call tags such as <tool_call> special), except the stop ids at
+  its end (the turn's terminator)."""
+  ids = [int(t) for t in tokens]
+  while ids and ids[-1] in stop_tokens:
+    ids.pop()
+  return tokenizer.decode(ids, skip_special_tokens=False)
 
 
 def _observe(run: EngineRun, chat: ChatTurns, rows: list[_Row], acting, step, max_turns: int,

@@ -129,7 +129,8 @@ Hooks (optional module-level functions of a Python experiment; each replaces a d
   build_environment(config, tokenizer) -> rljax.agents.Environment
       grpo / ppo: multi-turn rollouts in this environment (`grpo.multi_turn` /
       `ppo.multi_turn` its limits); the rewards are its own (no `reward`), the train and eval
-      rows are the examples its `reset` takes ("prompt" and the row's other fields).
+      rows are the examples its `reset` takes ("prompt" and the row's other fields;
+      data.chat=False, so that the prompt reaches it as written).
   build_critic(config, policy) -> ValueModel
       the ppo critic instead of `ValueModel.from_policy` / `model.critic_path`.
   evaluate(run, state) -> dict[str, float]

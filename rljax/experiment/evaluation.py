@@ -4,8 +4,9 @@
       without an update: eval/loss, eval/nll (sft), eval/reward_accuracy (pairs), ...;
       rows-weighted means over the batches
   grpo / ppo                                   rollouts of the held-out prompts:
-      eval/accuracy (greedy: mean of reward > 0.5), eval/reward_mean, and eval/pass@k when
-      `config.eval_k` > 1 (k samples at the sampling temperature); the first
+      eval/accuracy (greedy: mean of reward > 0.5), eval/reward_mean, the sampler's own
+      metrics (multi-turn: eval/turns_mean, eval/truncated_rate, eval/env/...), and
+      eval/pass@k when `config.eval_k` > 1 (k samples at the sampling temperature); the first
       `logging.samples` greedy completions (prompt, completion, reward) are left in
       `run.samples` for the runner to log (a custom hook may set `run.samples` too)
 """
@@ -92,6 +93,7 @@ def evaluate_generation(run: Any, state: Any) -> dict[str, float]:
       scored = trainer.rollout(state, prompts, jax.random.fold_in(key, i), greedy)
     metrics = accuracy_metrics(scored, 1)
     metrics.pop("pass@1")
+    metrics.update(scored.metrics or {})  # multi-turn: turns, truncations, environment counts
     run.samples += sample_records(prompts, scored, run.config.logging.samples - len(run.samples))
     k = run.config.eval_k
     if k > 1:

@@ -171,7 +171,12 @@ def setup(exp: Experiment, out_dir: str) -> tuple[Run, Any]:
       compute_dtype=build.dtype_of(c.compute_dtype, "compute_dtype"),
       compiler_options=compiler_options)
     return run, state
-  environment = None if exp.build_environment is None else exp.build_environment(c, tokenizer)
+  environment = None
+  if exp.build_environment is not None:
+    if c.data.chat is not False:
+      raise ConfigError("a build_environment run renders its chats itself (`rljax.agents`): set "
+                        "data.chat=False, so the rows' prompts reach env.reset as written.")
+    environment = exp.build_environment(c, tokenizer)
   reward_fn = None if environment is not None else build.build_reward(exp, tokenizer)
   kw = {"stop_tokens": build.stop_tokens_of(tokenizer, getattr(model, "config", None)),
         "pad_id": build.pad_id_of(tokenizer), "stop_strings": c.stop_strings,
