@@ -9,15 +9,25 @@ and sampling with the adapters merged into the sampler's copy against applying t
    of the mean log-prob + AdamW) of the SmolLM2-135M shape at B=8, T=512, remat on: arguments
    (parameters + optimizer state + batch) and temporaries, full vs LoRA vs QLoRA (NF4 base);
    the 1B shape at B=1, T=512.
-3. Decode (CPU wall time, median of `--repeats`): `generate` of B=8 prompts × 32 new tokens on a
+3. GRPO update memory (compile-only `memory_analysis` of `GRPOTrainer.update`, the compiled update
+   `rljax.train` runs, on the abstract `TrainState` of `init_state`: policy parameters, frozen
+   base, AdamW state and the reference policy; kl_coef 0.04, one update per batch): the same
+   shapes, rows of P = 128 prompt + N = 384 completion tokens, the 135M batch also accumulated
+   over 2 and 4 microbatches; arguments (the state, split into its parts, and the batch) and
+   temporaries per device, and the ratios against full fine-tuning's total (at the same
+   microbatch count, and at full fine-tuning's least-memory one: its gradient accumulator
+   costs more than microbatching saves). Full fine-tuning's reference is a second copy of the
+   parameters; LoRA's is the initial adapters on the same frozen base (no second base).
+4. Decode (CPU wall time, median of `--repeats`): `generate` of B=8 prompts × 32 new tokens on a
    4-layer d=256 model with r=16 adapters on all projections: merged (W + s·A B, adapters off;
    what `OnPolicyTrainer.sampler_params` hands the sampler) vs unmerged (the adapters applied at
    every step), plus the one-off cost of merging.
 
-4. With `--time-steps`, the wall time of that training step on CPU at a size it can run (the
+5. With `--time-steps`, the wall time of that training step on CPU at a size it can run (the
    SmolLM2-135M shape at B=2, T=128), full vs LoRA vs QLoRA.
 
 Run:  .venv/bin/python benchmarks/lora.py [--repeats 3] [--skip-memory] [--time-steps]
+(--skip-memory skips 2 and 3, about two minutes of compiles on two cores)
 """
 
 from __future__ import annotations
@@ -38,6 +48,11 @@ from rljax.models.transformer import Transformer
 from rljax.ops.fused_logprobs import logprobs_from_hidden
 from rljax.rollout.generate import generate
 from rljax.rollout.sampling import SamplingConfig
+from rljax.train.experience import Experience
+from rljax.train.grpo import GRPOConfig, GRPOTrainer
+from rljax.train.onpolicy import REFERENCE, UpdateConfig
+from rljax.train.optim import OptimizerConfig, make_optimizer
+from rljax.train.state import abstract_train_state
 
 SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30,
                     num_heads=9, num_kv_heads=3, tie_word_embeddings=True)
@@ -56,17 +71,68 @@ def counts(name: str, shape: dict) -> None:
         f"(= Σ r·(in+out)); trainable + grads + Adam: {100 * lora / full:.2f} % of full")
 
 
+def make_model(config: ModelConfig, mode: str) -> nnx.Module:
+  """A `Transformer` of `config`: "full", "lora" (r=16 on all seven projections) or "qlora" (the
+  same on an NF4 base)."""
+  model = Transformer(config, rngs=nnx.Rngs(0))
+  if mode == "qlora":
+    quantize_base(model, "nf4")
+  return model if mode == "full" else add_lora(model, LORA, rngs=nnx.Rngs(1))
+
+
+def _mib(tree) -> float:
+  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)) / MIB
+
+
+def grpo_update_memory(shape: dict, batch: int, prompt: int, completion: int, mode: str,
+                       microbatches: int = 1) -> dict[str, float]:
+  """MiB of `GRPOTrainer.update` compiled for an abstract state (nothing allocated): "args",
+  "temp", and the arguments' parts "params" (trained), "frozen", "opt_state", "reference",
+  "batch"; the update accumulates over `microbatches`."""
+  config = ModelConfig(**shape, remat=True, scan_unroll=1)
+  optimizer = make_optimizer(OptimizerConfig(1e-5))
+  graphdef, state = abstract_train_state(lambda: make_model(config, mode), optimizer,
+                                         trainable=nnx.Param if mode == "full" else lora_trainable)
+  grpo = GRPOConfig(sampling=SamplingConfig(num_samples=4, max_new_tokens=completion),
+                    kl_coef=0.04, update=UpdateConfig(num_microbatches=microbatches))
+  trainer = GRPOTrainer(graphdef, optimizer, grpo, lambda *a, **k: None, stop_tokens=[0],
+                        pad_id=0)
+  state = jax.eval_shape(trainer.init_state, state)
+  rows, n = (batch, prompt + completion), (batch, completion)
+  sds = jax.ShapeDtypeStruct
+  experience = Experience(tokens=sds(rows, jnp.int32), attention_mask=sds(rows, jnp.bool_),
+                          loss_mask=sds(n, jnp.bool_), advantages=sds(n, jnp.float32),
+                          ref_logp=sds(n, jnp.float32))
+  m = trainer.update.lower(state, experience).compile().memory_analysis()
+  return {"args": m.argument_size_in_bytes / MIB, "temp": m.temp_size_in_bytes / MIB,
+          "params": _mib(state.params), "frozen": _mib(state.frozen),
+          "opt_state": _mib(state.opt_state), "reference": _mib(state.extras[REFERENCE]),
+          "batch": _mib(experience)}
+
+
+def grpo_memory_report(name: str, shape: dict, batch: int, microbatches=(1,)) -> None:
+  """Prints the GRPO update memory of full / LoRA / QLoRA for each microbatch count, and each
+  total against full fine-tuning's at the same count and at its least-memory count."""
+  results = {(k, mode): grpo_update_memory(shape, batch, 128, 384, mode, k)
+             for k in microbatches for mode in ("full", "lora", "qlora")}
+  total = {key: r["args"] + r["temp"] for key, r in results.items()}
+  best_full = min(total[k, "full"] for k in microbatches)
+  print(f"{name} GRPO update B={batch} T=128+384 remat (MiB per device; arguments = params + "
+        "frozen + opt_state + reference + batch):")
+  for (k, mode), r in results.items():
+    print(f"  {mode:5s} microbatches {k}: args {r['args']:7.0f} (params {r['params']:.0f}, "
+          f"frozen {r['frozen']:.0f}, opt {r['opt_state']:.0f}, reference {r['reference']:.0f}, "
+          f"batch {r['batch']:.2f}) + temp {r['temp']:6.0f} = {total[k, mode]:7.0f}  "
+          f"({total[k, mode] / total[k, 'full']:.3f}x full at {k}, "
+          f"{total[k, mode] / best_full:.3f}x full's least)")
+
+
 def training_step(shape: dict, mode: str, *, abstract: bool):
   """(jitted step(params, frozen, opt_state, tokens), params, frozen, opt_state): value_and_grad
   of the mean log-prob + AdamW; `mode` "full", "lora" or "qlora" (NF4 base)."""
   config = ModelConfig(**shape, remat=True, scan_unroll=1)
 
-  def make():
-    model = Transformer(config, rngs=nnx.Rngs(0))
-    if mode == "qlora":
-      quantize_base(model, "nf4")
-    return model if mode == "full" else add_lora(model, LORA, rngs=nnx.Rngs(1))
-
+  make = functools.partial(make_model, config, mode)
   graphdef, params, frozen = nnx.split(nnx.eval_shape(make) if abstract else make(),
                                        nnx.Param if mode == "full" else lora_trainable, ...)
   optimizer = optax.adamw(1e-4)
@@ -148,6 +214,8 @@ def main() -> None:
         line += (f"; {mode} {arg_mib:.0f} + {temp:.0f} MiB "
                  f"({(arg_mib + temp) / (full[0] + full[1]):.2f}x)")
       print(line + "  (arguments + temporaries)")
+    grpo_memory_report("SmolLM2-135M shape", SMOLLM2_135M, 8, microbatches=(1, 2, 4))
+    grpo_memory_report("1B shape", LLAMA_1B, 1)
   if args.time_steps:
     times = {mode: step_seconds(SMOLLM2_135M, 2, 128, mode, args.repeats)
              for mode in ("full", "lora", "qlora")}

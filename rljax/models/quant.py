@@ -18,6 +18,19 @@ matmul: the model's code is unchanged, and only one layer's weight exists in ful
 a time. `quantize_base(model, "nf4")` replaces, in place, the target projections of every
 decoder layer by `QuantizedParam`s (an `nnx.Variable`, not a `Param`: never trained); the LoRA
 adapters, embeddings and norms stay as they are.
+
+Layout and sharding. A layer's weight [*inner] is split as inner = (*kept, *rest) with `rest`
+the shortest tail whose size is a multiple of 64 (q/k/v [D, H, Dh]: rest = (Dh,) for Dh = 64,
+128; gate/up [D, F]: (F,); o [H, Dh, D]: (D,); down [F, D]: (D,)): codes [L, *kept, blocks,
+32 | 64] and scales [L, *kept, blocks], blocks = size(rest) / 64 — the same blocks, in the same
+order, as blocking the flattened layer, since no block crosses a `kept` index. (No such tail:
+kept = (), the flattened layer zero padded to whole blocks.) A `QuantizedParam` carries its
+weight's logical axes; codes and scales take those of `kept` (the layers axis in front, the
+block dims replicated: `leaf_axes`), so they shard on every rule set along the weight's leading
+axes (q/k/v over embed and heads, o over heads, gate/up over embed, down over mlp) and the
+dequantised weight is born in (a part of) its sharding. Quantise under `mesh_and_rules` to
+create them sharded; `rljax.train.state.variable_shardings` (so `create_train_state` and the
+sampler's inference layout) places them.
 """
 
 from __future__ import annotations
@@ -32,8 +45,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from rljax.models.transformer import PROJECTIONS, DecoderLayers
+from rljax.models.transformer import LAYER_AXES, PROJECTIONS, DecoderLayers
 from rljax.ops._checks import check_choice
+from rljax.parallel.rules import place_by_logical_axes
 
 Array = jax.Array
 
@@ -50,19 +64,26 @@ NF4_PAIRS = np.stack([NF4[np.arange(256) >> 4], NF4[np.arange(256) & 15]], axis=
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class QuantizedArray:
-  """Codes [..., blocks, 32 (nf4: packed pairs) | 64 (int8)] and scales [..., blocks] of a
-  block-wise quantised array of trailing shape `inner_shape`; leading dims (the layers axis)
-  are the leaves' own, so the array can be scanned."""
+  """Codes [..., *kept, blocks, 32 (nf4: packed pairs) | 64 (int8)] and scales [..., *kept,
+  blocks] of a block-wise quantised array of trailing shape `inner_shape` = (*kept, *rest),
+  `kept` its first `num_kept` dims (module doc); leading dims (the layers axis) are the leaves'
+  own, so the array can be scanned."""
 
   codes: Array
   scales: Array
   inner_shape: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
   mode: str = dataclasses.field(metadata=dict(static=True))
   dtype: Any = dataclasses.field(metadata=dict(static=True))
+  num_kept: int = dataclasses.field(default=0, metadata=dict(static=True))
+
+  @property
+  def lead_shape(self) -> tuple[int, ...]:
+    """The leading (layers) dims."""
+    return self.scales.shape[:self.scales.ndim - 1 - self.num_kept]
 
   @property
   def shape(self) -> tuple[int, ...]:
-    return (*self.scales.shape[:-1], *self.inner_shape)
+    return (*self.lead_shape, *self.inner_shape)
 
   @property
   def ndim(self) -> int:
@@ -80,23 +101,46 @@ class QuantizedArray:
       return dataclasses.replace(self, codes=self.codes[key], scales=self.scales[key])
     raise TypeError(f"a QuantizedArray is indexed by [...] or along its layers axis; got {key!r}.")
 
+  def leaf_axes(self, axes: tuple[str | None, ...]) -> tuple[tuple, tuple]:
+    """Logical axes (codes', scales') from the dequantised array's `axes`: the leading and
+    `kept` dims keep theirs, the block dims are replicated (None)."""
+    if len(axes) != self.ndim:
+      raise ValueError(f"logical axes {axes} do not match the quantised shape {self.shape}.")
+    kept = tuple(axes[:len(self.lead_shape) + self.num_kept])
+    return (*kept, None, None), (*kept, None)
+
+  def map_leaf_axes(self, axes: tuple[str | None, ...], fn: Any) -> QuantizedArray:
+    """This array with fn(leaf's logical axes) in place of codes and scales (e.g. their
+    shardings: `rljax.parallel.rules.value_shardings`); `axes` are the dequantised array's."""
+    codes_axes, scales_axes = self.leaf_axes(axes)
+    return dataclasses.replace(self, codes=fn(codes_axes), scales=fn(scales_axes))
+
 
 class QuantizedParam(nnx.Variable):
   """A frozen, quantised base weight (its value a `QuantizedArray`)."""
 
 
-def _blocks(x: Array) -> tuple[Array, int]:
-  """x [*lead, *inner] → [*lead, blocks, 64] (zero padded) and the inner size."""
-  lead, n = x.shape[:1], math.prod(x.shape[1:])
-  flat = x.reshape(*lead, n)
-  pad = -n % BLOCK
-  flat = jnp.pad(flat, [(0, 0), (0, pad)])
-  return flat.reshape(*lead, -1, BLOCK), n
+def num_kept(inner_shape: tuple[int, ...]) -> int:
+  """The number of leading dims of `inner_shape` kept whole: the largest k whose tail
+  inner_shape[k:] holds a multiple of 64 values (0 when none does)."""
+  for k in range(len(inner_shape) - 1, 0, -1):
+    if math.prod(inner_shape[k:]) % BLOCK == 0:
+      return k
+  return 0
 
 
-@functools.partial(jax.jit, static_argnames=("mode",))
-def _quantize(w: Array, mode: str) -> tuple[Array, Array]:
-  blocks, _ = _blocks(w.astype(jnp.float32))
+def _blocks(x: Array, kept: int) -> Array:
+  """x [L, *inner] → [L, *inner[:kept], blocks, 64] (zero padded when kept = 0)."""
+  head = x.shape[:1 + kept]
+  flat = x.reshape(*head, -1)
+  pad = -flat.shape[-1] % BLOCK
+  flat = jnp.pad(flat, [(0, 0)] * len(head) + [(0, pad)])
+  return flat.reshape(*head, -1, BLOCK)
+
+
+@functools.partial(jax.jit, static_argnames=("mode", "kept"))
+def _quantize(w: Array, mode: str, kept: int) -> tuple[Array, Array]:
+  blocks = _blocks(w.astype(jnp.float32), kept)
   scales = jnp.max(jnp.abs(blocks), axis=-1)
   normed = blocks / jnp.where(scales > 0, scales, 1.0)[..., None]
   if mode == "int8":
@@ -108,8 +152,10 @@ def _quantize(w: Array, mode: str) -> tuple[Array, Array]:
 def quantize(w: Array, mode: str = "nf4") -> QuantizedArray:
   """Block-wise quantisation of a stacked weight w [L, *inner] (blocks within each layer)."""
   check_choice("quantization mode", mode, MODES)
-  codes, scales = _quantize(w, mode)
-  return QuantizedArray(codes, scales, tuple(w.shape[1:]), mode, jnp.dtype(w.dtype))
+  inner = tuple(w.shape[1:])
+  kept = num_kept(inner)
+  codes, scales = _quantize(w, mode, kept)
+  return QuantizedArray(codes, scales, inner, mode, jnp.dtype(w.dtype), kept)
 
 
 def dequantize(q: QuantizedArray) -> Array:
@@ -120,15 +166,17 @@ def dequantize(q: QuantizedArray) -> Array:
     values = jnp.asarray(NF4_PAIRS)[q.codes.astype(jnp.int32)].reshape(
       *q.codes.shape[:-1], BLOCK)
   values = values * q.scales[..., None]
-  lead = q.scales.shape[:-1]
-  n = math.prod(q.inner_shape)
-  return values.reshape(*lead, -1)[..., :n].reshape(*lead, *q.inner_shape)
+  head = q.scales.shape[:-1]  # the leading and kept dims
+  n = math.prod(q.inner_shape[q.num_kept:])
+  return values.reshape(*head, -1)[..., :n].reshape(*q.lead_shape, *q.inner_shape)
 
 
 def quantize_base(model: nnx.Module, mode: str = "nf4",
                   targets: tuple[str, ...] = PROJECTIONS) -> nnx.Module:
   """`model` with the projections `targets` of every decoder layer stored quantised (in place;
-  returned for chaining). Add LoRA adapters before or after; the adapters stay float32."""
+  returned for chaining). Add LoRA adapters before or after; the adapters stay float32. Each
+  `QuantizedParam` carries its weight's logical axes; under a mesh and logical-axis rules
+  (`mesh_and_rules`) its codes and scales are placed by them (module doc)."""
   check_choice("quantization mode", mode, MODES)
   found = False
   for _, module in nnx.iter_graph(model):
@@ -137,10 +185,19 @@ def quantize_base(model: nnx.Module, mode: str = "nf4",
       for name in targets:
         var = getattr(module, name)
         if not isinstance(var, QuantizedParam):
-          setattr(module, name, QuantizedParam(quantize(var[...], mode)))
+          setattr(module, name, quantized_param(quantize(var[...], mode), LAYER_AXES[name]))
   if not found:
     raise ValueError(f"{type(model).__name__} has no decoder layers to quantise.")
   return model
+
+
+def quantized_param(q: QuantizedArray, axes: tuple[str, ...]) -> QuantizedParam:
+  """A `QuantizedParam` of `q` with the weight's logical `axes`, its codes and scales placed by
+  theirs (`place_by_logical_axes`: unchanged without a mesh and rules)."""
+  codes_axes, scales_axes = q.leaf_axes(axes)
+  q = dataclasses.replace(q, codes=place_by_logical_axes(q.codes, codes_axes),
+                          scales=place_by_logical_axes(q.scales, scales_axes))
+  return QuantizedParam(q, out_sharding=tuple(axes), eager_sharding=False)
 
 
 def is_quantized(model: nnx.Module) -> bool:
@@ -154,4 +211,5 @@ def quantized_bytes(model: nnx.Module) -> int:
 
 
 __all__ = ["BLOCK", "MODES", "NF4", "QuantizedArray", "QuantizedParam", "dequantize",
-           "is_quantized", "quantize", "quantize_base", "quantized_bytes"]
+           "is_quantized", "num_kept", "quantize", "quantize_base", "quantized_bytes",
+           "quantized_param"]

@@ -215,6 +215,19 @@ def logical_to_mesh_spec(
   return PartitionSpec(*out)
 
 
+def value_shardings(value: Any, axes: Sequence[str | None] | None, mesh: Mesh,
+                    rules: Rules | str) -> Any:
+  """The `NamedSharding` of a variable's value with logical `axes`; for a quantised weight (a
+  value with `map_leaf_axes`: `rljax.models.quant.QuantizedArray`) the value's pytree with one
+  per leaf, codes and scales by their own axes."""
+  def sharding(names):
+    return NamedSharding(mesh, logical_to_mesh_spec(names, rules, mesh))
+
+  if axes is not None and hasattr(value, "map_leaf_axes"):
+    return value.map_leaf_axes(tuple(axes), sharding)
+  return sharding(axes)
+
+
 def logical_axes_of(variable: nnx.Variable) -> tuple[str | None, ...] | None:
   """The logical axis names a variable was created with (its `out_sharding` metadata), or None."""
   metadata = variable.get_metadata()
@@ -246,9 +259,9 @@ def named_shardings(tree: Any, mesh: Mesh, rules: Rules | str) -> Any:
   """
 
   def one(v: Any) -> Any:
-    axes = logical_axes_of(v) if isinstance(v, nnx.Variable) else None
-    sharding = NamedSharding(mesh, logical_to_mesh_spec(axes, rules, mesh))
-    return v.replace(sharding) if isinstance(v, nnx.Variable) else sharding
+    if not isinstance(v, nnx.Variable):
+      return NamedSharding(mesh, PartitionSpec())
+    return v.replace(value_shardings(v.get_value(), logical_axes_of(v), mesh, rules))
 
   return jax.tree.map(one, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
 

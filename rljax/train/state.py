@@ -30,7 +30,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from rljax.parallel.rules import Rules, logical_axes_of, logical_to_mesh_spec, mesh_and_rules
+from rljax.parallel.rules import Rules, logical_axes_of, mesh_and_rules, value_shardings
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -99,7 +99,9 @@ def variable_shardings(tree: Any, mesh: Mesh, rules: Rules | str) -> Any:
   Leaves not inside a Variable, Variables without logical axes, and Variables whose logical
   axes do not match the leaf's rank (e.g. factored optimizer moments) are replicated. Because
   optax builds its moments with `jax.tree.map` over the parameters, Adam's `mu` / `nu` keep the
-  parameters' Variables (and their logical axes) and are sharded exactly like them.
+  parameters' Variables (and their logical axes) and are sharded exactly like them. A quantised
+  weight (QLoRA's `QuantizedParam`) gets one sharding per leaf, codes and scales by their own
+  axes (`rljax.parallel.rules.value_shardings`).
   """
 
   def one(v: Any) -> Any:
@@ -107,7 +109,7 @@ def variable_shardings(tree: Any, mesh: Mesh, rules: Rules | str) -> Any:
       axes = logical_axes_of(v)
       value = v.get_value() if hasattr(v, "get_value") else v.value
       if axes is not None and len(axes) == len(getattr(value, "shape", ())):
-        return v.replace(NamedSharding(mesh, logical_to_mesh_spec(axes, rules, mesh)))
+        return v.replace(value_shardings(value, axes, mesh, rules))
       return jax.tree.map(lambda _: _replicated(mesh), v)
     return _replicated(mesh)
 

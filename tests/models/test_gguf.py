@@ -492,3 +492,52 @@ def test_gemma_tensor_names_and_default_layer_pattern():
   assert config.sliding_window == ((512,) * 5 + (None,)) * 2
   assert (config.rope_theta, config.local_rope_theta) == (1e6, 1e4)
   assert config.attention_scale == 8**-0.5 and config.final_logit_softcap is None
+
+
+# ------------------------------------------------------------------------------------------------
+# LoRA on a converted model.
+# ------------------------------------------------------------------------------------------------
+
+
+def test_lora_on_a_gguf_converted_model_trains_adapters_only_and_merges(tmp_path):
+  """A Q8_0 GGUF, converted and loaded, takes LoRA adapters; two SFT steps move every adapter
+  (B first, then A) and leave the base bit for bit; merged == unmerged within 1e-5."""
+  import functools
+
+  from rljax.models.io import load_pretrained
+  from rljax.models.lora import LoRAConfig, add_lora, lora_trainable, merged
+  from rljax.train.objectives import sft_loss, sft_token_count
+  from rljax.train.optim import OptimizerConfig, make_optimizer
+  from rljax.train.state import create_train_state
+  from rljax.train.step import make_train_step
+
+  tensors = random_hf_tensors("llama", tied=False, seed=4)
+  out = convert_gguf(write_gguf(tmp_path / "m.gguf", tensors, qtype=Q.Q8_0), tmp_path / "hf")
+  model, tokenizer = load_pretrained(out)
+  assert tokenizer is not None and model.config.num_layers == L
+  add_lora(model, LoRAConfig(rank=4, alpha=8.0), rngs=nnx.Rngs(0))
+  optimizer = make_optimizer(OptimizerConfig(1e-2))
+  graphdef, state = create_train_state(model, optimizer, rng=0, trainable=lora_trainable)
+  names = {"/".join(map(str, p)) for p, _ in nnx.to_flat_state(state.params)}
+  assert len(names) == 14 and all("_lora_" in n for n in names)  # A and B of all 7 projections
+  rng = np.random.default_rng(0)
+  batch = {"input_ids": rng.integers(0, V, (4, 8)).astype(np.int32),
+           "attention_mask": np.ones((4, 8), np.int32),
+           "loss_mask": np.ones((4, 8), np.int32)}
+  step = make_train_step(functools.partial(sft_loss, chunk_size=8), graphdef, optimizer,
+                         count_fn=sft_token_count,
+                         compiler_options={"xla_backend_optimization_level": 0})
+  before = jax.tree.map(np.asarray, (state.params, state.frozen))
+  state, first = step(state, batch)
+  state, second = step(state, batch)
+  assert float(second["loss"]) < float(first["loss"])
+  jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, state.frozen), before[1])
+  moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - b).max()), state.params,
+                       before[0])
+  assert all(v > 0 for v in jax.tree.leaves(moved))
+  trained = nnx.merge(graphdef, state.params, state.frozen)
+  forward = nnx.jit(lambda m, ids: m(ids))
+  with jax.default_matmul_precision("highest"):
+    unmerged, merged_logits = forward(trained, IDS), forward(merged(trained), IDS)
+  np.testing.assert_allclose(np.asarray(merged_logits), np.asarray(unmerged), rtol=1e-5,
+                             atol=1e-5)

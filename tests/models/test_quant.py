@@ -11,7 +11,8 @@ from flax import nnx
 from rljax.models.config import ModelConfig
 from rljax.models.lora import LoRAConfig, add_lora, lora_param_count, lora_trainable, merged
 from rljax.models.quant import (
-  NF4, QuantizedParam, dequantize, is_quantized, quantize, quantize_base, quantized_bytes)
+  NF4, QuantizedParam, dequantize, is_quantized, num_kept, quantize, quantize_base,
+  quantized_bytes)
 from rljax.models.transformer import Transformer, dense
 
 CONFIG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2,
@@ -37,12 +38,15 @@ def numpy_quantize(w: np.ndarray, mode: str) -> np.ndarray:
 
 
 @pytest.mark.parametrize("mode", ["nf4", "int8"])
-@pytest.mark.parametrize("shape", [(2, 32, 4, 8), (2, 48, 32), (1, 5, 7)])  # 7·5: a partial block
-def test_quantize_matches_numpy_and_its_error_bound(mode, shape):
+@pytest.mark.parametrize("shape, kept", [((2, 32, 4, 8), 0), ((2, 48, 32), 0), ((1, 5, 7), 0),
+                                         ((2, 8, 2, 64), 2), ((2, 3, 128), 1)])  # 7·5: partial
+def test_quantize_matches_numpy_and_its_error_bound(mode, shape, kept):
+  """Blocks of the flattened layer (numpy), whatever dims the layout keeps whole."""
   w = np.random.default_rng(0).normal(size=shape).astype(np.float32)
   w[0].flat[:64] = 0.0  # an all-zero block
   q = quantize(w, mode)
   assert q.shape == shape and q.codes.dtype == (np.uint8 if mode == "nf4" else np.int8)
+  assert q.num_kept == kept and q.scales.shape[:1 + kept] == shape[:1 + kept]
   got = np.asarray(dequantize(q))
   np.testing.assert_allclose(got, numpy_quantize(w, mode), rtol=1e-6, atol=1e-6)
   scale = np.abs(w).max()
@@ -66,6 +70,19 @@ def test_a_qlora_model_exports_merged_in_full_precision(tmp_path):
   forward = nnx.jit(lambda m, ids: m(ids))
   np.testing.assert_allclose(np.asarray(forward(back, ids)), np.asarray(forward(model, ids)),
                              rtol=1e-5, atol=1e-5)
+
+
+def test_leaf_axes_keep_the_weight_s_leading_axes():
+  q = quantize(np.zeros((2, 16, 4, 64), np.float32))  # q_proj-like [L, D, H, Dh]: kept (D, H)
+  assert num_kept((16, 4, 64)) == 2 and num_kept((64, 48)) == 0 and num_kept((3, 5, 128)) == 2
+  axes = ("layers", "embed", "heads", "head_dim")
+  assert q.leaf_axes(axes) == (("layers", "embed", "heads", None, None),
+                               ("layers", "embed", "heads", None))
+  with pytest.raises(ValueError, match="do not match"):
+    q.leaf_axes(axes[:3])
+  model = quantize_base(Transformer(CONFIG, rngs=nnx.Rngs(0)), "nf4")
+  assert model.layers.q_proj.get_metadata()["out_sharding"] == ("layers", "embed", "heads",
+                                                                "head_dim")
 
 
 def test_dense_dequantizes_on_use_exactly():
