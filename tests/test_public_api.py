@@ -2,6 +2,7 @@
 
 import pathlib
 import re
+import sys
 
 import rljax
 
@@ -25,5 +26,8 @@ def test_readme_python_examples_run():
   blocks = re.findall(r"```python\n(.*?)```", README, flags=re.S)
   runnable = [b for b in blocks if not b.startswith("# Needs the converted SmolLM2")]
   assert len(runnable) >= 2
+  root = str(pathlib.Path(__file__).parents[1])  # the examples run from the repository root
+  if root not in sys.path:
+    sys.path.insert(0, root)
   for block in runnable:
     exec(compile(block, "README.md", "exec"), {})

@@ -5,6 +5,7 @@
   tools         `ToolRegistry` (JSON-schema tools in a worker pool), the `calculator` tool
   parsers       tool-call parsers per model family (`HermesToolParser`, `parser_for`)
   tool_env      `ToolEnvironment`: a task whose policy calls tools until it answers
+  rollout       `multi_turn_rollout` on the rollout engine (`MultiTurnConfig`, `Trajectories`)
 """
 
 from rljax.agents.environment import (
@@ -31,6 +32,7 @@ from rljax.agents.parsers import (
   parser_for,
   register_parser,
 )
+from rljax.agents.rollout import MultiTurnConfig, Trajectories, action_text, multi_turn_rollout
 from rljax.agents.tool_env import ToolEnvironment, ToolState
 from rljax.agents.tools import (
   STATUSES,
@@ -54,6 +56,7 @@ __all__ = [
   "EnvStep",
   "Environment",
   "HermesToolParser",
+  "MultiTurnConfig",
   "Observation",
   "ParsedTurn",
   "RowEnvironment",
@@ -64,9 +67,12 @@ __all__ = [
   "ToolRegistry",
   "ToolResult",
   "ToolState",
+  "Trajectories",
+  "action_text",
   "calculator",
   "check_arguments",
   "error_observation",
+  "multi_turn_rollout",
   "parser_for",
   "register_parser",
   "safe_step",
