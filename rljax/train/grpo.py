@@ -340,6 +340,11 @@ class GRPOTrainer(OnPolicyTrainer):
 
   drop_groups = True  # group advantages: a non-finite reward drops its whole group
 
+  @property
+  def turn_rewards(self) -> bool:
+    """Multi-turn: per-turn rewards with `advantage="process"`, else the trajectory's sum."""
+    return self.config.advantage == "process"
+
   def init_extras(self, state: TrainState, **kwargs: Any) -> dict[str, Any]:
     if kwargs:
       raise TypeError(f"GRPOTrainer.init_state takes no extra arguments; got {sorted(kwargs)}.")

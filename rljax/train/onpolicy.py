@@ -201,6 +201,10 @@ class OnPolicyTrainer(abc.ABC):
 
   drop_groups = False  # under nonfinite_rewards="drop": drop a row (False) or its whole group
 
+  # Multi-turn: the environment's rewards reach the update per turn (step rewards at the turns'
+  # ends: PPO; GRPO with advantage="process") rather than summed per row.
+  turn_rewards = False
+
   def __init__(self, graphdef: nnx.GraphDef, optimizer: Any, config: Any, reward_fn: Callable,
                tokenizer: Any = None, *, stop_tokens: int | Sequence[int], pad_id: int,
                stop_strings: Sequence[str] | None = None, mesh: Any = None, rules: Any = None,
@@ -368,7 +372,7 @@ class OnPolicyTrainer(abc.ABC):
       tools = getattr(self.environment, "tool_schemas", None)
       return collect_trajectories(
         self.sampler_graphdef, params, examples_of(prompts), key, sampling or c.sampling,
-        env=self.environment, chat=self.chat, process=getattr(c, "advantage", None) == "process",
+        env=self.environment, chat=self.chat, process=self.turn_rewards,
         stop_tokens=self.stop_tokens, pad_id=self.pad_id, config=c.multi_turn,
         seed=int(jax.random.randint(key, (), 0, 2**31 - 1)), stop_strings=self.stop_strings,
         tools=tools() if callable(tools) else None, engine=c.engine, mesh=self.mesh)

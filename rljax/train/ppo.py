@@ -156,16 +156,25 @@ class PPOConfig:
                                               "kl_target", "kl_horizon"))
 def ppo_advantages(scores, loss_mask, old_logp, ref_logp, values, kl_state, *, kl_kind: str,
                    gamma: float, lam: float, whiten: bool, adaptive: bool, kl_target: float,
-                   kl_horizon: float):
+                   kl_horizon: float, step_rewards=None):
   """KL-shaped token rewards → GAE → (whitened) advantages, returns, the per-token rewards and
   the updated KL controller state (adaptive: observed KL = batch mean of the per-sequence
-  summed KL̂). `ref_logp=None` means no shaping (β·KL̂ = 0)."""
+  summed KL̂). `ref_logp=None` means no shaping (β·KL̂ = 0).
+
+    r_t = s·[t = last valid token] − β·KL̂_t          (outcome: `scores` [B])
+    r_t = step_rewards_t · mask_t − β·KL̂_t           (`step_rewards` [B, N]: process rewards at
+                                                       their step ends, a multi-turn
+                                                       trajectory's turn rewards at turn ends)
+  """
   mask = loss_mask.astype(jnp.float32)
   if ref_logp is None:
     kl = jnp.zeros_like(mask)
   else:
     kl = jnp.where(loss_mask, kl_penalty(old_logp, ref_logp, kind=kl_kind), 0.0)
-  rewards = token_level_rewards(scores, mask, kl=kl, beta=kl_state.coef)
+  if step_rewards is None:
+    rewards = token_level_rewards(scores, mask, kl=kl, beta=kl_state.coef)
+  else:
+    rewards = jax.lax.stop_gradient(step_rewards * mask - kl_state.coef * kl * mask)
   advantages, returns = gae(rewards, values, mask, gamma=gamma, lam=lam)
   if whiten:
     advantages = masked_whiten(advantages, mask)
@@ -288,6 +297,8 @@ class PPOTrainer(OnPolicyTrainer):
     >>> state, metrics = trainer.step(state, prompts)
   """
 
+  turn_rewards = True  # multi-turn: each turn's reward at its last token (the critic's targets)
+
   def __init__(self, graphdef: nnx.GraphDef, critic_graphdef: nnx.GraphDef, optimizer: Any,
                critic_optimizer: Any, config: PPOConfig, reward_fn: Any, tokenizer: Any = None,
                **kwargs: Any):
@@ -334,7 +345,8 @@ class PPOTrainer(OnPolicyTrainer):
 
   def prepare(self, state: TrainState, scored: Any):
     """Experience (old/ref log-probs, values, advantages, returns, token rewards) and the state
-    with the updated KL controller."""
+    with the updated KL controller. Process rewards (`Scored.step_rewards`: a reward fn's
+    `StepRewards`, a multi-turn trajectory's turn rewards) are placed where their steps end."""
     c = self.config
     batch = self.shard_batch(experience_from_rollout(scored))
     old_logp = self.logprobs(state.params, state.frozen, batch) if c.recompute_old_logp \
@@ -345,7 +357,9 @@ class PPOTrainer(OnPolicyTrainer):
     advantages, returns, rewards, kl_state, m = ppo_advantages(
       batch.scores, batch.loss_mask, old_logp, ref_logp, values, state.extras["kl_ctl"],
       kl_kind=c.kl_kind, gamma=float(c.gamma), lam=float(c.lam), whiten=c.whiten_advantages,
-      adaptive=c.adaptive_kl, kl_target=float(c.kl_target), kl_horizon=float(c.kl_horizon))
+      adaptive=c.adaptive_kl, kl_target=float(c.kl_target), kl_horizon=float(c.kl_horizon),
+      step_rewards=None if scored.step_rewards is None else self.shard_batch(
+        jnp.asarray(scored.step_rewards, jnp.float32)))
     batch = batch.replace(old_logp=old_logp, ref_logp=ref_logp, values=values, returns=returns,
                           advantages=advantages, rewards=rewards)
     batch = self.pack(batch)  # update.packing: after GAE (which runs along unpacked rows)

@@ -8,6 +8,7 @@ import contextlib
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -23,7 +24,7 @@ from rljax.rollout.engine import EngineConfig
 from rljax.rollout.sampling import SamplingConfig
 from rljax.train.grpo import GRPOConfig, GRPOTrainer
 from rljax.train.onpolicy import UpdateConfig
-from rljax.train.ppo import PPOConfig, PPOTrainer, split_critic
+from rljax.train.ppo import PPOConfig, PPOTrainer, ppo_advantages, split_critic
 from rljax.train.state import create_train_state
 
 from tiny_tokenizer import tiny_prompt_batch, tiny_tokenizer
@@ -79,9 +80,9 @@ def grpo(mesh=None, rules=None):
   return trainer, trainer.init_state(state)
 
 
-def ppo(mesh=None, rules=None):
+def ppo(mesh=None, rules=None, kl_coef=0.05):
   config = PPOConfig(sampling=SAMPLING, engine=ENGINE, multi_turn=TURNS,
-                     update=UpdateConfig(chunk_size=8, agg="token-mean"), kl_coef=0.05)
+                     update=UpdateConfig(chunk_size=8, agg="token-mean"), kl_coef=kl_coef)
   with mesh_and_rules(mesh, rules) if mesh is not None else contextlib.nullcontext():
     policy = Transformer(CONFIG, rngs=nnx.Rngs(0))
     critic = ValueModel.from_policy(policy, rngs=nnx.Rngs(1))
@@ -131,3 +132,28 @@ def test_multi_turn_trainer_arguments_are_checked():
     GRPOConfig(multi_turn={"max_turns": 2})
   with pytest.raises(ValueError, match="max_turns"):
     MultiTurnConfig(max_turns=0)
+
+
+def test_ppo_places_turn_rewards_at_the_turns_ends():
+  """PPO's token rewards are the turn rewards where the turns end (−β·KL̂ elsewhere: β = 0
+  here); the same rewards as one score at the last token give the outcome path's rewards."""
+  trainer, state = ppo(kl_coef=0.0)
+  scored = trainer.rollout(state, prompt_batch(), jax.random.key(1))
+  assert scored.step_rewards is not None and (scored.step_mask.sum(axis=1) >= 2).any()
+  _, batch, _ = trainer.prepare(state, scored)
+  expected = np.where(np.asarray(batch.loss_mask), scored.step_rewards, 0.0)
+  np.testing.assert_allclose(np.asarray(batch.rewards), expected, atol=0, rtol=0)
+  mask = np.asarray(batch.loss_mask)
+  last = np.zeros(mask.shape, np.float32)
+  rows = np.flatnonzero(mask.any(axis=1))
+  last[rows, mask.shape[1] - 1 - np.argmax(mask[rows, ::-1], axis=1)] = scored.scores[rows]
+  kw = dict(kl_kind="k1", gamma=1.0, lam=0.95, whiten=False, adaptive=False, kl_target=6.0,
+            kl_horizon=1e4)
+  values = jnp.zeros(mask.shape)
+  kl_state = state.extras["kl_ctl"]
+  outcome = ppo_advantages(jnp.asarray(scored.scores), batch.loss_mask, None, None, values,
+                           kl_state, **kw)
+  stepped = ppo_advantages(jnp.asarray(scored.scores), batch.loss_mask, None, None, values,
+                           kl_state, step_rewards=jnp.asarray(last), **kw)
+  for a, b in zip(outcome[:3], stepped[:3]):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=0)
