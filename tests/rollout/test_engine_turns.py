@@ -23,21 +23,15 @@ from rljax.ops.logprobs import token_logprobs
 from rljax.rollout.engine import EngineConfig, EngineRun
 from rljax.rollout.sampling import SamplingConfig
 
+from test_engine import CONFIG, _model  # the same tiny model (scaled-up weights)
 from tiny_tokenizer import tiny_tokenizer
 
-CONFIG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
-                     num_heads=4, num_kv_heads=2, head_dim=8)
 P, N, G = 6, 40, 2
 PROMPTS = np.array([[0, 0, 5, 9, 17, 30], [3, 4, 5, 6, 7, 8], [0, 0, 0, 0, 22, 40]], np.int32)
 STOPS = (1, 2, 3)
 ENGINE = EngineConfig(num_slots=3, block_size=4, blocks_per_step=2, sync_every=4)
 SAMPLED = SamplingConfig(max_new_tokens=N, num_samples=G, temperature=1.0)
 GREEDY = SamplingConfig(max_new_tokens=N, num_samples=G, temperature=0.0)
-
-
-def _model(config: ModelConfig = CONFIG) -> Transformer:
-  graphdef, state = nnx.split(Transformer(config, rngs=nnx.Rngs(0)))
-  return nnx.merge(graphdef, jax.tree.map(lambda x: x * 4.0 if x.ndim > 1 else x, state))
 
 
 @pytest.fixture(scope="module")
