@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +18,7 @@ from flax import nnx
 from rljax.agents import Observation, RowEnvironment, RowStep
 from rljax.agents.rollout import MultiTurnConfig
 from rljax.models.config import ModelConfig
+from rljax.ops.kl_control import fixed_kl_controller
 from rljax.models.heads import ValueModel
 from rljax.models.transformer import Transformer
 from rljax.parallel.rules import FSDP_RULES, MESH_AXES, mesh_and_rules
@@ -97,7 +99,7 @@ def ppo(mesh=None, rules=None, kl_coef=0.05):
 
 @pytest.mark.parametrize("make,names", [
   (grpo, ("loss", "kl", "grad_norm")),
-  (ppo, ("loss", "value_loss", "grad_norm", "critic_grad_norm")),
+  (functools.partial(ppo, kl_coef=0.0), ("loss", "value_loss", "grad_norm", "critic_grad_norm")),
 ])
 def test_multi_turn_step_on_a_mesh_equals_one_device(make, names):
   prompts, key = prompt_batch(), jax.random.key(3)
@@ -106,6 +108,11 @@ def test_multi_turn_step_on_a_mesh_equals_one_device(make, names):
   policy = scored.policy_mask & scored.rollout.completion_mask
   assert (scored.rollout.completion_mask & ~policy).any()  # observations are in the rows
   assert scored.metrics["turns_mean"] > 1
+  if isinstance(trainer, PPOTrainer):  # each turn's reward where the turn ends (β = 0)
+    assert (scored.step_mask.sum(axis=1) >= 2).any()
+    _, batch, _ = trainer.prepare(state, scored)
+    np.testing.assert_array_equal(np.asarray(batch.rewards),
+                                  np.where(np.asarray(batch.loss_mask), scored.step_rewards, 0))
   state, metrics = trainer.step(state, prompts, key)
 
   sharded_trainer, sharded = make(auto_mesh((2, 4, 1)), FSDP_RULES)
@@ -134,26 +141,21 @@ def test_multi_turn_trainer_arguments_are_checked():
     MultiTurnConfig(max_turns=0)
 
 
-def test_ppo_places_turn_rewards_at_the_turns_ends():
-  """PPO's token rewards are the turn rewards where the turns end (−β·KL̂ elsewhere: β = 0
-  here); the same rewards as one score at the last token give the outcome path's rewards."""
-  trainer, state = ppo(kl_coef=0.0)
-  scored = trainer.rollout(state, prompt_batch(), jax.random.key(1))
-  assert scored.step_rewards is not None and (scored.step_mask.sum(axis=1) >= 2).any()
-  _, batch, _ = trainer.prepare(state, scored)
-  expected = np.where(np.asarray(batch.loss_mask), scored.step_rewards, 0.0)
-  np.testing.assert_allclose(np.asarray(batch.rewards), expected, atol=0, rtol=0)
-  mask = np.asarray(batch.loss_mask)
+def test_process_rewards_at_the_last_token_give_the_outcome_path():
+  """ppo_advantages with step rewards that hold each row's score at its last token equals the
+  outcome path (`token_level_rewards`)."""
+  rng = np.random.default_rng(0)
+  lengths = np.array([5, 1, 8, 3])
+  mask = np.arange(8)[None, :] < lengths[:, None]
+  scores = rng.normal(size=4).astype(np.float32)
   last = np.zeros(mask.shape, np.float32)
-  rows = np.flatnonzero(mask.any(axis=1))
-  last[rows, mask.shape[1] - 1 - np.argmax(mask[rows, ::-1], axis=1)] = scored.scores[rows]
+  last[np.arange(4), lengths - 1] = scores
+  values = jnp.asarray(rng.normal(size=mask.shape).astype(np.float32))
   kw = dict(kl_kind="k1", gamma=1.0, lam=0.95, whiten=False, adaptive=False, kl_target=6.0,
             kl_horizon=1e4)
-  values = jnp.zeros(mask.shape)
-  kl_state = state.extras["kl_ctl"]
-  outcome = ppo_advantages(jnp.asarray(scored.scores), batch.loss_mask, None, None, values,
-                           kl_state, **kw)
-  stepped = ppo_advantages(jnp.asarray(scored.scores), batch.loss_mask, None, None, values,
-                           kl_state, step_rewards=jnp.asarray(last), **kw)
+  state = fixed_kl_controller(0.1).init()  # no reference: no KL shaping
+  outcome = ppo_advantages(jnp.asarray(scores), jnp.asarray(mask), None, None, values, state, **kw)
+  stepped = ppo_advantages(jnp.asarray(scores), jnp.asarray(mask), None, None, values, state,
+                           step_rewards=jnp.asarray(last), **kw)
   for a, b in zip(outcome[:3], stepped[:3]):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=0)
