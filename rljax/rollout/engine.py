@@ -517,11 +517,12 @@ class _Schedule:
   schedule needs."""
 
   def __init__(self, layout: _Layout, prompts: list[_Prompt], budgets: np.ndarray,
-               num_samples: int):
+               num_samples: int, held: frozenset[int] = frozenset()):
     self.layout, self.prompts, self.budgets, self.g = layout, prompts, budgets, num_samples
     # Longest budget first (stable: request order among equal budgets), so that the longest
     # requests do not start last and run alone at the end; with equal budgets, first come.
-    self.pending = collections.deque(np.argsort(-budgets, kind="stable").tolist())
+    self.pending = collections.deque(r for r in np.argsort(-budgets, kind="stable").tolist()
+                                     if r not in held)
     self.free_blocks = list(range(layout.num_blocks - 1, NULL_BLOCK, -1))
     self.slot_request = [-1] * layout.slots
     self.slot_blocks: list[list[int]] = [[] for _ in range(layout.slots)]
@@ -560,19 +561,24 @@ class _Schedule:
       admitted.append((slot, request, shared + own, source))
     return admitted, to_prefill
 
+  def admit_later(self, requests: Sequence[int]) -> None:
+    """Held requests join the waiting ones (longest budget first among themselves)."""
+    order = sorted(requests, key=lambda r: -int(self.budgets[r]))
+    self.pending.extend(order)
+
   def release(self, active: np.ndarray, *, hold: bool = False) -> list[int]:
     """The requests whose slots the device deactivated (`active` [S]) since the last call:
     freed, slot and blocks, or with `hold` kept in their slots as paused (a turn ended: the host
-    extends or finishes them); returns the newly paused requests."""
-    paused = []
+    extends or finishes them); returns them."""
+    ended = []
     for slot, request in enumerate(self.slot_request):
       if request >= 0 and not active[slot] and request not in self.paused:
         if hold:
           self.paused.add(request)
-          paused.append(request)
         else:
           self.free(request)
-    return paused
+        ended.append(request)
+    return ended
 
   def free(self, request: int) -> None:
     """Frees the slot and blocks of `request` (and its prompt's once no sample holds them)."""
@@ -643,6 +649,16 @@ class _StopCheck:
     self.cut[request] = 0
 
 
+def _check_requests(name: str, requests: Any, count: int) -> list[int]:
+  """`requests` as a list of distinct request ids in [0, count); a ValueError names `name`."""
+  values = np.asarray(list(requests), np.int64 if not len(requests) else None)
+  if values.ndim != 1 or not np.issubdtype(values.dtype, np.integer) or (
+      len(values) and (values.min() < 0 or values.max() >= count)) or \
+      len(set(values.tolist())) != len(values):
+    raise ValueError(f"`{name}` must be distinct request ids in [0, {count}); got {requests!r}.")
+  return values.tolist()
+
+
 def _check_budgets(budgets: Any, requests: int, max_new_tokens: int) -> np.ndarray:
   if budgets is None:
     return np.full((requests,), max_new_tokens, np.int64)
@@ -672,6 +688,9 @@ class EngineRun:
     as `engine_generate`, plus
     hold: pause requests at turn ends instead of finishing them.
     turn_tokens: None, or the most tokens a request samples in one turn (hold only).
+    held: requests not admitted until `release`d (e.g. the resamples of dynamic sampling,
+      released as the groups before them turn out uninformative: they enter free slots while
+      the batch runs).
   """
 
   def __init__(self, model: Any, prompt_tokens: Array, prompt_mask: Array, key: Array,
@@ -679,7 +698,7 @@ class EngineRun:
                pad_id: int, engine: EngineConfig | None = None, budgets: Any = None,
                mesh: Any = None, stop_strings: str | Sequence[str] | None = None,
                tokenizer: Any = None, hold: bool = False, turn_tokens: int | None = None,
-               **sampling_options: Any):
+               held: Sequence[int] = (), **sampling_options: Any):
     sampling = sampling_from_arguments(sampling, sampling_options)
     engine = EngineConfig() if engine is None else engine
     if not isinstance(engine, EngineConfig):
@@ -716,8 +735,12 @@ class EngineRun:
                             stop_tokens=stops, blocks_per_step=layout.blocks_per_step,
                             attention=engine.attention)
     turn = n if turn_tokens is None else turn_tokens
+    held = _check_requests("held", held, b * g)
     self.schedules = [_Schedule(layout, prompts[i * bd:(i + 1) * bd],
-                                self.budgets[i * rd:(i + 1) * rd], g) for i in range(d)]
+                                self.budgets[i * rd:(i + 1) * rd], g,
+                                frozenset(int(r) - i * rd for r in held if r // rd == i))
+                      for i in range(d)]
+    self.held = set(int(r) for r in held)
     self.first = np.arange(d, dtype=np.int32) * rd
     self.checks = [_StopCheck(rd, tokenizer, strings) for _ in range(d)] if strings else []
     self.graphdef, self.params, self.key = graphdef, params, key
@@ -730,6 +753,7 @@ class EngineRun:
     self.steps = np.zeros((b * g,), np.int64)  # completion tokens of each request so far
     self.chunks: dict[int, np.ndarray] = {}  # extensions waiting for the next round
     self.spans: list[list[tuple[int, int]]] = [[] for _ in range(b * g)]  # (start, length)
+    self.finished = np.zeros((b * g,), bool)  # requests done (slot and blocks freed)
 
   @property
   def done(self) -> bool:
@@ -784,6 +808,17 @@ class EngineRun:
     """Ends paused `request`: its slot and blocks are freed."""
     shard, local = self._check_paused("finish", request)
     self.schedules[shard].free(local)
+    self.finished[request] = True
+
+  def release(self, requests: Sequence[int]) -> None:
+    """Held `requests` join the waiting ones (the next `advance` may admit them)."""
+    requests = _check_requests("requests", requests, self.requests)
+    if not set(requests) <= self.held:
+      raise ValueError(f"`requests` must be held and not yet released; "
+                       f"{sorted(set(requests) - self.held)} are not.")
+    self.held -= set(requests)
+    for d, sched in enumerate(self.schedules):
+      sched.admit_later([r - d * self.rd for r in requests if r // self.rd == d])
 
   def completion(self, requests: Sequence[int]) -> list[np.ndarray]:
     """The completion tokens so far (the chunks included) of each of `requests`."""
@@ -809,7 +844,8 @@ class EngineRun:
   def advance(self) -> list[int]:
     """One round: the waiting extensions, admissions (prefilling new prompts), one decode
     call, the stop-string check, the finished slots freed (or, with `hold`, paused) and the
-    drain's compaction. Returns the requests paused in this round (global ids)."""
+    drain's compaction. Returns the requests that ended in this round (global ids): finished,
+    or with `hold` paused."""
     if not self.decoding:
       return []
     layout, shards, s = self.layout, self.shards, self.slots_count
@@ -842,7 +878,7 @@ class EngineRun:
 
   def _after_call(self) -> list[int]:
     """The host's look at the slots after a device call: steps, stop strings, releases,
-    compaction; returns the newly paused requests."""
+    compaction; returns the requests that ended (paused with `hold`, else finished)."""
     host = jax.device_get(self.slots)
     active = host.active
     for d, sched in enumerate(self.schedules):
@@ -859,14 +895,16 @@ class EngineRun:
       for d, check in enumerate(self.checks):
         cut = check.cut > 0
         self.steps[d * self.rd:(d + 1) * self.rd][cut] = check.cut[cut]
-    paused = [d * self.rd + r for d, (sched, shard_active) in enumerate(zip(self.schedules, active))
-              for r in sched.release(shard_active, hold=self.hold)]
+    ended = [d * self.rd + r for d, (sched, shard_active) in enumerate(zip(self.schedules, active))
+             for r in sched.release(shard_active, hold=self.hold)]
+    if not self.hold:
+      self.finished[ended] = True
     smaller = _fewer_slots(self.schedules, self.slots_count, self.layout.min_slots)
     if smaller < self.slots_count:
       index = np.stack([sched.compact(smaller) for sched in self.schedules])
       self.slots, self.slots_count = _compact(self.shards, self.slots, index), smaller
       self.rewind = np.take_along_axis(self.rewind, index, axis=1)
-    return paused
+    return ended
 
   def _extend_chunks(self) -> None:
     """Runs `_extend` on the waiting chunks, E rows per call (a power of two, ≤ the slots),
@@ -911,23 +949,31 @@ class EngineRun:
         mask[r, start:start + length] = True
     return mask
 
-  def rollout(self) -> Rollout:
-    """The `Rollout` of every request (once `done`): the completion is everything after the
-    prompt, the extensions included (`observation_mask` marks them; log-prob 0)."""
-    if not self.done:
-      raise RuntimeError("`rollout` needs every request finished (`done`).")
-    d, b, g = self.shards.count, self.prompt_tokens.shape[0], self.num_samples
+  def rollout(self, requests: Sequence[int] | None = None) -> Rollout:
+    """The `Rollout` of every request (once `done`), or of the finished `requests` in that
+    order: the completion is everything after the prompt, the extensions included
+    (`observation_mask` marks them; log-prob 0)."""
+    if requests is None:
+      if not self.done:
+        raise RuntimeError("`rollout` needs every request finished (`done`).")
+      rows = np.arange(self.requests)
+    else:
+      rows = np.asarray(_check_requests("requests", requests, self.requests), np.int64)
+      if not self.finished[rows].all():
+        raise ValueError(f"`rollout`: requests {rows[~self.finished[rows]].tolist()} are not "
+                         "finished.")
     n = self.out.tokens.shape[-1]
-    out = _Outputs(*(x.reshape(d * self.rd, *x.shape[2:])[: b * g] for x in self.out))
+    out = _Outputs(*(x.reshape(-1, *x.shape[2:])[rows] for x in self.out))
     if self.checks:  # a cut applied after the last device call has not reached the device
-      cut = np.concatenate([check.cut for check in self.checks])[: b * g]
+      cut = np.concatenate([check.cut for check in self.checks])[rows]
       out = out._replace(lengths=jnp.where(cut > 0, cut, out.lengths),
                          finished=out.finished | (cut > 0))
     completion_mask = jnp.arange(n)[None, :] < out.lengths[:, None]
+    prompts = rows // self.num_samples
     return Rollout(
-      tokens=jnp.concatenate([jnp.repeat(self.prompt_tokens, g, axis=0),
+      tokens=jnp.concatenate([self.prompt_tokens[prompts],
                               jnp.where(completion_mask, out.tokens, self.pad_id)], axis=1),
-      prompt_mask=jnp.repeat(self.prompt_mask, g, axis=0), completion_mask=completion_mask,
+      prompt_mask=self.prompt_mask[prompts], completion_mask=completion_mask,
       logprobs=jnp.where(completion_mask, out.logprobs, 0.0), lengths=out.lengths,
       finished=out.finished)
 

@@ -4,17 +4,28 @@ Groups whose rewards all agree carry no policy-gradient signal. `sample_informat
 and resamples the prompts (up to `max_resample` extra rollouts) until the batch is refilled with
 informative groups; if it cannot be refilled, zero-variance groups fill the rest (their
 advantage is 0), so the batch shape never changes (no recompilation).
+
+`stream_informative` is the rollout engine's version with the same selection: the resamples
+are requests of the same engine run, held back until needed — as soon as a group is scored
+uninformative, the next group of the resamples is released and enters free slots while the
+batch is still decoding (no new batch, no drain in between, and only as many groups sampled as
+the refill needs).
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import numpy as np
 
+from rljax.data.batching import PromptBatch
+from rljax.rollout.engine import EngineRun
 from rljax.rollout.generate import Rollout
-from rljax.train.scoring import Scored, rollout_metrics
+from rljax.rollout.sampling import SamplingConfig
+from rljax.train.scoring import Scored, rollout_metrics, score_rollout
 
 
 def sample_informative(rollout: Callable[[jax.Array], Scored], key: jax.Array, num_samples: int,
@@ -94,3 +105,80 @@ def group_has_variance(scores: np.ndarray, group_size: int) -> np.ndarray:
   """[num_groups] bool: True where the group's rewards are not all equal."""
   grouped = np.asarray(scores).reshape(-1, group_size)
   return grouped.max(axis=1) != grouped.min(axis=1)
+
+
+def stream_informative(run, score: Callable[[Rollout, int], Scored], num_prompts: int,
+                       num_samples: int, *, max_resample: int) -> tuple[Scored, dict[str, float]]:
+  """`sample_informative`'s selection as a stream (module docstring) over `run`, an `EngineRun`
+  of (1 + max_resample) · B prompts — copy k of the batch is prompts k·B … k·B + B − 1, held
+  for k ≥ 1 — where `score(rollout, i)` scores a finished group of prompt i (a `Scored`, host
+  arrays). Each uninformative group releases the next group of the resamples, copy by copy in
+  prompt order, so the informative groups a copy contributes are its first ones in prompt
+  order, as when the whole copy is sampled; the batch is the informative groups of copy 0,
+  then those of copy 1, …, filled with copy 0's uninformative ones.
+
+  Returns the scored batch and `sample_informative`'s metrics (`resamples`: the copies a group
+  was released from).
+  """
+  b, g = num_prompts, num_samples
+  start = time.perf_counter()
+  finished = np.zeros(((1 + max_resample) * b,), np.int64)  # finished samples per prompt copy
+  groups: dict[int, Scored] = {}
+  good: list[list[int]] = [[] for _ in range(1 + max_resample)]  # informative copies per copy
+  scored_zero = []
+  released, outstanding = b, b  # prompt copies released so far; released but not yet scored
+  while outstanding:
+    if not run.decoding:
+      raise RuntimeError("the engine run stopped before every released group was scored.")
+    for r in run.advance():
+      copy = r // g
+      finished[copy] += 1
+      if finished[copy] < g:
+        continue
+      outstanding -= 1
+      groups[copy] = score(run.rollout(range(copy * g, (copy + 1) * g)), copy % b)
+      if informative_groups(groups[copy], g)[0]:
+        good[copy // b].append(copy)
+        continue
+      if copy < b:
+        scored_zero.append(copy)
+      if released < (1 + max_resample) * b:  # one more group in place of this one
+        run.release(range(released * g, (released + 1) * g))
+        released, outstanding = released + 1, outstanding + 1
+  picks = [c for copy in good for c in sorted(copy)][:b]
+  picks += sorted(scored_zero)[:b - len(picks)]
+  batch = select_rows([groups[c] for c in picks], [(i, np.arange(g)) for i in range(len(picks))])
+  batch = batch._replace(seconds=time.perf_counter() - start)
+  opening = select_rows([groups[c] for c in range(b)], [(i, np.arange(g)) for i in range(b)])
+  metrics = rollout_metrics(opening._replace(seconds=batch.seconds))
+  metrics["zero_variance_groups"] = float(1.0 - informative_groups(opening, g).mean())
+  metrics["resamples"] = float(-(-(released - b) // b))
+  metrics["filled_zero_variance_groups"] = float(1.0 - informative_groups(batch, g).mean())
+  return batch, metrics
+
+
+def collect_streamed(graphdef: Any, params: Any, prompts: PromptBatch, key: jax.Array,
+                     sampling: SamplingConfig, *, max_resample: int, stop_tokens: Sequence[int],
+                     pad_id: int, engine: Any, mesh: Any = None, stop_strings: Any = None,
+                     tokenizer: Any = None, **score_options: Any) -> tuple[Scored, dict]:
+  """`collect_rollout` with dynamic sampling as a stream (`stream_informative`): one engine run
+  over the prompts and `max_resample` held copies of them; `score_options` are
+  `score_rollout`'s (reward fn, overlong penalty, ...)."""
+  b, g = prompts.tokens.shape[0], sampling.num_samples
+  copies = 1 + max_resample
+  tiled = PromptBatch(np.tile(prompts.tokens, (copies, 1)), np.tile(prompts.mask, (copies, 1)),
+                      list(prompts.texts) * copies,
+                      {k: list(v) * copies for k, v in dict(prompts.fields).items()})
+  run = EngineRun((graphdef, params), tiled.tokens, tiled.mask, key, sampling,
+                  stop_tokens=stop_tokens, pad_id=pad_id, engine=engine, mesh=mesh,
+                  stop_strings=stop_strings, tokenizer=tokenizer, held=range(b * g, copies * b * g))
+
+  def score(rollout: Rollout, i: int) -> Scored:
+    one = PromptBatch(prompts.tokens[i:i + 1], prompts.mask[i:i + 1], [prompts.texts[i]],
+                      {k: [v[i]] for k, v in dict(prompts.fields).items()})
+    scored = score_rollout(Rollout(*jax.device_get(tuple(rollout))), one, 0.0,
+                           tokenizer=tokenizer, num_samples=g,
+                           max_new_tokens=sampling.max_new_tokens, **score_options)
+    return scored._replace(prompt_index=np.full((g,), i))
+
+  return stream_informative(run, score, b, g, max_resample=max_resample)

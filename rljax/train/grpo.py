@@ -58,7 +58,7 @@ from rljax.ops.masking import aggregate, masked_mean
 from rljax.agents.rollout import MultiTurnConfig
 from rljax.rollout.engine import EngineConfig
 from rljax.rollout.sampling import SamplingConfig
-from rljax.train.dynamic_sampling import sample_informative
+from rljax.train.dynamic_sampling import collect_streamed, sample_informative
 from rljax.train.experience import Experience, check_experience, experience_from_rollout
 from rljax.train.forward import completion_logprobs
 from rljax.train.normalizers import agg_count, rescale_to_normalizer
@@ -107,8 +107,11 @@ class GRPOConfig:
       outcome supervision, the reward fn returns float32 [B] — or "process" (process
       supervision, `grpo_process_advantages`): the reward fn returns `rljax.rewards.StepRewards`.
       A reward of the other kind raises ValueError.
-    dynamic_sampling: drop zero-variance groups and refill by resampling (DAPO; False).
-    max_resample: extra rollouts allowed per step to refill (3).
+    dynamic_sampling: drop zero-variance groups and refill by resampling (DAPO; False). On the
+      engine a stream: a prompt whose group is uninformative gets its next group at once,
+      into free slots of the same run (`collect_streamed`); with `generate` or an environment,
+      whole extra rollouts (`sample_informative`).
+    max_resample: extra groups per prompt (engine) or extra rollouts per step (3).
     overlong_cache: DAPO's soft overlong penalty interval L_cache (`soft_overlong_penalty`);
       None disables it. overlong_factor: its scale (1.0).
     use_rollout_logprobs: apply truncated importance sampling from the sampler's log-probs.
@@ -354,8 +357,20 @@ class GRPOTrainer(OnPolicyTrainer):
     return make_grpo_update(self.graphdef, self.optimizer, self.config)
 
   def collect(self, state: TrainState, prompts: Any, key: jax.Array):
-    """Rollout + rewards with dynamic sampling (`sample_informative`)."""
+    """Rollout + rewards with dynamic sampling: on the engine a stream of resampled groups
+    (`collect_streamed`), with `generate` or multi-turn resampled batches
+    (`sample_informative`)."""
     c = self.config
+    if c.dynamic_sampling and c.engine is not None and self.environment is None:
+      scored, metrics = collect_streamed(
+        self.sampler_graphdef, self.sampler_params(state), prompts, key, c.sampling,
+        max_resample=c.max_resample, stop_tokens=self.stop_tokens, pad_id=self.pad_id,
+        engine=c.engine, mesh=self.mesh, stop_strings=self.stop_strings,
+        tokenizer=self.tokenizer, reward_fn=self.reward_fn, overlong_cache=c.overlong_cache,
+        overlong_factor=c.overlong_factor, nonfinite_rewards=c.nonfinite_rewards,
+        drop_groups=self.drop_groups)
+      check_reward_kind(scored, c.advantage)
+      return scored, metrics
 
     def rollout(k):
       scored = self.rollout(state, prompts, k, overlong_cache=c.overlong_cache,

@@ -235,7 +235,22 @@ def collect_rollout(
                           stop_tokens=stop_tokens, pad_id=pad_id, engine=engine, mesh=mesh,
                           stop_strings=strings, tokenizer=tokenizer)
   rollout = Rollout(*jax.device_get(tuple(out)))
-  seconds = time.perf_counter() - start
+  return score_rollout(rollout, prompts, time.perf_counter() - start, reward_fn=reward_fn,
+                       tokenizer=tokenizer, num_samples=n, max_new_tokens=sampling.max_new_tokens,
+                       overlong_cache=overlong_cache, overlong_factor=overlong_factor,
+                       process=process, nonfinite_rewards=nonfinite_rewards,
+                       drop_groups=drop_groups)
+
+
+def score_rollout(rollout: Rollout, prompts: Any, seconds: float, *, reward_fn: Callable,
+                  tokenizer: Any, num_samples: int, max_new_tokens: int,
+                  overlong_cache: int | None = None, overlong_factor: float = 1.0,
+                  process: bool | None = None, nonfinite_rewards: str = "raise",
+                  drop_groups: bool = False) -> Scored:
+  """The `Scored` of a host `rollout` of `prompts` (`num_samples` rows per prompt, in order):
+  `collect_rollout`'s scoring (reward fn, overlong penalty, non-finite rows), `seconds` its
+  sampling time."""
+  n = num_samples
   completions = decode_completions(tokenizer, rollout)
   texts = repeat_rows(list(prompts.texts), n)
   fields = {k: repeat_rows(list(v), n) for k, v in dict(prompts.fields).items()}
@@ -247,7 +262,7 @@ def collect_rollout(
     raw = step_reward_totals(step_rewards, step_mask)
   scores = raw
   if overlong_cache is not None:
-    penalty = soft_overlong_penalty(rollout.lengths, max_length=sampling.max_new_tokens,
+    penalty = soft_overlong_penalty(rollout.lengths, max_length=max_new_tokens,
                                     cache=overlong_cache, factor=overlong_factor)
     scores = raw + penalty
     if step_rewards is not None:
