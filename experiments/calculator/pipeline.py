@@ -163,15 +163,18 @@ def make_grpo_trainer(config: CalculatorConfig, data: CalculatorData, graphdef: 
   return trainer, trainer.init_state(state)
 
 
-def evaluate(trainer: GRPOTrainer, state: TrainState, rows: list, seed: int = 0
-             ) -> dict[str, float]:
+def evaluate(trainer: GRPOTrainer, state: TrainState, rows: list, seed: int = 0, *,
+             samples: int = 0) -> tuple[dict[str, float], list[dict]]:
   """Greedy accuracy (exact product) and tool-use rate (rows that called the calculator) of
-  the multi-turn rollouts of `rows`."""
+  the multi-turn rollouts of `rows`, and the first `samples` of them as records (prompt,
+  answer, completion, reward)."""
   sampling = dataclasses.replace(trainer.config.sampling, num_samples=1, temperature=0.0)
   with trainer.scope():
     scored = trainer.rollout(state, rows, jax.random.key(seed), sampling)
   tool = np.mean(["<tool_call>" in c for c in scored.completions])
-  return {"accuracy": float(np.mean(scored.raw_scores > 0.5)), "tool_rate": float(tool)}
+  records = [{**row, "completion": c, "reward": float(r)} for row, c, r in
+             zip(rows[:samples], scored.completions, scored.raw_scores)]
+  return {"accuracy": float(np.mean(scored.raw_scores > 0.5)), "tool_rate": float(tool)}, records
 
 
 def run_grpo(config: CalculatorConfig, data: CalculatorData, trainer: GRPOTrainer,
@@ -199,13 +202,13 @@ def run(config: CalculatorConfig, *, log: Log = print) -> dict[str, float]:
   graphdef, sft_state = run_sft(config, data, log=log)
   times["sft_seconds"] = time.perf_counter() - t
   trainer, state = make_grpo_trainer(config, data, graphdef, sft_state)
-  before = evaluate(trainer, state, data.eval_rows, config.seed)
+  before, _ = evaluate(trainer, state, data.eval_rows, config.seed)
   log(f"after SFT: accuracy {100 * before['accuracy']:.1f}%  tool use "
       f"{100 * before['tool_rate']:.1f}%")
   t = time.perf_counter()
   state = run_grpo(config, data, trainer, state, log=log)
   times["rl_seconds"] = time.perf_counter() - t
-  after = evaluate(trainer, state, data.eval_rows, config.seed)
+  after, _ = evaluate(trainer, state, data.eval_rows, config.seed)
   times["total_seconds"] = time.perf_counter() - start
   log(f"after GRPO: accuracy {100 * after['accuracy']:.1f}%  tool use "
       f"{100 * after['tool_rate']:.1f}%")

@@ -73,9 +73,11 @@ def evaluate(run, state) -> dict[str, float]:
   rows = eval_rows()
   if id(run) not in _BEFORE:
     _, params, frozen = split_model(run.model)
-    start = evaluate_rows(run.trainer, state.replace(params=params, frozen=frozen), rows)
+    start, _ = evaluate_rows(run.trainer, state.replace(params=params, frozen=frozen), rows)
     _BEFORE[id(run)] = {f"{k}_before": v for k, v in start.items()}
-  return {**evaluate_rows(run.trainer, state, rows), **_BEFORE[id(run)]}
+  metrics, run.samples = evaluate_rows(run.trainer, state, rows,
+                                       samples=run.config.logging.samples)
+  return {**metrics, **_BEFORE[id(run)]}
 
 
 config = ExperimentConfig(
