@@ -40,8 +40,10 @@ EOS = TOKENIZER.eos_token_id
 CONFIG = ModelConfig(vocab_size=len(TOKENIZER), hidden_size=32, intermediate_size=64,
                      num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8)
 N, G, TIMEOUT = 48, 2, 0.5
-KINDS = ("chat", "first", "empty", "stop inside", "long", "error", "slow", "turns")
+KINDS = ("chat", "first", "empty", "stop inside", "long", "error", "slow", "turns", "tool error")
 ENGINE = EngineConfig(num_slots=6, block_size=4, blocks_per_step=2, sync_every=4)
+TOOL_ERROR = {"role": "tool", "name": "calculator",
+              "content": "Error: calculator raised ValueError: not an arithmetic expression"}
 MULTI_TURN = MultiTurnConfig(max_turns=3, turn_tokens=8, env_timeout_s=TIMEOUT, prompt_length=16)
 
 
@@ -73,8 +75,10 @@ class Scripted(RowEnvironment):
       reply = Observation(tokens=(EOS, 9, EOS))
     if kind == "long":
       reply = Observation(messages=({"role": "user", "content": "hello world " * 30},))
+    if kind == "tool error":  # a failed tool call: its error is the observation, a tool message
+      reply = Observation(messages=(TOOL_ERROR,))
     done = {"first": turn == 1, "chat": turn == 2, "stop inside": turn == 2,
-            "empty": turn == 3}.get(kind, False)
+            "empty": turn == 3, "tool error": turn == 2}.get(kind, False)
     return RowStep(reply, reward=float(turn), done=done, state=(kind, row, turn))
 
 
@@ -103,7 +107,8 @@ def rolled(model):
 
 
 def _observation(kind):
-  return {"empty": CHAT.observation_tokens(Observation()), "stop inside": [EOS, 9, EOS]}.get(
+  return {"empty": CHAT.observation_tokens(Observation()), "stop inside": [EOS, 9, EOS],
+          "tool error": CHAT.observation_tokens([TOOL_ERROR])}.get(
     kind, CHAT.observation_tokens([{"role": "user", "content": "the answer is"}]))
 
 
@@ -139,7 +144,7 @@ def test_turn_boundary_cases(rolled):
   truncated = out.truncated.reshape(-1, G)
   case = {kind: i for i, kind in enumerate(KINDS)}
   assert (turns[case["first"]] == 1).all() and not truncated[case["first"]].any()
-  assert (turns[case["chat"]] <= 2).all()
+  assert (turns[case["chat"]] <= 2).all() and (turns[case["tool error"]] <= 2).all()
   assert (turns[case["turns"]] == 3).all() and truncated[case["turns"]].all()  # out of turns
   assert truncated[case["long"]].all() and (turns[case["long"]] == 1).all()  # did not fit
   for kind in ("error", "slow"):  # the failure became an observation and ended the row
