@@ -10,7 +10,9 @@ Each of the R = B·G rows (example i, sample j → row i·G + j) runs in a slot 
   turn       the policy decodes until a stop token, a stop string or `turn_tokens`; the slot
              pauses (its blocks stay reserved)
   step       `safe_step(env, …)` on the paused rows, in a worker thread while the other slots
-             go on decoding: errors and timeouts of the environment become observations
+             go on decoding: errors and timeouts of the environment become observations. The
+             action's text is its ids decoded with special tokens kept (tool-call tags may be
+             special), its closing stop id dropped (`action_text`)
   observe    done, or `max_turns` policy turns taken: the row ends. Else the appended ids are
              `ChatTurns.close_turn` (the end-of-turn ids the policy did not sample) and
              `ChatTurns.observation_tokens` (the observation as the chat template's delta, or
@@ -189,7 +191,7 @@ def multi_turn_rollout(
   rows = [_Row(state) for state in states]
   stops = set(run.options.stop_tokens)
   metrics: collections.Counter = collections.Counter()
-  waiting: dict[concurrent.futures.Future, list[int]] = {}
+  waiting: dict[concurrent.futures.Future, list[tuple[int, np.ndarray, str]]] = {}
   with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="rljax-rollout") as worker:
     while not run.done:
       paused = run.advance()
