@@ -5,8 +5,9 @@ prefix-shared KV cache.
 for the same key: token t of request r is drawn with fold_in(fold_in(key, r), t) by both), but
 it never decodes a finished row. R = B·G requests (prompt i, sample j → request i·G + j) are
 served by `num_slots` decode slots; when a request stops (a stop token or its budget), its slot
-takes the next pending request. The host runs the schedule between device calls, two jitted
-programs with static shapes (compiled once per shape and options):
+takes the next pending request. The host runs the schedule between device calls (`EngineRun`:
+`engine_generate` advances one until every request is done), jitted programs with static shapes
+(compiled once per shape and options):
 
   prefill   `prefill_rows` prompts (padding stripped, right-aligned to a multiple of the block
             size) through the model, their keys / values written into blocks of the pool and
@@ -17,13 +18,22 @@ programs with static shapes (compiled once per shape and options):
             of the prompt's partial last block, then fresh ones); then up to `sync_every` steps
             of every slot (`rljax.models.paged_kv.decode_hidden`: attention over a slot's blocks
             only) in a `lax.while_loop` that returns to the host as soon as `refill_slots` slots
-            are free and requests wait. Its prologue first deactivates the slots whose requests
-            the host cut at a stop string (`cancel`), before admitting new ones.
+            are free and requests wait. Its prologue first rewinds the slots whose requests the
+            host cut at a stop string (`rewind`), before admitting new ones;
+  extend    (extensible slots, `EngineRun(hold=True)`) paused slots fed a chunk of token ids
+            at their own positions — the slot's cached keys gathered from its blocks, the chunk
+            attending causally, its keys written back — and their next token sampled.
 
 Stop strings (`stop_strings=`, `rljax.rollout.stops`): between device calls the host decodes the
-new tokens of each request (every prefix once) and ends it at the first token whose text
-completes a stop string; the schedule frees its slot and blocks at once, the next decode call
-deactivates the slot, and the tokens sampled past the cut are dropped from the `Rollout`.
+new tokens of each request's current turn (every prefix once) and ends it at the first token
+whose text completes a stop string; the next device call rewinds the slot to the cut (the
+keys cached past it are ignored, then overwritten), so a held request can continue from there,
+and the tokens sampled past the cut are dropped from the `Rollout`.
+
+Extensible slots (`hold=True`): a request whose turn ends keeps its slot and blocks, paused;
+the host `extend`s it (a multi-turn environment's observation) or `finish`es it. Held requests
+(`held=`) wait until `release`d: dynamic sampling's resamples enter free slots of the same run
+(`rljax.train.dynamic_sampling.stream_informative`).
 
 On a mesh both run per data shard (`mesh=`): each device group of the data axes holds its own
 slots, pool and share of the prompts.
