@@ -17,7 +17,8 @@ Formulations:
                              whitens in the same program (written out for advantages already
                              0 at masked positions: three passes over [B, T]).
   jit(gae + masked_whiten)   the same scan, whitened by the general `masked_whiten` in one
-                             jitted program (the library's whitening before 2026-12-02).
+                             jitted program that also returns the returns (the library's
+                             `whiten=True` before 2026-12-02).
   ... unroll=U               the same scan with `lax.scan(..., unroll=U)`.
   scan emits (A, R)          the previous implementation: the scan writes both the masked
                              advantage and the return at every step (two outputs transposed back).
@@ -265,8 +266,9 @@ def main() -> None:
   extra = {
       "gae, then masked_whiten (eager)":
           lambda: masked_whiten(returns.gae(r, v, m, gamma=gamma, lam=lam)[0], m),
-      "jit(gae + masked_whiten)": (lambda f: lambda: f(r, v, m))(jax.jit(
-          lambda r, v, m: masked_whiten(returns.gae(r, v, m, gamma=gamma, lam=lam)[0], m))),
+      "jit(gae + masked_whiten)": (lambda f: lambda: f(r, v, m)[0])(jax.jit(
+          lambda r, v, m: (lambda adv, ret: (masked_whiten(adv, m), ret))(
+              *returns.gae(r, v, m, gamma=gamma, lam=lam)))),
   }
   if args.short:
     rows = rows[:1]
