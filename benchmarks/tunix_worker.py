@@ -10,7 +10,8 @@ command per line on stdin; the worker answers one JSON line per command on stdou
         rljax weights in workdir/weights.npz, an RLCluster and a GRPOLearner; reply with the
         parameter count, versions, backend, pip freeze and the learner's kl_loss_mode
   {"op": "reference"}       rl_cluster.get_ref_per_token_logps (what the learner calls)
-  {"op": "lower_update"}    lower + compile the actor trainer's jitted train step (once)
+  {"op": "lower_update"}    lower + compile the actor trainer's jitted train step (once): wall
+        and process CPU seconds, temp memory, distinct kernels (`hlo_stats`)
   {"op": "update"}          one call of that jitted train step (PeftTrainer's train_step)
   {"op": "gae"}             the "gae" advantage estimator (algo_core.compute_gae_advantages)
   {"op": "dump"}            write ref log-probs / GAE advantages to workdir for checks
@@ -37,6 +38,8 @@ import traceback
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from hlo_stats import distinct_kernels
 
 
 class IdTokenizer:
@@ -266,14 +269,16 @@ class Worker:
     if jitted is None or not hasattr(jitted, "lower"):
       jitted = self.trainer._jitted_train_step_fn.func.__wrapped__
     with self._actor_mesh():
-      start = time.perf_counter()
+      cpu_start, start = time.process_time(), time.perf_counter()
       lowered = jitted.lower(self.trainer.model, self.trainer.optimizer, example)
       lowered_s = time.perf_counter() - start
       compiled = lowered.compile()
-      total = time.perf_counter() - start
+      total, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     memory = compiled.memory_analysis()
     hlo = compiled.as_text()
-    return {"seconds": total, "lower_seconds": lowered_s,
+    kernels, kernel_instructions = distinct_kernels(hlo)
+    return {"seconds": total, "lower_seconds": lowered_s, "cpu_seconds": cpu,
+            "kernels": kernels, "kernel_instructions": kernel_instructions,
             "temp_bytes": int(memory.temp_size_in_bytes),
             "argument_bytes": int(memory.argument_size_in_bytes),
             "logits_dots": sorted({s for s in _dot_shapes(hlo) if str(self.c["vocab_size"]) in s})}
