@@ -61,6 +61,9 @@ What is timed (median, min-max over the repetitions; one call per sample, up to
   5. GAE, B=256, T=2048, whitened: Tunix's "gae" advantage estimator
      (`algo_core.compute_gae_advantages`, already jitted, whitening included) vs.
      `rljax.ops.returns.gae(..., whiten=True)` (jitted inside the library); the same inputs.
+     Each sample is the median of a burst of GAE_CALLS calls, and which library goes first
+     alternates. Both in ONE process with many paired rounds: `benchmarks/gae.py --short`
+     under Tunix's interpreter.
   6. XLA compile time of the update: lower + compile, once each, before any call (wall and
      process CPU time, and the distinct fusion kernels XLA generated: `hlo_stats`); several
      fresh-process compiles: `benchmarks/compile_time.py`.
@@ -161,6 +164,7 @@ CONFIG = {
   "gae_batch": 256, "gae_length": 2048, "gamma": 1.0, "lam": 0.95, "matmul_n": 2048,
 }
 EXPECTED_PARAMS = 6_032_128
+GAE_CALLS = 5  # GAE calls per library and repetition (their median is the sample)
 
 
 def model_config(c: dict) -> ModelConfig:
@@ -485,10 +489,18 @@ def _run(args, workdir: str, workers: list) -> dict:
       t_tupd = worker.call("update")["seconds"]
       samples["tunix_update"].append(t_tupd)
       samples["tunix_batch"].append(samples["tunix_reference"][-1] + t_tupd)
-    samples["rljax_gae"].append(
-      timed(rljax_gae, *gae_args, gamma=c["gamma"], lam=c["lam"])[0])
-    if worker:
-      samples["tunix_gae"].append(worker.call("gae", gamma=c["gamma"], lam=c["lam"])["seconds"])
+    # GAE: a burst of GAE_CALLS calls per library, its median one sample; the library that goes
+    # first alternates (the first call after the other process's multi-second update runs ~2x
+    # slower on this VM, whichever library it is).
+    gae_order = ["rljax", "tunix"] if rep % 2 == 0 else ["tunix", "rljax"]
+    for lib in gae_order:
+      if lib == "rljax":
+        samples["rljax_gae"].append(statistics.median(
+          timed(rljax_gae, *gae_args, gamma=c["gamma"], lam=c["lam"])[0]
+          for _ in range(GAE_CALLS)))
+      elif worker:
+        samples["tunix_gae"].append(statistics.median(
+          worker.call("gae", gamma=c["gamma"], lam=c["lam"], calls=GAE_CALLS)["all_seconds"]))
     samples["matmul"].append(timed(matmul, mat_a, mat_b)[0])
   load("end")
 

@@ -13,7 +13,8 @@ command per line on stdin; the worker answers one JSON line per command on stdou
   {"op": "lower_update"}    lower + compile the actor trainer's jitted train step (once): wall
         and process CPU seconds, temp memory, distinct kernels (`hlo_stats`)
   {"op": "update"}          one call of that jitted train step (PeftTrainer's train_step)
-  {"op": "gae"}             the "gae" advantage estimator (algo_core.compute_gae_advantages)
+  {"op": "gae", "calls": n}  n calls of the "gae" advantage estimator
+        (algo_core.compute_gae_advantages)
   {"op": "dump"}            write ref log-probs / GAE advantages to workdir for checks
   {"op": "setup_sampler", "workdir": ..., "config": {...}}  only the Qwen3 (rollout_engine.py)
   {"op": "sampler_case", "name": ..., "prompts": [[ids]], "max_new_tokens": N,
@@ -294,15 +295,18 @@ class Worker:
             "kl": float(aux["kl"]), "entropy": float(aux["entropy"])}
 
   def gae(self, cmd):
+    """`calls` (default 1) timed calls; "seconds" is the first one's, "all_seconds" all."""
     a = self.gae_args
-    start = time.perf_counter()
-    out = self.gae_fn(rewards=a["gae_rewards"], values=a["gae_values"],
-                      completion_mask=a["gae_mask"], gamma=cmd["gamma"],
-                      gae_lambda=cmd["lam"])
-    jax.block_until_ready(out)
-    seconds = time.perf_counter() - start
+    times = []
+    for _ in range(int(cmd.get("calls", 1))):
+      start = time.perf_counter()
+      out = self.gae_fn(rewards=a["gae_rewards"], values=a["gae_values"],
+                        completion_mask=a["gae_mask"], gamma=cmd["gamma"],
+                        gae_lambda=cmd["lam"])
+      jax.block_until_ready(out)
+      times.append(time.perf_counter() - start)
     self.gae_out = out
-    return {"seconds": seconds}
+    return {"seconds": times[0], "all_seconds": times}
 
   def dump(self, cmd):
     arrays = {}
