@@ -398,7 +398,10 @@ def scan_layers(
 ) -> Array:
   """Applies all layers with `jax.lax.scan` over the stacked parameters and the per-layer
   inputs: sliding windows (`layer_windows`) and RoPE rows (`layer_rope_index`) of the
-  `rope_tables` cos, sin [R, B, T, Dh]; remat if configured."""
+  `rope_tables` cos, sin [R, B, T, Dh]; remat if configured. With every layer unrolled
+  (`layer_unroll` = L, the CPU default) it is the same body in a Python loop over
+  `layer_params` (the program XLA sees is the same unrolled chain, with fewer distinct
+  kernels)."""
 
   def body(carry: Array, xs) -> tuple[Array, None]:
     p, window, rope = xs
