@@ -14,7 +14,11 @@ Formulations:
                              [T, B] (inputs transposed once), [B] carries; each step emits the
                              carried advantage, the zeros at masked positions and the returns
                              A + V are formed after the one transpose back; `whiten=True`
-                             whitens in the same program.
+                             whitens in the same program (written out for advantages already
+                             0 at masked positions: three passes over [B, T]).
+  jit(gae + masked_whiten)   the same scan, whitened by the general `masked_whiten` in one
+                             jitted program that also returns the returns (the library's
+                             `whiten=True` before 2026-12-02).
   ... unroll=U               the same scan with `lax.scan(..., unroll=U)`.
   scan emits (A, R)          the previous implementation: the scan writes both the masked
                              advantage and the return at every step (two outputs transposed back).
@@ -27,9 +31,22 @@ Formulations:
                              linear recurrence A_t = d_t + c_t·A_{t+1} (c = γλ or 1 when masked).
   numpy loop                 a per-step numpy loop over T on [B] vectors (not jitted), the
                              masked form of verl's `compute_gae_advantage_return`.
+  Tunix                      Google Tunix 0.1.7's `algo_core.compute_gae_advantages` (jitted,
+                             whitening included; the same reverse scan, masked carries by
+                             arithmetic), in the same process, when `tunix` is importable: run
+                             the script under Tunix's interpreter with this repo on PYTHONPATH
+                             (both pin jax 0.10.2, so rljax imports there; see
+                             benchmarks/grpo_step.py for the venv). Its whitened output is
+                             checked equal to rljax's on the valid tokens.
+
+Besides the medians the table gives each whitened formulation's *paired* ratio: the median over
+rounds of (its time / rljax gae's time in the same round), which cancels most of the load that
+other processes put on a shared machine.
 
   python benchmarks/gae.py                      # B=256, T=2048
   python benchmarks/gae.py --batch 64 --length 512 --repeats 10
+  PYTHONPATH=$PWD /work/tunix-venv/bin/python benchmarks/gae.py --repeats 300 --no-numpy \
+      --unrolls "" --short                      # rljax vs. Tunix, many paired rounds
 """
 
 from __future__ import annotations
@@ -185,8 +202,9 @@ ALTERNATIVES = {
 }
 
 
-def interleaved_medians(cases: dict, repeats: int) -> dict:
-  """Median wall time of each case, called round-robin (one call per case per round)."""
+def interleaved_times(cases: dict, repeats: int) -> dict:
+  """Wall times of each case, called round-robin (one call per case per round, the order
+  reversed every other round)."""
   for fn in cases.values():  # warm-up (compiles)
     jax.block_until_ready(fn())
   times = {name: [] for name in cases}
@@ -196,7 +214,7 @@ def interleaved_medians(cases: dict, repeats: int) -> dict:
       start = time.perf_counter()
       jax.block_until_ready(cases[name]())
       times[name].append(time.perf_counter() - start)
-  return {name: statistics.median(t) for name, t in times.items()}
+  return times
 
 
 def fmt(seconds: float) -> str:
@@ -212,6 +230,9 @@ def main() -> None:
   parser.add_argument("--repeats", type=int, default=20, help="timed calls per case (>= 10)")
   parser.add_argument("--unrolls", default="2,4,8,16,32", help="other scan unroll factors")
   parser.add_argument("--no-numpy", action="store_true", help="skip the (slow) numpy loop")
+  parser.add_argument("--short", action="store_true",
+                      help="time only rljax gae, jit(gae + masked_whiten) and Tunix's (if "
+                           "importable), for many paired rounds")
   args = parser.parse_args()
   B, T, gamma, lam = args.batch, args.length, args.gamma, args.lam
   load_before = os.getloadavg()
@@ -239,15 +260,19 @@ def main() -> None:
            lambda: returns.gae(r, v, m, gamma=gamma, lam=lam, whiten=True))]
   for u in [int(x) for x in args.unrolls.split(",") if x]:
     rows.append((f"  ... unroll={u}", library(False, u), library(True, u)))
-  for name, fn in ALTERNATIVES.items():
+  for name, fn in ({} if args.short else ALTERNATIVES).items():
     plain, whitened = jax.jit(fn), then_whiten(fn)
     rows.append((name, lambda f=plain: f(r, v, m, g, gl), lambda f=whitened: f(r, v, m, g, gl)))
   extra = {
       "gae, then masked_whiten (eager)":
           lambda: masked_whiten(returns.gae(r, v, m, gamma=gamma, lam=lam)[0], m),
-      "jit(gae + masked_whiten)": (lambda f: lambda: f(r, v, m))(jax.jit(
-          lambda r, v, m: masked_whiten(returns.gae(r, v, m, gamma=gamma, lam=lam)[0], m))),
+      "jit(gae + masked_whiten)": (lambda f: lambda: f(r, v, m)[0])(jax.jit(
+          lambda r, v, m: (lambda adv, ret: (masked_whiten(adv, m), ret))(
+              *returns.gae(r, v, m, gamma=gamma, lam=lam)))),
   }
+  if args.short:
+    rows = rows[:1]
+    del extra["gae, then masked_whiten (eager)"]
 
   # Correctness: every formulation against the numpy loop (and the whitened ones among themselves).
   ref_adv, ref_ret = numpy_loop_gae(rewards, values, mask, gamma, lam)
@@ -261,6 +286,18 @@ def main() -> None:
                 float(np.max(np.abs(np.asarray(wadv) - ref_white))))
   for fn in extra.values():
     worst = max(worst, float(np.max(np.abs(np.asarray(fn()) - ref_white))))
+  tunix_diff = None
+  try:
+    from tunix.rl import algo_core
+  except ImportError:
+    pass
+  else:  # Tunix leaves its whitened values at masked positions: compare the valid tokens only
+    tunix_gae = algo_core.compute_gae_advantages
+    extra["Tunix compute_gae_advantages"] = lambda: tunix_gae(
+        rewards=r, values=v, completion_mask=m, gamma=gamma, gae_lambda=lam)[0]
+    ours_white = np.asarray(rows[0][2]()[0])
+    tunix_diff = float(np.max(np.abs(np.where(mask, np.asarray(
+        extra["Tunix compute_gae_advantages"]()) - ours_white, 0))))
 
   cases = {}
   for name, plain, whitened in rows:
@@ -268,7 +305,14 @@ def main() -> None:
     cases[(name, True)] = whitened
   for name, fn in extra.items():
     cases[(name, True)] = fn
-  medians = interleaved_medians(cases, args.repeats)
+  times = interleaved_times(cases, args.repeats)
+  medians = {name: statistics.median(t) for name, t in times.items()}
+
+  def paired(name) -> str:  # median over rounds of time / rljax gae's (whitened) time
+    ratios = [a / b for a, b in zip(times[(name, True)], times[("rljax gae", True)])]
+    q1, q3 = np.percentile(ratios, [25, 75])
+    return f"{statistics.median(ratios):5.2f}x ({q1:.2f}-{q3:.2f})"
+
   numpy_s = None
   if not args.no_numpy:
     numpy_times = []
@@ -280,18 +324,26 @@ def main() -> None:
   load_after = os.getloadavg()
 
   ours, ours_w = medians[("rljax gae", False)], medians[("rljax gae", True)]
-  print(f"{'formulation':34s} {'un-whitened':>12s} {'whitened':>12s}   whitened vs rljax gae")
+  print(f"{'formulation':34s} {'un-whitened':>12s} {'whitened':>12s}   whitened vs rljax gae: "
+        "ratio of medians, paired (interquartile range)")
   for name, _, _ in rows:
     a, w = medians[(name, False)], medians[(name, True)]
-    print(f"{name:34s} {fmt(a)} {fmt(w)}   {w / ours_w:5.2f}x")
+    print(f"{name:34s} {fmt(a)} {fmt(w)}   {w / ours_w:5.2f}x  {paired(name)}")
   for name in extra:
     w = medians[(name, True)]
-    print(f"{name:34s} {'':>11s} {fmt(w)}   {w / ours_w:5.2f}x")
+    print(f"{name:34s} {'':>11s} {fmt(w)}   {w / ours_w:5.2f}x  {paired(name)}")
   if numpy_s is not None:
     print(f"{'numpy loop over T (not jitted)':34s} {fmt(numpy_s)} {'':>11s}    "
           f"{numpy_s / ours:5.1f}x the un-whitened rljax gae")
   print(f"first call of rljax gae (compile + run): {fmt(compile_s)};  all formulations agree with "
         f"the numpy loop to {worst:.1e}")
+  if tunix_diff is not None:
+    name = ("Tunix compute_gae_advantages", True)
+    ratios = [a / b for a, b in zip(times[("rljax gae", True)], times[name])]
+    print(f"rljax gae (whitened) / Tunix: {ours_w / medians[name]:.2f}x the time (ratio of "
+          f"medians), paired {statistics.median(ratios):.2f}x (interquartile range "
+          + "-".join(f"{q:.2f}" for q in np.percentile(ratios, [25, 75])) + ")")
+    print(f"Tunix's whitened advantages vs rljax's, valid tokens: max |diff| {tunix_diff:.1e}")
   print(f"load average (1, 5, 15 min) after:  {load_after[0]:.2f} {load_after[1]:.2f} "
         f"{load_after[2]:.2f}")
 

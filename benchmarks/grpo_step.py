@@ -61,7 +61,12 @@ What is timed (median, min-max over the repetitions; one call per sample, up to
   5. GAE, B=256, T=2048, whitened: Tunix's "gae" advantage estimator
      (`algo_core.compute_gae_advantages`, already jitted, whitening included) vs.
      `rljax.ops.returns.gae(..., whiten=True)` (jitted inside the library); the same inputs.
-  6. XLA compile time of the update: lower + compile, once each, before any call.
+     Each sample is the median of a burst of GAE_CALLS calls, and which library goes first
+     alternates. Both in ONE process with many paired rounds: `benchmarks/gae.py --short`
+     under Tunix's interpreter.
+  6. XLA compile time of the update: lower + compile, once each, before any call (wall and
+     process CPU time, and the distinct fusion kernels XLA generated: `hlo_stats`); several
+     fresh-process compiles: `benchmarks/compile_time.py`.
   7. Compiled temp memory of the update: `memory_analysis().temp_size_in_bytes` of that
      compile.
   8. Machine f32 matmul peak: a jitted 2048^3 matmul in this process, sampled with the
@@ -103,6 +108,7 @@ from rljax.train.onpolicy import UpdateConfig
 from rljax.train.state import create_train_state
 
 from bench_utils import print_side_by_side
+from hlo_stats import distinct_kernels
 
 # ----------------------------------------------------------------------------------------------
 # The rljax side: small functions, switched to the public trainer API later.
@@ -158,6 +164,7 @@ CONFIG = {
   "gae_batch": 256, "gae_length": 2048, "gamma": 1.0, "lam": 0.95, "matmul_n": 2048,
 }
 EXPECTED_PARAMS = 6_032_128
+GAE_CALLS = 5  # GAE calls per library and repetition (their median is the sample)
 
 
 def model_config(c: dict) -> ModelConfig:
@@ -429,15 +436,18 @@ def _run(args, workdir: str, workers: list) -> dict:
   if worker:
     first["tunix_reference"] = worker.call("reference")["seconds"]
   train_batch = build_batch(ref_logp, old_logp)
-  start = time.perf_counter()
+  cpu_start, start = time.process_time(), time.perf_counter()
   lowered = rljax_lower_update(trainer, state, train_batch)
   compiled = lowered.compile()
   compile_s = {"rljax": time.perf_counter() - start}
+  compile_cpu = {"rljax": time.process_time() - cpu_start}
   temp = {"rljax": compiled.memory_analysis().temp_size_in_bytes}
+  kernels = {"rljax": distinct_kernels(compiled.as_text())[0]}
   del lowered, compiled
   if worker:
     reply = worker.call("lower_update")
     compile_s["tunix"], temp["tunix"] = reply["seconds"], reply["temp_bytes"]
+    compile_cpu["tunix"], kernels["tunix"] = reply["cpu_seconds"], reply["kernels"]
     result["tunix_logits_dots"] = reply["logits_dots"]
   first["rljax_update"], (state, metrics) = timed(rljax_update, trainer, state, train_batch)
   checks = {"rljax_first_update": {k: float(v) for k, v in metrics.items()}}
@@ -479,10 +489,18 @@ def _run(args, workdir: str, workers: list) -> dict:
       t_tupd = worker.call("update")["seconds"]
       samples["tunix_update"].append(t_tupd)
       samples["tunix_batch"].append(samples["tunix_reference"][-1] + t_tupd)
-    samples["rljax_gae"].append(
-      timed(rljax_gae, *gae_args, gamma=c["gamma"], lam=c["lam"])[0])
-    if worker:
-      samples["tunix_gae"].append(worker.call("gae", gamma=c["gamma"], lam=c["lam"])["seconds"])
+    # GAE: a burst of GAE_CALLS calls per library, its median one sample; the library that goes
+    # first alternates (the first call after the other process's multi-second update runs ~2x
+    # slower on this VM, whichever library it is).
+    gae_order = ["rljax", "tunix"] if rep % 2 == 0 else ["tunix", "rljax"]
+    for lib in gae_order:
+      if lib == "rljax":
+        samples["rljax_gae"].append(statistics.median(
+          timed(rljax_gae, *gae_args, gamma=c["gamma"], lam=c["lam"])[0]
+          for _ in range(GAE_CALLS)))
+      elif worker:
+        samples["tunix_gae"].append(statistics.median(
+          worker.call("gae", gamma=c["gamma"], lam=c["lam"], calls=GAE_CALLS)["all_seconds"]))
     samples["matmul"].append(timed(matmul, mat_a, mat_b)[0])
   load("end")
 
@@ -495,7 +513,8 @@ def _run(args, workdir: str, workers: list) -> dict:
   flops = {"useful": update_flops(c, c["completion_len"], 3),
            "rljax": rljax_update_flops(trainer, state, batch),
            "tunix": update_flops(c, c["prompt_len"] + c["completion_len"], 3)}
-  result.update(stats=stats, paired_ratios=paired, compile_seconds=compile_s, temp_bytes=temp, flops=flops,
+  result.update(stats=stats, paired_ratios=paired, compile_seconds=compile_s,
+                compile_cpu_seconds=compile_cpu, compile_kernels=kernels, temp_bytes=temp, flops=flops,
                 matmul_peak_flops=peak,
                 tokens_per_batch=int(tokens.size), rljax_recomputes_old_logp=recompute_old,
                 completion_tokens=int(np.asarray(completion_mask).sum()))
@@ -547,6 +566,11 @@ def report(r: dict) -> str:
   rows.append(("6. XLA compile of the update (lower + compile, once), s",
                f"{cs['tunix']:.2f}" if "tunix" in cs else na, f"{cs['rljax']:.2f}",
                ratio(cs.get("rljax"), cs.get("tunix"))))
+  cc, ck = r["compile_cpu_seconds"], r["compile_kernels"]
+  rows.append(("6. ... its process CPU time, s", f"{cc['tunix']:.2f}" if "tunix" in cc else na,
+               f"{cc['rljax']:.2f}", ratio(cc.get("rljax"), cc.get("tunix"))))
+  rows.append(("6. ... distinct fusion kernels XLA generated (`hlo_stats`)",
+               str(ck.get("tunix", na)), str(ck["rljax"]), ratio(ck.get("rljax"), ck.get("tunix"))))
   rows.append(("7. compiled temp memory of the update, MiB",
                f"{tb['tunix'] / 2**20:.1f}" if "tunix" in tb else na,
                f"{tb['rljax'] / 2**20:.1f}", ratio(tb.get("rljax"), tb.get("tunix"))))

@@ -10,9 +10,11 @@ command per line on stdin; the worker answers one JSON line per command on stdou
         rljax weights in workdir/weights.npz, an RLCluster and a GRPOLearner; reply with the
         parameter count, versions, backend, pip freeze and the learner's kl_loss_mode
   {"op": "reference"}       rl_cluster.get_ref_per_token_logps (what the learner calls)
-  {"op": "lower_update"}    lower + compile the actor trainer's jitted train step (once)
+  {"op": "lower_update"}    lower + compile the actor trainer's jitted train step (once): wall
+        and process CPU seconds, temp memory, distinct kernels (`hlo_stats`)
   {"op": "update"}          one call of that jitted train step (PeftTrainer's train_step)
-  {"op": "gae"}             the "gae" advantage estimator (algo_core.compute_gae_advantages)
+  {"op": "gae", "calls": n}  n calls of the "gae" advantage estimator
+        (algo_core.compute_gae_advantages)
   {"op": "dump"}            write ref log-probs / GAE advantages to workdir for checks
   {"op": "setup_sampler", "workdir": ..., "config": {...}}  only the Qwen3 (rollout_engine.py)
   {"op": "sampler_case", "name": ..., "prompts": [[ids]], "max_new_tokens": N,
@@ -37,6 +39,8 @@ import traceback
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from hlo_stats import distinct_kernels
 
 
 class IdTokenizer:
@@ -266,14 +270,16 @@ class Worker:
     if jitted is None or not hasattr(jitted, "lower"):
       jitted = self.trainer._jitted_train_step_fn.func.__wrapped__
     with self._actor_mesh():
-      start = time.perf_counter()
+      cpu_start, start = time.process_time(), time.perf_counter()
       lowered = jitted.lower(self.trainer.model, self.trainer.optimizer, example)
       lowered_s = time.perf_counter() - start
       compiled = lowered.compile()
-      total = time.perf_counter() - start
+      total, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     memory = compiled.memory_analysis()
     hlo = compiled.as_text()
-    return {"seconds": total, "lower_seconds": lowered_s,
+    kernels, kernel_instructions = distinct_kernels(hlo)
+    return {"seconds": total, "lower_seconds": lowered_s, "cpu_seconds": cpu,
+            "kernels": kernels, "kernel_instructions": kernel_instructions,
             "temp_bytes": int(memory.temp_size_in_bytes),
             "argument_bytes": int(memory.argument_size_in_bytes),
             "logits_dots": sorted({s for s in _dot_shapes(hlo) if str(self.c["vocab_size"]) in s})}
@@ -289,15 +295,18 @@ class Worker:
             "kl": float(aux["kl"]), "entropy": float(aux["entropy"])}
 
   def gae(self, cmd):
+    """`calls` (default 1) timed calls; "seconds" is the first one's, "all_seconds" all."""
     a = self.gae_args
-    start = time.perf_counter()
-    out = self.gae_fn(rewards=a["gae_rewards"], values=a["gae_values"],
-                      completion_mask=a["gae_mask"], gamma=cmd["gamma"],
-                      gae_lambda=cmd["lam"])
-    jax.block_until_ready(out)
-    seconds = time.perf_counter() - start
+    times = []
+    for _ in range(int(cmd.get("calls", 1))):
+      start = time.perf_counter()
+      out = self.gae_fn(rewards=a["gae_rewards"], values=a["gae_values"],
+                        completion_mask=a["gae_mask"], gamma=cmd["gamma"],
+                        gae_lambda=cmd["lam"])
+      jax.block_until_ready(out)
+      times.append(time.perf_counter() - start)
     self.gae_out = out
-    return {"seconds": seconds}
+    return {"seconds": times[0], "all_seconds": times}
 
   def dump(self, cmd):
     arrays = {}

@@ -70,6 +70,29 @@ def test_unrolled_layer_scan_equals_the_rolled_one(model):
     CONFIG.replace(scan_unroll=0)
 
 
+def test_unrolled_layer_params_are_exactly_the_slices():
+  """`layer_params` selects norms and biases by a one-hot contraction (one kernel for all
+  layers, see its doc) and slices the matmul weights: bitwise the slice, value and gradient."""
+  from rljax.models.transformer import layer_params
+
+  rng = np.random.default_rng(0)
+  stacked = {"attn_norm": rng.normal(size=(3, 8)), "q_bias": rng.normal(size=(3, 2, 4)),
+             "q_proj": rng.normal(size=(3, 8, 2, 4))}
+  stacked = {k: jnp.asarray(v, jnp.float32) for k, v in stacked.items()}
+  weights = {k: jnp.asarray(rng.normal(size=v.shape[1:]), jnp.float32) for k, v in stacked.items()}
+  for i in range(3):
+    got = layer_params(stacked, i, 3)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), got, {k: v[i] for k, v in
+                                                                          stacked.items()})
+
+    def total(s, select):
+      return sum(jnp.sum(w * p) for w, p in zip(weights.values(), select(s).values()))
+
+    grad = jax.grad(total)(stacked, lambda s: layer_params(s, i, 3))
+    want = jax.grad(total)(stacked, lambda s: {k: v[i] for k, v in s.items()})
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), grad, want)
+
+
 def test_hlo_structure_does_not_grow_with_depth():
   whiles_2, count_2, ops_2 = _hlo_op_stats(2)
   whiles_8, count_8, ops_8 = _hlo_op_stats(8)

@@ -195,6 +195,21 @@ def test_whiten_option_is_masked_whiten(x64):
   assert abs(valid.mean()) < 1e-12 and abs(valid.std(ddof=1) - 1) < 1e-6
 
 
+def test_whiten_equals_masked_whiten_in_float32():
+  # The whitening written out for advantages already 0 at masked positions (`_whiten_zeroed`)
+  # against the library's general `masked_whiten`, on a larger float32 multi-turn batch with
+  # garbage (NaN, 1e30) at masked positions.
+  rng = np.random.default_rng(14)
+  rewards, values = (rng.normal(size=(8, 96)).astype(np.float32) for _ in range(2))
+  mask = rng.random((8, 96)) < 0.7
+  mask[3] = False
+  rewards[~mask], values[~mask] = np.nan, 1e30
+  adv, _ = gae(rewards, values, mask, gamma=0.99, lam=0.9)
+  white, _ = gae(rewards, values, mask, gamma=0.99, lam=0.9, whiten=True)
+  np.testing.assert_allclose(white, jax.jit(masked_whiten)(adv, mask), rtol=1e-6, atol=1e-6)
+  assert np.all(np.asarray(white)[~mask] == 0)
+
+
 def test_whiten_degenerate_masks_give_zeros():
   rewards, values, _ = make_inputs(11, np.float32)
   single = np.zeros((B, T), bool)
