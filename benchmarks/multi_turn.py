@@ -340,7 +340,6 @@ def _run(args, workdir: str) -> dict:
                      "freeze": pip_freeze() if not args.no_freeze else [],
                      "backend": jax.default_backend(), "python": sys.executable}
 
-  worker = None
   if args.tunix_python:
     np.savez(os.path.join(workdir, "weights.npz"), **flatten_params(params))
   worker = start_tunix(args, workdir, c, result)
