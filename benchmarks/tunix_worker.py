@@ -20,6 +20,10 @@ command per line on stdin; the worker answers one JSON line per command on stdou
   {"op": "sampler_case", "name": ..., "prompts": [[ids]], "max_new_tokens": N,
    "eos_tokens": [...], "top_p": ...}  a `tunix.generate.sampler.Sampler` for one case
   {"op": "sample", "name": ..., "seed": ...}  one Sampler call: seconds and completion lengths
+  {"op": "turn_sampler", "name": ..., "width": W, "max_new_tokens": N, "eos_tokens": [...]}
+        a Sampler for one turn of `multi_turn.py`'s re-prefill loop (prompts left-padded to W)
+  {"op": "sample_ids", "name": ..., "prompts": [[ids]], "seed": ..., "top_p": ...}  one call
+        of that Sampler on these prompts: seconds and the completions' ids
   {"op": "quit"}
 
 Every timed reply carries "seconds": wall time of one call up to `jax.block_until_ready`.
@@ -371,6 +375,42 @@ class Worker:
     if cmd.get("tokens"):
       reply["tokens"] = completions
     return reply
+
+
+  # -- multi-turn re-prefill (benchmarks/multi_turn.py) ----------------------------------------
+
+  def turn_sampler(self, cmd):
+    """A Sampler for one turn of the re-prefill loop: every prompt left-padded to `width`
+    (`max_prompt_length`: one compile per turn, whatever the histories' lengths), KV cache of
+    width + N slots."""
+    from tunix.generate import sampler as sampler_lib
+
+    c = self.c
+    cache = sampler_lib.CacheConfig(cache_size=cmd["width"] + cmd["max_new_tokens"],
+                                    num_layers=c["num_layers"], num_kv_heads=c["num_kv_heads"],
+                                    head_dim=c["head_dim"])
+    tokenizer = IdTokenizer(c["pad_id"], cmd["eos_tokens"][0])
+    self.cases[cmd["name"]] = dict(cmd, sampler=sampler_lib.Sampler(self.model, tokenizer, cache))
+    return {"cache_size": cache.cache_size}
+
+  def sample_ids(self, cmd):
+    """One Sampler call of turn sampler `name` on `prompts` (id lists, built into strings
+    inside the timing: Tunix's interface is text); temperature 1, `top_p` (None: greedy).
+    Replies its seconds, the completions (cut before the first eos token, as Tunix returns
+    them) and whether each prompt came back as exactly its ids behind the left padding."""
+    case = self.cases[cmd["name"]]
+    prompts = [list(map(int, p)) for p in cmd["prompts"]]
+    start = time.perf_counter()
+    out = case["sampler"](
+      [IdTokenizer.text(p) for p in prompts], max_generation_steps=case["max_new_tokens"],
+      max_prompt_length=case["width"], echo=False, eos_tokens=case["eos_tokens"],
+      temperature=1.0, top_p=cmd.get("top_p"), top_k=None, seed=int(cmd["seed"]))
+    seconds = time.perf_counter() - start
+    padded = np.asarray(out.padded_prompt_tokens)
+    same_ids = all(padded[i, padded.shape[1] - len(p):].tolist() == p
+                   for i, p in enumerate(prompts))
+    return {"seconds": seconds, "tokens": [np.asarray(t).tolist() for t in out.tokens],
+            "same_ids": bool(same_ids)}
 
 
 def _dot_shapes(hlo: str) -> list[str]:
