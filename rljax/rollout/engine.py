@@ -832,11 +832,12 @@ class EngineRun:
 
   def completion(self, requests: Sequence[int]) -> list[np.ndarray]:
     """The completion tokens so far (the chunks included) of each of `requests`."""
-    rows = np.asarray(requests, np.int64)
-    if not len(rows):
+    if not len(requests):
       return []
-    tokens = jax.device_get(self.out.tokens.reshape(-1, self.out.tokens.shape[-1])[rows])
-    return [tokens[i, :self.steps[r]] for i, r in enumerate(rows)]
+    # The whole [R, N] buffer to the host and indexed there: indexing on the device with a
+    # varying number of rows compiled a gather per count.
+    tokens = np.asarray(jax.device_get(self.out.tokens)).reshape(-1, self.out.tokens.shape[-1])
+    return [tokens[r, :self.steps[r]] for r in requests]
 
   def ended(self, requests: Sequence[int]) -> list[str]:
     """How the current turn of each of `requests` (paused) ended: "stop_token", "stop_string"
@@ -917,8 +918,9 @@ class EngineRun:
     return ended
 
   def _extend_chunks(self) -> None:
-    """Runs `_extend` on the waiting chunks, E rows per call (a power of two, ≤ the slots),
-    their width padded to a power of two (≥ 8): a compile per (E, K) bucket."""
+    """Runs `_extend` on the waiting chunks, E = `refill_slots` rows per call (the pauses a
+    decode call returns for), their width padded to a power of two (≥ 8): a compile per K
+    bucket (and slot count)."""
     d, s = self.shards.count, self.slots_count
     per_shard = [[] for _ in range(d)]
     for request, chunk in sorted(self.chunks.items()):
