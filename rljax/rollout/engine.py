@@ -918,9 +918,8 @@ class EngineRun:
     return ended
 
   def _extend_chunks(self) -> None:
-    """Runs `_extend` on the waiting chunks, E = `refill_slots` rows per call (the pauses a
-    decode call returns for), their width padded to a power of two (≥ 8): a compile per K
-    bucket (and slot count)."""
+    """Runs `_extend` on the waiting chunks, E rows per call (a power of two, ≤ the slots),
+    their width padded to a power of two (≥ 8): a compile per (E, K) bucket."""
     d, s = self.shards.count, self.slots_count
     per_shard = [[] for _ in range(d)]
     for request, chunk in sorted(self.chunks.items()):
