@@ -87,3 +87,10 @@ def print_side_by_side(title: str, table: str, result: dict, *, freeze: bool,
   if json_path:
     with open(json_path, "w") as f:
       json.dump(result, f, indent=1)
+
+
+def require_positive(parser, args, names) -> None:
+  """argparse error unless every option in `names` is >= 1."""
+  for name in names:
+    if getattr(args, name) < 1:
+      parser.error(f"--{name.replace('_', '-')} must be >= 1; got {getattr(args, name)}")

@@ -88,7 +88,7 @@ from rljax.models.transformer import Transformer
 from rljax.rollout.engine import EngineConfig, engine_generate
 from rljax.rollout.sampling import SamplingConfig
 
-from bench_utils import print_side_by_side
+from bench_utils import print_side_by_side, require_positive
 from grpo_step import (
   CONFIG,
   EXPECTED_PARAMS,
@@ -563,10 +563,8 @@ def main() -> None:
   parser.add_argument("--no-freeze", action="store_true",
                       help="do not collect / print the pip freezes")
   args = parser.parse_args()
-  for name in ("turns", "repeats", "warmup", "prompts", "samples", "prompt_length", "turn_tokens",
-               "observation_tokens", "slots"):
-    if getattr(args, name) < 1:
-      parser.error(f"--{name.replace('_', '-')} must be >= 1; got {getattr(args, name)}")
+  require_positive(parser, args, ("turns", "repeats", "warmup", "prompts", "samples",
+                                  "prompt_length", "turn_tokens", "observation_tokens", "slots"))
   if not 0 <= args.stop_ids < CONFIG["vocab_size"] - 2:
     parser.error(f"--stop-ids must lie in [0, {CONFIG['vocab_size'] - 2}); got {args.stop_ids}")
   if CLOSE_ID >= args.stop_ids > 0:

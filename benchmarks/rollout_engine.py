@@ -80,7 +80,7 @@ from rljax.rollout import generate
 from rljax.rollout.engine import EngineConfig, engine_generate, engine_layout
 from rljax.rollout.sampling import SamplingConfig
 
-from bench_utils import print_side_by_side
+from bench_utils import print_side_by_side, require_positive
 from grpo_step import (
   CONFIG,
   EXPECTED_PARAMS,
@@ -564,10 +564,8 @@ def main() -> None:
   parser.add_argument("--no-freeze", action="store_true",
                       help="do not print the two pip freezes (they are always in --json)")
   args = parser.parse_args()
-  for name in ("repeats", "prompts", "prompt_length", "new_tokens", "samples",
-               "max_new_tokens", "stop_ids", "greedy_tokens"):
-    if getattr(args, name) < 1:
-      parser.error(f"--{name.replace('_', '-')} must be >= 1; got {getattr(args, name)}")
+  require_positive(parser, args, ("repeats", "prompts", "prompt_length", "new_tokens", "samples",
+                                  "max_new_tokens", "stop_ids", "greedy_tokens"))
   if not 0 <= args.top_p <= 1:
     parser.error(f"--top-p must lie in [0, 1]; got {args.top_p}")
   if args.mean_length < 1:

@@ -29,6 +29,8 @@ gives the same trajectories for the same seed, actions and tool results.
 
 from __future__ import annotations
 
+import abc
+
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -162,7 +164,7 @@ def _check_rows(actions, action_tokens, states) -> int:
   return rows
 
 
-class RowEnvironment:
+class RowEnvironment(abc.ABC):
   """An environment defined row by row; the batched `Environment` protocol is derived.
 
   Subclasses implement `reset_row(example, rng) -> (messages, state)` and
@@ -173,11 +175,13 @@ class RowEnvironment:
 
   max_workers: int = 8
 
+  @abc.abstractmethod
   def reset_row(self, example: Any, rng: np.random.Generator) -> tuple[list[dict], Any]:
-    raise NotImplementedError
+    """Row `example`'s initial chat messages and state, from the row's own generator."""
 
+  @abc.abstractmethod
   def step_row(self, action: str, action_tokens: Sequence[int], state: Any) -> RowStep:
-    raise NotImplementedError
+    """One row's step: its turn's text and ids, its state."""
 
   def reset(self, examples: Sequence[Any], *, seed: int) -> tuple[list[list[dict]], list[Any]]:
     """reset_row(examples[i], np.random.default_rng([seed, i])) for every row i."""
