@@ -14,9 +14,11 @@ Positions are contiguous: a slot's cached tokens have positions 0 … length −
 stored without their padding, whose positions `Transformer.hidden_states` skips too), so a key
 is visible to the query at position `length` iff its position is < length and inside the
 layer's sliding window. `paged_attention` runs an online softmax (the flash-attention update)
-over the query's own key and `blocks_per_step` blocks at a time in a `lax.while_loop` whose
-bound is the largest number of blocks any active slot holds: a decode step's cost follows the
-longest live sequence, never the pool size or the maximum length.
+over the query's own key and a *work list* of chunks — `blocks_per_step` blocks of one slot —
+taking S chunks of all slots at a time in a `lax.while_loop` and merging each chunk's softmax
+partials into its slot's: a decode step's cost follows the total number of blocks the active
+slots hold (⌈Σ chunks / S⌉ iterations), never the pool size, the maximum length or S times the
+longest live sequence.
 
 Within one device call of the engine's decode loop the pool is read-only: each step's new keys
 and values go to a small per-call buffer (`recent`, attended to densely) and `write_recent`
@@ -102,9 +104,9 @@ def paged_attention(
   [S, M, KV, Dh]): the engine's decode loop keeps them apart and writes the pool once per call,
   so that the pool is an invariant of the loop (written inside it, every step copied it).
 
-  in float32 with an online softmax over `blocks_per_step` blocks per iteration, from the first
-  block any slot's window reaches to the last block any slot holds (a slot with length 0 reads
-  none: idle slots pass 0); or, with `kernel` ("pallas", no window; see
+  in float32 with an online softmax over the work list of chunks (`blocks_per_step` blocks of
+  one slot, from the first its window reaches to its last), S chunks per iteration (a slot with
+  length 0 has none: idle slots pass 0); or, with `kernel` ("pallas", no window; see
   `rljax.models.paged_kernels`), the cached keys by the kernel, whose softmax partials are
   merged with those of the own and recent keys by their log-sum-exp.
 
@@ -133,8 +135,8 @@ def paged_attention(
   scale = dh**-0.5 if scale is None else scale
   qg = jnp.swapaxes(q.reshape(s_count, kv, g, dh), 0, 1).astype(jnp.float32)  # [KV, S, G, Dh]
 
-  def scores(keys):  # keys [KV, S, n, Dh] -> [KV, S, G, n]
-    raw = jnp.einsum("ksgd,ksnd->ksgn", qg, keys.astype(jnp.float32)) * scale
+  def scores(keys, queries=qg):  # keys [KV, S, n, Dh] -> [KV, S, G, n]
+    raw = jnp.einsum("ksgd,ksnd->ksgn", queries, keys.astype(jnp.float32)) * scale
     return soft_cap(raw, softcap)
 
   own = scores(jnp.swapaxes(k_self, 0, 1)[:, :, None])  # [KV, S, G, 1]
@@ -167,25 +169,41 @@ def paged_attention(
                                           softcap=softcap, blocks_per_step=blocks_per_step)
     m, l, acc = _merge((m, l, acc), parts)
   else:
-    first = jnp.zeros((), jnp.int32)
+    # The work list: chunk c < count_s of slot s reads the blocks_per_step blocks of block-step
+    # first_s + c; the chunks of all slots in slot order, s_count of them per iteration.
+    last = (lengths + span - 1) // span  # block-steps holding the slot's cached tokens
+    first = jnp.zeros_like(lengths)
     if window is not None:
-      earliest = jnp.where(lengths > 0, jnp.maximum(position - window + 1, 0), 2**30)
-      first = jnp.minimum(jnp.min(earliest), jnp.max(lengths)) // span
-    last = (jnp.max(lengths) + span - 1) // span  # block-steps holding any cached token
+      first = jnp.minimum(jnp.maximum(position - window + 1, 0) // span, last)
+    count = last - first
+    ends = jnp.cumsum(count)
+    total = ends[-1]
+    slots = jnp.arange(s_count)
 
     def body(carry):
-      j, m, l, acc = carry
-      ids = jax.lax.dynamic_slice_in_dim(table, j * blocks_per_step, blocks_per_step, axis=1)
+      i, m, l, acc = carry
+      c = i * s_count + slots  # [K] chunk indices
+      owner = jnp.minimum(jnp.sum(c[:, None] >= ends[None, :], axis=1), s_count - 1)
+      valid = c < total
+      step = first[owner] + c - (ends[owner] - count[owner])  # the chunk's block-step
+      cols = jnp.minimum(step[:, None] * blocks_per_step + jnp.arange(blocks_per_step),
+                         table.shape[1] - 1)
+      ids = jnp.take_along_axis(table[owner], cols, axis=1)  # [K, blocks_per_step]
       keys = pool.k[layer][:, ids].reshape(kv, s_count, span, dh)
       values = pool.v[layer][:, ids].reshape(kv, s_count, span, dh)
-      p = j * span + jnp.arange(span)
-      visible = p[None, :] < lengths[:, None]
+      p = step[:, None] * span + jnp.arange(span)
+      visible = valid[:, None] & (p < lengths[owner][:, None])
       if window is not None:
-        visible &= position[:, None] - p[None, :] < window
-      s = jnp.where(visible[None, :, None, :], scores(keys), -jnp.inf)
-      return (j + 1, *update((m, l, acc), s, values))
+        visible &= position[owner][:, None] - p < window
+      s = jnp.where(visible[None, :, None, :], scores(keys, qg[:, owner]), -jnp.inf)
+      m_c = jnp.max(s, axis=-1)  # [KV, K, G]
+      probs = jnp.exp(s - jnp.where(jnp.isfinite(m_c), m_c, 0.0)[..., None])
+      parts = (m_c, jnp.sum(probs, axis=-1),
+               jnp.einsum("kcgn,kcnd->kcgd", probs, values.astype(jnp.float32)))
+      return (i + 1, *_merge_chunks((m, l, acc), parts, owner))
 
-    _, m, l, acc = jax.lax.while_loop(lambda c: c[0] < last, body, (first, m, l, acc))
+    steps = (total + s_count - 1) // s_count
+    _, m, l, acc = jax.lax.while_loop(lambda c: c[0] < steps, body, (0, m, l, acc))
   out = jnp.swapaxes(acc / l[..., None], 0, 1)  # [S, KV, G, Dh]
   return out.reshape(s_count, h, dh).astype(q.dtype)
 
@@ -201,6 +219,28 @@ def _merge(state: tuple[Array, Array, Array], parts: tuple[Array, Array, Array])
   correction = jnp.exp(m - m_new)
   l = l * correction + jnp.sum(l_parts * weight, axis=-1)
   acc = acc * correction[..., None] + jnp.einsum("...n,...nd->...d", weight, o_parts)
+  return m_new, l, acc
+
+
+def _merge_chunks(state: tuple[Array, Array, Array], parts: tuple[Array, Array, Array],
+                  owner: Array):
+  """The online-softmax state of the slots (m, l [KV, S, G], acc [KV, S, G, Dh]) extended by
+  chunk partials (m_c, l_c [KV, K, G], o_c [KV, K, G, Dh]) over disjoint keys, chunk c of slot
+  `owner[c]`: m'_s = max(m_s, max_{c ∈ s} m_c), l'_s = l_s·e^(m_s − m'_s) + Σ_{c ∈ s}
+  l_c·e^(m_c − m'_s), likewise acc with o_c (the sums over a slot's chunks as one-hot matmuls).
+  m_s is finite (every slot's own key is in the state), so a chunk with no visible key
+  (m_c = −∞) has weight 0."""
+  m, l, acc = state
+  m_parts, l_parts, o_parts = parts
+  onehot = owner[:, None] == jnp.arange(m.shape[1])[None, :]  # [K, S]
+  chunk_max = jnp.max(jnp.where(onehot[None, :, None, :], m_parts[..., None], -jnp.inf), axis=1)
+  m_new = jnp.maximum(m, jnp.swapaxes(chunk_max, 1, 2))  # [KV, S, G]
+  weight = jnp.exp(m_parts - m_new[:, owner])  # [KV, K, G]
+  spread = onehot.astype(jnp.float32)
+  correction = jnp.exp(m - m_new)
+  l = l * correction + jnp.einsum("kcg,cs->ksg", l_parts * weight, spread)
+  acc = acc * correction[..., None] + jnp.einsum("kcgd,cs->ksgd", o_parts * weight[..., None],
+                                                 spread)
   return m_new, l, acc
 
 

@@ -109,8 +109,9 @@ class EngineConfig:
       live slots compacted into a smaller program, one more compile per size), down to this
       many (None: ⌈num_slots / 4⌉; num_slots: never) — the drain at the end costs what its
       live rows cost, not what every slot does.
-    blocks_per_step: KV blocks read per iteration of the decode attention loop (8: 128 keys
-      of 16-token blocks; fewer, larger reads were faster on CPU, `benchmarks/rollout_engine.py`).
+    blocks_per_step: KV blocks of one slot per chunk of the decode attention's work list (4: 64
+      keys of 16-token blocks; on CPU as fast as 8 at equal lengths and faster on ragged ones,
+      `benchmarks/rollout_engine.py`; the Pallas kernel's pages per compute block).
     attention: the decode step's attention over the pool (`rljax.models.paged_kernels`): "auto"
       (the backend's kernel where it supports the model, else "blockwise"), "blockwise" (the
       pure-JAX loop over blocks), "pallas" (JAX's Pallas GPU paged-attention kernel) or
@@ -124,7 +125,7 @@ class EngineConfig:
   refill_slots: int | None = None
   prefill_rows: int | None = None
   min_slots: int | None = None
-  blocks_per_step: int = 8
+  blocks_per_step: int = 4
   attention: str = "auto"
 
   def __post_init__(self) -> None:

@@ -1,8 +1,8 @@
-"""Paged decode attention against the naive reference over the same keys laid out contiguously.
+"""Paged decode attention against a numpy softmax over the same keys laid out contiguously.
 
 Every slot's cached keys are scattered over random pool blocks (a block table per slot); the
-reference gathers them back into a dense [S, length + 1, KV, Dh] row (the query's own key last)
-and runs `naive_attention` with the causal / window mask. Idle slots (length 0) attend to their
+reference gathers them back into a dense [length + 1, KV, Dh] row per slot (the query's own key
+last) and applies the window mask. Idle slots (length 0) attend to their
 own key only.
 """
 
@@ -12,8 +12,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from rljax.models.attention import naive_attention
 from rljax.models.paged_kv import PagedKV, copy_blocks, paged_attention, write_blocks
 
 S, H, KV, DH, BS, NB, MB = 5, 4, 2, 8, 4, 48, 8
@@ -32,28 +33,35 @@ def _case(seed: int):
 
 
 def _reference(pool, layer, blocks, lengths, q, k_self, v_self, *, window, softcap, scale):
-  """Naive attention over each slot's keys gathered into one dense row (own key at the end)."""
+  """Softmax attention in numpy over each slot's keys gathered into one dense row (own key at
+  the end, position = length), the window counted back from the query."""
+  q, k_self, v_self = (np.asarray(x, np.float64) for x in (q, k_self, v_self))
+  scale = DH**-0.5 if scale is None else scale
   outs = []
   for s, length in enumerate(lengths):
     ids = blocks[s]
-    keys = np.moveaxis(np.asarray(pool.k[layer])[:, ids], 0, 2).reshape(-1, KV, DH)[:length]
-    values = np.moveaxis(np.asarray(pool.v[layer])[:, ids], 0, 2).reshape(-1, KV, DH)[:length]
-    keys = np.concatenate([keys, np.asarray(k_self[s])[None]], 0)[None]
-    values = np.concatenate([values, np.asarray(v_self[s])[None]], 0)[None]
-    positions = np.arange(length + 1)
-    visible = np.ones((1, 1, length + 1), bool)
+    keys, values = (np.moveaxis(np.asarray(x[layer], np.float64)[:, ids], 0, 2)
+                    .reshape(-1, KV, DH)[:length] for x in (pool.k, pool.v))
+    keys = np.concatenate([keys, k_self[s][None]], 0)  # [length + 1, KV, Dh]
+    values = np.concatenate([values, v_self[s][None]], 0)
+    visible = np.ones(length + 1, bool)
     if window is not None:
-      visible &= (length - positions < window)[None, None]
-    outs.append(naive_attention(jnp.asarray(q[s])[None, None], jnp.asarray(keys),
-                                jnp.asarray(values), jnp.asarray(visible), scale=scale,
-                                softcap=softcap)[0, 0])
+      visible &= length - np.arange(length + 1) < window
+    heads = np.arange(H) // (H // KV)  # the KV head of each query head
+    scores = np.einsum("hd,nhd->hn", q[s], keys[:, heads]) * scale
+    if softcap is not None:
+      scores = softcap * np.tanh(scores / softcap)
+    scores = np.where(visible[None], scores, -np.inf)
+    weights = np.exp(scores - scores.max(axis=1, keepdims=True))
+    weights /= weights.sum(axis=1, keepdims=True)
+    outs.append(np.einsum("hn,nhd->hd", weights, values[:, heads]))
   return np.stack(outs)
 
 
 @pytest.mark.parametrize("window,softcap,scale,per_step", [
   (None, None, None, 1), (None, None, None, 4), (6, None, None, 2), (None, 5.0, 0.3, 2),
 ])
-def test_paged_attention_equals_naive_on_gathered_keys(window, softcap, scale, per_step):
+def test_paged_attention_equals_the_softmax_over_gathered_keys(window, softcap, scale, per_step):
   pool, blocks, lengths, q, k_self, v_self = _case(0)
   window_arg = None if window is None else jnp.int32(window)
   for layer in (0, 1):
@@ -63,6 +71,25 @@ def test_paged_attention_equals_naive_on_gathered_keys(window, softcap, scale, p
     ref = _reference(pool, layer, blocks, lengths, q, k_self, v_self, window=window,
                      softcap=softcap, scale=scale)
     np.testing.assert_allclose(np.asarray(out), ref, atol=1e-5, rtol=1e-5)
+
+
+_jitted_attention = jax.jit(paged_attention, static_argnames=("blocks_per_step",))
+
+
+@settings(max_examples=8, deadline=None)
+@given(lengths=st.lists(st.integers(0, MB * BS), min_size=S, max_size=S),
+       window=st.one_of(st.none(), st.integers(1, 12)))
+def test_the_work_list_serves_any_mix_of_lengths(lengths, window):
+  """Any lengths (several chunks of one slot in one iteration of the work list, slots without
+  chunks, chunks left over in the last iteration) and windows: the naive result (values only
+  are drawn: one compiled program)."""
+  pool, blocks, _, q, k_self, v_self = _case(2)
+  lengths = np.asarray(lengths, np.int32)
+  out = _jitted_attention(q, k_self, v_self, pool, 1, jnp.asarray(blocks), jnp.asarray(lengths),
+                          window=jnp.int32(2**30 if window is None else window), blocks_per_step=1)
+  ref = _reference(pool, 1, blocks, lengths, q, k_self, v_self, window=window, softcap=None,
+                   scale=None)
+  np.testing.assert_allclose(np.asarray(out), ref, atol=1e-5, rtol=1e-5)
 
 
 def test_paged_attention_reads_only_the_blocks_of_live_tokens():
