@@ -64,7 +64,7 @@ def test_the_environment_runs_the_call_and_scores_the_answer():
 
 @pytest.mark.slow
 def test_grpo_raises_tool_use_and_accuracy():
-  """`python experiments/calculator/main.py` shortened (250 SFT, 12 GRPO steps), in a fresh
+  """`python experiments/calculator/main.py` shortened (200 SFT, 8 GRPO steps, 64 evaluation problems), in a fresh
   process on one CPU device, read from its last line."""
   root = Path(__file__).resolve().parents[1]
   flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
@@ -72,7 +72,7 @@ def test_grpo_raises_tool_use_and_accuracy():
                                 "--xla_force_host_platform_device_count"))]
   env = {**os.environ, "XLA_FLAGS": " ".join(flags)}
   out = subprocess.run([sys.executable, str(root / "experiments/calculator/main.py"), "--set",
-                        "sft_steps=250", "rl_steps=12", "num_eval=128"], env=env, cwd=root,
+                        "sft_steps=200", "rl_steps=8", "num_eval=64"], env=env, cwd=root,
                        capture_output=True, text=True, timeout=1200)
   assert out.returncode == 0, out.stderr[-3000:]
   last = out.stdout.strip().splitlines()[-1]
