@@ -919,15 +919,18 @@ class EngineRun:
     return ended
 
   def _extend_chunks(self) -> None:
-    """Runs `_extend` on the waiting chunks, E rows per call (a power of two, ≤ the slots),
-    their width padded to a power of two (≥ 8): a compile per (E, K) bucket."""
+    """Runs `_extend` on the waiting chunks, E rows per call (a power of two ≥ 8, ≤ the
+    slots), their width K padded to a power of two ≥ 8: a compile per (E, K) bucket. The
+    floor keeps the buckets few (a compile costs ~1 s on CPU, more on accelerators; the
+    calculator example's GRPO: 14 buckets → 8), and below 8 rows a call costs its per-op
+    overhead, not its rows."""
     d, s = self.shards.count, self.slots_count
     per_shard = [[] for _ in range(d)]
     for request, chunk in sorted(self.chunks.items()):
       shard, local = self._where(request)
       per_shard[shard].append((local, chunk))
     self.chunks = {}
-    e = min(_power_of_two(max(len(x) for x in per_shard)), s)
+    e = min(max(8, _power_of_two(max(len(x) for x in per_shard))), s)
     k = max(8, _power_of_two(max(len(c) for x in per_shard for _, c in x)))
     for start in range(0, max(len(x) for x in per_shard), e):
       rows = np.full((d, e), s, np.int32)

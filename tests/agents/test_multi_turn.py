@@ -171,12 +171,15 @@ def test_policy_logprobs_equal_teacher_forced_over_the_trajectory(model, rolled)
   assert (r.logprobs[~out.policy_mask] == 0).all()
 
 
-def test_observation_tokens_get_zero_gradient(model):
-  env = Scripted()
-  scored = collect_trajectories(*nnx.split(model), _examples(), jax.random.key(0),
-                                SamplingConfig(max_new_tokens=N, num_samples=G), env=env,
-                                chat=CHAT, stop_tokens=(EOS,), pad_id=0, config=MULTI_TURN,
-                                engine=ENGINE)
+def test_observation_tokens_get_zero_gradient(model, rolled):
+  """Through the trainers' `collect_trajectories` (the same rollout as `rolled`, the same
+  programs): the experience's loss mask is the policy mask and observations get no gradient."""
+  with jax.default_matmul_precision("highest"):
+    scored = collect_trajectories(*nnx.split(model), _examples(), jax.random.key(0),
+                                  SamplingConfig(max_new_tokens=N, num_samples=G), env=Scripted(),
+                                  chat=CHAT, stop_tokens=(EOS,), pad_id=0, config=MULTI_TURN,
+                                  engine=ENGINE)
+  np.testing.assert_array_equal(scored.rollout.tokens, rolled[0].rollout.tokens)
   batch = experience_from_rollout(scored)
   np.testing.assert_array_equal(batch.loss_mask, scored.policy_mask & scored.rollout.completion_mask)
   observed = np.asarray(batch.attention_mask[:, -N:]) & ~np.asarray(batch.loss_mask)
