@@ -153,6 +153,8 @@ def test_causal(model):
 
 
 def test_jit_matches_eager(model):
+  """Also the two layer paths of `scan_layers` on CPU: traced, a loop over the unrolled
+  layers; eager, the one scan program."""
   ids, mask = _ids((2, 6)), jnp.array([[0, 1, 1, 1, 1, 1]] * 2)
   graphdef, state = nnx.split(model)
   jitted = jax.jit(lambda s: nnx.merge(graphdef, s)(ids, mask))(state)
