@@ -41,7 +41,7 @@ import optax
 from bench_utils import median_seconds
 from flax import nnx
 
-from rljax.models.config import ModelConfig
+from rljax.models.config import REMAT_POLICIES, ModelConfig
 from rljax.models.lora import LoRAConfig, add_lora, lora_param_count, lora_trainable, merged
 from rljax.models.quant import quantize_base
 from rljax.models.transformer import Transformer
@@ -127,10 +127,10 @@ def grpo_memory_report(name: str, shape: dict, batch: int, microbatches=(1,)) ->
           f"{total[k, mode] / best_full:.3f}x full's least)")
 
 
-def training_step(shape: dict, mode: str, *, abstract: bool):
+def training_step(shape: dict, mode: str, *, abstract: bool, remat_policy: str = "nothing"):
   """(jitted step(params, frozen, opt_state, tokens), params, frozen, opt_state): value_and_grad
   of the mean log-prob + AdamW; `mode` "full", "lora" or "qlora" (NF4 base)."""
-  config = ModelConfig(**shape, remat=True, scan_unroll=1)
+  config = ModelConfig(**shape, remat=True, remat_policy=remat_policy, scan_unroll=1)
 
   make = functools.partial(make_model, config, mode)
   graphdef, params, frozen = nnx.split(nnx.eval_shape(make) if abstract else make(),
@@ -160,9 +160,11 @@ def step_memory(shape: dict, batch: int, length: int, mode: str) -> tuple[float,
   return m.argument_size_in_bytes / MIB, m.temp_size_in_bytes / MIB
 
 
-def step_seconds(shape: dict, batch: int, length: int, mode: str, repeats: int) -> float:
+def step_seconds(shape: dict, batch: int, length: int, mode: str, repeats: int,
+                 remat_policy: str = "nothing") -> float:
   """Median wall time of one training step (CPU), after a warm-up step."""
-  step, params, frozen, opt_state = training_step(shape, mode, abstract=False)
+  step, params, frozen, opt_state = training_step(shape, mode, abstract=False,
+                                                  remat_policy=remat_policy)
   tokens = jax.random.randint(jax.random.key(0), (batch, length), 0, shape["vocab_size"])
   state = [params, opt_state]
 
@@ -205,6 +207,8 @@ def main() -> None:
   parser.add_argument("--step-shape", default="2,128", metavar="B,T",
                       help="rows and tokens of the timed step (2,128; the goal's 8,512 takes "
                            "~10 min on 2 cores)")
+  parser.add_argument("--remat-policy", default="nothing", choices=REMAT_POLICIES,
+                      help="ModelConfig.remat_policy of the timed step (nothing)")
   parser.add_argument("--skip-decode", action="store_true")
   args = parser.parse_args()
   counts("SmolLM2-135M shape", SMOLLM2_135M)
@@ -222,9 +226,9 @@ def main() -> None:
     grpo_memory_report("1B shape", LLAMA_1B, 1)
   if args.time_steps:
     b, t = (int(x) for x in args.step_shape.split(","))
-    times = {mode: step_seconds(SMOLLM2_135M, b, t, mode, args.repeats)
+    times = {mode: step_seconds(SMOLLM2_135M, b, t, mode, args.repeats, args.remat_policy)
              for mode in ("full", "lora", "qlora")}
-    print(f"SmolLM2-135M shape step B={b} T={t} remat (CPU): " + ", ".join(
+    print(f"SmolLM2-135M shape step B={b} T={t} remat ({args.remat_policy}; CPU): " + ", ".join(
       f"{mode} {s:.2f} s ({s / times['full']:.2f}x)" for mode, s in times.items()))
   if not args.skip_decode:
     decode(args.repeats)

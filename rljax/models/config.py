@@ -28,6 +28,7 @@ from rljax.ops._checks import check_bool, check_choice, check_int, check_number
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text")
 GEMMA_MODEL_TYPES = ("gemma2", "gemma3_text")
 MLP_ACTIVATIONS = ("silu", "gelu_tanh")
+REMAT_POLICIES = ("nothing", "dots")
 # transformers' `hidden_act` / `hidden_activation` names of each `mlp_activation`.
 _HF_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
 SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
@@ -125,6 +126,10 @@ class ModelConfig:
     dtype: computation dtype of activations.
     param_dtype: dtype of parameters.
     remat: rematerialise (jax.checkpoint) each layer in the backward pass.
+    remat_policy: what a rematerialised layer keeps for its backward: "nothing" (recompute the
+      whole layer: the least memory), "dots" (keep the outputs of the projections' matmuls —
+      `jax.checkpoint_policies.dots_with_no_batch_dims_saveable` — and recompute the rest: the
+      forward's matmuls are not run twice, at their outputs' memory). Read only with `remat`.
     attention: the self-attention of full-sequence passes (training, log-probs, prefill;
       `rljax.models.attention.self_attention`): "blockwise" is the flash core (memory linear in
       T, block skipping), "naive" the dense reference (materialises [B, H, T, T] scores),
@@ -168,6 +173,7 @@ class ModelConfig:
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   remat: bool = False
+  remat_policy: str = "nothing"
   attention: str = "auto"
   attention_block: int = 128
   scan_unroll: int | None = None
@@ -206,6 +212,7 @@ class ModelConfig:
                  "qk_norm", "remat", "norm_plus_one", "post_norms", "scale_embeddings"):
       check_bool(name, getattr(self, name))
     check_choice("`mlp_activation`", self.mlp_activation, MLP_ACTIVATIONS)
+    check_choice("`remat_policy`", self.remat_policy, REMAT_POLICIES)
     for name in ("dtype", "param_dtype"):
       value = getattr(self, name)
       if isinstance(value, str):

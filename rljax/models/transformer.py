@@ -398,7 +398,7 @@ def scan_layers(
 ) -> Array:
   """Applies all layers with `jax.lax.scan` over the stacked parameters and the per-layer
   inputs: sliding windows (`layer_windows`) and RoPE rows (`layer_rope_index`) of the
-  `rope_tables` cos, sin [R, B, T, Dh]; remat if configured. With every layer unrolled
+  `rope_tables` cos, sin [R, B, T, Dh]; remat (with `remat_policy`) if configured. With every layer unrolled
   (`layer_unroll` = L, the CPU default) and traced, it is the same body in a Python loop over
   `layer_params` (the program XLA sees is the same unrolled chain, with fewer distinct
   kernels); called eagerly it stays one scan program (a loop would dispatch, and compile, every
@@ -410,7 +410,7 @@ def scan_layers(
     return decoder_layer(p, carry, layer_cos, layer_sin, attend, config, window), None
 
   if config.remat:
-    body = jax.checkpoint(body, prevent_cse=False)
+    body = jax.checkpoint(body, prevent_cse=False, policy=_REMAT_POLICIES[config.remat_policy])
   windows, rope = layer_windows(config), layer_rope_index(config)
   unrolled = layer_unroll(config) == config.num_layers  # every layer (the CPU default)
   if unrolled and isinstance(x, jax.core.Tracer):  # eagerly, one scan program beats op-by-op
@@ -421,6 +421,11 @@ def scan_layers(
     return x
   x, _ = jax.lax.scan(body, x, (stacked, windows, rope), unroll=layer_unroll(config))
   return x
+
+
+# `ModelConfig.remat_policy` -> what `jax.checkpoint` saves (None: nothing).
+_REMAT_POLICIES = {"nothing": None,
+                   "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
 
 
 # Per-layer parameters used elementwise (not as a matmul operand).

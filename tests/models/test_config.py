@@ -115,6 +115,9 @@ def test_bad_values_raise():
   with pytest.raises(ValueError, match="dtype"):
     ModelConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1, num_heads=2,
                 dtype="float8")
+  with pytest.raises(ValueError, match="remat_policy"):
+    ModelConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1, num_heads=2,
+                remat=True, remat_policy="everything")
 
 
 def test_gemma2_details():
