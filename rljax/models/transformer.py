@@ -398,11 +398,11 @@ def scan_layers(
 ) -> Array:
   """Applies all layers with `jax.lax.scan` over the stacked parameters and the per-layer
   inputs: sliding windows (`layer_windows`) and RoPE rows (`layer_rope_index`) of the
-  `rope_tables` cos, sin [R, B, T, Dh]; remat (with `remat_policy`) if configured. With every layer unrolled
-  (`layer_unroll` = L, the CPU default) and traced, it is the same body in a Python loop over
-  `layer_params` (the program XLA sees is the same unrolled chain, with fewer distinct
-  kernels); called eagerly it stays one scan program (a loop would dispatch, and compile, every
-  op of every layer on its own: `tests/models/test_attention.py` 48 -> 36 s)."""
+  `rope_tables` cos, sin [R, B, T, Dh]; remat (with `remat_policy`) if configured. With every
+  layer unrolled (`layer_unroll` = L, the CPU default) and traced, it is the same body in a
+  Python loop over `layer_params` (the program XLA sees is the same unrolled chain, with fewer
+  distinct kernels); called eagerly it stays one scan program (a loop would dispatch, and
+  compile, every op of every layer on its own: `tests/models/test_attention.py` 48 -> 36 s)."""
 
   def body(carry: Array, xs) -> tuple[Array, None]:
     p, window, rope = xs
