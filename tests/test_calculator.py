@@ -64,8 +64,8 @@ def test_the_environment_runs_the_call_and_scores_the_answer():
 
 @pytest.mark.slow
 def test_grpo_raises_tool_use_and_accuracy():
-  """`python experiments/calculator/main.py` shortened (200 SFT, 8 GRPO steps, 64 evaluation problems), in a fresh
-  process on one CPU device, read from its last line."""
+  """`python experiments/calculator/main.py` shortened (200 SFT, 8 GRPO steps, 64 evaluation
+  problems), in a fresh process on one CPU device, read from its last line."""
   root = Path(__file__).resolve().parents[1]
   flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
            if not f.startswith(("--xla_backend_optimization_level",

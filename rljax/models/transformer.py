@@ -412,8 +412,8 @@ def scan_layers(
   if config.remat:
     body = jax.checkpoint(body, prevent_cse=False, policy=_REMAT_POLICIES[config.remat_policy])
   windows, rope = layer_windows(config), layer_rope_index(config)
-  unrolled = layer_unroll(config) == config.num_layers  # every layer (the CPU default)
-  if unrolled and isinstance(x, jax.core.Tracer):  # eagerly, one scan program beats op-by-op
+  # Every layer unrolled (the CPU default) and traced; eagerly one scan program beats op-by-op.
+  if layer_unroll(config) == config.num_layers and isinstance(x, jax.core.Tracer):
     for i in range(config.num_layers):
       layer_xs = (layer_params(stacked, i, config.num_layers),
                   None if windows is None else windows[i], None if rope is None else rope[i])
