@@ -31,10 +31,12 @@ LONG_CONTEXT_MODEL = dict(vocab_size=32000, hidden_size=512, intermediate_size=1
 COLLECTIVE = r"\b(all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)(-start)?\("
 
 
-def median_seconds(fn: Callable[[], Any], repeats: int) -> float:
-  """Median wall time of `fn()` over `repeats` runs after one warm-up run (which compiles);
-  waits for the result's arrays (`jax.block_until_ready`)."""
-  jax.block_until_ready(fn())
+def median_seconds(fn: Callable[[], Any], repeats: int, warm_up: bool = True) -> float:
+  """Median wall time of `fn()` over `repeats` runs after one warm-up run (which compiles;
+  `warm_up=False` when the caller has run it); waits for the result's arrays
+  (`jax.block_until_ready`)."""
+  if warm_up:
+    jax.block_until_ready(fn())
   times = []
   for _ in range(repeats):
     start = time.perf_counter()

@@ -24,7 +24,8 @@ and sampling with the adapters merged into the sampler's copy against applying t
    every step), plus the one-off cost of merging.
 
 5. With `--time-steps`, the wall time of that training step on CPU (the SmolLM2-135M shape at
-   `--step-shape` B,T: 2,128 by default, 8,512 the issue's size), full vs LoRA vs QLoRA.
+   `--step-shape` B,T: 2,128 by default, 8,512 the issue's size), full vs LoRA vs QLoRA, timed
+   round-robin (medians of `--repeats` rounds of one step each, after a warm-up step each).
 
 Run:  .venv/bin/python benchmarks/lora.py [--repeats 3] [--skip-memory] [--time-steps]
 (--skip-memory skips 2 and 3, about two minutes of compiles on two cores)
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import statistics
 
 import jax
 import jax.numpy as jnp
@@ -160,19 +162,29 @@ def step_memory(shape: dict, batch: int, length: int, mode: str) -> tuple[float,
   return m.argument_size_in_bytes / MIB, m.temp_size_in_bytes / MIB
 
 
-def step_seconds(shape: dict, batch: int, length: int, mode: str, repeats: int,
-                 remat_policy: str = "nothing") -> float:
-  """Median wall time of one training step (CPU), after a warm-up step."""
-  step, params, frozen, opt_state = training_step(shape, mode, abstract=False,
-                                                  remat_policy=remat_policy)
+def step_seconds(shape: dict, batch: int, length: int, modes: tuple[str, ...], repeats: int,
+                 remat_policy: str = "nothing") -> dict[str, float]:
+  """{mode: median wall time of one training step} (CPU), after a warm-up step each; the modes
+  are timed round-robin (one step of each per round), so a drift of the machine's load
+  reaches them alike."""
   tokens = jax.random.randint(jax.random.key(0), (batch, length), 0, shape["vocab_size"])
-  state = [params, opt_state]
+  runs = {}
+  for mode in modes:
+    step, params, frozen, opt_state = training_step(shape, mode, abstract=False,
+                                                    remat_policy=remat_policy)
+    state = [params, opt_state]
 
-  def one():
-    state[0], state[1] = step(state[0], frozen, state[1], tokens)
-    return state[0]
+    def one(step=step, frozen=frozen, state=state):
+      state[0], state[1] = step(state[0], frozen, state[1], tokens)
+      return state[0]
 
-  return median_seconds(one, repeats)
+    jax.block_until_ready(one())
+    runs[mode] = one
+  times = {mode: [] for mode in modes}
+  for _ in range(repeats):
+    for mode, one in runs.items():
+      times[mode].append(median_seconds(one, 1, warm_up=False))
+  return {mode: statistics.median(t) for mode, t in times.items()}
 
 
 def decode(repeats: int) -> None:
@@ -226,8 +238,8 @@ def main() -> None:
     grpo_memory_report("1B shape", LLAMA_1B, 1)
   if args.time_steps:
     b, t = (int(x) for x in args.step_shape.split(","))
-    times = {mode: step_seconds(SMOLLM2_135M, b, t, mode, args.repeats, args.remat_policy)
-             for mode in ("full", "lora", "qlora")}
+    times = step_seconds(SMOLLM2_135M, b, t, ("full", "lora", "qlora"), args.repeats,
+                         args.remat_policy)
     print(f"SmolLM2-135M shape step B={b} T={t} remat ({args.remat_policy}; CPU): " + ", ".join(
       f"{mode} {s:.2f} s ({s / times['full']:.2f}x)" for mode, s in times.items()))
   if not args.skip_decode:

@@ -128,8 +128,9 @@ class ModelConfig:
     remat: rematerialise (jax.checkpoint) each layer in the backward pass.
     remat_policy: what a rematerialised layer keeps for its backward: "nothing" (recompute the
       whole layer: the least memory), "dots" (keep the outputs of the projections' matmuls —
-      `jax.checkpoint_policies.dots_with_no_batch_dims_saveable` — and recompute the rest: the
-      forward's matmuls are not run twice, at their outputs' memory). Read only with `remat`.
+      `jax.checkpoint_policies.dots_with_no_batch_dims_saveable`, and the merged LoRA
+      projections' outputs, named `lora_matmul` — and recompute the rest: the forward's matmuls
+      are not run twice, at their outputs' memory). Read only with `remat`.
     attention: the self-attention of full-sequence passes (training, log-probs, prefill;
       `rljax.models.attention.self_attention`): "blockwise" is the flash core (memory linear in
       T, block skipping), "naive" the dense reference (materialises [B, H, T, T] scores),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -24,7 +25,7 @@ from rljax.models.lora import (
   merged,
   trainable_filter,
 )
-from rljax.models.transformer import PROJECTIONS, Transformer, project
+from rljax.models.transformer import PROJECTIONS, Transformer, _lora_matmul, project
 
 CONFIG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2,
                      num_heads=4, num_kv_heads=2, head_dim=8, attention_bias=True)
@@ -138,6 +139,79 @@ def test_project_is_xw_plus_scaled_xab_against_numpy(name):
   x2 = x.reshape(6, -1).astype(np.float64)
   want = x2 @ w.reshape(x2.shape[1], -1) + 0.5 * (x2 @ a.reshape(x2.shape[1], 2)) @ b.reshape(2, -1)
   np.testing.assert_allclose(np.asarray(got).reshape(6, -1), want, rtol=1e-5, atol=1e-5)
+
+
+def _unmerged(x, w, a, b):
+  return x @ w + (x @ a) @ b
+
+
+def test_merged_matmul_equals_the_unmerged_form_values_and_gradients():
+  """The float32 fast path x (W + A B) with its custom VJP equals autodiff of x W + (x A) B in
+  value and in all four gradients, jitted and eagerly; with W frozen (as under LoRA) its
+  compiled backward drops dW = xᵀ g (XLA removes the unused output)."""
+  rng = np.random.default_rng(0)
+  x, w, a, b = (jnp.asarray(rng.normal(size=s), jnp.float32)
+                for s in ((12, 6), (6, 10), (6, 3), (3, 10)))
+  probe = jnp.asarray(rng.normal(size=(12, 10)), jnp.float32)
+
+  def loss(fn):
+    return lambda *args: jnp.sum(jnp.tanh(fn(*args)) * probe)
+
+  want = jax.value_and_grad(loss(_unmerged), argnums=(0, 1, 2, 3))(x, w, a, b)
+  for wrap in (lambda f: f, jax.jit):
+    got = wrap(jax.value_and_grad(loss(_lora_matmul), argnums=(0, 1, 2, 3)))(x, w, a, b)
+    for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      np.testing.assert_allclose(g, r, rtol=2e-5, atol=2e-5)
+
+  def flops(argnums):
+    grad = jax.jit(jax.grad(loss(_lora_matmul), argnums=argnums))
+    cost = grad.lower(x, w, a, b).compile().cost_analysis()
+    return (cost[0] if isinstance(cost, list) else cost)["flops"]
+
+  assert flops((0, 1, 2, 3)) - flops((0, 2, 3)) >= 2 * 12 * 6 * 10  # dW = xᵀ g only with W
+
+
+def test_project_merges_in_float32_only():
+  """float32 takes the merged fast path; bfloat16 keeps x W + (x A) B, where W + A B would
+  round the adapter's update at W's scale. Both equal the unmerged form."""
+  rng = np.random.default_rng(1)
+  p = {"up_proj": rng.normal(size=(6, 10)), "up_proj_lora_a": rng.normal(size=(6, 3)),
+       "up_proj_lora_b": 0.1 * rng.normal(size=(3, 10))}
+  x = rng.normal(size=(2, 4, 6))
+  for dtype, merges in ((jnp.float32, True), (jnp.bfloat16, False)):
+    args = ({k: jnp.asarray(v, dtype) for k, v in p.items()}, jnp.asarray(x, dtype))
+    jaxpr = str(jax.make_jaxpr(lambda p, x: project(p, "up_proj", x))(*args))
+    assert ("custom_vjp_call" in jaxpr) == merges, dtype
+    want = _unmerged(*(np.asarray(v, np.float64) for v in
+                       (args[1], args[0]["up_proj"], args[0]["up_proj_lora_a"],
+                        args[0]["up_proj_lora_b"])))
+    tol = 1e-5 if merges else 5e-2
+    got = np.asarray(project(args[0], "up_proj", args[1]), np.float64)
+    np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
+
+
+def test_merged_projections_under_remat_same_gradients_and_dots_keeps_them():
+  """The adapters' gradients are the same with and without remat (both policies), and the
+  "dots" policy keeps the merged projections' outputs (named for it) as it keeps plain dots:
+  its lowered backward recomputes fewer matmuls than "nothing"'s (layers in a scan)."""
+  ids = _ids((2, 6))
+
+  def gradient(**changes):
+    model = _randomize_b(add_lora(Transformer(CONFIG.replace(**changes), rngs=nnx.Rngs(0)),
+                                  LORA, rngs=nnx.Rngs(1)))
+    graphdef, params, frozen = nnx.split(model, lora_trainable, ...)
+    loss = lambda p: jnp.mean(jax.nn.log_softmax(nnx.merge(graphdef, p, frozen)(ids))[..., 0])
+    return jax.jit(jax.grad(loss)), params
+
+  grad, params = gradient(scan_unroll=1)
+  want = grad(params)
+  count = {}
+  for policy in ("nothing", "dots"):
+    grad, params = gradient(remat=True, remat_policy=policy, scan_unroll=1)
+    count[policy] = grad.lower(params).as_text().count("dot_general")
+    for g, r in zip(jax.tree.leaves(grad(params)), jax.tree.leaves(want)):
+      np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-7)
+  assert count["nothing"] > count["dots"], count
 
 
 def test_fresh_adapters_and_adapters_off_are_the_base_exactly(base):
