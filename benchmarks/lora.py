@@ -129,10 +129,11 @@ def grpo_memory_report(name: str, shape: dict, batch: int, microbatches=(1,)) ->
           f"{total[k, mode] / best_full:.3f}x full's least)")
 
 
-def training_step(shape: dict, mode: str, *, abstract: bool, remat_policy: str = "nothing"):
+def training_step(shape: dict, mode: str, *, abstract: bool, remat_policy: str = "nothing",
+                  scan_unroll: int | None = 1):
   """(jitted step(params, frozen, opt_state, tokens), params, frozen, opt_state): value_and_grad
   of the mean log-prob + AdamW; `mode` "full", "lora" or "qlora" (NF4 base)."""
-  config = ModelConfig(**shape, remat=True, remat_policy=remat_policy, scan_unroll=1)
+  config = ModelConfig(**shape, remat=True, remat_policy=remat_policy, scan_unroll=scan_unroll)
 
   make = functools.partial(make_model, config, mode)
   graphdef, params, frozen = nnx.split(nnx.eval_shape(make) if abstract else make(),
@@ -163,7 +164,8 @@ def step_memory(shape: dict, batch: int, length: int, mode: str) -> tuple[float,
 
 
 def step_seconds(shape: dict, batch: int, length: int, modes: tuple[str, ...], repeats: int,
-                 remat_policy: str = "nothing") -> dict[str, float]:
+                 remat_policy: str = "nothing", scan_unroll: int | None = 1
+                 ) -> dict[str, float]:
   """{mode: median wall time of one training step} (CPU), after a warm-up step each; the modes
   are timed round-robin (one step of each per round), so a drift of the machine's load
   reaches them alike."""
@@ -171,7 +173,8 @@ def step_seconds(shape: dict, batch: int, length: int, modes: tuple[str, ...], r
   runs = {}
   for mode in modes:
     step, params, frozen, opt_state = training_step(shape, mode, abstract=False,
-                                                    remat_policy=remat_policy)
+                                                    remat_policy=remat_policy,
+                                                    scan_unroll=scan_unroll)
     state = [params, opt_state]
 
     def one(step=step, frozen=frozen, state=state):
@@ -221,6 +224,9 @@ def main() -> None:
                            "~10 min on 2 cores)")
   parser.add_argument("--remat-policy", default="nothing", choices=REMAT_POLICIES,
                       help="ModelConfig.remat_policy of the timed step (nothing)")
+  parser.add_argument("--scan-unroll", default="1", metavar="N|auto",
+                      help="ModelConfig.scan_unroll of the timed step: 1 (as on accelerators, "
+                           "the default) or auto (the backend's choice: all layers on CPU)")
   parser.add_argument("--skip-decode", action="store_true")
   args = parser.parse_args()
   counts("SmolLM2-135M shape", SMOLLM2_135M)
@@ -239,8 +245,10 @@ def main() -> None:
   if args.time_steps:
     b, t = (int(x) for x in args.step_shape.split(","))
     times = step_seconds(SMOLLM2_135M, b, t, ("full", "lora", "qlora"), args.repeats,
-                         args.remat_policy)
-    print(f"SmolLM2-135M shape step B={b} T={t} remat ({args.remat_policy}; CPU): " + ", ".join(
+                         args.remat_policy, None if args.scan_unroll == "auto"
+                         else int(args.scan_unroll))
+    print(f"SmolLM2-135M shape step B={b} T={t} remat ({args.remat_policy}, scan_unroll "
+          f"{args.scan_unroll}; CPU): " + ", ".join(
       f"{mode} {s:.2f} s ({s / times['full']:.2f}x)" for mode, s in times.items()))
   if not args.skip_decode:
     decode(args.repeats)

@@ -315,10 +315,18 @@ def dense(x: Array, w: Array, contract: int = 1) -> Array:
   them), so the lead dimensions are kept: one `tensordot`."""
   if context_shards() > 1:
     return jnp.tensordot(x, w.astype(x.dtype), contract)
+  return _on_rows(jnp.matmul, x, w, contract)
+
+
+def _on_rows(fn, x: Array, w: Array, contract: int, *lora: Array) -> Array:
+  """fn(rows [N, in], W [in, out], *lora) reshaped to [..., *out], for x [..., *in], W
+  [*in, *out] and LoRA adapters (A [*in, r], B [r, *out]) flattened to [in, r], [r, out], all
+  in x's dtype (a `QuantizedArray` dequantises)."""
   lead, inner, outer = x.shape[: x.ndim - contract], w.shape[:contract], w.shape[contract:]
-  rows = x.reshape(-1, math.prod(inner))
-  out = rows @ w.astype(x.dtype).reshape(math.prod(inner), math.prod(outer))
-  return out.reshape(*lead, *outer)
+  n_in, n_out = math.prod(inner), math.prod(outer)
+  w, *lora = (v.astype(x.dtype) for v in (w, *lora))
+  lora = [v.reshape(shape) for v, shape in zip(lora, ((n_in, -1), (-1, n_out)))]
+  return fn(x.reshape(-1, n_in), w.reshape(n_in, n_out), *lora).reshape(*lead, *outer)
 
 
 def project(p: dict[str, Array], name: str, x: Array, contract: int = 1) -> Array:
@@ -327,8 +335,9 @@ def project(p: dict[str, Array], name: str, x: Array, contract: int = 1) -> Arra
   scaled by alpha / r): x W + (dropout(x) A) B, the dropout applied when `p` holds this layer's
   `lora_dropout_key` (and `lora_dropout_rate`), with a mask of its own per projection. Without
   dropout, in float32 (or wider) and without context parallelism it is one matmul with the
-  merged weight, x (W + A B) (`_lora_matmul`: its custom VJP never forms dW for a frozen W);
-  the SmolLM2-135M LoRA step at B=8, T=512 (`benchmarks/lora.py`) 27.3 -> 23.1 s on CPU."""
+  merged weight, x (W + A B) (`_lora_matmul`: its custom VJP never forms dW for a frozen W),
+  which took the SmolLM2-135M-shaped LoRA step at B=8, T=512 (remat "dots") from 27.3 to
+  23.1 s on CPU (BENCHMARKS.md, LoRA)."""
   a = p.get(name + "_lora_a")
   if a is None:
     return dense(x, p[name], contract)
@@ -340,8 +349,7 @@ def project(p: dict[str, Array], name: str, x: Array, contract: int = 1) -> Arra
     x_adapter = jnp.where(jax.random.bernoulli(key, keep, x.shape), x / keep.astype(x.dtype), 0)
   elif _merges_exactly(x) and context_shards() == 1:
     # Named: the "dots" remat policy keeps it as it keeps the plain projections' dot outputs.
-    return checkpoint_name(
-      _dense_2d(_lora_matmul, x, (p[name], a, b), contract), _LORA_MATMUL)
+    return checkpoint_name(_on_rows(_lora_matmul, x, p[name], contract, a, b), _LORA_MATMUL)
   return dense(x, p[name], contract) + dense(dense(x_adapter, a, contract), b)
 
 
@@ -352,18 +360,6 @@ def _merges_exactly(x: Array) -> bool:
   """Whether W + A B may be formed in x's dtype: in float32 (or wider) the sum keeps the
   adapter's update to its own precision; in bfloat16 it would round it at W's scale."""
   return jnp.finfo(x.dtype).bits >= 32
-
-
-def _dense_2d(fn, x: Array, weights: tuple[Array, ...], contract: int) -> Array:
-  """fn(rows [N, in], *weights as 2D [in, ·] / [·, out]) for x [..., *in] and weights shaped
-  like (W [*in, *out], A [*in, r], B [r, *out]): the reshapes of `dense`."""
-  w = weights[0]
-  lead, inner, outer = x.shape[: x.ndim - contract], w.shape[:contract], w.shape[contract:]
-  n_in, n_out = math.prod(inner), math.prod(outer)
-  w2, a2, b2 = (v.astype(x.dtype) for v in weights)
-  out = fn(x.reshape(-1, n_in), w2.reshape(n_in, n_out), a2.reshape(n_in, -1),
-           b2.reshape(-1, n_out))
-  return out.reshape(*lead, *outer)
 
 
 @jax.custom_vjp
