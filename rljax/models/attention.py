@@ -50,8 +50,12 @@ Attend = Callable[[Array, Array, Array, "Array | None"], Array]
 NO_WINDOW = 2**30  # the window of a full-attention layer among windowed ones (> any position)
 
 ATTENTION_IMPLEMENTATIONS = ("auto", "naive", "blockwise", *KERNELS)
-# Up to this many blocks per row the blockwise core is unrolled by block diagonals (XLA schedules
-# it best); beyond, its loops are `lax` loops (program size independent of T).
+# Up to this many blocks per row the blockwise core's forward is unrolled by block diagonals
+# (XLA schedules it best); beyond, its loops are `lax` loops (program size independent of T).
+# The backward always loops over block pairs: a diagonal's backward holds the scores, their
+# gradient and the probabilities of all its pairs at once (the diagonal schedule's backward
+# took 97 MiB more temporaries in the SmolLM2-135M GRPO update at B=8, T=512, for a time within
+# ±6 % on the core: BENCHMARKS.md, LoRA).
 _MAX_DIAGONAL_BLOCKS = 16
 _LOOP_KEY_BLOCKS = 4  # key block = this many query blocks in the loop schedule
 # The blockwise core's einsums: plain batched matmuls over (B, KV, n blocks), the G query heads
@@ -148,7 +152,7 @@ class _Blocks(NamedTuple):
   softcap: float | None
   has_window: bool
   has_segments: bool
-  diagonal: bool  # the schedule: by block diagonals (unrolled) or by pairs (`lax` loops)
+  diagonal: bool  # the forward's schedule: by block diagonals (unrolled) or pairs (`lax` loops)
   skip_diagonals: bool  # diagonal schedule: skip a diagonal none of whose pairs is needed
 
 
@@ -324,32 +328,25 @@ def _backward_blocks(layout: _Blocks, qi, kj, n: int, q, k, v, d_out, lse, delta
 
 
 def _backward(layout: _Blocks, q, k, v, out, lse, d_out, inputs: _Inputs):
-  """(dq, dk, dv), each pair's scores recomputed from lse: by diagonals (unrolled), or key
-  blocks in a `fori_loop` (dk_j, dv_j local) over the span of their needed query blocks."""
+  """(dq, dk, dv), each pair's scores recomputed from lse: key blocks in a `fori_loop` over the
+  span of their needed query blocks, one pair at a time (either schedule of the forward)."""
   delta = jnp.einsum("...d,...d->...", d_out.astype(jnp.float32), out.astype(jnp.float32))
   grads = tuple(jnp.zeros(x.shape, jnp.float32) for x in (q, k, v))
   pair = functools.partial(_backward_blocks, layout, q=q, k=k, v=v, d_out=d_out, lse=lse,
                            delta=delta, inputs=inputs)
 
-  def add(grads, part, qi, kj, n):
+  def add(grads, qi, kj):
     dq, dk, dv = grads
-    dq = _put(dq, _take(dq, qi, n, 2) + part[0], qi, 2)
-    dk = _put(dk, _take(dk, kj, n, 2) + part[1], kj, 2)
-    return dq, dk, _put(dv, _take(dv, kj, n, 2) + part[2], kj, 2)
+    part = pair(qi=qi, kj=kj, n=1)
+    dq = _put(dq, _take(dq, qi, 1, 2) + part[0], qi, 2)
+    dk = _put(dk, _take(dk, kj, 1, 2) + part[1], kj, 2)
+    return dq, dk, _put(dv, _take(dv, kj, 1, 2) + part[2], kj, 2)
 
-  if layout.diagonal:
-    num = layout.num_q
-    for d in range(num):
-      grads = _on_diagonal(
-        layout, inputs, d, lambda g, d=d: add(g, pair(qi=d, kj=0, n=num - d), d, 0, num - d), grads
-      )
-  else:
+  def k_block(j, grads):
+    lo, hi = _span(inputs.pairs[:, j])
+    return jax.lax.fori_loop(lo, hi, lambda i, g: add(g, i, j), grads)
 
-    def k_block(j, grads):
-      lo, hi = _span(inputs.pairs[:, j])
-      return jax.lax.fori_loop(lo, hi, lambda i, g: add(g, pair(qi=i, kj=j, n=1), i, j, 1), grads)
-
-    grads = jax.lax.fori_loop(0, layout.num_k, k_block, grads)
+  grads = jax.lax.fori_loop(0, layout.num_k, k_block, grads)
   return tuple(g.astype(x.dtype) for g, x in zip(grads, (q, k, v)))
 
 
@@ -408,9 +405,10 @@ def blockwise_attention(
     [B, T, H, Dh] in q's dtype; equals `naive_attention` at every query that sees a key (zero
     where none is visible). Only the (query block, key block) pairs some row needs are computed
     (`_block_pairs`: causal, key mask, segments, window); gradients come from a custom VJP that
-    recomputes them from the saved log-sum-exp. Self-attention with up to
+    recomputes them from the saved log-sum-exp. The forward of self-attention with up to
     `_MAX_DIAGONAL_BLOCKS` blocks per row is batched by block diagonal (unrolled: one op per
-    diagonal); otherwise the pairs run in `lax.fori_loop`s bounded by the needed blocks.
+    diagonal); otherwise, and always in the backward, the pairs run in `lax.fori_loop`s bounded
+    by the needed blocks.
   """
   b, t, h, dh = q.shape
   s_len, kv = k.shape[1], k.shape[2]
