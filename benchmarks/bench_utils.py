@@ -31,18 +31,30 @@ LONG_CONTEXT_MODEL = dict(vocab_size=32000, hidden_size=512, intermediate_size=1
 COLLECTIVE = r"\b(all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)(-start)?\("
 
 
-def median_seconds(fn: Callable[[], Any], repeats: int, warm_up: bool = True) -> float:
-  """Median wall time of `fn()` over `repeats` runs after one warm-up run (which compiles;
-  `warm_up=False` when the caller has run it); waits for the result's arrays
-  (`jax.block_until_ready`)."""
-  if warm_up:
-    jax.block_until_ready(fn())
+def median_seconds(fn: Callable[[], Any], repeats: int) -> float:
+  """Median wall time of `fn()` over `repeats` runs after one warm-up run (which compiles);
+  waits for the result's arrays (`jax.block_until_ready`)."""
+  jax.block_until_ready(fn())
   times = []
   for _ in range(repeats):
     start = time.perf_counter()
     jax.block_until_ready(fn())
     times.append(time.perf_counter() - start)
   return statistics.median(times)
+
+
+def round_robin_seconds(fns: dict[str, Callable[[], Any]], rounds: int) -> dict[str, float]:
+  """{name: median wall time of fn()} over `rounds` rounds that call each fn once in turn (a
+  drift of the machine's load reaches them alike), after one warm-up call each."""
+  for fn in fns.values():
+    jax.block_until_ready(fn())
+  times = {name: [] for name in fns}
+  for _ in range(rounds):
+    for name, fn in fns.items():
+      start = time.perf_counter()
+      jax.block_until_ready(fn())
+      times[name].append(time.perf_counter() - start)
+  return {name: statistics.median(t) for name, t in times.items()}
 
 
 def loop_collectives(hlo: str) -> tuple[int, int]:

@@ -35,12 +35,11 @@ from __future__ import annotations
 
 import argparse
 import functools
-import statistics
 
 import jax
 import jax.numpy as jnp
 import optax
-from bench_utils import median_seconds
+from bench_utils import median_seconds, round_robin_seconds
 from flax import nnx
 
 from rljax.models.config import REMAT_POLICIES, ModelConfig
@@ -166,9 +165,8 @@ def step_memory(shape: dict, batch: int, length: int, mode: str) -> tuple[float,
 def step_seconds(shape: dict, batch: int, length: int, modes: tuple[str, ...], repeats: int,
                  remat_policy: str = "nothing", scan_unroll: int | None = 1
                  ) -> dict[str, float]:
-  """{mode: median wall time of one training step} (CPU), after a warm-up step each; the modes
-  are timed round-robin (one step of each per round), so a drift of the machine's load
-  reaches them alike."""
+  """{mode: median wall time of one training step} (CPU), the modes timed round-robin
+  (`round_robin_seconds`)."""
   tokens = jax.random.randint(jax.random.key(0), (batch, length), 0, shape["vocab_size"])
   runs = {}
   for mode in modes:
@@ -181,13 +179,8 @@ def step_seconds(shape: dict, batch: int, length: int, modes: tuple[str, ...], r
       state[0], state[1] = step(state[0], frozen, state[1], tokens)
       return state[0]
 
-    jax.block_until_ready(one())
     runs[mode] = one
-  times = {mode: [] for mode in modes}
-  for _ in range(repeats):
-    for mode, one in runs.items():
-      times[mode].append(median_seconds(one, 1, warm_up=False))
-  return {mode: statistics.median(t) for mode, t in times.items()}
+  return round_robin_seconds(runs, repeats)
 
 
 def decode(repeats: int) -> None:

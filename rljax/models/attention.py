@@ -306,19 +306,20 @@ def _forward(layout: _Blocks, q, k, v, inputs: _Inputs):
   return out.astype(q.dtype), lse
 
 
-def _backward_blocks(layout: _Blocks, qi, kj, n: int, q, k, v, d_out, lse, delta, inputs):
-  """Gradient contributions (dq of query blocks qi.., dk and dv of key blocks kj..; n pairs):
+def _backward_pair(layout: _Blocks, qi, kj, q, k, v, d_out, lse, delta, inputs):
+  """Gradient contributions of the block pair (qi, kj): dq of query block qi, dk and dv of key
+  block kj:
 
     P = exp(S − lse),  dV = Pᵀ dO,  dP = dO Vᵀ,  dS = P ⊙ (dP − Δ),  Δ_t = Σ_d dO_td O_td,
     dQ = scale · dS' K,  dK = scale · dS'ᵀ Q,  dS' = dS ⊙ (1 − tanh²) when soft-capped.
   """
-  qb, dob = _take(q, qi, n, 2), _take(d_out, qi, n, 2)
-  kb, vb = _take(k, kj, n, 2), _take(v, kj, n, 2)
+  qb, dob = _take(q, qi, 1, 2), _take(d_out, qi, 1, 2)
+  kb, vb = _take(k, kj, 1, 2), _take(v, kj, 1, 2)
   s, t = _scores(qb, kb, layout.scale, layout.softcap, _QK)
-  p = _where_visible(layout, qi, kj, n, inputs, jnp.exp(s - _take(lse, qi, n, 2)[..., None]), 0.0)
+  p = _where_visible(layout, qi, kj, 1, inputs, jnp.exp(s - _take(lse, qi, 1, 2)[..., None]), 0.0)
   f32 = jnp.float32
   dv = jnp.einsum(_PTV, p.astype(dob.dtype), dob, preferred_element_type=f32)
-  ds = p * (jnp.einsum(_QK, dob, vb, preferred_element_type=f32) - _take(delta, qi, n, 2)[..., None])
+  ds = p * (jnp.einsum(_QK, dob, vb, preferred_element_type=f32) - _take(delta, qi, 1, 2)[..., None])
   if t is not None:
     ds = ds * (1.0 - t * t)
   ds = ds * layout.scale
@@ -332,12 +333,10 @@ def _backward(layout: _Blocks, q, k, v, out, lse, d_out, inputs: _Inputs):
   span of their needed query blocks, one pair at a time (either schedule of the forward)."""
   delta = jnp.einsum("...d,...d->...", d_out.astype(jnp.float32), out.astype(jnp.float32))
   grads = tuple(jnp.zeros(x.shape, jnp.float32) for x in (q, k, v))
-  pair = functools.partial(_backward_blocks, layout, q=q, k=k, v=v, d_out=d_out, lse=lse,
-                           delta=delta, inputs=inputs)
 
   def add(grads, qi, kj):
     dq, dk, dv = grads
-    part = pair(qi=qi, kj=kj, n=1)
+    part = _backward_pair(layout, qi, kj, q, k, v, d_out, lse, delta, inputs)
     dq = _put(dq, _take(dq, qi, 1, 2) + part[0], qi, 2)
     dk = _put(dk, _take(dk, kj, 1, 2) + part[1], kj, 2)
     return dq, dk, _put(dv, _take(dv, kj, 1, 2) + part[2], kj, 2)
