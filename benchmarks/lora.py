@@ -218,8 +218,8 @@ def main() -> None:
   parser.add_argument("--remat-policy", default="nothing", choices=REMAT_POLICIES,
                       help="ModelConfig.remat_policy of the timed step (nothing)")
   parser.add_argument("--scan-unroll", default="1", metavar="N|auto",
-                      help="ModelConfig.scan_unroll of the timed step: 1 (as on accelerators, "
-                           "the default) or auto (the backend's choice: all layers on CPU)")
+                      help="ModelConfig.scan_unroll of the timed step: N layers per iteration "
+                           "(1, the default; 30 unrolls them all) or auto (None: 1 with remat)")
   parser.add_argument("--skip-decode", action="store_true")
   args = parser.parse_args()
   counts("SmolLM2-135M shape", SMOLLM2_135M)

@@ -139,9 +139,9 @@ class ModelConfig:
       up to 2 * attention_block slots and blockwise beyond.
     attention_block: query / key block size of the blockwise core (`benchmarks/attention.py`).
     scan_unroll: layers per iteration of the layer scan (`lax.scan(unroll=...)`); None (default)
-      chooses by backend when the model is traced: all layers on CPU (XLA:CPU runs the unrolled
-      program faster: `benchmarks/grpo_step.py`), 1 elsewhere (compile time independent of
-      depth). The parameters stay stacked either way.
+      chooses when the model is traced: all layers on CPU without remat (XLA:CPU runs the
+      unrolled program faster: `benchmarks/grpo_step.py`; with remat it runs it slower), else 1
+      (compile time independent of depth). The parameters stay stacked either way.
     model_type: the Hugging Face family name (used by `to_hf_dict`).
     bos_token_id, eos_token_id, pad_token_id: copied from the HF config when present.
   """

@@ -510,10 +510,12 @@ def layer_params(stacked: dict[str, Array], i: int, num_layers: int) -> dict[str
 
 
 def layer_unroll(config: ModelConfig) -> int:
-  """`config.scan_unroll`, or by backend: every layer on CPU, one per iteration elsewhere."""
+  """`config.scan_unroll`, or by backend: every layer on CPU without remat, else one per
+  iteration (XLA:CPU runs the unrolled layers 4–5 % faster without remat and 13–50 % slower
+  with it: BENCHMARKS.md, LoRA)."""
   if config.scan_unroll is not None:
     return min(config.scan_unroll, config.num_layers)
-  return config.num_layers if jax.default_backend() == "cpu" else 1
+  return config.num_layers if jax.default_backend() == "cpu" and not config.remat else 1
 
 
 # ----------------------------------------------------------------------------------------------

@@ -48,8 +48,8 @@ def _hlo_op_stats(num_layers: int) -> tuple[int, int, list[str]]:
 
 def test_unrolled_layer_scan_equals_the_rolled_one(model):
   """`scan_unroll` changes the program, not the function: values and gradients agree with one
-  layer per iteration; None unrolls every layer on CPU (measured faster there) and keeps one per
-  iteration on accelerators."""
+  layer per iteration; None unrolls every layer on CPU without remat (measured faster there)
+  and keeps one per iteration with remat and on accelerators."""
   from rljax.models.transformer import layer_unroll
 
   ids, mask = _ids((2, 8)), jnp.ones((2, 8), bool).at[0, :3].set(False)
@@ -65,6 +65,7 @@ def test_unrolled_layer_scan_equals_the_rolled_one(model):
   np.testing.assert_allclose(every[0], one[0], rtol=1e-6)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), every[1], one[1])
   assert layer_unroll(CONFIG) == (2 if jax.default_backend() == "cpu" else 1)
+  assert layer_unroll(CONFIG.replace(remat=True)) == 1  # unrolled remat is slower on CPU too
   assert layer_unroll(CONFIG.replace(scan_unroll=1)) == 1
   with pytest.raises(ValueError, match="scan_unroll"):
     CONFIG.replace(scan_unroll=0)
