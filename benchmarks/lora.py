@@ -16,8 +16,9 @@ and sampling with the adapters merged into the sampler's copy against applying t
    over 2 and 4 microbatches; arguments (the state, split into its parts, and the batch) and
    temporaries per device, and the ratios against full fine-tuning's total (at the same
    microbatch count, and at full fine-tuning's least-memory one: its gradient accumulator
-   costs more than microbatching saves). Full fine-tuning's reference is a second copy of the
-   parameters; LoRA's is the initial adapters on the same frozen base (no second base).
+   costs more than microbatching saves), and at one microbatch with the layers checkpointed in
+   groups of 2 and 3 (`ModelConfig.remat_group`). Full fine-tuning's reference is a second copy
+   of the parameters; LoRA's is the initial adapters on the same frozen base (no second base).
 4. Decode (CPU wall time, median of `--repeats`): `generate` of B=8 prompts × 32 new tokens on a
    4-layer d=256 model with r=16 adapters on all projections: merged (W + s·A B, adapters off;
    what `OnPolicyTrainer.sampler_params` hands the sampler) vs unmerged (the adapters applied at
@@ -86,11 +87,12 @@ def _mib(tree) -> float:
 
 
 def grpo_update_memory(shape: dict, batch: int, prompt: int, completion: int, mode: str,
-                       microbatches: int = 1) -> dict[str, float]:
+                       microbatches: int = 1, remat_group: int = 1) -> dict[str, float]:
   """MiB of `GRPOTrainer.update` compiled for an abstract state (nothing allocated): "args",
   "temp", and the arguments' parts "params" (trained), "frozen", "opt_state", "reference",
-  "batch"; the update accumulates over `microbatches`."""
-  config = ModelConfig(**shape, remat=True, scan_unroll=1)
+  "batch"; the update accumulates over `microbatches`, the layers checkpointed in groups of
+  `remat_group` (`ModelConfig.remat_group`)."""
+  config = ModelConfig(**shape, remat=True, remat_group=remat_group, scan_unroll=1)
   optimizer = make_optimizer(OptimizerConfig(1e-5))
   graphdef, state = abstract_train_state(lambda: make_model(config, mode), optimizer,
                                          trainable=nnx.Param if mode == "full" else lora_trainable)
@@ -111,28 +113,32 @@ def grpo_update_memory(shape: dict, batch: int, prompt: int, completion: int, mo
           "batch": _mib(experience)}
 
 
-def grpo_memory_report(name: str, shape: dict, batch: int, microbatches=(1,)) -> None:
-  """Prints the GRPO update memory of full / LoRA / QLoRA for each microbatch count, and each
-  total against full fine-tuning's at the same count and at its least-memory count."""
-  results = {(k, mode): grpo_update_memory(shape, batch, 128, 384, mode, k)
-             for k in microbatches for mode in ("full", "lora", "qlora")}
+def grpo_memory_report(name: str, shape: dict, batch: int, microbatches=(1,),
+                       remat_groups=(1,)) -> None:
+  """Prints the GRPO update memory of full / LoRA / QLoRA for each microbatch count (remat
+  group 1) and each remat group (one microbatch), and each total against full fine-tuning's at
+  the same setting and at its least-memory one."""
+  settings = [(k, 1) for k in microbatches] + [(1, g) for g in remat_groups if g != 1]
+  results = {(k, g, mode): grpo_update_memory(shape, batch, 128, 384, mode, k, g)
+             for k, g in settings for mode in ("full", "lora", "qlora")}
   total = {key: r["args"] + r["temp"] for key, r in results.items()}
-  best_full = min(total[k, "full"] for k in microbatches)
+  best_full = min(total[k, g, "full"] for k, g in settings)
   print(f"{name} GRPO update B={batch} T=128+384 remat (MiB per device; arguments = params + "
         "frozen + opt_state + reference + batch):")
-  for (k, mode), r in results.items():
-    print(f"  {mode:5s} microbatches {k}: args {r['args']:7.0f} (params {r['params']:.0f}, "
-          f"frozen {r['frozen']:.0f}, opt {r['opt_state']:.0f}, reference {r['reference']:.0f}, "
-          f"batch {r['batch']:.2f}) + temp {r['temp']:6.0f} = {total[k, mode]:7.0f}  "
-          f"({total[k, mode] / total[k, 'full']:.3f}x full at {k}, "
-          f"{total[k, mode] / best_full:.3f}x full's least)")
+  for (k, g, mode), r in results.items():
+    print(f"  {mode:5s} microbatches {k} remat_group {g}: args {r['args']:7.0f} (params "
+          f"{r['params']:.0f}, frozen {r['frozen']:.0f}, opt {r['opt_state']:.0f}, reference "
+          f"{r['reference']:.0f}, batch {r['batch']:.2f}) + temp {r['temp']:6.0f} = "
+          f"{total[k, g, mode]:7.0f}  ({total[k, g, mode] / total[k, g, 'full']:.3f}x full at "
+          f"the same, {total[k, g, mode] / best_full:.3f}x full's least)")
 
 
 def training_step(shape: dict, mode: str, *, abstract: bool, remat_policy: str = "nothing",
-                  scan_unroll: int | None = 1):
+                  scan_unroll: int | None = 1, remat_group: int = 1):
   """(jitted step(params, frozen, opt_state, tokens), params, frozen, opt_state): value_and_grad
   of the mean log-prob + AdamW; `mode` "full", "lora" or "qlora" (NF4 base)."""
-  config = ModelConfig(**shape, remat=True, remat_policy=remat_policy, scan_unroll=scan_unroll)
+  config = ModelConfig(**shape, remat=True, remat_policy=remat_policy, remat_group=remat_group,
+                       scan_unroll=scan_unroll)
 
   make = functools.partial(make_model, config, mode)
   graphdef, params, frozen = nnx.split(nnx.eval_shape(make) if abstract else make(),
@@ -163,8 +169,8 @@ def step_memory(shape: dict, batch: int, length: int, mode: str) -> tuple[float,
 
 
 def step_seconds(shape: dict, batch: int, length: int, modes: tuple[str, ...], repeats: int,
-                 remat_policy: str = "nothing", scan_unroll: int | None = 1
-                 ) -> dict[str, float]:
+                 remat_policy: str = "nothing", scan_unroll: int | None = 1,
+                 remat_group: int = 1) -> dict[str, float]:
   """{mode: median wall time of one training step} (CPU), the modes timed round-robin
   (`round_robin_seconds`)."""
   tokens = jax.random.randint(jax.random.key(0), (batch, length), 0, shape["vocab_size"])
@@ -172,7 +178,8 @@ def step_seconds(shape: dict, batch: int, length: int, modes: tuple[str, ...], r
   for mode in modes:
     step, params, frozen, opt_state = training_step(shape, mode, abstract=False,
                                                     remat_policy=remat_policy,
-                                                    scan_unroll=scan_unroll)
+                                                    scan_unroll=scan_unroll,
+                                                    remat_group=remat_group)
     state = [params, opt_state]
 
     def one(step=step, frozen=frozen, state=state):
@@ -220,6 +227,9 @@ def main() -> None:
   parser.add_argument("--scan-unroll", default="1", metavar="N|auto",
                       help="ModelConfig.scan_unroll of the timed step: N layers per iteration "
                            "(1, the default; 30 unrolls them all) or auto (None: 1 with remat)")
+  parser.add_argument("--remat-group", type=int, default=1,
+                      help="ModelConfig.remat_group of the timed step (1: every layer's input "
+                           "checkpointed)")
   parser.add_argument("--skip-decode", action="store_true")
   args = parser.parse_args()
   counts("SmolLM2-135M shape", SMOLLM2_135M)
@@ -233,15 +243,16 @@ def main() -> None:
         line += (f"; {mode} {arg_mib:.0f} + {temp:.0f} MiB "
                  f"({(arg_mib + temp) / (full[0] + full[1]):.2f}x)")
       print(line + "  (arguments + temporaries)")
-    grpo_memory_report("SmolLM2-135M shape", SMOLLM2_135M, 8, microbatches=(1, 2, 4))
+    grpo_memory_report("SmolLM2-135M shape", SMOLLM2_135M, 8, microbatches=(1, 2, 4),
+                       remat_groups=(1, 2, 3))
     grpo_memory_report("1B shape", LLAMA_1B, 1)
   if args.time_steps:
     b, t = (int(x) for x in args.step_shape.split(","))
     times = step_seconds(SMOLLM2_135M, b, t, ("full", "lora", "qlora"), args.repeats,
                          args.remat_policy, None if args.scan_unroll == "auto"
-                         else int(args.scan_unroll))
-    print(f"SmolLM2-135M shape step B={b} T={t} remat ({args.remat_policy}, scan_unroll "
-          f"{args.scan_unroll}; CPU): " + ", ".join(
+                         else int(args.scan_unroll), args.remat_group)
+    print(f"SmolLM2-135M shape step B={b} T={t} remat ({args.remat_policy}, group "
+          f"{args.remat_group}, scan_unroll {args.scan_unroll}; CPU): " + ", ".join(
       f"{mode} {s:.2f} s ({s / times['full']:.2f}x)" for mode, s in times.items()))
   if not args.skip_decode:
     decode(args.repeats)

@@ -131,6 +131,11 @@ class ModelConfig:
       `jax.checkpoint_policies.dots_with_no_batch_dims_saveable`, and the merged LoRA
       projections' outputs, named `lora_matmul` — and recompute the rest: the forward's matmuls
       are not run twice, at their outputs' memory). Read only with `remat`.
+    remat_group: layers per checkpoint of the residual stream under `remat` (Megatron's uniform
+      recompute): the layer scan keeps the input of every g-th layer only — L / g checkpoints
+      [B, T, D] instead of L — and the backward recomputes each group's forward, its layers
+      checkpointed inside it as with g = 1: one more forward per layer for 1/g of the
+      checkpoints (default 1; must divide `num_layers`).
     attention: the self-attention of full-sequence passes (training, log-probs, prefill;
       `rljax.models.attention.self_attention`): "blockwise" is the flash core (memory linear in
       T, block skipping), "naive" the dense reference (materialises [B, H, T, T] scores),
@@ -175,6 +180,7 @@ class ModelConfig:
   param_dtype: Any = jnp.float32
   remat: bool = False
   remat_policy: str = "nothing"
+  remat_group: int = 1
   attention: str = "auto"
   attention_block: int = 128
   scan_unroll: int | None = None
@@ -194,6 +200,10 @@ class ModelConfig:
       check_int(name, getattr(self, name), 1)
     for name in ("num_kv_heads", "head_dim", "scan_unroll"):
       check_int(name, getattr(self, name), 1, optional=True)
+    check_int("remat_group", self.remat_group, 1)
+    if self.num_layers % self.remat_group:
+      raise ValueError(f"`remat_group` ({self.remat_group}) must divide `num_layers` "
+                       f"({self.num_layers}).")
     if self.num_kv_heads is None:
       object.__setattr__(self, "num_kv_heads", self.num_heads)
     if self.head_dim is None:

@@ -25,6 +25,7 @@ with `local_rope_theta` (Gemma 3), which RoPE table the layer reads (`layer_rope
 
 from __future__ import annotations
 
+import functools
 import math
 
 from typing import Any
@@ -464,6 +465,8 @@ def scan_layers(
   if config.remat:
     body = jax.checkpoint(body, prevent_cse=False, policy=_REMAT_POLICIES[config.remat_policy])
   windows, rope = layer_windows(config), layer_rope_index(config)
+  if config.remat and config.remat_group > 1:
+    return _scan_groups(body, x, (stacked, windows, rope), config)
   # Every layer unrolled (the CPU default) and traced; eagerly one scan program beats op-by-op.
   if layer_unroll(config) == config.num_layers and isinstance(x, jax.core.Tracer):
     for i in range(config.num_layers):
@@ -473,6 +476,21 @@ def scan_layers(
     return x
   x, _ = jax.lax.scan(body, x, (stacked, windows, rope), unroll=layer_unroll(config))
   return x
+
+
+def _scan_groups(body, x: Array, xs, config: ModelConfig) -> Array:
+  """The layer scan of `body` (one checkpointed layer) as a scan over L / g groups of
+  g = `remat_group` layers, each group a checkpointed inner scan: the outer scan saves only each
+  group's input, and the backward recomputes a group's forward (saving its layers' inputs)
+  before the layers' own recomputation."""
+  g = config.remat_group
+  grouped = jax.tree.map(lambda a: a.reshape(a.shape[0] // g, g, *a.shape[1:]), xs)
+
+  @functools.partial(jax.checkpoint, prevent_cse=False)
+  def group(carry: Array, group_xs) -> tuple[Array, None]:
+    return jax.lax.scan(body, carry, group_xs)[0], None
+
+  return jax.lax.scan(group, x, grouped)[0]
 
 
 # `ModelConfig.remat_policy` -> what `jax.checkpoint` saves (None: nothing).

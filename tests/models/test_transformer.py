@@ -324,6 +324,40 @@ def test_gemma_hlo_structure_does_not_grow_with_depth():
 
 
 @pytest.mark.slow  # two value_and_grad compiles (~10 s on CPU)
+def test_remat_group_checkpoints_every_gth_layer_and_changes_nothing_else():
+  """`remat_group=2` saves the residual stream of every other layer ([L / 2, B, T, D] instead
+  of [L, B, T, D]) and gives the same values and gradients, for a plain model and for LoRA
+  adapters on an NF4 base (stacked adapters and quantised leaves regrouped alike); a group size
+  that does not divide the layers is refused."""
+  from jax._src.ad_checkpoint import saved_residuals
+
+  from rljax.models.lora import LoRAConfig, add_lora, lora_trainable
+  from rljax.models.quant import quantize_base
+
+  config = CONFIG.replace(num_layers=4, remat=True, scan_unroll=1)
+  ids = _ids((2, 6))
+
+  def build(g, qlora):
+    m = Transformer(config.replace(remat_group=g), rngs=nnx.Rngs(3))
+    if qlora:
+      add_lora(quantize_base(m, "nf4"), LoRAConfig(rank=2, alpha=4), rngs=nnx.Rngs(4))
+      m.layers.up_proj_lora_b[...] = 0.1 * jnp.ones(m.layers.up_proj_lora_b.shape)
+    graphdef, params, frozen = nnx.split(m, lora_trainable if qlora else nnx.Param, ...)
+    return params, lambda p: jnp.mean(jax.nn.log_softmax(nnx.merge(graphdef, p, frozen)(ids))[..., 0])
+
+  for qlora in (False, True):
+    (p1, loss1), (p2, loss2) = build(1, qlora), build(2, qlora)
+    (l1, g1), (l2, g2) = jax.jit(jax.value_and_grad(loss1))(p1), jax.jit(jax.value_and_grad(loss2))(p2)
+    np.testing.assert_allclose(l2, l1, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), g2, g1)
+  stream = lambda layers: (layers, 2, 6, CONFIG.hidden_size)  # noqa: E731
+  shapes = {g: {tuple(a.shape) for a, _ in saved_residuals(loss, p)}
+            for g, (p, loss) in ((1, build(1, False)), (2, build(2, False)))}
+  assert stream(4) in shapes[1] and stream(2) in shapes[2] and stream(4) not in shapes[2]
+  with pytest.raises(ValueError, match="remat_group"):
+    config.replace(remat_group=3)
+
+
 def test_gemma_training_gradients_blockwise_remat_equal_naive():
   """The training forward of a Gemma 3 model (windows shorter than T, two RoPE tables, final
   soft-cap): fused log-probs and their gradients agree on the naive and the blockwise + remat
