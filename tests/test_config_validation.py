@@ -85,6 +85,8 @@ CASES = [
   (LoggingSection, "log_every", 0), (LoggingSection, "save_every", -1),
   (LoggingSection, "keep", 0), (LoggingSection, "seed", -1), (LoggingSection, "plot", "no"),
   (ModelSection, "dtype", "float16"), (ModelSection, "init_seed", -1),
+  (ModelSection, "remat", "yes"), (ModelSection, "remat_policy", "all"),
+  (ModelSection, "remat_group", 0), (ModelConfig, "remat_group", 0),
   (lambda **kw: ExperimentConfig("sft", **kw), "steps", 0),
   (lambda **kw: ExperimentConfig("sft", **kw), "num_microbatches", 0),
   (lambda **kw: ExperimentConfig("sft", **kw), "num_devices", 0),

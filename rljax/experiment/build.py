@@ -65,8 +65,13 @@ def _load_policy(config: ExperimentConfig) -> Transformer:
                       "`model.config` (a ModelConfig to train from scratch), or a build_model hook.")
   if m.path is not None:
     return _pretrained(m.path, "model.path", dtype=dtype_of(m.dtype, "model.dtype"),
-                       param_dtype=dtype_of(m.param_dtype, "model.param_dtype"))
-  return Transformer(m.config, rngs=nnx.Rngs(m.init_seed))
+                       param_dtype=dtype_of(m.param_dtype, "model.param_dtype"),
+                       **m.remat_overrides)
+  try:
+    config = m.config.replace(**m.remat_overrides)
+  except ValueError as e:
+    raise ConfigError(f"model: {e}") from None
+  return Transformer(config, rngs=nnx.Rngs(m.init_seed))
 
 
 def build_model(exp: Experiment, tokenizer: Any) -> nnx.Module:
@@ -105,7 +110,8 @@ def build_critic(exp: Experiment, policy: Transformer) -> ValueModel:
     return exp.build_critic(config, policy)
   rngs = nnx.Rngs(config.model.init_seed + 2)
   if config.model.critic_path is not None:
-    critic = ValueModel.from_policy(_pretrained(config.model.critic_path, "model.critic_path"),
+    critic = ValueModel.from_policy(_pretrained(config.model.critic_path, "model.critic_path",
+                                                    **config.model.remat_overrides),
                                     rngs=rngs)
   else:
     critic = ValueModel.from_policy(policy, rngs=rngs)  # the base backbone, not the adapters

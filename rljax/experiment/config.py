@@ -24,6 +24,10 @@ The schema (defaults in parentheses; every field can be overridden with `--set`)
                       YAML/JSON a mapping of ModelConfig fields
       init_seed       parameter-initialisation seed of a from-scratch model (0)
       dtype, param_dtype  "float32" | "bfloat16" | None (the model's own)
+      remat, remat_policy, remat_group  `ModelConfig`'s rematerialisation (a bool; "nothing" |
+                      "dots"; layers per checkpoint, dividing the layers) for the training
+                      passes, e.g. --set model.remat=true model.remat_group=2; None: the
+                      model's own (None)
       critic_path     ppo: directory (or Hub id) of the reward model / critic backbone to
                       initialise the critic from (None: a copy of the policy backbone)
       lora            LoRASection: LoRA fine-tuning (`rljax.models.lora`), off by default
@@ -180,7 +184,7 @@ import typing
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-from rljax.models.config import ModelConfig
+from rljax.models.config import REMAT_POLICIES, ModelConfig
 from rljax.models.lora import LoRAConfig
 from rljax.models.quant import MODES as QUANT_MODES
 from rljax.ops._checks import check_bool, check_choice, check_int
@@ -276,6 +280,9 @@ class ModelSection:
   init_seed: int = 0
   dtype: str | None = None
   param_dtype: str | None = None
+  remat: bool | None = None
+  remat_policy: str | None = None
+  remat_group: int | None = None
   critic_path: str | None = None
   lora: LoRASection = dataclasses.field(default_factory=LoRASection)
 
@@ -284,6 +291,16 @@ class ModelSection:
       check_int("model.init_seed", self.init_seed, 0)
       for name in ("dtype", "param_dtype"):
         _check_dtype_name(f"model.{name}", getattr(self, name))
+      check_bool("model.remat", self.remat, optional=True)
+      if self.remat_policy is not None:
+        check_choice("`model.remat_policy`", self.remat_policy, REMAT_POLICIES)
+      check_int("model.remat_group", self.remat_group, 1, optional=True)
+
+  @property
+  def remat_overrides(self) -> dict[str, Any]:
+    """The `ModelConfig` fields `remat`, `remat_policy`, `remat_group` that are set."""
+    return {name: getattr(self, name) for name in ("remat", "remat_policy", "remat_group")
+            if getattr(self, name) is not None}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -213,6 +213,7 @@ def load_pretrained(
   mesh: Any = None,
   rules: Rules | str | None = None,
   strict: bool = True,
+  **config_overrides: Any,
 ) -> tuple[Transformer, Any | None]:
   """Loads a Hugging Face directory as a `Transformer` and its tokenizer.
 
@@ -228,6 +229,7 @@ def load_pretrained(
     rules: a rule set or its name ("data", "fsdp", "fsdp_tp"); default the installed ones.
     strict: refuse tensors the model does not use (a tied model's `lm_head.weight` and
       `rotary_emb.inv_freq` buffers are always ignored).
+    **config_overrides: other `ModelConfig` fields to set, e.g. `remat=True, remat_group=2`.
 
   Returns:
     (model, tokenizer); tokenizer is None when the directory has no tokenizer files.
@@ -243,7 +245,7 @@ def load_pretrained(
   """
   path = resolve_model_dir(path)
   overrides = {k: v for k, v in (("dtype", dtype), ("param_dtype", param_dtype)) if v is not None}
-  config = load_config(path, **overrides)
+  config = load_config(path, **overrides, **config_overrides)
   stored = weight_map(path)
   names = text_weight_names(set(stored))  # a multimodal checkpoint's text model
   mapping = {name: stored[name_in_file] for name, name_in_file in names.items()}

@@ -197,6 +197,31 @@ def test_module_attr_resolves_next_to_the_experiment_file(tmp_path):
     load_experiment(str(tmp_path / "bad.json"))
 
 
+def test_model_remat_overrides_reach_the_built_policy(tmp_path):
+  """`model.remat`, `.remat_policy`, `.remat_group` set those of a from-scratch config and of a
+  pretrained directory's; a group that does not divide the layers is a config error."""
+  from flax import nnx
+
+  from rljax.experiment import build
+  from rljax.experiment.config import ModelSection
+  from rljax.models.config import ModelConfig
+  from rljax.models.io import save_pretrained
+  from rljax.models.transformer import Transformer
+
+  tiny = ModelConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_layers=2,
+                     num_heads=2, num_kv_heads=1)
+  save_pretrained(Transformer(tiny, rngs=nnx.Rngs(0)), None, tmp_path / "tiny")
+  for source in (dict(config=tiny), dict(path=str(tmp_path / "tiny"))):
+    section = ModelSection(**source, remat=True, remat_policy="dots", remat_group=2)
+    built = build.build_model(load_experiment(ExperimentConfig("sft", model=section)), None)
+    assert (built.config.remat, built.config.remat_policy, built.config.remat_group) == (
+      True, "dots", 2)
+    assert built.layers.config == built.config
+  with pytest.raises(ConfigError, match="remat_group"):
+    build.build_model(load_experiment(ExperimentConfig(
+      "sft", model=ModelSection(config=tiny, remat=True, remat_group=3))), None)
+
+
 def test_a_missing_model_directory_is_a_config_error(tmp_path, monkeypatch):
   from rljax.experiment import build
   from rljax.experiment.config import ModelSection
