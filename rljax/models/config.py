@@ -135,7 +135,7 @@ class ModelConfig:
       recompute): the layer scan keeps the input of every g-th layer only — L / g checkpoints
       [B, T, D] instead of L — and the backward recomputes each group's forward, its layers
       checkpointed inside it as with g = 1: one more forward per layer for 1/g of the
-      checkpoints (default 1; must divide `num_layers`).
+      checkpoints (default 1; must divide `num_layers`; above 1 only with `remat`).
     attention: the self-attention of full-sequence passes (training, log-probs, prefill;
       `rljax.models.attention.self_attention`): "blockwise" is the flash core (memory linear in
       T, block skipping), "naive" the dense reference (materialises [B, H, T, T] scores),
@@ -204,6 +204,9 @@ class ModelConfig:
     if self.num_layers % self.remat_group:
       raise ValueError(f"`remat_group` ({self.remat_group}) must divide `num_layers` "
                        f"({self.num_layers}).")
+    if self.remat_group > 1 and not self.remat:
+      raise ValueError(f"`remat_group` ({self.remat_group}) groups rematerialised layers: set "
+                       "`remat=True` too.")
     if self.num_kv_heads is None:
       object.__setattr__(self, "num_kv_heads", self.num_heads)
     if self.head_dim is None:

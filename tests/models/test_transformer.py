@@ -354,8 +354,9 @@ def test_remat_group_checkpoints_every_gth_layer_and_changes_nothing_else():
   shapes = {g: {tuple(a.shape) for a, _ in saved_residuals(loss, p)}
             for g, (p, loss) in ((1, build(1, False)), (2, build(2, False)))}
   assert stream(4) in shapes[1] and stream(2) in shapes[2] and stream(4) not in shapes[2]
-  with pytest.raises(ValueError, match="remat_group"):
-    config.replace(remat_group=3)
+  for bad in (dict(remat_group=3), dict(remat=False, remat_group=2)):
+    with pytest.raises(ValueError, match="remat_group"):
+      config.replace(**bad)
 
 
 def test_gemma_training_gradients_blockwise_remat_equal_naive():
