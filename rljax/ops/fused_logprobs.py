@@ -62,42 +62,83 @@ def _slice_chunk(x, i, chunk: int) -> jax.Array:
   return jax.lax.dynamic_slice_in_dim(x, i * chunk, chunk, axis=1)
 
 
-def _fused_forward(hidden, unembedding, tokens, temperature, chunk, with_entropy, softcap):
-  """Scans the T-chunks; returns [B, T] (logp, lse, entropy or None)."""
+def _fused_forward(hidden, unembedding, tokens, temperature, chunk, with_entropy, softcap,
+                   with_grad: bool = False):
+  """Scans the T-chunks; returns [B, T] (logp, lse, entropy or None) and, `with_grad`, the
+  [B, T, D] gradient of each position's log-prob w.r.t. its hidden state (else None):
+
+    u[b, t] = d logp[b, t] / d hidden[b, t] = Σ_v (1[v = y] − p_v) / temperature · dℓ_v/da_v · W_v
+
+  what the backward of a frozen unembedding needs: d/d hidden = g_logp · u."""
   dtype = compute_dtype(hidden, unembedding)
-  idx = clip_tokens(tokens, unembedding.shape[0])
+  operand_dtype = jnp.result_type(hidden, unembedding)
+  vocab = unembedding.shape[0]
+  idx = clip_tokens(tokens, vocab)
   num_chunks = hidden.shape[1] // chunk
 
   def step(_, i):
-    z, _ = _chunk_logits(_slice_chunk(hidden, i, chunk), unembedding, temperature, softcap,
-                         dtype)
-    logp, lse, entropy = _chunk_stats(z, _slice_chunk(idx, i, chunk), with_entropy)
-    return None, (logp, lse) if entropy is None else (logp, lse, entropy)
+    z, slope = _chunk_logits(_slice_chunk(hidden, i, chunk), unembedding, temperature, softcap,
+                             dtype)
+    idx_c = _slice_chunk(idx, i, chunk)
+    logp, lse, entropy = _chunk_stats(z, idx_c, with_entropy)
+    outs = (logp, lse) if entropy is None else (logp, lse, entropy)
+    if with_grad:
+      onehot = jnp.arange(vocab) == idx_c[..., None]
+      g_logits = _logit_slope(onehot.astype(dtype) - jnp.exp(z - lse[..., None]), slope,
+                              temperature)
+      outs += (_hidden_grad(g_logits.astype(operand_dtype), unembedding, dtype),)
+    return None, outs
 
   _, outs = jax.lax.scan(step, None, jnp.arange(num_chunks))
-  # [n, B, c] -> [B, n * c]
-  outs = [jnp.swapaxes(o, 0, 1).reshape(hidden.shape[:2]) for o in outs]
-  return outs[0], outs[1], (outs[2] if with_entropy else None)
+  # [n, B, c, ...] -> [B, n * c, ...]
+  outs = [jnp.swapaxes(o, 0, 1).reshape(*hidden.shape[:2], *o.shape[3:]) for o in outs]
+  entropy = outs[2] if with_entropy else None
+  return outs[0], outs[1], entropy, (outs[-1] if with_grad else None)
+
+
+def _logit_slope(g_z, slope, temperature: float):
+  """d/d a from d/d z (z = cap(a) / temperature): / temperature, · dℓ/da when capped."""
+  g_logits = g_z if temperature == 1.0 else g_z / temperature
+  return g_logits if slope is None else g_logits * slope
+
+
+def _hidden_grad(g_logits, unembedding, dtype):
+  """[B, c, V] gradients of the logits → [B, c, D] of the hidden states: g @ W."""
+  return jnp.einsum("bcv,vd->bcd", g_logits, unembedding.astype(g_logits.dtype),
+                    preferred_element_type=dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7))
 def _fused(hidden, unembedding, tokens, temperature, chunk, with_entropy, entropy_grad, softcap):
-  logp, _, entropy = _fused_forward(hidden, unembedding, tokens, temperature, chunk, with_entropy,
-                                    softcap)
+  logp, _, entropy, _ = _fused_forward(hidden, unembedding, tokens, temperature, chunk,
+                                       with_entropy, softcap)
   return (logp, entropy) if with_entropy else (logp,)
 
 
 def _fused_fwd(hidden, unembedding, tokens, temperature, chunk, with_entropy, entropy_grad,
                softcap):
-  del entropy_grad
-  logp, lse, entropy = _fused_forward(hidden, unembedding, tokens, temperature, chunk, with_entropy,
-                                      softcap)
+  """With a frozen unembedding (not differentiated: a LoRA base's tied table) and no entropy
+  gradient, the forward also forms u = d logp / d hidden (`_fused_forward`), and the backward is
+  g_logp · u: two passes over the vocabulary (the logits, then u) instead of three (the logits,
+  and in the backward the logits again and the hidden gradient). Otherwise the backward
+  recomputes each chunk's logits (`_fused_bwd`)."""
+  frozen = not unembedding.perturbed and not (with_entropy and entropy_grad)
+  hidden, unembedding, tokens = hidden.value, unembedding.value, tokens.value
+  logp, lse, entropy, grad = _fused_forward(hidden, unembedding, tokens, temperature, chunk,
+                                            with_entropy, softcap, with_grad=frozen)
   outputs = (logp, entropy) if with_entropy else (logp,)
+  if frozen:  # and an empty array carrying hidden's dtype, that of its gradient
+    return outputs, (grad, jnp.zeros((0,), hidden.dtype))
   return outputs, (hidden, unembedding, tokens, lse, entropy)
 
 
 def _fused_bwd(temperature, chunk, with_entropy, entropy_grad, softcap, residuals, cotangents):
+  if len(residuals) == 2:  # a frozen unembedding: d/d hidden = g_logp · u, nothing else
+    grad, hidden_like = residuals
+    g_logp = _instantiate(cotangents[0], grad.shape[:2], grad.dtype)
+    return (g_logp[..., None] * grad).astype(hidden_like.dtype), None, None
   hidden, unembedding, tokens, lse, entropy = residuals
+  cotangents = [_instantiate(c, lse.shape, lse.dtype) for c in cotangents]
   with_entropy = with_entropy and entropy_grad  # a metric-only entropy adds no backward work
   dtype = compute_dtype(hidden, unembedding)
   operand_dtype = jnp.result_type(hidden, unembedding)
@@ -118,10 +159,8 @@ def _fused_bwd(temperature, chunk, with_entropy, entropy_grad, softcap, residual
     if with_entropy:
       h_ent = _slice_chunk(entropy, i, chunk)[..., None]
       g_z = g_z - _slice_chunk(g_ent, i, chunk)[..., None] * p * (logp_all + h_ent)
-    g_logits = g_z if temperature == 1.0 else g_z / temperature
-    g_logits = (g_logits if slope is None else g_logits * slope).astype(operand_dtype)
-    g_h = jnp.einsum("bcv,vd->bcd", g_logits, unembedding.astype(operand_dtype),
-                     preferred_element_type=dtype)
+    g_logits = _logit_slope(g_z, slope, temperature).astype(operand_dtype)
+    g_h = _hidden_grad(g_logits, unembedding, dtype)
     # The [V, D] gradient as one 2D matmul over the B·c rows (a contraction over two dims makes
     # XLA:CPU copy both operands into another layout first).
     rows = g_logits.shape[0] * g_logits.shape[1]
@@ -138,7 +177,14 @@ def _fused_bwd(temperature, chunk, with_entropy, entropy_grad, softcap, residual
   return grad_h, grad_w.astype(unembedding.dtype), None
 
 
-_fused.defvjp(_fused_fwd, _fused_bwd)
+def _instantiate(cotangent, shape, dtype):
+  """A cotangent as an array: zeros for a symbolic zero (an output nothing differentiates)."""
+  if isinstance(cotangent, jax.custom_derivatives.SymbolicZero):
+    return jnp.zeros(shape, dtype)
+  return cotangent
+
+
+_fused.defvjp(_fused_fwd, _fused_bwd, symbolic_zeros=True)
 
 
 def _check_inputs(hidden, unembedding, tokens, temperature, chunk_size, softcap) -> None:
