@@ -8,6 +8,9 @@ them. A `jax.custom_vjp` keeps the backward pass chunked too: it saves only the 
 gradient of the unembedding across chunks in at least float32. Peak memory is O(B·c·V + V·D + B·T·D)
 instead of O(B·T·V), which is what makes vocabularies of 100k+ affordable (see
 `benchmarks/logprob_memory.py`). Chunking is along T only, so a data sharding of B is untouched.
+When the unembedding is not differentiated (a frozen LoRA base's tied table) and the entropy has
+no gradient, the forward also forms each position's d log p / d hidden (a [B, T, D] residual)
+and the backward only scales it by the cotangent: no recomputed logits.
 
 The gradient formulas, with a = hidden @ Wᵀ, the logits ℓ = a or, soft-capped (Gemma 2's
 final_logit_softcapping), ℓ = c · tanh(a / c), z = ℓ / temperature, p = softmax(z),
