@@ -86,8 +86,7 @@ def _fused_forward(hidden, unembedding, tokens, temperature, chunk, with_entropy
     logp, lse, entropy = _chunk_stats(z, idx_c, with_entropy)
     outs = (logp, lse) if entropy is None else (logp, lse, entropy)
     if with_grad:
-      onehot = jnp.arange(vocab) == idx_c[..., None]
-      g_logits = _logit_slope(onehot.astype(dtype) - jnp.exp(z - lse[..., None]), slope,
+      g_logits = _logit_slope(_logprob_grad(jnp.exp(z - lse[..., None]), idx_c, dtype), slope,
                               temperature)
       outs += (_hidden_grad(g_logits.astype(operand_dtype), unembedding, dtype),)
     return None, outs
@@ -97,6 +96,11 @@ def _fused_forward(hidden, unembedding, tokens, temperature, chunk, with_entropy
   outs = [jnp.swapaxes(o, 0, 1).reshape(*hidden.shape[:2], *o.shape[3:]) for o in outs]
   entropy = outs[2] if with_entropy else None
   return outs[0], outs[1], entropy, (outs[-1] if with_grad else None)
+
+
+def _logprob_grad(p, idx_c, dtype):
+  """d log p_y / d z = 1[v = y] − p_v for chunk probabilities p [B, c, V], tokens y = idx_c."""
+  return (jnp.arange(p.shape[-1]) == idx_c[..., None]).astype(dtype) - p
 
 
 def _logit_slope(g_z, slope, temperature: float):
@@ -157,8 +161,8 @@ def _fused_bwd(temperature, chunk, with_entropy, entropy_grad, softcap, residual
     z, slope = _chunk_logits(h_c, unembedding, temperature, softcap, dtype)
     logp_all = z - _slice_chunk(lse, i, chunk)[..., None]
     p = jnp.exp(logp_all)
-    onehot = jnp.arange(vocab) == _slice_chunk(idx, i, chunk)[..., None]
-    g_z = _slice_chunk(g_logp, i, chunk)[..., None] * (onehot.astype(dtype) - p)
+    g_z = _slice_chunk(g_logp, i, chunk)[..., None] * _logprob_grad(
+        p, _slice_chunk(idx, i, chunk), dtype)
     if with_entropy:
       h_ent = _slice_chunk(entropy, i, chunk)[..., None]
       g_z = g_z - _slice_chunk(g_ent, i, chunk)[..., None] * p * (logp_all + h_ent)

@@ -202,8 +202,9 @@ def test_metric_only_entropy_has_the_logprob_gradient():
 def test_frozen_unembedding_gradient_matches_naive(x64, temperature, softcap, entropy):
   """Differentiated w.r.t. hidden only (a frozen table, e.g. a LoRA base's), the forward forms
   d logp / d hidden and the backward scales it: values and hidden gradients equal the naive
-  path's, eager and jitted, and the jitted gradient has 2 matmuls with the table where the
-  recomputing backward has 3 (with a differentiated entropy it recomputes, and still matches)."""
+  path's, eager and jitted, and the jitted gradient w.r.t. hidden has 2 matmuls with the table
+  where the gradient w.r.t. both has 4 (the logits twice, the hidden and the table gradients;
+  with a differentiated entropy it recomputes too, and still matches)."""
   hidden, unembedding, tokens, weights = make_inputs(seed=13)
 
   def loss(fn):
